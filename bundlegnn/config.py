@@ -1,0 +1,81 @@
+"""Settings: a YAML file, then ``BUNDLEGNN_...`` environment variables on top.
+
+Nested keys use ``__`` in variable names, e.g. ``BUNDLEGNN_GRAPH__HALF_LIFE_DAYS=30``.
+Unknown keys and bad values fail at start with the offending key named.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from graph.store import GraphConfig
+
+
+class DataConfig(BaseModel):
+    """Where the replayable dataset lives and which adapter reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path = Path("../shared/data/online_retail_ii/online_retail_ii.csv.gz")
+    format: str = Field("online_retail", pattern="^online_retail$")
+
+
+class PathsConfig(BaseModel):
+    """Where the project writes its state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: Path = Path("var")
+
+    @property
+    def snapshot(self) -> Path:
+        return self.state_dir / "graph.npz"
+
+
+class Settings(BaseSettings):
+    """All settings of one deployment."""
+
+    model_config = SettingsConfigDict(env_prefix="BUNDLEGNN_", env_nested_delimiter="__", extra="forbid")
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    graph: GraphConfig = Field(default_factory=GraphConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed in as init kwargs).
+        return env_settings, init_settings
+
+
+class ConfigError(ValueError):
+    """A config file or variable is wrong; the message names the key."""
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read ``path`` (YAML) if given, apply environment overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+    try:
+        return Settings(**raw)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)]
+        raise ConfigError(f"invalid config {path or '(defaults)'}:\n" + "\n".join(lines)) from exc

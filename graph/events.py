@@ -1,0 +1,97 @@
+"""The events that change the graph: catalog upserts, interactions and orders.
+
+These schemas are the one contract shared by the dataset replay, the Kafka
+wire format (``streaming.codec``) and :meth:`graph.store.GraphStore.apply`.
+They live in ``graph`` because it is the lowest layer: every other package
+may import it, and it imports none of them.
+
+Timestamps without a timezone are read as UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NonEmpty = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    ts: datetime
+
+    @field_validator("ts")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+    @property
+    def epoch(self) -> float:
+        """Event time in seconds since the Unix epoch."""
+        return self.ts.timestamp()
+
+
+class ItemUpserted(_Event):
+    """A catalog item was created or changed (title, text, price, stock)."""
+
+    type: Literal["item_upserted"] = "item_upserted"
+    item_id: NonEmpty
+    title: Annotated[str, Field(min_length=1, max_length=1000)]
+    description: Annotated[str, Field(max_length=20_000)] = ""
+    category: NonEmpty | None = None
+    price: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    in_stock: bool = True
+
+
+class Interaction(_Event):
+    """A user looked at, carted or bought an item (one user–item edge update)."""
+
+    type: Literal["interaction"] = "interaction"
+    user_id: NonEmpty
+    item_id: NonEmpty
+    kind: Literal["view", "cart", "purchase"]
+
+
+class OrderLine(BaseModel):
+    """One line of an order. Quantities are positive; a return is a cancelled order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    item_id: NonEmpty
+    quantity: Annotated[int, Field(gt=0)] = 1
+    price: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+class Order(_Event):
+    """A placed order, or the cancellation of an earlier one.
+
+    ``status="placed"`` adds one co-purchase count to every pair of distinct
+    items in the order and a purchase edge from the user to each item.
+    ``status="cancelled"`` takes the contribution of the placed order with the
+    same ``order_id`` back out; a cancellation of an order the graph never saw
+    changes no edge (it is counted, see ``GraphStore.stats``).
+    """
+
+    type: Literal["order"] = "order"
+    order_id: NonEmpty
+    user_id: NonEmpty | None = None
+    items: Annotated[list[OrderLine], Field(min_length=1, max_length=10_000)]
+    status: Literal["placed", "cancelled"] = "placed"
+
+    @property
+    def item_ids(self) -> list[str]:
+        """Distinct item ids in first-seen order."""
+        return list(dict.fromkeys(line.item_id for line in self.items))
+
+
+Event = Annotated[Union[ItemUpserted, Interaction, Order], Field(discriminator="type")]
+EVENT_TYPES: dict[str, type[_Event]] = {
+    "item_upserted": ItemUpserted,
+    "interaction": Interaction,
+    "order": Order,
+}

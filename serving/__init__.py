@@ -1,0 +1,2 @@
+"""Serving: bundle construction (set scoring, constraints, explanations) and
+the HTTP API. May import ``graph`` and ``training``."""

@@ -1,0 +1,28 @@
+"""Shared fixtures: the committed real-data file and a graph built from it."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from graph.store import GraphConfig, GraphStore
+from training.datasets import ReplayReport, online_retail_events
+
+DATA = Path(__file__).parent / "data"
+#: The whole European subset of Online Retail II (copied from ../shared/data/online_retail_ii).
+RETAIL_II = DATA / "online_retail_ii.csv.gz"
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
+def at(days: float) -> datetime:
+    """A timestamp ``days`` after a fixed origin."""
+    return T0 + timedelta(days=days)
+
+
+@pytest.fixture(scope="session")
+def retail_replay() -> tuple[GraphStore, ReplayReport]:
+    store, report = GraphStore(GraphConfig()), ReplayReport()
+    store.apply_all(online_retail_events(RETAIL_II, report))
+    return store, report

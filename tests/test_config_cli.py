@@ -1,0 +1,68 @@
+"""Settings (file + environment) and the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bundlegnn.cli import app
+from bundlegnn.config import ConfigError, load_settings
+from tests.conftest import RETAIL_II
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_load() -> None:
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        settings = load_settings(path)
+        assert settings.graph.half_life_days > 0, path
+
+
+def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUNDLEGNN_GRAPH__HALF_LIFE_DAYS", "7.5")
+    settings = load_settings(ROOT / "configs" / "default.yaml")
+    assert settings.graph.half_life_days == 7.5
+    assert settings.graph.interaction_weights["cart"] == 3.0  # rest of the file still applies
+
+
+def test_wrong_key_or_value_fails_with_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("graph:\n  half_lfe_days: 3\n")
+    with pytest.raises(ConfigError, match="graph.half_lfe_days: Extra inputs are not permitted"):
+        load_settings(bad)
+    bad.write_text("graph:\n  half_life_days: -1\n")
+    with pytest.raises(ConfigError, match="graph.half_life_days: Input should be greater than 0"):
+        load_settings(bad)
+    monkeypatch.setenv("BUNDLEGNN_GRAPH__HALF_LIFE_DAYS", "soon")
+    with pytest.raises(ConfigError, match="graph.half_life_days"):
+        load_settings(None)
+
+
+def test_help_lists_the_subcommands() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("build-graph", "train", "evaluate", "replay", "worker", "broker", "serve"):
+        assert name in result.output
+
+
+def test_stub_says_what_is_missing() -> None:
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 3
+    assert "not available yet: HTTP bundle API" in result.output
+
+
+def test_build_graph_writes_a_snapshot(tmp_path: Path) -> None:
+    out = tmp_path / "g.npz"
+    result = CliRunner().invoke(app, ["build-graph", "--data", str(RETAIL_II), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["graph"]["items"] == 2918 and summary["dataset"]["invoices"] == 1742
+    assert out.exists() and len(summary["snapshot_id"]) == 16
+
+
+def test_build_graph_missing_data_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["build-graph", "--data", str(tmp_path / "nope.csv")])
+    assert result.exit_code == 2 and "dataset not found" in result.output

@@ -1,0 +1,137 @@
+"""Graph updates: counts, decayed weights, idempotency, cancellations, growing id maps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from graph.events import Interaction, ItemUpserted, Order, OrderLine
+from graph.store import GraphConfig, GraphStore
+from tests.conftest import at
+
+HALF_LIFE_DAYS = 10.0
+
+
+def order(oid: str, items: list[str], day: float, user: str | None = "u1", status: str = "placed") -> Order:
+    return Order(order_id=oid, user_id=user, items=[OrderLine(item_id=i) for i in items], ts=at(day), status=status)
+
+
+@pytest.fixture
+def store() -> GraphStore:
+    return GraphStore(GraphConfig(half_life_days=HALF_LIFE_DAYS))
+
+
+def test_order_adds_pairs_and_user_edges(store: GraphStore) -> None:
+    applied = store.apply(order("o1", ["A", "B", "C", "A"], 0))
+    assert applied.changed and applied.items == ("A", "B", "C")
+    assert store.num_items == 3 and store.num_users == 1
+    assert store.num_co_edges() == 3
+    assert store.co_purchase("A", "B").count == 1 and store.co_purchase("B", "A") is store.co_purchase("A", "B")
+    assert store.co_purchase("A", "A") is None
+    assert store.num_ui_edges() == 3
+    assert store.ui[0][store.items.get("C")].weight == pytest.approx(5.0)  # purchase weight
+    assert list(store.item_order_counts()) == [1, 1, 1]
+    assert store.stats.placeholder_items == 3  # seen in an order before the catalog
+
+
+def test_weights_decay_with_half_life(store: GraphStore) -> None:
+    store.apply(order("o1", ["A", "B"], 0))
+    store.apply(order("o2", ["A", "B"], HALF_LIFE_DAYS))
+    tally = store.co_purchase("A", "B")
+    assert tally.count == 2
+    # first order has halved by the time of the second
+    assert tally.value(at(HALF_LIFE_DAYS).timestamp(), store.half_life) == pytest.approx(1.5)
+    assert tally.value(at(3 * HALF_LIFE_DAYS).timestamp(), store.half_life) == pytest.approx(0.375)
+    # reading at an earlier time never inflates a weight
+    assert tally.value(at(0).timestamp(), store.half_life) == pytest.approx(1.5)
+
+
+def test_late_event_gives_the_same_weight_as_in_order() -> None:
+    in_order, late = GraphStore(GraphConfig(half_life_days=3)), GraphStore(GraphConfig(half_life_days=3))
+    events = [order("o1", ["A", "B"], 0), order("o2", ["A", "B"], 5), order("o3", ["A", "B"], 7.5)]
+    in_order.apply_all(events)
+    late.apply_all([events[2], events[0], events[1]])
+    now = at(9).timestamp()
+    a, b = in_order.co_purchase("A", "B"), late.co_purchase("A", "B")
+    expected = sum(2 ** (-(9 - d) / 3) for d in (0, 5, 7.5))
+    assert a.value(now, in_order.half_life) == pytest.approx(expected)
+    assert b.value(now, late.half_life) == pytest.approx(expected)
+
+
+def test_duplicate_order_changes_nothing(store: GraphStore) -> None:
+    store.apply(order("o1", ["A", "B"], 0))
+    version, weight = store.version, store.co_purchase("A", "B").weight
+    again = store.apply(order("o1", ["A", "B", "C"], 1))
+    assert not again.changed and "already applied" in again.note
+    assert store.version == version and store.co_purchase("A", "B").weight == weight
+    assert "C" not in store.items and store.stats.duplicates == 1
+
+
+def test_cancellation_takes_the_order_back_exactly(store: GraphStore) -> None:
+    store.apply(order("o1", ["A", "B"], 0))
+    store.apply(order("o2", ["A", "B", "C"], 2))
+    before = store.co_purchase("A", "B").value(at(4).timestamp(), store.half_life)
+    cancel = store.apply(order("o2", ["A"], 4, status="cancelled"))
+    assert cancel.changed and set(cancel.items) == {"A", "B", "C"}
+    ab = store.co_purchase("A", "B")
+    assert ab.count == 1
+    assert ab.value(at(4).timestamp(), store.half_life) == pytest.approx(before - 2 ** (-2 / HALF_LIFE_DAYS))
+    assert ab.value(at(4).timestamp(), store.half_life) == pytest.approx(2 ** (-4 / HALF_LIFE_DAYS))
+    assert store.co_purchase("A", "C") is None and store.co_purchase("B", "C") is None  # count 0: edge gone
+    assert store.items.get("C") not in store.ui[0]
+    assert list(store.item_order_counts()) == [1, 1, 0]
+    # cancelling twice, or placing the cancelled order again, changes nothing
+    assert not store.apply(order("o2", ["A"], 5, status="cancelled")).changed
+    assert not store.apply(order("o2", ["A", "B", "C"], 6)).changed
+    assert store.co_purchase("A", "B").count == 1
+
+
+def test_cancellation_of_unknown_order_is_counted_and_blocks_a_late_placement(store: GraphStore) -> None:
+    result = store.apply(order("o9", ["A", "B"], 1, status="cancelled"))
+    assert not result.changed and "unknown order" in result.note
+    assert store.stats.cancellations_unmatched == 1 and store.num_items == 0
+    assert not store.apply(order("o9", ["A", "B"], 0)).changed
+    assert store.num_co_edges() == 0
+
+
+def test_interactions_weighted_by_kind(store: GraphStore) -> None:
+    for kind in ("view", "view", "cart"):
+        store.apply(Interaction(user_id="u7", item_id="A", kind=kind, ts=at(0)))
+    tally = store.ui[store.users.get("u7")][store.items.get("A")]
+    assert tally.count == 3 and tally.weight == pytest.approx(1 + 1 + 3)
+
+
+def test_catalog_upserts_fill_placeholders_and_ignore_stale_or_same(store: GraphStore) -> None:
+    store.apply(order("o1", ["A", "B"], 0))
+    assert store.catalog[0].title == "A" and not store.catalog[0].has_text
+    up = ItemUpserted(item_id="A", title="Red mug", description="Stoneware", category="kitchen", price=3.0, ts=at(1))
+    assert store.apply(up).changed
+    assert store.catalog[0].has_text and store.catalog[0].text == "Red mug. Stoneware"
+    assert store.stats.placeholder_items == 1
+    assert not store.apply(up.model_copy(update={"ts": at(2)})).changed  # same content
+    assert not store.apply(up.model_copy(update={"title": "Old", "ts": at(0.5)})).changed  # older
+    assert store.apply(up.model_copy(update={"in_stock": False, "ts": at(3)})).changed
+    assert not store.catalog[0].in_stock and store.catalog[0].title == "Red mug"
+    new = store.apply(ItemUpserted(item_id="Z", title="New lamp", ts=at(4)))
+    assert new.changed and store.items.get("Z") == 2 and store.num_items == 2 + 1
+
+
+def test_max_order_items_skips_pairs_of_huge_orders() -> None:
+    store = GraphStore(GraphConfig(max_order_items=3))
+    store.apply(order("big", ["A", "B", "C", "D"], 0))
+    assert store.num_co_edges() == 0 and store.stats.oversized_orders == 1
+    assert list(store.item_order_counts()) == [1, 1, 1, 1]
+
+
+def test_sparse_matrices_match_edges(store: GraphStore) -> None:
+    store.apply(order("o1", ["A", "B", "C"], 0, user="u1"))
+    store.apply(order("o2", ["A", "B"], HALF_LIFE_DAYS, user="u2"))
+    co = store.co_purchase_matrix(counts=True)
+    assert co.shape == (3, 3) and (co != co.T).nnz == 0
+    assert co[0, 1] == 2 and co[0, 2] == 1 and co[0, 0] == 0
+    w = store.co_purchase_matrix()
+    assert w[0, 1] == pytest.approx(1.5) and w[1, 2] == pytest.approx(0.5)
+    ui = store.user_item_matrix(counts=True)
+    assert ui.shape == (2, 3) and ui.sum() == 5
+    assert math.isclose(store.user_item_matrix()[1, 0], 5.0)
