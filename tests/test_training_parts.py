@@ -1,0 +1,134 @@
+"""Training building blocks: text encoder, protocol and metrics, baselines, the GNN model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from graph.events import ItemUpserted, Order, OrderLine
+from graph.store import GraphConfig, GraphStore
+from tests.conftest import RETAIL_II, at
+from training import baselines
+from training.datasets import online_retail_events
+from training.models import BundleGNN
+from training.protocol import Queries, metrics, ranks, time_split
+from training.train import Graph, TrainConfig, score_queries, train
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory):
+    from training.encoder import TextEncoder
+
+    return TextEncoder(cache_dir=tmp_path_factory.mktemp("enc"))
+
+
+def test_encoder_offline_on_real_titles(encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    titles = ["SPACEBOY LUNCH BOX", "DOLLY GIRL LUNCH BOX", "HOT WATER BOTTLE TEA AND SYMPATHY",
+              "RETRO SPOT MUG", "SMALL RETRO SPOT MUG IN BOX WHITE"]
+    e = encoder.encode(titles, progress=False)
+    assert e.shape == (5, 384) and e.dtype == np.float32
+    assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    sim = e @ e.T
+    assert sim[0, 1] > sim[0, 2] + 0.2  # two lunch boxes vs a hot water bottle
+    assert sim[3, 4] > sim[3, 2] + 0.2  # two mugs
+    # a second encoder over the same cache encodes nothing
+    from training.encoder import TextEncoder
+
+    again = TextEncoder(cache_dir=encoder.cache_path.parent)
+    monkeypatch.setattr(again, "_encode_batch", lambda texts: pytest.fail(f"re-encoded {texts}"))
+    assert np.array_equal(again.encode(titles, progress=False), e)
+
+
+def test_encoder_refuses_a_directory_without_a_model(tmp_path: Path) -> None:
+    from training.encoder import TextEncoder
+
+    with pytest.raises(FileNotFoundError, match="config.json missing"):
+        TextEncoder(model_dir=tmp_path)
+
+
+def _queries(items: list[list[int]], hidden: list[int]) -> Queries:
+    n = len(hidden)
+    return Queries([np.array(i) for i in items], np.array(hidden), -np.ones(n, np.int64), np.zeros(n, bool))
+
+
+def test_ranks_and_metrics_by_hand() -> None:
+    scores = torch.tensor([[9.0, 5.0, 4.0, 3.0], [1.0, 1.0, 1.0, 2.0]])
+    q = _queries([[0], [3]], [2, 0])
+    # query 0: item 0 masked, hidden item 2 is behind item 1 -> rank 1
+    # query 1: item 3 masked, items 0,1,2 tie -> expected rank (0+2)/2 = 1
+    r = ranks(scores, q)
+    assert r.tolist() == [1.0, 1.0]
+    m = metrics(torch.tensor([0.0, 1.0, 12.0, 25.0]), torch.tensor([[0, 1], [1, 2]]), num_items=10)
+    assert m["hr@10"] == 0.5 and m["recall@20"] == 0.75
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3)) / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 13 + 1 / 26) / 4)
+    assert m["coverage"] == pytest.approx(0.3)
+
+
+def _tiny_store() -> GraphStore:
+    store = GraphStore(GraphConfig())
+    titles = ["red mug", "blue mug", "tea towel", "lunch box", "bottle"]
+    for k, t in enumerate(titles):
+        store.apply(ItemUpserted(item_id=f"i{k}", title=t, price=k + 1.0, ts=at(0)))
+    baskets = [[0, 2], [0, 2, 3], [1, 2], [3, 4], [0, 2], [3, 4, 1]]
+    for n, b in enumerate(baskets):
+        store.apply(Order(order_id=f"o{n}", user_id=f"u{n % 2}", items=[OrderLine(item_id=f"i{i}") for i in b], ts=at(n)))
+    return store
+
+
+def test_baselines_on_a_tiny_store() -> None:
+    store = _tiny_store()
+    _, pop = baselines.popularity(store)
+    assert pop.tolist() == [3.0, 2.0, 4.0, 3.0, 2.0]
+    s, _ = baselines.cooccurrence(store)
+    assert s[0, 2] == pytest.approx(3 / math.sqrt(3 * 4)) and s[0, 0] == 0
+    b, _ = baselines.ease(store, lam=1.0)
+    assert torch.all(torch.diagonal(b) == 0)
+    assert int(b[0].argmax()) == 2  # mug -> tea towel, its most frequent partner
+
+
+def test_model_shapes_gradients_and_an_unseen_item() -> None:
+    store = _tiny_store()
+    store.apply(ItemUpserted(item_id="new", title="green mug", ts=at(9)))  # no edges at all
+    text = np.random.default_rng(0).normal(size=(store.num_items, 16)).astype(np.float32)
+    graph = Graph.build(store, text, torch.device("cpu"))
+    model = BundleGNN(graph.x.size(1), hidden_channels=8, num_layers=2)
+    h = graph.embed(model)
+    assert h["item"].shape == (6, 8) and h["user"].shape == (2, 8)
+    assert torch.isfinite(h["item"][5]).all()
+    q = torch.zeros(2, 6)
+    q[0, 0] = q[1, [3, 4]] = 1.0
+    scores = model.complement_scores(h["item"], q)
+    assert scores.shape == (2, 6)
+    ab = model.complement_scores(h["item"], torch.eye(6))
+    assert not torch.allclose(ab, ab.T)  # complementarity is asymmetric
+    scores.sum().backward()
+    assert all(p.grad is not None for p in model.item_in.parameters())
+
+
+def test_training_runs_and_is_deterministic_under_a_seed() -> None:
+    store = _tiny_store()
+    text = np.random.default_rng(0).normal(size=(store.num_items, 16)).astype(np.float32)
+    cfg = TrainConfig(hidden=8, epochs=3, negatives=4, batch_size=4, device="cpu", seed=3)
+    q = _queries([[0], [3]], [2, 4])
+    a, b = train(store, text, cfg, val=q, progress=False), train(store, text, cfg, val=q, progress=False)
+    assert len(a.history) == 3 and all(math.isfinite(r["loss"]) for r in a.history)
+    graph = Graph.build(store, text, torch.device("cpu"))
+    assert torch.equal(score_queries(a.model, graph, q), score_queries(b.model, graph, q))
+
+
+def test_time_split_on_real_data_is_deterministic() -> None:
+    events = list(online_retail_events(RETAIL_II))
+    a, b = time_split(events, GraphConfig(), seed=7), time_split(events, GraphConfig(), seed=7)
+    assert a.protocol == b.protocol and np.array_equal(a.test.hidden, b.test.hidden)
+    assert a.protocol["test_queries"] == 256 and a.protocol["cold_start_test_queries"] > 0
+    c = time_split(events, GraphConfig(), seed=8)
+    assert not np.array_equal(a.test.hidden, c.test.hidden)
+    # the test store knows every item (text) but test-period items have no orders
+    counts = a.train.item_order_counts()
+    assert (counts[a.test.hidden[a.test.cold]] == 0).all()
+    assert a.fit.stats.orders_placed < a.train.stats.orders_placed

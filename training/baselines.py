@@ -1,0 +1,54 @@
+"""Classical baselines, each an item×item score matrix over a store's item rows.
+
+A basket query ``q`` (1/|q| on its items) scores every item as ``q @ S + b``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from graph.store import GraphStore
+
+
+def basket_matrix(store: GraphStore) -> sp.csr_matrix:
+    """Binary order×item matrix of the placed orders in ``store``."""
+    rows = [r.items for r in store.orders.values() if r.status == "placed" and r.items]
+    indptr = np.cumsum([0] + [len(r) for r in rows])
+    indices = np.fromiter((i for r in rows for i in r), np.int64, int(indptr[-1]))
+    return sp.csr_matrix((np.ones(len(indices)), indices, indptr), shape=(len(rows), store.num_items))
+
+
+def popularity(store: GraphStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank by the number of training orders (the same list for every query)."""
+    n = store.num_items
+    return torch.zeros(n, n), torch.from_numpy(store.item_order_counts().astype(np.float32))
+
+
+def cooccurrence(store: GraphStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """Item-kNN: cosine similarity of items' order vectors (Sarwar et al., WWW 2001)."""
+    x = basket_matrix(store)
+    c = (x.T @ x).toarray()
+    norm = np.sqrt(np.clip(np.diag(c), 1e-9, None))
+    s = c / norm[:, None] / norm[None, :]
+    np.fill_diagonal(s, 0.0)
+    return torch.from_numpy(s.astype(np.float32)), torch.zeros(store.num_items)
+
+
+def ease(store: GraphStore, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """EASE^R (Steck, WWW 2019): closed-form item–item regression with a zero diagonal."""
+    x = basket_matrix(store)
+    g = (x.T @ x).toarray() + lam * np.eye(store.num_items)
+    p = np.linalg.inv(g)
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    return torch.from_numpy(b.astype(np.float32)), torch.zeros(store.num_items)
+
+
+def text_similarity(embeddings: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine of text embeddings (rows L2-normalised)."""
+    e = torch.from_numpy(embeddings)
+    s = e @ e.T
+    s.fill_diagonal_(0.0)
+    return s, torch.zeros(len(e))

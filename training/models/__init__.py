@@ -1,0 +1,5 @@
+"""GNN models, one per file."""
+
+from training.models.bundle_gnn import BundleGNN
+
+__all__ = ["BundleGNN"]
