@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from tqdm import tqdm
 
 from bundlegnn.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from graph.store import GraphStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time 'frequently bought together' engine.")
 
@@ -30,31 +33,42 @@ def _missing(capability: str, issue: str) -> None:
     raise typer.Exit(3)
 
 
+def _replay(settings: Settings, data: Optional[Path]) -> tuple[list, "GraphStore", dict, float]:
+    """Read the dataset into events and apply them to a fresh store."""
+    from graph.store import GraphStore
+    from training.datasets import ReplayReport, online_retail_events
+
+    data = data or settings.data.path
+    if not data.exists():
+        typer.echo(f"dataset not found: {data}", err=True)
+        raise typer.Exit(2)
+    report = ReplayReport()
+    events = list(tqdm(online_retail_events(data, report), desc="read", unit=" events", disable=None))
+    store = GraphStore(settings.graph)
+    started = time.perf_counter()
+    for event in tqdm(events, desc="replay", unit=" events", disable=None):
+        store.apply(event)
+    return events, store, report.summary(), time.perf_counter() - started
+
+
+DataOpt = typer.Option(None, "--data", help="dataset file (default: data.path from the config)")
+
+
 @app.command("build-graph")
 def build_graph(
     config: Optional[Path] = ConfigOpt,
-    data: Optional[Path] = typer.Option(None, help="dataset file (default: data.path from the config)"),
+    data: Optional[Path] = DataOpt,
     out: Optional[Path] = typer.Option(None, help="snapshot path (default: <state_dir>/graph.npz)"),
 ) -> None:
     """Replay a dataset through the graph store and save a snapshot."""
     from graph.snapshot import save
-    from graph.store import GraphStore
-    from training.datasets import ReplayReport, online_retail_events
 
     settings = _settings(config)
-    data = data or settings.data.path
     out = out or settings.paths.snapshot
-    if not data.exists():
-        typer.echo(f"dataset not found: {data}", err=True)
-        raise typer.Exit(2)
-    store, report = GraphStore(settings.graph), ReplayReport()
-    started = time.perf_counter()
-    for event in tqdm(online_retail_events(data, report), desc="replay", unit=" events", disable=None):
-        store.apply(event)
-    elapsed = time.perf_counter() - started
+    _, store, report, elapsed = _replay(settings, data)
     snapshot_id = save(store, out)
     summary = {
-        "dataset": report.summary(),
+        "dataset": report,
         "graph": {
             "items": store.num_items,
             "users": store.num_users,
@@ -70,15 +84,58 @@ def build_graph(
 
 
 @app.command()
-def train(config: Optional[Path] = ConfigOpt) -> None:
+def train(config: Optional[Path] = ConfigOpt, data: Optional[Path] = DataOpt) -> None:
     """Train the GNN on the whole graph and write a versioned model artifact."""
-    _missing("text encoder + GNN training", "issue: Training")
+    from graph.snapshot import save
+    from training.job import train_job
+
+    settings = _settings(config)
+    started = time.perf_counter()
+    events, store, _, _ = _replay(settings, data)
+    snapshot_id = save(store, settings.paths.snapshot)
+    encoder = settings.encoder.build(settings.paths.text_cache)
+    path, summary = train_job(events, settings.graph, settings.training, encoder, settings.paths.model_store, snapshot_id)
+    summary = {"artifact": str(path), **summary, "total_seconds": round(time.perf_counter() - started, 1)}
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k not in ("graph", "training")}, indent=2))
 
 
 @app.command()
-def evaluate(config: Optional[Path] = ConfigOpt) -> None:
+def evaluate(
+    config: Optional[Path] = ConfigOpt,
+    data: Optional[Path] = DataOpt,
+    seeds: str = typer.Option("0", help="comma-separated seeds; mean ± std over them"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here"),
+    png: Optional[Path] = typer.Option(None, help="bar chart of the test metrics (default: next to --json)"),
+) -> None:
     """Compare the GNN with popularity, co-occurrence, EASE^R and text baselines."""
-    _missing("evaluation protocol and baselines", "issue: Training")
+    from training.datasets import online_retail_events
+    from training.evaluation import evaluate as run, plot, summarise
+
+    settings = _settings(config)
+    data = data or settings.data.path
+    if not data.exists():
+        typer.echo(f"dataset not found: {data}", err=True)
+        raise typer.Exit(2)
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError as exc:
+        typer.echo(f"--seeds must be comma-separated integers, got {seeds!r}", err=True)
+        raise typer.Exit(2) from exc
+    events = list(online_retail_events(data))
+    encoder = settings.encoder.build(settings.paths.text_cache)
+    summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s) for s in seed_list])
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(summary, indent=2))
+        plot(summary, png or json_path.with_suffix(".png"))
+    elif png:
+        plot(summary, png)
+    for part in ("methods", "cold_start"):
+        typer.echo(f"\n{part} ({summary['protocol']['test_queries' if part == 'methods' else 'cold_start_test_queries']} queries)")
+        typer.echo("| method | hr@10 | ndcg@10 | recall@20 | mrr | coverage |\n|---|---|---|---|---|---|")
+        for name, m in summary[part].items():
+            cells = [f"{m[k]:.4f} ± {m[k + '_std']:.4f}" for k in ("hr@10", "ndcg@10", "recall@20", "mrr", "coverage")]
+            typer.echo(f"| {name} | " + " | ".join(cells) + " |")
 
 
 @app.command()

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from graph.store import GraphConfig
+from training.encoder import EncoderConfig
+from training.train import TrainConfig
 
 
 class DataConfig(BaseModel):
@@ -32,10 +34,15 @@ class PathsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     state_dir: Path = Path("var")
+    model_store: Path = Path("var/models")
 
     @property
     def snapshot(self) -> Path:
         return self.state_dir / "graph.npz"
+
+    @property
+    def text_cache(self) -> Path:
+        return self.state_dir / "cache" / "text"
 
 
 class Settings(BaseSettings):
@@ -46,6 +53,8 @@ class Settings(BaseSettings):
     data: DataConfig = Field(default_factory=DataConfig)
     graph: GraphConfig = Field(default_factory=GraphConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    training: TrainConfig = Field(default_factory=TrainConfig)
 
     @classmethod
     def settings_customise_sources(

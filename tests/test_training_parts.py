@@ -98,16 +98,19 @@ def test_model_shapes_gradients_and_an_unseen_item() -> None:
     graph = Graph.build(store, text, torch.device("cpu"))
     model = BundleGNN(graph.x.size(1), hidden_channels=8, num_layers=2)
     h = graph.embed(model)
-    assert h["item"].shape == (6, 8) and h["user"].shape == (2, 8)
-    assert torch.isfinite(h["item"][5]).all()
+    assert h["item"].shape == (6, 8) and h["user"].shape == (2, 8) and h["src"].shape == (6, 8)
+    assert torch.isfinite(h["src"][5]).all() and torch.isfinite(h["dst"][5]).all()
+    assert int(graph.id_index[5]) == -1 and int(graph.id_index[:5].min()) >= 0  # the new item has no ID row
     q = torch.zeros(2, 6)
     q[0, 0] = q[1, [3, 4]] = 1.0
-    scores = model.complement_scores(h["item"], q)
-    assert scores.shape == (2, 6)
-    ab = model.complement_scores(h["item"], torch.eye(6))
+    scores = model.complement_scores(h, q)
+    assert scores.shape == (2, 6) and torch.isfinite(scores).all()
+    ab = model.complement_scores(h, torch.eye(6))
     assert not torch.allclose(ab, ab.T)  # complementarity is asymmetric
-    scores.sum().backward()
+    assert model.user_scores(h, torch.tensor([0, 1])).shape == (2, 6)
+    (scores.sum() + model.user_scores(h, torch.tensor([1])).sum()).backward()
     assert all(p.grad is not None for p in model.item_in.parameters())
+    assert model.gates.grad is not None  # the message-passing gates are trained
 
 
 def test_training_runs_and_is_deterministic_under_a_seed() -> None:

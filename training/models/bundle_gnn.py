@@ -21,13 +21,15 @@ class BundleGNN(nn.Module):
     embedding from its text and whatever neighbours it has (GraphSAGE,
     Hamilton et al., NeurIPS 2017). Each layer is a ``HeteroConv`` of
     weighted ``GraphConv`` (Morris et al., AAAI 2019) over the three relations
-    with edge weights normalised per target node (a weighted mean), plus a
-    residual connection and layer norm:
+    with edge weights normalised per target node (a weighted mean), added
+    through a ReZero residual (Bachlechner et al., 2020) whose gate
+    :math:`\alpha_l` starts at 0, so the dense co-purchase graph (hundreds of
+    neighbours per item) cannot wash out an item's own signal:
 
     .. math::
-        \mathbf{h}_i^{(l+1)} = \mathrm{LN}\Big(\mathbf{h}_i^{(l)} + \sigma\big(
+        \mathbf{h}_i^{(l+1)} = \mathbf{h}_i^{(l)} + \alpha_l\,\sigma\big(
         \sum_{r} \mathbf{W}_{r,1}\mathbf{h}_i^{(l)} + \mathbf{W}_{r,2}
-        \sum_{j \in \mathcal{N}_r(i)} \tilde{w}_{ji}\,\mathbf{h}_j^{(l)}\big)\Big)
+        \sum_{j \in \mathcal{N}_r(i)} \tilde{w}_{ji}\,\mathbf{h}_j^{(l)}\big)
 
     Complementarity is asymmetric (a phone → its case, not the reverse), so an
     item has a *source* and a *target* view, as in the dual embeddings of
@@ -35,34 +37,51 @@ class BundleGNN(nn.Module):
     and Complementary Products" (WSDM 2018):
 
     .. math::
-        s(a \rightarrow b) = \langle \mathbf{P}\mathbf{h}_a, \mathbf{Q}\mathbf{h}_b \rangle + \beta_b,
-        \qquad s(u, b) = \langle \mathbf{R}\mathbf{h}_u, \mathbf{Q}\mathbf{h}_b \rangle + \beta_b
+        s(a \rightarrow b) = \cos(\mathbf{P}\mathbf{h}_a, \mathbf{Q}\mathbf{h}_b) / \tau + \beta_b,
+        \qquad s(u, b) = \cos(\mathbf{R}\mathbf{h}_u, \mathbf{Q}\mathbf{h}_b) / \tau + \beta_b
 
-    with :math:`\beta_b = \mathbf{w}^\top \mathbf{h}_b` an inductive item prior.
+    with :math:`\beta_b = \mathbf{w}^\top \mathbf{h}_b` an inductive item prior
+    and temperature :math:`\tau` (cosine logits keep the softmax well scaled).
+    A basket's source view is the weighted mean of its items' source views.
+
+    Items seen in training orders may also carry learned ID embeddings, one
+    per view, added to :math:`\mathbf{P}\mathbf{h}` and :math:`\mathbf{Q}\mathbf{h}`
+    (``num_ids > 0``); items without one (``id_index = -1``, e.g. cold-start
+    items) rely on text and neighbours alone.
 
     Args:
         in_channels (int): item feature size.
         hidden_channels (int): size of node embeddings.
         num_layers (int): message-passing layers.
         dropout (float): dropout on embeddings during training.
+        num_ids (int): size of the ID-embedding table (0: purely inductive).
+        temperature (float): :math:`\tau` of the cosine scores.
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int = 128, num_layers: int = 2, dropout: float = 0.1) -> None:
+    def __init__(self, in_channels: int, hidden_channels: int = 128, num_layers: int = 2, dropout: float = 0.1,
+                 num_ids: int = 0, temperature: float = 0.1) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
         self.num_layers = num_layers
         self.dropout = dropout
-        self.item_in = nn.Linear(in_channels, hidden_channels)
-        self.user_in = nn.Linear(in_channels, hidden_channels)
+        # No bias: a vector shared by every item would dominate the cosine scores.
+        self.item_in = nn.Linear(in_channels, hidden_channels, bias=False)
+        self.num_ids = num_ids
+        self.temperature = temperature
+        self.id_src = nn.Embedding(num_ids + 1, hidden_channels, padding_idx=num_ids) if num_ids else None
+        self.id_dst = nn.Embedding(num_ids + 1, hidden_channels, padding_idx=num_ids) if num_ids else None
+        for table in (self.id_src, self.id_dst):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.05)
+                with torch.no_grad():
+                    table.weight[num_ids].zero_()
+        self.user_in = nn.Linear(in_channels, hidden_channels, bias=False)
         self.convs = nn.ModuleList(
             HeteroConv({rel: GraphConv(hidden_channels, hidden_channels, aggr="add") for rel in (CO, UI, IU)}, aggr="sum")
             for _ in range(num_layers)
         )
-        self.norms = nn.ModuleList(
-            nn.ModuleDict({"item": nn.LayerNorm(hidden_channels), "user": nn.LayerNorm(hidden_channels)})
-            for _ in range(num_layers)
-        )
+        self.gates = nn.Parameter(torch.zeros(num_layers))
         self.src = nn.Linear(hidden_channels, hidden_channels, bias=False)
         self.dst = nn.Linear(hidden_channels, hidden_channels, bias=False)
         self.user = nn.Linear(hidden_channels, hidden_channels, bias=False)
@@ -70,31 +89,39 @@ class BundleGNN(nn.Module):
 
     def forward(
         self, x_item: Tensor, num_users: int, edge_index_dict: dict[tuple[str, str, str], Tensor],
-        edge_weight_dict: dict[tuple[str, str, str], Tensor],
+        edge_weight_dict: dict[tuple[str, str, str], Tensor], id_index: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Embeddings of all items and users. Edge weights must be normalised per target."""
+        """Embeddings of all items and users. Edge weights must be normalised per target;
+        ``id_index`` gives each item's row in the ID table, -1 for none."""
         ui = edge_index_dict[UI]
         x_user = scatter(x_item[ui[1]] * edge_weight_dict[IU].unsqueeze(-1), ui[0], 0, dim_size=num_users, reduce="sum")
         h = {"item": self.item_in(x_item), "user": self.user_in(x_user)}
-        for conv, norms in zip(self.convs, self.norms):
+        for conv, gate in zip(self.convs, self.gates):
             out = conv(h, edge_index_dict, edge_weight_dict=edge_weight_dict)
-            h = {k: norms[k](h[k] + nn.functional.dropout(torch.relu(out[k]), self.dropout, self.training)) for k in h}
+            h = {k: h[k] + gate * nn.functional.dropout(torch.relu(out[k]), self.dropout, self.training) for k in h}
+        h["src"], h["dst"] = self.src(h["item"]), self.dst(h["item"])
+        if self.id_src is not None and self.id_dst is not None and id_index is not None:
+            rows = torch.where(id_index < 0, self.num_ids, id_index)
+            h["src"], h["dst"] = h["src"] + self.id_src(rows), h["dst"] + self.id_dst(rows)
         return h
 
-    def complement_scores(self, h_item: Tensor, query: Tensor, candidates: Tensor | None = None) -> Tensor:
-        """Scores of candidates as complements of each query.
+    def complement_scores(self, h: dict[str, Tensor], query: Tensor, candidates: Tensor | None = None) -> Tensor:
+        """Scores of candidates as complements of each query, from :meth:`forward`'s output.
 
         ``query`` is a ``(Q, num_items)`` weight matrix (a row per basket, e.g.
         1/|basket| on its items); the basket's source view is the weighted sum
         of its items' source views.
         """
-        target = h_item if candidates is None else h_item[candidates]
-        return (query @ self.src(h_item)) @ self.dst(target).T + self.prior(target).squeeze(-1)
+        pick = slice(None) if candidates is None else candidates
+        return self._cosine(query @ h["src"], h["dst"][pick]) + self.prior(h["item"][pick]).squeeze(-1)
 
-    def user_scores(self, h_user: Tensor, h_item: Tensor, users: Tensor, candidates: Tensor | None = None) -> Tensor:
+    def user_scores(self, h: dict[str, Tensor], users: Tensor, candidates: Tensor | None = None) -> Tensor:
         """Scores of candidates for the given users."""
-        target = h_item if candidates is None else h_item[candidates]
-        return self.user(h_user[users]) @ self.dst(target).T + self.prior(target).squeeze(-1)
+        pick = slice(None) if candidates is None else candidates
+        return self._cosine(self.user(h["user"][users]), h["dst"][pick]) + self.prior(h["item"][pick]).squeeze(-1)
+
+    def _cosine(self, a: Tensor, b: Tensor) -> Tensor:
+        return nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(b, dim=-1).T / self.temperature
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, num_layers={self.num_layers})"

@@ -1,0 +1,89 @@
+"""Versioned model artifacts: one directory per trained model.
+
+``<model_store>/<version>/`` holds ``model.pt`` (weights), ``manifest.json``
+(version, model and training config, encoder id, snapshot id, item ids, ID
+table, validation metrics) and the item views the stream worker and API read
+without running the GNN: ``item_src.npy``, ``item_dst.npy``, ``item_prior.npy``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.models import BundleGNN
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    """A loaded model directory."""
+
+    path: Path
+    manifest: dict
+    model: BundleGNN
+    item_ids: list[str]
+    src: np.ndarray
+    dst: np.ndarray
+    prior: np.ndarray
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+
+def new_version(snapshot_id: str) -> str:
+    """A sortable version name: UTC time plus the data snapshot it was trained on."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{snapshot_id[:8]}"
+
+
+def save_artifact(store_dir: str | os.PathLike[str], version: str, model: BundleGNN, h: dict[str, torch.Tensor],
+                  item_ids: list[str], id_items: list[str], manifest: dict) -> Path:
+    """Write a model directory atomically (a temp dir renamed into place); return its path."""
+    final = Path(store_dir) / version
+    tmp = Path(store_dir) / f".{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(model.state_dict(), tmp / "model.pt")
+    np.save(tmp / "item_src.npy", h["src"].detach().cpu().numpy())
+    np.save(tmp / "item_dst.npy", h["dst"].detach().cpu().numpy())
+    np.save(tmp / "item_prior.npy", model.prior(h["item"]).squeeze(-1).detach().cpu().numpy())
+    full = {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "model": {"class": type(model).__name__, "in_channels": model.in_channels,
+                  "hidden_channels": model.hidden_channels, "num_layers": model.num_layers,
+                  "dropout": model.dropout, "num_ids": model.num_ids, "temperature": model.temperature},
+        **manifest,
+        "item_ids": item_ids,
+        "id_items": id_items,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(full, indent=1))
+    os.replace(tmp, final)
+    return final
+
+
+def load_artifact(path: str | os.PathLike[str]) -> Artifact:
+    """Read a model directory written by :func:`save_artifact`."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a model artifact ({exc})") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: artifact format {manifest.get('format_version')}, this version reads {FORMAT_VERSION}")
+    kwargs = {k: v for k, v in manifest["model"].items() if k != "class"}
+    model = BundleGNN(**kwargs)
+    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    model.eval()
+    return Artifact(path, manifest, model, manifest["item_ids"], np.load(path / "item_src.npy"),
+                    np.load(path / "item_dst.npy"), np.load(path / "item_prior.npy"))
