@@ -45,7 +45,7 @@ class TrainConfig(BaseModel):
     negatives: int = Field(4096, ge=1, description="sampled negatives; all items when the catalog is smaller")
     drop_edge: float = Field(0.3, ge=0, lt=1)
     id_embeddings: bool = True
-    id_dropout: float = Field(0.2, ge=0, lt=1, description="share of items trained without their ID embedding")
+    cold_share: float = Field(0.2, ge=0, lt=1, description="share of items made to look new in each step")
     temperature: float = Field(0.1, gt=0)
     user_loss_weight: float = Field(0.2, ge=0)
     seed: int = 0
@@ -111,21 +111,28 @@ class Graph:
             out[rel] = w / total[dst].clamp(min=1e-12)
         return out
 
-    def drop_edges(self, p: float) -> dict[tuple[str, str, str], torch.Tensor]:
-        """Normalised weights with a fraction ``p`` of co-purchase edges zeroed."""
-        if p == 0:
-            return self.edge_weight
-        weight = dict(self.edge_weight)
-        weight[CO] = weight[CO] * (torch.rand_like(weight[CO]) >= p)
-        return self.normalised(weight)
+    def embed(self, model: BundleGNN, weight: dict | None = None, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return model(self.x, self.num_users, self.edge_index, weight or self.edge_weight,
+                     self.id_index if ids is None else ids)
 
-    def embed(self, model: BundleGNN, weight: dict | None = None, id_dropout: float = 0.0) -> dict[str, torch.Tensor]:
-        """Run ``model``; ``id_dropout`` hides that share of ID embeddings, so the model
-        also learns to score items from text and neighbours (DropoutNet, Volkovs et al., NeurIPS 2017)."""
-        ids = self.id_index
-        if id_dropout:
-            ids = ids.masked_fill(torch.rand(ids.shape, device=ids.device) < id_dropout, -1)
-        return model(self.x, self.num_users, self.edge_index, weight or self.edge_weight, ids)
+    def training_view(self, drop_edge: float, cold: float) -> tuple[dict, torch.Tensor]:
+        """Edge weights and ID rows for one training step.
+
+        A share ``drop_edge`` of co-purchase edges is dropped (DropEdge). A share
+        ``cold`` of items is made to look new: no ID embedding and no edges at
+        all, so the model learns to score items from text alone (DropoutNet,
+        Volkovs et al., NeurIPS 2017).
+        """
+        weight = dict(self.edge_weight)
+        cold_items = torch.rand(self.x.size(0), device=self.x.device) < cold
+        co = self.edge_index[CO]
+        keep = ~(cold_items[co[0]] | cold_items[co[1]])
+        if drop_edge:
+            keep &= torch.rand(co.size(1), device=co.device) >= drop_edge
+        weight[CO] = weight[CO] * keep
+        weight[UI] = weight[UI] * ~cold_items[self.edge_index[UI][1]]
+        weight[IU] = weight[IU] * ~cold_items[self.edge_index[IU][0]]
+        return self.normalised(weight), self.id_index.masked_fill(cold_items, -1)
 
 
 def id_table(store: GraphStore) -> list[str]:
@@ -170,6 +177,11 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
         raise ValueError("no training orders with two or more items")
     # every (basket, hidden item) pair is one example
     examples = np.array([(b, pos) for b, (items, _) in enumerate(baskets) for pos in range(len(items))], np.int64)
+    # Items the catalog lists only after the last training event are never positives;
+    # as negatives they would teach the model that new items never sell.
+    last_order = max(r.ts for r in store.orders.values())
+    known = torch.tensor([it.updated <= last_order for it in store.catalog], device=device)
+    known_rows = known.nonzero().squeeze(1)
     rng = np.random.default_rng(cfg.seed)
     best, best_state, best_epoch, bad = -math.inf, copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
@@ -185,13 +197,14 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             q = torch.zeros(len(batch), n, device=device)
             q[tuple(torch.tensor(rows, device=device).T)] = 1.0
             q = q / q.sum(1, keepdim=True)
-            if cfg.negatives >= n:
-                cand = torch.arange(n, device=device)
+            if cfg.negatives >= len(known_rows):
+                cand = known_rows
             else:
-                cand = torch.unique(torch.cat([hidden, torch.randint(n, (cfg.negatives,), device=device)]))
+                sampled = known_rows[torch.randint(len(known_rows), (cfg.negatives,), device=device)]
+                cand = torch.unique(torch.cat([hidden, sampled]))
             target = torch.searchsorted(cand, hidden)
             in_query = q[:, cand] > 0
-            h = graph.embed(model, graph.drop_edges(cfg.drop_edge), cfg.id_dropout)
+            h = graph.embed(model, *graph.training_view(cfg.drop_edge, cfg.cold_share))
             logits = model.complement_scores(h, q, cand).masked_fill(in_query, -torch.inf)
             loss = torch.nn.functional.cross_entropy(logits, target)
             users = torch.tensor([baskets[b][1] for b, _ in batch], device=device)
