@@ -135,3 +135,21 @@ def test_time_split_on_real_data_is_deterministic() -> None:
     counts = a.train.item_order_counts()
     assert (counts[a.test.hidden[a.test.cold]] == 0).all()
     assert a.fit.stats.orders_placed < a.train.stats.orders_placed
+
+
+def test_training_view_makes_items_look_new() -> None:
+    from graph.export import CO, UI
+
+    store = _tiny_store()
+    text = np.random.default_rng(0).normal(size=(store.num_items, 16)).astype(np.float32)
+    graph = Graph.build(store, text, torch.device("cpu"))
+    torch.manual_seed(0)
+    weight, ids = graph.training_view(drop_edge=0.0, cold=0.5)
+    cold = ids < 0
+    assert 0 < int(cold.sum()) < store.num_items
+    co = graph.edge_index[CO]
+    touches_cold = cold[co[0]] | cold[co[1]]
+    assert bool((weight[CO][touches_cold] == 0).all()) and bool((weight[CO][~touches_cold] > 0).all())
+    assert bool((weight[UI][cold[graph.edge_index[UI][1]]] == 0).all())
+    full, all_ids = graph.training_view(drop_edge=0.0, cold=0.0)
+    assert torch.equal(all_ids, graph.id_index) and torch.allclose(full[CO], graph.edge_weight[CO])
