@@ -138,22 +138,110 @@ def evaluate(
             typer.echo(f"| {name} | " + " | ".join(cells) + " |")
 
 
-@app.command()
-def replay(config: Optional[Path] = ConfigOpt) -> None:
-    """Send a dataset to Kafka as events."""
-    _missing("Kafka producer / replay", "issue: Streaming")
+def _bootstrap(settings: Settings) -> str:
+    """Kafka's address: the configured servers, or the running embedded broker's."""
+    servers = settings.stream.bootstrap_servers
+    if servers != "embedded":
+        return servers
+    addr = settings.paths.broker_address
+    if not addr.exists():
+        typer.echo(f"stream.bootstrap_servers is 'embedded' but no broker runs ({addr} missing): "
+                   "start one with `bundlegnn broker`", err=True)
+        raise typer.Exit(2)
+    return addr.read_text().strip()
+
+
+def _topics(settings: Settings) -> dict[str, int]:
+    t, p = settings.stream.topics, settings.stream.partitions
+    return {t.catalog: p, t.interactions: p, t.orders: p, t.bundle_updates: p, t.dead_letters: 1, t.model_updates: 1}
 
 
 @app.command()
-def worker(config: Optional[Path] = ConfigOpt) -> None:
-    """Run the Faust stream worker."""
-    _missing("Faust stream worker", "issue: Streaming")
+def replay(
+    config: Optional[Path] = ConfigOpt,
+    data: Optional[Path] = DataOpt,
+    rate: float = typer.Option(0.0, min=0, help="events per second; 0 sends as fast as possible"),
+) -> None:
+    """Send a dataset to Kafka as events (catalog by item, orders by order id)."""
+    from streaming.broker import create_topics
+    from streaming.producer import EventProducer, replay as send_all
+    from training.datasets import ReplayReport, online_retail_events
+
+    settings = _settings(config)
+    bootstrap = _bootstrap(settings)
+    data = data or settings.data.path
+    if not data.exists():
+        typer.echo(f"dataset not found: {data}", err=True)
+        raise typer.Exit(2)
+    create_topics(bootstrap, _topics(settings))
+    report = ReplayReport()
+    started = time.perf_counter()
+    with EventProducer(bootstrap, settings.stream.topics) as producer:
+        sent = send_all(online_retail_events(data, report), producer, rate)
+    typer.echo(json.dumps({"sent": sent, "seconds": round(time.perf_counter() - started, 2), "dataset": report.summary()}))
+
+
+ModelOpt = typer.Option("latest", "--model", help="artifact directory, 'latest' (newest in the model store) or 'none'")
 
 
 @app.command()
-def broker(config: Optional[Path] = ConfigOpt) -> None:
-    """Run the embedded Kafka-protocol broker (tansu) in the foreground."""
-    _missing("embedded broker launcher", "issue: Streaming")
+def worker(
+    config: Optional[Path] = ConfigOpt,
+    model: str = ModelOpt,
+    snapshot: Optional[Path] = typer.Option(None, help="write the worker's graph here when it stops"),
+) -> None:
+    """Run the Faust stream worker (Ctrl-C stops it)."""
+    import logging
+
+    from faust import Worker
+
+    from streaming.broker import create_topics
+    from streaming.worker import WorkerState, build_app
+    from training.artifact import latest_artifact
+
+    settings = _settings(config)
+    bootstrap = _bootstrap(settings)
+    create_topics(bootstrap, _topics(settings))
+    encoder = settings.encoder.build(settings.paths.text_cache) if settings.stream.encode_text else None
+    state = WorkerState(settings.graph, settings.scoring, encoder, settings.training.device)
+    path = latest_artifact(settings.paths.model_store) if model == "latest" else None if model == "none" else Path(model)
+    if path is not None:
+        state.load_model(path)
+    else:
+        logging.getLogger("bundlegnn").warning("no model artifact: scoring from co-purchase statistics and text")
+    faust_app = build_app(settings.stream, state, bootstrap, snapshot)
+    Worker(faust_app, loglevel="INFO").execute_from_commandline()
+
+
+@app.command()
+def broker(
+    config: Optional[Path] = ConfigOpt,
+    port: int = typer.Option(0, min=0, max=65535, help="0 picks a free port"),
+) -> None:
+    """Run the embedded Kafka-protocol broker (tansu, memory storage) until Ctrl-C."""
+    from streaming.broker import BrokerError, EmbeddedBroker, create_topics
+
+    settings = _settings(config)
+    addr = settings.paths.broker_address
+    addr.parent.mkdir(parents=True, exist_ok=True)
+    embedded = EmbeddedBroker(port, log_path=settings.paths.state_dir / "broker.log")
+    try:
+        embedded.start()
+    except BrokerError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    try:
+        create_topics(embedded.bootstrap, _topics(settings))
+        addr.write_text(embedded.bootstrap)
+        typer.echo(f"embedded broker on {embedded.bootstrap} (address in {addr}); Ctrl-C stops it", err=True)
+        embedded.process.wait()
+        typer.echo(f"broker exited with code {embedded.process.returncode}", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.echo("stopping the broker", err=True)
+    finally:
+        addr.unlink(missing_ok=True)
+        embedded.stop()
 
 
 @app.command()

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from graph.store import GraphConfig
+from streaming.settings import StreamConfig
+from training.complements import ScorerConfig
 from training.encoder import EncoderConfig
 from training.train import TrainConfig
 
@@ -44,6 +46,11 @@ class PathsConfig(BaseModel):
     def text_cache(self) -> Path:
         return self.state_dir / "cache" / "text"
 
+    @property
+    def broker_address(self) -> Path:
+        """Where ``bundlegnn broker`` writes the embedded broker's host:port."""
+        return self.state_dir / "broker.addr"
+
 
 class Settings(BaseSettings):
     """All settings of one deployment."""
@@ -55,6 +62,8 @@ class Settings(BaseSettings):
     paths: PathsConfig = Field(default_factory=PathsConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     training: TrainConfig = Field(default_factory=TrainConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    scoring: ScorerConfig = Field(default_factory=ScorerConfig)
 
     @classmethod
     def settings_customise_sources(

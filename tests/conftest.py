@@ -26,3 +26,12 @@ def retail_replay() -> tuple[GraphStore, ReplayReport]:
     store, report = GraphStore(GraphConfig()), ReplayReport()
     store.apply_all(online_retail_events(RETAIL_II, report))
     return store, report
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """A real embedded Kafka-protocol broker (tansu) for the whole session; its bootstrap address."""
+    from streaming.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as embedded:
+        yield embedded.bootstrap

@@ -72,6 +72,13 @@ def save_artifact(store_dir: str | os.PathLike[str], version: str, model: Bundle
     return final
 
 
+def latest_artifact(store_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest model directory under ``store_dir`` (versions sort by time), or None."""
+    store = Path(store_dir)
+    found = sorted(p for p in store.glob("*") if (p / "manifest.json").exists()) if store.is_dir() else []
+    return found[-1] if found else None
+
+
 def load_artifact(path: str | os.PathLike[str]) -> Artifact:
     """Read a model directory written by :func:`save_artifact`."""
     path = Path(path)

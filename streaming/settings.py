@@ -1,0 +1,45 @@
+"""Knobs of the Kafka side: where the broker is, topic names, the worker's batching."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Topics(BaseModel):
+    """Topic names; events in, bundle lists and dead letters out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    catalog: str = "catalog"
+    interactions: str = "interactions"
+    orders: str = "orders"
+    bundle_updates: str = "bundle-updates"
+    dead_letters: str = "dead-letters"
+    model_updates: str = "model-updates"
+
+
+class StreamConfig(BaseModel):
+    """The ``stream:`` section of a config file.
+
+    ``bootstrap_servers: embedded`` makes ``bundlegnn worker``/``replay``
+    expect the embedded broker that ``bundlegnn broker`` (or ``make demo``)
+    started; it writes its address to ``<state_dir>/broker.addr``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    bootstrap_servers: str = Field("embedded", description="host:port[,host:port] of Kafka, or 'embedded'")
+    topics: Topics = Field(default_factory=Topics)
+    partitions: int = Field(4, ge=1, description="partitions of the event and bundle-updates topics")
+    app_id: str = Field("bundlegnn", description="Faust app id: consumer group and changelog topic prefix")
+    batch_size: int = Field(2000, ge=1, description="events per micro-batch (stream.take)")
+    batch_within: float = Field(0.05, gt=0, description="seconds a micro-batch waits to fill")
+    embed_interval: float = Field(2.0, gt=0, description="seconds between inductive passes for new items")
+    session_timeout: float = Field(10.0, gt=0, description="consumer session timeout (s); small joins fast")
+    heartbeat_interval: float = Field(1.0, gt=0)
+    max_poll_interval: float = Field(10.0, gt=0, description="also bounds a consumer-group join on tansu")
+    web_port: int = Field(0, ge=0, le=65535, description="Faust web (metrics) port; 0 disables it")
+    producer_max_batch_size: int | None = Field(
+        None, ge=1, description="bytes per producer batch; 1 on the embedded tansu broker, which reports end "
+        "offsets one short after multi-record batches and so breaks table recovery")
+    encode_text: bool = Field(True, description="embed new items' text in the worker (loads the encoder)")

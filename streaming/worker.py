@@ -1,0 +1,287 @@
+"""The Faust stream worker: events in, graph updated, fresh complement lists out.
+
+Agents consume ``catalog`` (keyed by item), ``interactions`` (keyed by user)
+and ``orders`` (keyed by order). Every valid event goes through
+:meth:`graph.store.GraphStore.apply` — the code path the batch replay uses —
+and is recorded in a Faust table with a changelog topic, keyed like its
+topic (item, user, order id), so a restarted worker recovers exactly the
+events it had applied and rebuilds its graph from them. Invalid events, and
+events that reference nothing, go to ``dead-letters`` with the reason and the
+original bytes; the worker carries on.
+
+Touched items are refreshed in micro-batches by a timer: their complement
+lists (:class:`training.complements.ComplementScorer`) are published on
+``bundle-updates`` keyed by item. New catalog items get a text embedding and,
+when a model is loaded, an inductive GNN pass gives them model views. A
+``model-updates`` message (``{"path": ...}``) makes every worker load that
+artifact without a restart: each worker reads that topic without a consumer
+group, so none misses it.
+
+Scale-out note: the co-purchase graph of a worker holds the orders of the
+partitions it owns. One worker owns all of them; several workers each score
+from their share of orders (see README, "Scaling").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faust
+import numpy as np
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from graph.events import Interaction, ItemUpserted, Order
+from graph.snapshot import save as save_snapshot
+from graph.store import GraphConfig, GraphStore
+from streaming.codec import Rejected, decode
+from streaming.settings import StreamConfig
+from training.artifact import Artifact, load_artifact
+from training.complements import ComplementScorer, ScorerConfig
+from training.encoder import TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    """The worker's in-memory graph, scorer and model, and what awaits a refresh."""
+
+    graph_config: GraphConfig
+    scorer_config: ScorerConfig
+    encoder: TextEncoder | None = None
+    device: str = "cpu"
+    store: GraphStore = field(init=False)
+    scorer: ComplementScorer = field(init=False)
+    artifact: Artifact | None = None
+    pending: dict[str, float] = field(default_factory=dict)  # item → newest source timestamp
+    new_text: set[str] = field(default_factory=set)  # items whose text needs embedding
+    needs_embedding: bool = False  # items without a model view exist
+    counters: dict[str, int] = field(default_factory=lambda: {"events": 0, "dead_letters": 0, "updates": 0})
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.store = GraphStore(self.graph_config)
+        self.scorer = ComplementScorer(self.store, self.scorer_config)
+        if self.artifact is not None:
+            self._install(self.artifact)
+
+    def apply(self, event: ItemUpserted | Interaction | Order, source_ts: float | None) -> str | None:
+        """Apply one event; return a dead-letter reason when it references nothing."""
+        result = self.store.apply(event)
+        self.counters["events"] += 1
+        if isinstance(event, ItemUpserted) and result.changed:
+            self.new_text.add(event.item_id)
+        if isinstance(event, Order) and event.status == "cancelled" and not result.changed and "unknown" in result.note:
+            return f"{result.note}: recorded, a late placement of it will be ignored"
+        ts = source_ts if source_ts is not None else time.time()
+        for item in result.items if result.changed else ():
+            self.pending[item] = max(ts, self.pending.get(item, 0.0))
+        return None
+
+    # ---- text and model --------------------------------------------------------
+    def embed_text(self) -> None:
+        """Encode the text of items upserted since the last call."""
+        if not self.new_text or self.encoder is None:
+            self.new_text.clear()
+            return
+        ids = sorted(self.new_text)
+        self.new_text.clear()
+        rows = np.array([self.store.items.index[k] for k in ids])
+        vectors = self.encoder.encode([self.store.catalog[r].text for r in rows], progress=False)
+        self.scorer.set_text(rows, vectors)
+        if self.artifact is not None:
+            self.needs_embedding = True
+
+    def load_model(self, path: str | Path) -> None:
+        """Load an artifact and score with it from now on (the hot swap)."""
+        artifact = load_artifact(path)
+        self.artifact = artifact
+        self._install(artifact)
+        self.pending.update({k: time.time() for k in self.store.items.ids if self.store.co[self.store.items.index[k]]})
+        log.info("model %s loaded from %s", artifact.version, path)
+
+    def _install(self, artifact: Artifact) -> None:
+        self.scorer.set_views(artifact.version, artifact.item_ids, artifact.src, artifact.dst, artifact.prior,
+                              artifact.model.temperature)
+        self.needs_embedding = any(not self.scorer.has_view(r) for r in range(self.store.num_items))
+
+    def inductive_pass(self) -> list[str]:
+        """Model views for items the artifact has not seen, from their text and neighbours.
+
+        Runs the GNN over the whole current graph (the model is inductive);
+        returns the items that gained a view.
+        """
+        if self.artifact is None or self.encoder is None or not self.needs_embedding:
+            return []
+        from training.train import Graph
+
+        self.needs_embedding = False
+        text = self.encoder.encode([it.text for it in self.store.catalog], progress=False)
+        graph = Graph.build(self.store, text, torch_device(self.device), id_items=self.artifact.manifest["id_items"])
+        h = graph.embed(self.artifact.model)
+        prior = self.artifact.model.prior(h["item"]).squeeze(-1)
+        before = [r for r in range(self.store.num_items) if not self.scorer.has_view(r)]
+        self.scorer.set_views(self.artifact.version, self.store.items.ids, h["src"].detach().numpy(),
+                              h["dst"].detach().numpy(), prior.detach().numpy(), self.artifact.model.temperature)
+        return [self.store.items.ids[r] for r in before]
+
+
+def torch_device(name: str) -> Any:
+    from training.train import select_device
+
+    return select_device(name)
+
+
+def _json(event: ItemUpserted | Interaction | Order) -> str:
+    return event.model_dump_json()
+
+
+def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot: Path | None = None) -> faust.App:
+    """The Faust app with its topics, tables, agents and timers."""
+    app = faust.App(
+        stream.app_id,
+        broker=[f"kafka://{b}" for b in bootstrap.split(",")],
+        store="memory://",
+        topic_partitions=stream.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=stream.session_timeout,
+        broker_heartbeat_interval=stream.heartbeat_interval,
+        broker_max_poll_interval=stream.max_poll_interval,
+        broker_rebalance_timeout=stream.max_poll_interval,
+        web_enabled=stream.web_port > 0,
+        web_port=stream.web_port or 6066,
+        table_cleanup_interval=3600.0,
+        producer_max_batch_size=stream.producer_max_batch_size,
+    )
+    names = stream.topics
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    catalog_topic = app.topic(names.catalog, **raw)
+    interactions_topic = app.topic(names.interactions, **raw)
+    orders_topic = app.topic(names.orders, **raw)
+    updates_topic = app.topic(names.bundle_updates, **raw)
+    dead_topic = app.topic(names.dead_letters, **raw)
+    # Changelogged record of every applied event, keyed like its topic: the worker's recoverable state.
+    tables = {
+        "item_upserted": app.Table("catalog-events", default=list, partitions=stream.partitions),
+        "interaction": app.Table("interaction-events", default=list, partitions=stream.partitions),
+        "order": app.Table("order-events", default=list, partitions=stream.partitions),
+    }
+    key_of = {"item_upserted": lambda e: e.item_id, "interaction": lambda e: e.user_id, "order": lambda e: e.order_id}
+
+    async def dead_letter(event: faust.types.EventT, reason: str) -> None:
+        msg = event.message
+        headers = [("reason", reason.encode()), ("topic", msg.topic.encode()),
+                   ("partition", str(msg.partition).encode()), ("offset", str(msg.offset).encode())]
+        state.counters["dead_letters"] += 1
+        log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, reason)
+        await dead_topic.send(key=msg.key, value=msg.value, headers=headers)
+
+    async def consume(stream_: faust.StreamT, kind: str) -> None:
+        table = tables[kind]
+        async for event in stream_.events():
+            decoded = decode(event.value, kind)
+            if isinstance(decoded, Rejected):
+                await dead_letter(event, decoded.reason)
+                continue
+            reason = state.apply(decoded, event.message.timestamp)
+            key = key_of[kind](decoded)
+            table[key] = table[key] + [_json(decoded)]
+            if reason:
+                await dead_letter(event, reason)
+
+    @app.agent(catalog_topic, name="catalog")
+    async def catalog(stream_: faust.StreamT) -> None:
+        await consume(stream_, "item_upserted")
+
+    @app.agent(interactions_topic, name="interactions")
+    async def interactions(stream_: faust.StreamT) -> None:
+        await consume(stream_, "interaction")
+
+    @app.agent(orders_topic, name="orders")
+    async def orders(stream_: faust.StreamT) -> None:
+        await consume(stream_, "order")
+
+    async def rebuild() -> None:
+        """After (re)assignment: the graph is exactly the recorded events, replayed."""
+        state.reset()
+        events: list[ItemUpserted | Interaction | Order] = []
+        for kind in ("item_upserted", "interaction"):
+            events += [decode(raw_, kind) for values in tables[kind].values() for raw_ in values]
+        events.sort(key=lambda e: e.epoch)
+        for values in tables["order"].values():  # per order, in arrival order: cancellations keep their meaning
+            events += [decode(raw_, "order") for raw_ in values]
+        for event in events:
+            state.apply(event, None)
+        state.embed_text()
+        state.pending = {k: 0.0 for k in state.pending}  # publish the rebuilt lists, no latency to report
+        log.info("graph rebuilt from changelogs: %d events, %d items, %d co-purchase edges",
+                 len(events), state.store.num_items, state.store.num_co_edges())
+
+    tables["order"].on_recover(rebuild)
+
+    @app.timer(stream.batch_within)
+    async def refresh() -> None:
+        """Publish fresh complement lists of the items touched since the last tick."""
+        state.embed_text()
+        if not state.pending:
+            return
+        pending, state.pending = state.pending, {}
+        for item, ts in pending.items():
+            update = state.scorer.update(item, source_ts=ts or None)
+            await updates_topic.send(key=item.encode(), value=update.model_dump_json().encode())
+        state.counters["updates"] += len(pending)
+
+    @app.timer(stream.embed_interval)
+    async def embed_new_items() -> None:
+        for item in state.inductive_pass():
+            state.pending.setdefault(item, time.time())
+
+    @app.task
+    async def model_updates() -> None:
+        """Read ``model-updates`` from its end without a consumer group: every worker loads every model."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions = await _partitions(consumer, names.model_updates)
+            tps = [TopicPartition(names.model_updates, p) for p in partitions]
+            consumer.assign(tps)
+            await consumer.seek_to_end(*tps)
+            while True:
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    for record in records:
+                        await _swap(record.value)
+        finally:
+            await consumer.stop()
+
+    async def _swap(value: bytes) -> None:
+        try:
+            path = json.loads(value)["path"]
+            state.load_model(path)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            log.error("model-updates message refused (%s): %r", exc, value[:200])
+
+    async def save_state(*_: Any, **__: Any) -> None:
+        if snapshot is not None:
+            save_snapshot(state.store, snapshot)
+            log.info("graph snapshot written to %s", snapshot)
+
+    app.on_before_shutdown.connect(save_state)
+    return app
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    for _ in range(50):
+        if topic in await consumer.topics():  # refreshes metadata: the topic may be created after the worker starts
+            return sorted(consumer.partitions_for_topic(topic) or ())
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"topic {topic!r} does not exist")

@@ -1,0 +1,113 @@
+"""Helpers of the tests that run against the real embedded broker: a worker process and a reader."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from kafka import KafkaConsumer, TopicPartition
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stream_env(bootstrap: str, state_dir: Path, app_id: str | None = None) -> dict[str, str]:
+    """Environment for a worker/replay on ``bootstrap`` with topics of its own (one test never sees another's)."""
+    tag = app_id or f"t{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "BUNDLEGNN_STREAM__BOOTSTRAP_SERVERS": bootstrap, "BUNDLEGNN_STREAM__APP_ID": tag,
+           "BUNDLEGNN_STREAM__SESSION_TIMEOUT": "3", "BUNDLEGNN_STREAM__HEARTBEAT_INTERVAL": "0.5",
+           "BUNDLEGNN_STREAM__MAX_POLL_INTERVAL": "3", "BUNDLEGNN_STREAM__PARTITIONS": "2",
+           "BUNDLEGNN_STREAM__PRODUCER_MAX_BATCH_SIZE": "1",
+           "BUNDLEGNN_PATHS__STATE_DIR": str(state_dir), "BUNDLEGNN_PATHS__MODEL_STORE": str(state_dir / "models"),
+           "BUNDLEGNN_TRAINING__DEVICE": "cpu"}
+    for name in ("catalog", "interactions", "orders", "bundle_updates", "dead_letters", "model_updates"):
+        env[f"BUNDLEGNN_STREAM__TOPICS__{name.upper()}"] = f"{tag}-{name.replace('_', '-')}"
+    return env
+
+
+def topic(env: dict[str, str], name: str) -> str:
+    return env[f"BUNDLEGNN_STREAM__TOPICS__{name.upper()}"]
+
+
+class WorkerProcess:
+    """``bundlegnn worker`` in a subprocess; ``start`` returns once it is ready to consume."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        self.env, self.log, self.args = env, log, args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> "WorkerProcess":
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "bundlegnn.cli", "worker", *self.args],
+                                            cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_bytes()[offset:].decode(errors="replace")
+            if "Worker]: Ready" in text:
+                return self
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}:\n{text[-3000:]}")
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"worker not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Reader:
+    """Reads a topic from the beginning without a consumer group."""
+
+    def __init__(self, bootstrap: str, name: str) -> None:
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=200)
+        self.name = name
+        self.records: list = []
+        self._assigned = False
+
+    def _assign(self, deadline: float) -> None:
+        while not self._assigned and time.monotonic() < deadline:
+            parts = self.consumer.partitions_for_topic(self.name)
+            if parts:
+                tps = [TopicPartition(self.name, p) for p in parts]
+                self.consumer.assign(tps)
+                self.consumer.seek_to_beginning(*tps)
+                self._assigned = True
+            else:
+                time.sleep(0.2)
+
+    def wait_for(self, predicate: Callable[[object], bool], timeout: float = 30.0) -> object:
+        """The first record (old or new) that satisfies ``predicate``; fails after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self._assign(deadline)
+        checked = 0
+        while True:
+            for record in self.records[checked:]:
+                if predicate(record):
+                    return record
+            checked = len(self.records)
+            if time.monotonic() >= deadline:
+                break
+            for batch in self.consumer.poll(timeout_ms=200).values():
+                self.records.extend(batch)
+        seen = "\n".join(f"  {r.partition}@{r.offset} {r.key!r}: {r.value[:160]!r}" for r in self.records[-10:])
+        raise AssertionError(f"no matching record on {self.name} within {timeout} s; last of {len(self.records)} read:\n{seen}")
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -1,0 +1,147 @@
+"""The Faust worker against the real embedded broker: live refresh, dead letters, idempotency, recovery."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graph.events import ItemUpserted, Order, OrderLine
+from graph.snapshot import load
+from streaming.producer import EventProducer
+from streaming.settings import Topics
+from tests.conftest import at
+from tests.kafka_helpers import Reader, WorkerProcess, stream_env, topic
+
+pytestmark = pytest.mark.broker
+
+
+def order(order_id: str, *items: str, day: float = 1.0, status: str = "placed", user: str | None = "u1") -> Order:
+    return Order(order_id=order_id, user_id=user, ts=at(day), status=status, items=[OrderLine(item_id=i) for i in items])
+
+
+def item(item_id: str, title: str) -> ItemUpserted:
+    return ItemUpserted(item_id=item_id, title=title, ts=at(0), price=2.5)
+
+
+def producer_for(env: dict[str, str], bootstrap: str) -> EventProducer:
+    topics = Topics(**{k: topic(env, k) for k in Topics.model_fields})
+    return EventProducer(bootstrap, topics)
+
+
+def update_of(anchor: str, predicate=lambda u: True):
+    def match(record) -> bool:
+        if record.key != anchor.encode():
+            return False
+        return predicate(json.loads(record.value))
+    return match
+
+
+def orders_with(update: dict) -> dict[str, int]:
+    return {c["item_id"]: c["orders"] for c in update["complements"]}
+
+
+@pytest.fixture
+def worker_env(broker: str, tmp_path: Path) -> dict[str, str]:
+    env = stream_env(broker, tmp_path / "state")
+    env["BUNDLEGNN_STREAM__ENCODE_TEXT"] = "false"  # these tests are about the stream, not text
+    return env
+
+
+def test_order_refreshes_bundles_live_and_duplicates_change_nothing(broker: str, worker_env: dict, tmp_path: Path) -> None:
+    worker = WorkerProcess(worker_env, tmp_path / "worker.log", "--model", "none").start()
+    updates = Reader(broker, topic(worker_env, "bundle_updates"))
+    try:
+        with producer_for(worker_env, broker) as producer:
+            for k, title in [("A", "red mug"), ("B", "mug coaster"), ("C", "tea spoon"), ("D", "napkin")]:
+                producer.send(item(k, title))
+            producer.send(order("o1", "A", "B"))
+            producer.flush()
+            sent = time.time()
+            first = json.loads(updates.wait_for(update_of("A", lambda u: orders_with(u).get("B") == 1)).value)
+            assert time.time() - sent < 10  # bounded: well under the poll/refresh intervals
+            assert first["model_version"] is None and first["complements"][0]["source"] == "co-purchase"
+            assert first["source_ts"] is not None and first["source_ts"] <= time.time()
+
+            # the same order again, then two orders of A with C: C overtakes B, and A–B still counts 1
+            producer.send(order("o1", "A", "B"))
+            producer.send(order("o2", "A", "C", day=2))
+            producer.send(order("o3", "A", "C", "D", day=3))
+            producer.flush()
+            latest = json.loads(updates.wait_for(update_of("A", lambda u: orders_with(u).get("D") == 1)).value)
+        assert orders_with(latest) == {"C": 2, "B": 1, "D": 1}
+        assert [c["item_id"] for c in latest["complements"]][0] == "C"
+        b = json.loads(updates.wait_for(update_of("B")).value)
+        assert orders_with(b) == {"A": 1}
+    finally:
+        updates.close()
+        worker.stop()
+
+
+def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(broker: str, worker_env: dict,
+                                                                            tmp_path: Path) -> None:
+    worker = WorkerProcess(worker_env, tmp_path / "worker.log", "--model", "none").start()
+    updates = Reader(broker, topic(worker_env, "bundle_updates"))
+    dead = Reader(broker, topic(worker_env, "dead_letters"))
+    bad = [b"{not json", json.dumps({"order_id": "x", "items": [], "ts": "2024-01-01T00:00:00Z"}).encode()]
+    try:
+        with producer_for(worker_env, broker) as producer:
+            for raw in bad:
+                producer.send_raw(topic(worker_env, "orders"), raw, key=b"x")
+            producer.send(order("c9", "A", status="cancelled"))  # cancels an order nobody saw
+            producer.send(order("o1", "A", "B"))
+            producer.flush()
+            updates.wait_for(update_of("A", lambda u: orders_with(u) == {"B": 1}))
+        letters = [dead.wait_for(lambda r, raw=raw: r.value == raw) for raw in bad]
+        reasons = [dict(r.headers)["reason"].decode() for r in letters]
+        assert reasons[0].startswith("not JSON") and "items" in reasons[1]
+        assert dict(letters[0].headers)["topic"] == topic(worker_env, "orders").encode()
+        unknown = dead.wait_for(lambda r: b'"c9"' in r.value)
+        assert "cancels unknown order c9" in dict(unknown.headers)["reason"].decode()
+    finally:
+        updates.close()
+        dead.close()
+        worker.stop()
+
+
+def test_state_after_restart_equals_state_before(broker: str, worker_env: dict, tmp_path: Path) -> None:
+    """The second worker has an in-memory table store: all it knows comes from the changelog topics."""
+    before, after = tmp_path / "before.npz", tmp_path / "after.npz"
+    log = tmp_path / "worker.log"
+    worker = WorkerProcess(worker_env, log, "--model", "none", "--snapshot", str(before)).start()
+    updates = Reader(broker, topic(worker_env, "bundle_updates"))
+    try:
+        with producer_for(worker_env, broker) as producer:
+            for k in "ABCDE":
+                producer.send(item(k, f"item {k}"))
+            for n in range(12):
+                producer.send(order(f"o{n}", *"ABCDE"[n % 3 : n % 3 + 3], day=n, user=f"u{n % 4}"))
+            producer.send(order("o4", "A", "B", "C", status="cancelled", day=20))
+            producer.flush()
+            updates.wait_for(update_of("A", lambda u: u["graph_version"] >= 5 + 12 + 1), timeout=30)
+    finally:
+        updates.close()
+    assert worker.stop() == 0
+    worker = WorkerProcess(worker_env, log, "--model", "none", "--snapshot", str(after)).start()
+    assert worker.stop() == 0
+    assert "graph rebuilt from changelogs: 18 events" in worker.output()
+    a, b = load(before), load(after)
+    assert sorted(a.items.ids) == sorted(b.items.ids) and sorted(a.users.ids) == sorted(b.users.ids)
+    assert a.stats.orders_cancelled == b.stats.orders_cancelled == 1
+    for before_, after_ in [(edges(a), edges(b)), (user_edges(a), user_edges(b))]:
+        assert {k: c for k, (c, _) in before_.items()} == {k: c for k, (c, _) in after_.items()}
+        assert {k: w for k, (_, w) in before_.items()} == pytest.approx({k: w for k, (_, w) in after_.items()})
+    assert len(edges(a)) == 7 and edges(a)[("A", "B")][0] == 4 and edges(a)[("B", "D")][0] == 3  # o4 (B, C, D) cancelled
+    assert {k: a.catalog[r] for k, r in a.items.index.items()} == {k: b.catalog[r] for k, r in b.items.index.items()}
+
+
+def edges(store) -> dict[tuple[str, str], tuple[int, float]]:
+    ids = store.items.ids
+    return {tuple(sorted((ids[x], ids[y]))): (int(c), float(w)) for x, y, c, w in zip(*store.co_edges())}
+
+
+def user_edges(store) -> dict[tuple[str, str], tuple[int, float]]:
+    return {(store.users.ids[u], store.items.ids[i]): (int(c), float(w)) for u, i, c, w in zip(*store.ui_edges())}

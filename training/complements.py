@@ -1,0 +1,193 @@
+"""Ranked complements of an item from the live graph and, when loaded, a model's item views.
+
+This is what the stream worker publishes on ``bundle-updates`` and the API
+builds bundles from. Two sources, always both quoted so a ``why`` can be
+written:
+
+* **model** (a trained artifact's item views, see
+  :class:`~training.models.BundleGNN`): the asymmetric score
+  ``cos(src_a, dst_b) / τ + prior_b``, plus ``co_purchase_boost ×
+  log(1 + decayed co-purchase weight)`` so that orders that arrive after
+  training move items up before the next retrain;
+* **co-purchase** statistics when no model (or no view of the item) exists:
+  cosine of order counts ``n_ab / sqrt(n_a n_b)`` (item-kNN, Sarwar et al.
+  2001). An item with no orders yet borrows the complements of its most
+  similar items by text ("new item: similar text to …").
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from graph.store import GraphStore
+
+
+class Complement(BaseModel):
+    """One candidate complement of an anchor item."""
+
+    model_config = ConfigDict(frozen=True)
+
+    item_id: str
+    score: float
+    orders: int = Field(description="orders that held both items (not cancelled)")
+    model_score: float | None = Field(None, description="the model's score alone, when a model scored it")
+    source: str = Field(description="'model', 'co-purchase' or 'similar-text'")
+    via: str | None = Field(None, description="for 'similar-text': the known item whose complements were borrowed")
+
+
+class BundleUpdate(BaseModel):
+    """The message on ``bundle-updates``: an item's fresh complement list."""
+
+    item_id: str
+    complements: list[Complement]
+    model_version: str | None
+    graph_version: int
+    updated_at: datetime
+    source_ts: float | None = Field(None, description="produce time (epoch s) of the newest event that caused it")
+
+
+class ScorerConfig(BaseModel):
+    """Knobs of complement scoring (the ``scoring:`` section of a config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(20, ge=1, le=500, description="complements kept per item")
+    co_purchase_boost: float = Field(1.0, ge=0, description="weight of log(1 + co-purchase weight) on model scores")
+    similar_items: int = Field(3, ge=0, description="text neighbours a new item borrows complements from")
+    min_text_similarity: float = Field(0.5, ge=-1, le=1)
+
+
+class ComplementScorer:
+    """Scores complements over a :class:`GraphStore` it reads but never changes."""
+
+    def __init__(self, store: GraphStore, config: ScorerConfig | None = None) -> None:
+        self.store = store
+        self.config = config or ScorerConfig()
+        self.text = np.zeros((0, 0), np.float32)  # rows: store item rows; unit vectors
+        self.model_version: str | None = None
+        self.temperature = 1.0
+        self._src = self._dst = np.zeros((0, 0), np.float32)
+        self._prior = np.zeros(0, np.float32)
+        self._has_view = np.zeros(0, bool)
+        self._counts, self._counts_version = np.zeros(0, np.int64), -1
+
+    # ---- inputs ------------------------------------------------------------
+    def _grow(self, array: np.ndarray, width: int, fill: float = 0.0) -> np.ndarray:
+        n = self.store.num_items
+        if array.shape[0] >= n and (array.ndim == 1 or array.shape[1] == width):
+            return array
+        shape = (n,) if array.ndim == 1 else (n, width)
+        out = np.full(shape, fill, array.dtype)
+        if array.size:
+            out[: array.shape[0]] = array
+        return out
+
+    def set_text(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Text embeddings (L2-normalised) of the given item rows."""
+        self.text = self._grow(self.text, vectors.shape[1])
+        self.text[rows] = vectors
+
+    def set_views(self, version: str, item_ids: list[str], src: np.ndarray, dst: np.ndarray, prior: np.ndarray,
+                  temperature: float) -> None:
+        """A model's item views (replacing any earlier model's); ids the store does not know are skipped."""
+        rows = np.array([r if (r := self.store.items.get(k)) is not None else -1 for k in item_ids], np.int64)
+        keep = rows >= 0
+        self._src, self._dst = np.zeros((0, src.shape[1]), np.float32), np.zeros((0, dst.shape[1]), np.float32)
+        self._prior, self._has_view = np.zeros(0, np.float32), np.zeros(0, bool)
+        self._sync()
+        norm = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+        self._src[rows[keep]], self._dst[rows[keep]] = norm(src[keep]), norm(dst[keep])
+        self._prior[rows[keep]] = prior[keep]
+        self._has_view[rows[keep]] = True
+        self.model_version, self.temperature = version, temperature
+
+    def _sync(self) -> None:
+        """Grow the per-item arrays to the store's current item count (new items: no view)."""
+        self._src, self._dst = self._grow(self._src, self._src.shape[1]), self._grow(self._dst, self._dst.shape[1])
+        self._prior, self._has_view = self._grow(self._prior, 0), self._grow(self._has_view, 0, False)
+
+    def has_view(self, row: int) -> bool:
+        return row < len(self._has_view) and bool(self._has_view[row])
+
+    # ---- scoring -----------------------------------------------------------
+    def _co_stats(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Neighbour rows, their co-purchase counts and decayed weights."""
+        nbrs = self.store.co[row]
+        if not nbrs:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        now, hl = self.store.last_ts, self.store.half_life
+        rows = np.fromiter(nbrs.keys(), np.int64, len(nbrs))
+        counts = np.fromiter((t.count for t in nbrs.values()), np.int64, len(nbrs))
+        weights = np.fromiter((t.value(now, hl) for t in nbrs.values()), np.float64, len(nbrs))
+        return rows, counts, weights
+
+    def _order_counts(self) -> np.ndarray:
+        """Orders per item, cached per graph version (one refresh scores many items)."""
+        if self._counts_version != self.store.version or len(self._counts) != self.store.num_items:
+            self._counts, self._counts_version = self.store.item_order_counts(), self.store.version
+        return self._counts
+
+    def _cooccurrence(self, row: int) -> list[Complement]:
+        rows, counts, _ = self._co_stats(row)
+        if not len(rows):
+            return []
+        n = self._order_counts()
+        score = counts / np.sqrt(np.maximum(n[row], 1) * np.maximum(n[rows], 1))
+        top = np.argsort(-score, kind="stable")[: self.config.top_k]
+        ids = self.store.items.ids
+        return [Complement(item_id=ids[rows[k]], score=round(float(score[k]), 6), orders=int(counts[k]),
+                           source="co-purchase") for k in top]
+
+    def _borrowed(self, row: int) -> list[Complement]:
+        """Complements of the items most similar by text (a new item has no orders yet)."""
+        cfg = self.config
+        if not cfg.similar_items or row >= len(self.text) or not self.text[row].any():  # no text embedding yet
+            return []
+        sims = self.text @ self.text[row]
+        sims[row] = -np.inf
+        sims[[not self.store.co[r] for r in range(len(sims))]] = -np.inf  # only items with orders lend complements
+        out: dict[str, Complement] = {}
+        for similar in np.argsort(-sims)[: cfg.similar_items]:
+            if sims[similar] < cfg.min_text_similarity:
+                break
+            via = self.store.items.ids[similar]
+            for c in self._cooccurrence(int(similar)):
+                score = round(float(sims[similar]) * c.score, 6)
+                if c.item_id != self.store.items.ids[row] and (c.item_id not in out or out[c.item_id].score < score):
+                    out[c.item_id] = Complement(item_id=c.item_id, score=score, orders=0, source="similar-text", via=via)
+        return sorted(out.values(), key=lambda c: -c.score)[: cfg.top_k]
+
+    def _model(self, row: int) -> list[Complement]:
+        self._sync()
+        rows, counts, weights = self._co_stats(row)
+        model = (self._dst @ self._src[row]) / self.temperature + self._prior
+        boost = np.zeros_like(model)
+        boost[rows] = self.config.co_purchase_boost * np.log1p(weights)
+        score = np.where(self._has_view, model + boost, -np.inf)
+        score[row] = -np.inf
+        k = min(self.config.top_k, int(np.isfinite(score).sum()))
+        top = np.argpartition(-score, k - 1)[:k] if k else np.zeros(0, np.int64)
+        top = top[np.argsort(-score[top], kind="stable")]
+        count = dict(zip(rows.tolist(), counts.tolist()))
+        ids = self.store.items.ids
+        return [Complement(item_id=ids[b], score=round(float(score[b]), 6), orders=count.get(int(b), 0),
+                           model_score=round(float(model[b]), 6), source="model") for b in top]
+
+    def complements(self, item_id: str) -> list[Complement]:
+        """The ranked complements of ``item_id`` (empty for an unknown item)."""
+        row = self.store.items.get(item_id)
+        if row is None:
+            return []
+        if self.has_view(row):
+            return self._model(row)
+        return self._cooccurrence(row) or self._borrowed(row)
+
+    def update(self, item_id: str, source_ts: float | None = None, now: datetime | None = None) -> BundleUpdate:
+        """The ``bundle-updates`` message of one item."""
+        return BundleUpdate(item_id=item_id, complements=self.complements(item_id), model_version=self.model_version,
+                            graph_version=self.store.version, updated_at=now or datetime.now().astimezone(),
+                            source_ts=source_ts if source_ts is None or math.isfinite(source_ts) else None)
