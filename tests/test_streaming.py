@@ -13,10 +13,11 @@ from graph.events import ItemUpserted, Order, OrderLine
 from graph.snapshot import load
 from streaming.producer import EventProducer
 from streaming.settings import Topics
-from tests.conftest import at
+from tests.conftest import DATA, at
 from tests.kafka_helpers import Reader, WorkerProcess, stream_env, topic
 
 pytestmark = pytest.mark.broker
+SAMPLE = DATA / "online_retail_ii_sample.csv.gz"  # the first 4,000 rows of online_retail_ii
 
 
 def order(order_id: str, *items: str, day: float = 1.0, status: str = "placed", user: str | None = "u1") -> Order:
@@ -145,3 +146,54 @@ def edges(store) -> dict[tuple[str, str], tuple[int, float]]:
 
 def user_edges(store) -> dict[tuple[str, str], tuple[int, float]]:
     return {(store.users.ids[u], store.items.ids[i]): (int(c), float(w)) for u, i, c, w in zip(*store.ui_edges())}
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model trained on the real sample (2 epochs), as `bundlegnn train` writes it."""
+    from training.datasets import online_retail_events
+    from training.encoder import TextEncoder
+    from training.job import train_job
+    from training.train import TrainConfig
+    from graph.store import GraphConfig
+
+    root = tmp_path_factory.mktemp("model")
+    events = list(online_retail_events(SAMPLE))
+    cfg = TrainConfig(epochs=2, hidden=16, device="cpu")
+    path, _ = train_job(events, GraphConfig(), cfg, TextEncoder(cache_dir=root / "cache"), root / "models", "0" * 16)
+    return path
+
+
+def test_model_update_is_hot_swapped_and_new_items_get_model_views(broker: str, tmp_path: Path,
+                                                                    tiny_artifact: Path) -> None:
+    from streaming.producer import replay
+    from training.artifact import load_artifact
+    from training.datasets import online_retail_events
+
+    env = stream_env(broker, tmp_path / "state")
+    worker = WorkerProcess(env, tmp_path / "worker.log", "--model", "none").start()
+    updates = Reader(broker, topic(env, "bundle_updates"))
+    version = load_artifact(tiny_artifact).version
+    known = load_artifact(tiny_artifact).item_ids[0]
+    try:
+        with producer_for(env, broker) as producer:
+            replay(online_retail_events(SAMPLE), producer, progress=False)
+            before = json.loads(updates.wait_for(update_of(known)).value)
+            assert before["model_version"] is None
+            producer.send_raw(topic(env, "model_updates"), json.dumps({"path": str(tiny_artifact)}).encode())
+            producer.flush()
+            swapped = json.loads(updates.wait_for(update_of(known, lambda u: u["model_version"] == version)).value)
+            assert swapped["complements"][0]["source"] == "model" and swapped["complements"][0]["model_score"] is not None
+            # an item the model never saw: text, then one order with a known item
+            producer.send(ItemUpserted(item_id="NEW-1", title="RED RETROSPOT CAKE STAND", ts=at(4000), price=9.95))
+            producer.send(order("new-order", "NEW-1", known, day=4000))
+            producer.flush()
+            fresh = json.loads(updates.wait_for(update_of("NEW-1", lambda u: u["model_version"] == version
+                                                        and u["complements"] and u["complements"][0]["source"] == "model"),
+                                                timeout=60).value)
+        assert all(np.isfinite(c["score"]) for c in fresh["complements"]) and len(fresh["complements"]) == 20
+        assert "NEW-1" not in orders_with(fresh)
+        assert "refused" not in worker.output()
+    finally:
+        updates.close()
+        worker.stop()
