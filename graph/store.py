@@ -11,7 +11,7 @@ count too, because explanations ("bought together in 37 orders") quote counts.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -50,12 +50,14 @@ class Tally:
 
     def add(self, ts: float, amount: float, half_life: float, sign: int = 1) -> None:
         """Add (``sign=1``) or take back (``sign=-1``) ``amount`` observed at ``ts``."""
-        if ts >= self.ts:
-            self.weight = self.weight * 2.0 ** ((self.ts - ts) / half_life) + sign * amount
+        if ts > self.ts:
+            weight = self.weight * 2.0 ** ((self.ts - ts) / half_life) + sign * amount
             self.ts = ts
+        elif ts == self.ts:
+            weight = self.weight + sign * amount
         else:
-            self.weight += sign * amount * 2.0 ** ((ts - self.ts) / half_life)
-        self.weight = max(self.weight, 0.0)
+            weight = self.weight + sign * amount * 2.0 ** ((ts - self.ts) / half_life)
+        self.weight = weight if weight > 0.0 else 0.0  # (not max(): this is the replay's hottest line)
         self.count += sign
 
     def value(self, now: float, half_life: float) -> float:
@@ -207,7 +209,8 @@ class GraphStore:
         if not old.has_text:
             self.stats.placeholder_items -= 1
         new = Item(e.title, e.description, e.category, e.price, e.in_stock, True, e.epoch)
-        if new == Item(**{**asdict(old), "updated": e.epoch}):
+        if old.has_text and (new.title, new.description, new.category, new.price, new.in_stock) == (
+                old.title, old.description, old.category, old.price, old.in_stock):
             return Applied(False, (e.item_id,), "no change")
         self.catalog[row] = new
         return Applied(True, (e.item_id,))
@@ -240,7 +243,9 @@ class GraphStore:
             for b in rows[a_pos + 1 :]:
                 tally = nbrs_a.get(b)
                 if tally is None:
-                    tally = nbrs_a[b] = co[b][a] = Tally(ts=ts)
+                    if sign > 0:
+                        nbrs_a[b] = co[b][a] = Tally(1, 1.0, ts)
+                    continue
                 tally.add(ts, 1.0, hl, sign)
                 if tally.count <= 0:
                     del nbrs_a[b], co[b][a]

@@ -34,7 +34,7 @@ from typing import Any
 
 import faust
 import numpy as np
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from graph.events import Interaction, ItemUpserted, Order
 from graph.snapshot import save as save_snapshot
@@ -87,18 +87,25 @@ class WorkerState:
         return None
 
     # ---- text and model --------------------------------------------------------
-    def embed_text(self) -> None:
-        """Encode the text of items upserted since the last call."""
+    def text_job(self) -> tuple[np.ndarray, list[str]] | None:
+        """Rows and texts of items upserted since the last call (None: nothing to encode)."""
         if not self.new_text or self.encoder is None:
             self.new_text.clear()
-            return
-        ids = sorted(self.new_text)
+            return None
+        rows = np.array([self.store.items.index[k] for k in sorted(self.new_text)])
         self.new_text.clear()
-        rows = np.array([self.store.items.index[k] for k in ids])
-        vectors = self.encoder.encode([self.store.catalog[r].text for r in rows], progress=False)
+        return rows, [self.store.catalog[r].text for r in rows]
+
+    def set_text(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         self.scorer.set_text(rows, vectors)
         if self.artifact is not None:
             self.needs_embedding = True
+
+    def embed_text(self) -> None:
+        """Encode the text of items upserted since the last call (blocking; the worker uses a thread)."""
+        job = self.text_job()
+        if job is not None and self.encoder is not None:
+            self.set_text(job[0], self.encoder.encode(job[1], progress=False))
 
     def load_model(self, path: str | Path) -> None:
         """Load an artifact and score with it from now on (the hot swap)."""
@@ -113,31 +120,48 @@ class WorkerState:
                               artifact.model.temperature)
         self.needs_embedding = any(not self.scorer.has_view(r) for r in range(self.store.num_items))
 
-    def inductive_pass(self) -> list[str]:
-        """Model views for items the artifact has not seen, from their text and neighbours.
+    def inductive_graph(self) -> Any | None:
+        """The current graph as GNN input when items lack a model view (None: nothing to do).
 
-        Runs the GNN over the whole current graph (the model is inductive);
-        returns the items that gained a view.
+        The model is inductive: one pass over the whole current graph gives
+        items the artifact has not seen views from their text and neighbours.
         """
         if self.artifact is None or self.encoder is None or not self.needs_embedding:
-            return []
+            return None
         from training.train import Graph
 
         self.needs_embedding = False
-        text = self.encoder.encode([it.text for it in self.store.catalog], progress=False)
-        graph = Graph.build(self.store, text, torch_device(self.device), id_items=self.artifact.manifest["id_items"])
-        h = graph.embed(self.artifact.model)
+        dim = self.artifact.model.in_channels - 1  # item features: text embedding + log price
+        text = np.zeros((self.store.num_items, dim), np.float32)  # items known only from orders: no text yet
+        if len(self.scorer.text):
+            text[: len(self.scorer.text)] = self.scorer.text
+        return Graph.build(self.store, text, torch_device(self.device), id_items=self.artifact.manifest["id_items"])
+
+    def install_views(self, item_ids: list[str], h: dict[str, Any]) -> list[str]:
+        """Use the views of an inductive pass; return the items that gained one."""
+        assert self.artifact is not None
+        before = [r for r in range(len(item_ids)) if not self.scorer.has_view(r)]
         prior = self.artifact.model.prior(h["item"]).squeeze(-1)
-        before = [r for r in range(self.store.num_items) if not self.scorer.has_view(r)]
-        self.scorer.set_views(self.artifact.version, self.store.items.ids, h["src"].detach().numpy(),
-                              h["dst"].detach().numpy(), prior.detach().numpy(), self.artifact.model.temperature)
-        return [self.store.items.ids[r] for r in before]
+        self.scorer.set_views(self.artifact.version, item_ids, h["src"].detach().numpy(), h["dst"].detach().numpy(),
+                              prior.detach().numpy(), self.artifact.model.temperature)
+        return [item_ids[r] for r in before]
 
 
 def torch_device(name: str) -> Any:
     from training.train import select_device
 
     return select_device(name)
+
+
+def _encode(encoder: TextEncoder, texts: list[str]) -> np.ndarray:
+    return encoder.encode(texts, progress=False)
+
+
+def _forward(model: Any, graph: Any) -> dict[str, Any]:
+    import torch
+
+    with torch.no_grad():
+        return graph.embed(model)
 
 
 def _json(event: ItemUpserted | Interaction | Order) -> str:
@@ -167,8 +191,9 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
     catalog_topic = app.topic(names.catalog, **raw)
     interactions_topic = app.topic(names.interactions, **raw)
     orders_topic = app.topic(names.orders, **raw)
-    updates_topic = app.topic(names.bundle_updates, **raw)
-    dead_topic = app.topic(names.dead_letters, **raw)
+    # Bundle updates and dead letters use a producer of their own: Faust's carries the changelogs,
+    # which may be configured to one record per batch (see StreamConfig.producer_max_batch_size).
+    out = _Publisher(bootstrap)
     # Changelogged record of every applied event, keyed like its topic: the worker's recoverable state.
     tables = {
         "item_upserted": app.Table("catalog-events", default=list, partitions=stream.partitions),
@@ -183,7 +208,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
                    ("partition", str(msg.partition).encode()), ("offset", str(msg.offset).encode())]
         state.counters["dead_letters"] += 1
         log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, reason)
-        await dead_topic.send(key=msg.key, value=msg.value, headers=headers)
+        await out.send(names.dead_letters, key=msg.key, value=msg.value, headers=headers)
 
     async def consume(stream_: faust.StreamT, kind: str) -> None:
         table = tables[kind]
@@ -231,18 +256,28 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
     @app.timer(stream.batch_within)
     async def refresh() -> None:
         """Publish fresh complement lists of the items touched since the last tick."""
-        state.embed_text()
+        job = state.text_job()
+        if job is not None and state.encoder is not None:  # the encoder runs in a thread: heartbeats go on
+            vectors = await asyncio.get_running_loop().run_in_executor(None, _encode, state.encoder, job[1])
+            state.set_text(job[0], vectors)
         if not state.pending:
             return
         pending, state.pending = state.pending, {}
-        for item, ts in pending.items():
+        for n, (item, ts) in enumerate(pending.items()):
             update = state.scorer.update(item, source_ts=ts or None)
-            await updates_topic.send(key=item.encode(), value=update.model_dump_json().encode())
+            await out.send(names.bundle_updates, key=item.encode(), value=update.model_dump_json().encode())
+            if n % 50 == 49:  # a model swap refreshes every item: let heartbeats and fetches run in between
+                await asyncio.sleep(0)
         state.counters["updates"] += len(pending)
 
     @app.timer(stream.embed_interval)
     async def embed_new_items() -> None:
-        for item in state.inductive_pass():
+        graph = state.inductive_graph()
+        if graph is None or state.artifact is None:
+            return
+        item_ids, model = list(state.store.items.ids), state.artifact.model
+        h = await asyncio.get_running_loop().run_in_executor(None, _forward, model, graph)
+        for item in state.install_views(item_ids, h):
             state.pending.setdefault(item, time.time())
 
     @app.task
@@ -270,6 +305,10 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         except (ValueError, KeyError, TypeError, OSError) as exc:
             log.error("model-updates message refused (%s): %r", exc, value[:200])
 
+    @app.on_before_shutdown.connect
+    async def close_publisher(*_: Any, **__: Any) -> None:
+        await out.stop()
+
     async def save_state(*_: Any, **__: Any) -> None:
         if snapshot is not None:
             save_snapshot(state.store, snapshot)
@@ -277,6 +316,29 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
 
     app.on_before_shutdown.connect(save_state)
     return app
+
+
+class _Publisher:
+    """An aiokafka producer started on first use (it needs the running event loop)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.producer: AIOKafkaProducer | None = None
+        self.lock = asyncio.Lock()
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: list | None = None) -> None:
+        if self.producer is None:
+            async with self.lock:
+                if self.producer is None:
+                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5)
+                    await producer.start()
+                    self.producer = producer
+        await self.producer.send(topic, key=key, value=value, headers=headers)
+
+    async def stop(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()  # flushes what is buffered
+            self.producer = None
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:

@@ -114,16 +114,17 @@ class ComplementScorer:
         return row < len(self._has_view) and bool(self._has_view[row])
 
     # ---- scoring -----------------------------------------------------------
-    def _co_stats(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Neighbour rows, their co-purchase counts and decayed weights."""
+    def _co_stats(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbour rows and their co-purchase counts."""
         nbrs = self.store.co[row]
-        if not nbrs:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-        now, hl = self.store.last_ts, self.store.half_life
         rows = np.fromiter(nbrs.keys(), np.int64, len(nbrs))
-        counts = np.fromiter((t.count for t in nbrs.values()), np.int64, len(nbrs))
-        weights = np.fromiter((t.value(now, hl) for t in nbrs.values()), np.float64, len(nbrs))
-        return rows, counts, weights
+        return rows, np.fromiter((t.count for t in nbrs.values()), np.int64, len(nbrs))
+
+    def _co_weights(self, row: int) -> np.ndarray:
+        """Decayed co-purchase weights, in the order of :meth:`_co_stats`."""
+        now, hl = self.store.last_ts, self.store.half_life
+        nbrs = self.store.co[row]
+        return np.fromiter((t.value(now, hl) for t in nbrs.values()), np.float64, len(nbrs))
 
     def _order_counts(self) -> np.ndarray:
         """Orders per item, cached per graph version (one refresh scores many items)."""
@@ -132,7 +133,7 @@ class ComplementScorer:
         return self._counts
 
     def _cooccurrence(self, row: int) -> list[Complement]:
-        rows, counts, _ = self._co_stats(row)
+        rows, counts = self._co_stats(row)
         if not len(rows):
             return []
         n = self._order_counts()
@@ -163,7 +164,8 @@ class ComplementScorer:
 
     def _model(self, row: int) -> list[Complement]:
         self._sync()
-        rows, counts, weights = self._co_stats(row)
+        rows, counts = self._co_stats(row)
+        weights = self._co_weights(row)
         model = (self._dst @ self._src[row]) / self.temperature + self._prior
         boost = np.zeros_like(model)
         boost[rows] = self.config.co_purchase_boost * np.log1p(weights)
