@@ -13,6 +13,8 @@ from tqdm import tqdm
 from bundlegnn.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    import socket
+
     from graph.store import GraphStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time 'frequently bought together' engine.")
@@ -26,11 +28,6 @@ def _settings(config: Optional[Path]) -> Settings:
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
-
-
-def _missing(capability: str, issue: str) -> None:
-    typer.echo(f"not available yet: {capability} ({issue}).", err=True)
-    raise typer.Exit(3)
 
 
 def _replay(settings: Settings, data: Optional[Path]) -> tuple[list, "GraphStore", dict, float]:
@@ -209,7 +206,7 @@ def worker(
         state.load_model(path)
     else:
         logging.getLogger("bundlegnn").warning("no model artifact: scoring from co-purchase statistics and text")
-    faust_app = build_app(settings.stream, state, bootstrap, snapshot)
+    faust_app = build_app(settings.stream, state, bootstrap, snapshot, settings.paths.state_dir / "faust")
     Worker(faust_app, loglevel="INFO").execute_from_commandline()
 
 
@@ -244,10 +241,74 @@ def broker(
         embedded.stop()
 
 
+def _listen(host: str, port: int) -> "socket.socket":
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        typer.echo(f"cannot listen on {host}:{port}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    return sock
+
+
 @app.command()
-def serve(config: Optional[Path] = ConfigOpt) -> None:
-    """Run the HTTP bundle API."""
-    _missing("HTTP bundle API", "issue: Serving")
+def serve(
+    config: Optional[Path] = ConfigOpt,
+    model: str = ModelOpt,
+    host: Optional[str] = typer.Option(None, help="default: serving.host"),
+    port: Optional[int] = typer.Option(None, min=0, max=65535, help="default: serving.port; 0 picks a free one"),
+) -> None:
+    """Run the HTTP bundle API over a view of the bundle-updates and catalog topics (Ctrl-C stops it)."""
+    import logging
+
+    import uvicorn
+
+    from serving.api import create_app
+    from serving.feed import FeedTopics, ViewFeed
+    from serving.view import BundleView
+    from streaming.broker import create_topics
+    from training.artifact import latest_artifact, load_artifact
+
+    settings = _settings(config)
+    cfg = settings.serving
+    bootstrap = _bootstrap(settings)
+    create_topics(bootstrap, _topics(settings))
+    view = BundleView(max_users=cfg.max_users)
+    path = latest_artifact(settings.paths.model_store) if model == "latest" else None if model == "none" else Path(model)
+    if path is not None:
+        art = load_artifact(path)
+        seeded = view.seed_from_model(art.version, art.item_ids, art.src, art.dst, art.prior, art.model.temperature,
+                                      cfg.seed_top_k)
+        typer.echo(f"model {art.version}: seeded {seeded} complement lists", err=True)
+    t = settings.stream.topics
+    feed = ViewFeed(view, bootstrap, FeedTopics(t.catalog, t.bundle_updates, t.orders, t.interactions))
+
+    def health() -> tuple[bool, str | None]:
+        if feed.error is not None:
+            return False, f"view feed stopped: {feed.error!r}"
+        return feed.ready.is_set(), None if feed.alive else "view feed stopped"
+
+    api = create_app(view, cfg.rules, health, cfg.cache_size)
+    age = api.state.metrics.update_age
+    feed.on_update = lambda update, now: age.observe(now - update.source_ts) if update.source_ts else None
+    feed.start()
+    sock = _listen(host or cfg.host, cfg.port if port is None else port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    address = f"http://{bound_host}:{bound_port}"
+    settings.paths.api_address.parent.mkdir(parents=True, exist_ok=True)
+    settings.paths.api_address.write_text(address)
+    typer.echo(f"bundle API on {address} (docs: {address}/docs); Ctrl-C stops it", err=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        feed.stop()
+        settings.paths.api_address.unlink(missing_ok=True)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from graph.store import GraphConfig
+from serving.settings import ServingConfig
 from streaming.settings import StreamConfig
 from training.complements import ScorerConfig
 from training.encoder import EncoderConfig
@@ -51,6 +52,11 @@ class PathsConfig(BaseModel):
         """Where ``bundlegnn broker`` writes the embedded broker's host:port."""
         return self.state_dir / "broker.addr"
 
+    @property
+    def api_address(self) -> Path:
+        """Where ``bundlegnn serve`` writes the URL it listens on."""
+        return self.state_dir / "api.addr"
+
 
 class Settings(BaseSettings):
     """All settings of one deployment."""
@@ -64,6 +70,7 @@ class Settings(BaseSettings):
     training: TrainConfig = Field(default_factory=TrainConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     scoring: ScorerConfig = Field(default_factory=ScorerConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -168,12 +168,15 @@ def _json(event: ItemUpserted | Interaction | Order) -> str:
     return event.model_dump_json()
 
 
-def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot: Path | None = None) -> faust.App:
-    """The Faust app with its topics, tables, agents and timers."""
+def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot: Path | None = None,
+              datadir: Path = Path("var/faust")) -> faust.App:
+    """The Faust app with its topics, tables, agents and timers (``datadir``: Faust's own files)."""
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         stream.app_id,
         broker=[f"kafka://{b}" for b in bootstrap.split(",")],
         store="memory://",
+        datadir=str(datadir),
         topic_partitions=stream.partitions,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",

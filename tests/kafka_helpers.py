@@ -34,28 +34,28 @@ def topic(env: dict[str, str], name: str) -> str:
     return env[f"BUNDLEGNN_STREAM__TOPICS__{name.upper()}"]
 
 
-class WorkerProcess:
-    """``bundlegnn worker`` in a subprocess; ``start`` returns once it is ready to consume."""
+class CliProcess:
+    """A ``bundlegnn`` subcommand in a subprocess; ``start`` returns once its log shows ``ready``."""
 
-    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
-        self.env, self.log, self.args = env, log, args
+    def __init__(self, env: dict[str, str], log: Path, command: str, *args: str, ready: str) -> None:
+        self.env, self.log, self.command, self.args, self.ready = env, log, command, args, ready
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 90.0) -> "WorkerProcess":
+    def start(self, timeout: float = 90.0) -> "CliProcess":
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "bundlegnn.cli", "worker", *self.args],
+            self.process = subprocess.Popen([sys.executable, "-m", "bundlegnn.cli", self.command, *self.args],
                                             cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_bytes()[offset:].decode(errors="replace")
-            if "Worker]: Ready" in text:
+            if self.ready in text:
                 return self
             if self.process.poll() is not None:
-                raise AssertionError(f"worker exited with {self.process.returncode}:\n{text[-3000:]}")
+                raise AssertionError(f"{self.command} exited with {self.process.returncode}:\n{text[-3000:]}")
             time.sleep(0.2)
         self.stop()
-        raise AssertionError(f"worker not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+        raise AssertionError(f"{self.command} not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self, timeout: float = 30.0) -> int:
         assert self.process is not None
@@ -70,6 +70,13 @@ class WorkerProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+class WorkerProcess(CliProcess):
+    """``bundlegnn worker``, ready once Faust says so."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        super().__init__(env, log, "worker", *args, ready="Worker]: Ready")
 
 
 class Reader:

@@ -48,12 +48,6 @@ def test_help_lists_the_subcommands() -> None:
         assert name in result.output
 
 
-def test_stub_says_what_is_missing() -> None:
-    result = CliRunner().invoke(app, ["serve"])
-    assert result.exit_code == 3
-    assert "not available yet: HTTP bundle API" in result.output
-
-
 def test_build_graph_writes_a_snapshot(tmp_path: Path) -> None:
     out = tmp_path / "g.npz"
     result = CliRunner().invoke(app, ["build-graph", "--data", str(RETAIL_II), "--out", str(out)])

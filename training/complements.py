@@ -48,6 +48,8 @@ class BundleUpdate(BaseModel):
     graph_version: int
     updated_at: datetime
     source_ts: float | None = Field(None, description="produce time (epoch s) of the newest event that caused it")
+    substitutes: list[str] = Field(default_factory=list,
+                                   description="near-identical items by text that were never bought with it")
 
 
 class ScorerConfig(BaseModel):
@@ -59,6 +61,19 @@ class ScorerConfig(BaseModel):
     co_purchase_boost: float = Field(1.0, ge=0, description="weight of log(1 + co-purchase weight) on model scores")
     similar_items: int = Field(3, ge=0, description="text neighbours a new item borrows complements from")
     min_text_similarity: float = Field(0.5, ge=-1, le=1)
+    substitute_similarity: float = Field(0.85, ge=-1, le=1,
+                                         description="text cosine from which two never co-purchased items are substitutes")
+    max_substitutes: int = Field(20, ge=0)
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def model_logits(src: np.ndarray, dst: np.ndarray, prior: np.ndarray, temperature: float) -> np.ndarray:
+    """The model's complement score ``s(a → b) = cos(src_a, dst_b) / τ + prior_b`` for unit-length views."""
+    return src @ dst.T / temperature + prior
 
 
 class ComplementScorer:
@@ -74,6 +89,7 @@ class ComplementScorer:
         self._prior = np.zeros(0, np.float32)
         self._has_view = np.zeros(0, bool)
         self._counts, self._counts_version = np.zeros(0, np.int64), -1
+        self._text_neighbours: dict[int, np.ndarray] = {}  # row → rows above substitute_similarity, best first
 
     # ---- inputs ------------------------------------------------------------
     def _grow(self, array: np.ndarray, width: int, fill: float = 0.0) -> np.ndarray:
@@ -90,6 +106,7 @@ class ComplementScorer:
         """Text embeddings (L2-normalised) of the given item rows."""
         self.text = self._grow(self.text, vectors.shape[1])
         self.text[rows] = vectors
+        self._text_neighbours.clear()
 
     def set_views(self, version: str, item_ids: list[str], src: np.ndarray, dst: np.ndarray, prior: np.ndarray,
                   temperature: float) -> None:
@@ -99,8 +116,7 @@ class ComplementScorer:
         self._src, self._dst = np.zeros((0, src.shape[1]), np.float32), np.zeros((0, dst.shape[1]), np.float32)
         self._prior, self._has_view = np.zeros(0, np.float32), np.zeros(0, bool)
         self._sync()
-        norm = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
-        self._src[rows[keep]], self._dst[rows[keep]] = norm(src[keep]), norm(dst[keep])
+        self._src[rows[keep]], self._dst[rows[keep]] = unit(src[keep]), unit(dst[keep])
         self._prior[rows[keep]] = prior[keep]
         self._has_view[rows[keep]] = True
         self.model_version, self.temperature = version, temperature
@@ -166,7 +182,7 @@ class ComplementScorer:
         self._sync()
         rows, counts = self._co_stats(row)
         weights = self._co_weights(row)
-        model = (self._dst @ self._src[row]) / self.temperature + self._prior
+        model = model_logits(self._src[row][None], self._dst, self._prior, self.temperature)[0]
         boost = np.zeros_like(model)
         boost[rows] = self.config.co_purchase_boost * np.log1p(weights)
         score = np.where(self._has_view, model + boost, -np.inf)
@@ -188,8 +204,27 @@ class ComplementScorer:
             return self._model(row)
         return self._cooccurrence(row) or self._borrowed(row)
 
+    def substitutes(self, item_id: str) -> list[str]:
+        """Items whose text is near-identical to ``item_id``'s and that were never bought with it.
+
+        Near-identical items that *are* bought together (colour variants a
+        retailer stocks side by side) are complements, not substitutes.
+        """
+        row = self.store.items.get(item_id)
+        cfg = self.config
+        if row is None or not cfg.max_substitutes or row >= len(self.text) or not self.text[row].any():
+            return []
+        if row not in self._text_neighbours:
+            sims = self.text @ self.text[row]
+            sims[row] = -np.inf
+            close = np.flatnonzero(sims >= cfg.substitute_similarity)
+            self._text_neighbours[row] = close[np.argsort(-sims[close], kind="stable")]
+        co, ids = self.store.co[row], self.store.items.ids
+        return [ids[r] for r in self._text_neighbours[row] if r not in co or co[r].count <= 0][: cfg.max_substitutes]
+
     def update(self, item_id: str, source_ts: float | None = None, now: datetime | None = None) -> BundleUpdate:
         """The ``bundle-updates`` message of one item."""
         return BundleUpdate(item_id=item_id, complements=self.complements(item_id), model_version=self.model_version,
                             graph_version=self.store.version, updated_at=now or datetime.now().astimezone(),
-                            source_ts=source_ts if source_ts is None or math.isfinite(source_ts) else None)
+                            source_ts=source_ts if source_ts is None or math.isfinite(source_ts) else None,
+                            substitutes=self.substitutes(item_id))

@@ -1,0 +1,247 @@
+"""The HTTP bundle API (FastAPI): lookups are reads of an in-memory :class:`BundleView`.
+
+Built bundles are cached per request and revalidated on every hit against the
+versions of the items they were built from (the anchors and the anchors'
+listed complements), so a bundle update or a catalog change is visible on the
+next request while repeated lookups cost a few dictionary reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.bundles import Bundle, BundleRules, build_bundles, describe
+from serving.view import BundleView, ItemInfo
+
+log = logging.getLogger(__name__)
+
+ItemId = Annotated[str, Path(min_length=1, max_length=256, description="catalog item id")]
+
+
+class ItemRef(BaseModel):
+    item_id: str
+    title: str
+    price: float | None = None
+    category: str | None = None
+    in_stock: bool = True
+
+
+class BundlesResponse(BaseModel):
+    anchor: ItemRef
+    bundles: list[Bundle]
+    model_version: str | None = Field(description="model that scored the anchor's complements; null: statistics")
+    updated_at: datetime | None = Field(description="when the anchor's complement list was computed")
+    personalized: bool = Field(description="the user's earlier purchases were taken into account")
+
+
+class ComplementOut(BaseModel):
+    item_id: str
+    title: str
+    score: float
+    orders: int
+    model_score: float | None
+    source: str
+    why: str
+
+
+class ComplementsResponse(BaseModel):
+    item: ItemRef
+    complements: list[ComplementOut]
+    model_version: str | None
+    updated_at: datetime | None
+
+
+class CartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(min_length=1, max_length=100)
+    user_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    k: int = Field(3, ge=1, le=20, description="bundles to return")
+    size: int = Field(2, ge=1, le=4, description="items each bundle adds to the cart")
+    max_price: float | None = Field(None, gt=0, description="cap on the total price of the added items")
+
+
+class CartResponse(BaseModel):
+    cart: list[ItemRef]
+    unknown_items: list[str] = Field(description="cart items the catalog does not know (ignored)")
+    bundles: list[Bundle]
+    personalized: bool
+
+
+class Health(BaseModel):
+    status: str = Field(description="'ok', 'starting' (still reading the topics) or 'failing'")
+    items: int
+    complement_lists: int
+    model_version: str | None
+    last_update_age_s: float | None
+    error: str | None = None
+
+
+def _ref(info: ItemInfo) -> ItemRef:
+    return ItemRef(item_id=info.item_id, title=info.title, price=info.price, category=info.category,
+                   in_stock=info.in_stock)
+
+
+class _Metrics:
+    def __init__(self, view: BundleView) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("bundlegnn_api_request_seconds", "request latency", ["route", "status"],
+                                 buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .5), registry=self.registry)
+        self.update_age = Histogram("bundlegnn_bundle_update_age_seconds",
+                                    "event produced → its bundle update visible in this API",
+                                    buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30, 60, 300), registry=self.registry)
+        age = Gauge("bundlegnn_view_last_update_age_seconds", "seconds since the newest bundle update arrived",
+                    registry=self.registry)
+        age.set_function(lambda: time.time() - view.last_update if view.last_update else float("nan"))
+        for name, what, fn in [("items", "catalog items in the view", lambda: len(view.items)),
+                               ("complement_lists", "items with a complement list", lambda: len(view.entries)),
+                               ("rejected_messages", "topic messages the view skipped",
+                                lambda: view.counters["rejected"])]:
+            Gauge(f"bundlegnn_view_{name}", what, registry=self.registry).set_function(fn)
+        self.model = Gauge("bundlegnn_model_info", "the model version in use (value 1)", ["version"],
+                           registry=self.registry)
+
+
+def create_app(view: BundleView, rules: BundleRules | None = None, health: Callable[[], tuple[bool, str | None]] |
+               None = None, cache_size: int = 100_000) -> FastAPI:
+    """The API over ``view``; ``health`` says (ready, error) for /healthz (default: always ready)."""
+    rules = rules or BundleRules()
+    app = FastAPI(title="bundlegnn", version="0.1.0",
+                  description="Frequently-bought-together bundles, kept fresh from Kafka.")
+    metrics = _Metrics(view)
+    app.state.metrics, app.state.view = metrics, view
+    cache: dict[tuple, tuple[tuple[tuple[str, int], ...], bytes]] = {}
+    seen_model: list[str | None] = [None]
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next):  # noqa: ANN001, ANN202
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.latency.labels(getattr(route, "path", "other"), str(response.status_code)).observe(
+            time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    def deps(anchors: list[str]) -> tuple[tuple[str, int], ...]:
+        ids = list(anchors)
+        for a in anchors:
+            entry = view.entries.get(a)
+            if entry is not None:
+                ids += [c.item_id for c in entry.complements] + [c.via for c in entry.complements if c.via]
+        return tuple((i, view.versions.get(i, 0)) for i in dict.fromkeys(ids))
+
+    def cached(key: tuple, anchors: list[str], build: Callable[[], BaseModel]) -> Response:
+        hit = cache.get(key)
+        if hit is not None and all(view.versions.get(i, 0) == v for i, v in hit[0]):
+            return Response(hit[1], media_type="application/json")
+        before = deps(anchors)
+        body = build().model_dump_json().encode()
+        if cache_size:
+            if len(cache) >= cache_size:
+                cache.pop(next(iter(cache)))
+            cache[key] = (before, body)
+        return Response(body, media_type="application/json")
+
+    def known(item_id: str) -> None:
+        if not view.knows(item_id):
+            raise HTTPException(404, f"unknown item {item_id!r}")
+
+    def model_gauge() -> None:
+        if view.model_version != seen_model[0]:
+            if seen_model[0] is not None:
+                metrics.model.remove(seen_model[0])
+            seen_model[0] = view.model_version
+            if view.model_version is not None:
+                metrics.model.labels(view.model_version).set(1)
+
+    @app.get("/items/{item_id}/bundles", response_model=BundlesResponse,
+             responses={404: {"description": "unknown item"}})
+    def item_bundles(item_id: ItemId, k: Annotated[int, Query(ge=1, le=20)] = 3,
+                     size: Annotated[int, Query(ge=2, le=5, description="items per bundle, anchor included")] = 3,
+                     user_id: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+                     max_price: Annotated[float | None, Query(gt=0, description="cap on the bundle's total")] = None,
+                     ) -> Response:
+        """Bundles around one item: the anchor first, then ``size - 1`` complements that fit together."""
+        known(item_id)
+        personalized = bool(view.history(user_id))
+
+        def build() -> BundlesResponse:
+            entry = view.entries.get(item_id)
+            bundles = build_bundles(view, [item_id], k, size - 1, rules, max_price, user_id if personalized else None)
+            return BundlesResponse(anchor=_ref(view.info(item_id)), bundles=bundles,
+                                   model_version=entry.model_version if entry else None,
+                                   updated_at=entry.updated_at if entry else None, personalized=personalized)
+
+        if personalized:  # user histories change often and are per user: not cached
+            return Response(build().model_dump_json().encode(), media_type="application/json")
+        return cached(("bundles", item_id, k, size, max_price), [item_id], build)
+
+    @app.get("/items/{item_id}/complements", response_model=ComplementsResponse,
+             responses={404: {"description": "unknown item"}})
+    def item_complements(item_id: ItemId, k: Annotated[int, Query(ge=1, le=100)] = 10) -> Response:
+        """The item's ranked complements as the stream worker last published them."""
+        known(item_id)
+
+        def build() -> ComplementsResponse:
+            entry = view.entries.get(item_id)
+            comps = entry.complements[:k] if entry else ()
+            return ComplementsResponse(
+                item=_ref(view.info(item_id)), model_version=entry.model_version if entry else None,
+                updated_at=entry.updated_at if entry else None,
+                complements=[ComplementOut(item_id=c.item_id, title=view.info(c.item_id).title, score=c.score,
+                                           orders=c.orders, model_score=c.model_score, source=c.source,
+                                           why=describe(view, item_id, c)) for c in comps])
+
+        return cached(("complements", item_id, k), [item_id], build)
+
+    @app.post("/bundles/complete", response_model=CartResponse, responses={404: {"description": "no known item"}})
+    def complete(cart: Annotated[CartRequest, Body()]) -> Response:
+        """Bundles that complete a cart: ``size`` new items that fit the cart and each other."""
+        items = list(dict.fromkeys(cart.items))
+        known_items = [i for i in items if view.knows(i)]
+        if not known_items:
+            raise HTTPException(404, f"none of the cart's items is known: {items[:10]}")
+        personalized = bool(view.history(cart.user_id))
+
+        def build() -> CartResponse:
+            bundles = build_bundles(view, known_items, cart.k, cart.size, rules, cart.max_price,
+                                    cart.user_id if personalized else None, include_anchor=False)
+            return CartResponse(cart=[_ref(view.info(i)) for i in known_items],
+                                unknown_items=[i for i in items if i not in known_items], bundles=bundles,
+                                personalized=personalized)
+
+        if personalized:
+            return Response(build().model_dump_json().encode(), media_type="application/json")
+        return cached(("cart", tuple(items), cart.k, cart.size, cart.max_price), known_items, build)
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    def healthz() -> JSONResponse:
+        """200 once the view has read its topics; 503 while starting or when the feed failed."""
+        ready, error = health() if health else (True, None)
+        model_gauge()
+        body = Health(status="failing" if error else "ok" if ready else "starting", items=len(view.items),
+                      complement_lists=len(view.entries), model_version=view.model_version,
+                      last_update_age_s=round(time.time() - view.last_update, 3) if view.last_update else None,
+                      error=error)
+        return JSONResponse(body.model_dump(), status_code=200 if ready and not error else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        model_gauge()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,185 @@
+"""Bundle construction: small sets of complements that fit the anchor *and* each other.
+
+A bundle's score is the mean pairwise compatibility over all its pairs that
+involve a new member: member–anchor pairs use the member's relevance in the
+anchors' published lists (the best anchor for a cart), member–member pairs use
+``max(rel(b → c), rel(c → b))`` from the members' own lists (see
+:mod:`serving.view`). Two items that are in no list of each other add 0, so a
+bundle of items that are each good with the anchor but never go together
+scores low. Bundles grow greedily from each of the best candidates in turn
+(the classic greedy for set-function maximisation; cf. the bundle generation
+of Bai et al., "Personalized Bundle List Recommendation", WWW 2019).
+
+Rules, applied to every member: in stock (unless disabled), never two
+substitutes of each other (near-identical text, no co-purchase evidence, as
+published by the worker) nor a substitute of an anchor, at most
+``max_per_category`` members of one category, and an optional total price cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.view import BundleView
+from training.complements import Complement
+
+
+class BundleRules(BaseModel):
+    """Business rules and search knobs (the ``serving.rules`` section of a config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    in_stock_only: bool = True
+    max_per_category: int | None = Field(2, ge=1, description="members of one category per bundle; null: no limit")
+    candidates: int = Field(30, ge=1, le=500, description="best complements of the anchors considered")
+    history_boost: float = Field(0.1, ge=0, description="added to the relevance of items the user bought before")
+
+
+class Member(BaseModel):
+    """One item of a bundle, with why it is there."""
+
+    item_id: str
+    title: str
+    price: float | None = None
+    category: str | None = None
+    relevance: float = Field(description="fit with the anchor (1 = the anchor's best complement)")
+    why: str
+
+
+class Bundle(BaseModel):
+    """A scored set of items; for an item bundle the anchor comes first."""
+
+    items: list[Member]
+    score: float = Field(description="mean pairwise compatibility of the set, 0..1 (+ history boost)")
+    total_price: float | None = Field(None, description="sum of known prices of the listed items")
+    why: list[str]
+
+
+@dataclass
+class _Candidate:
+    item_id: str
+    relevance: float
+    anchor: str
+    complement: Complement
+
+
+def _candidates(view: BundleView, anchors: list[str], rules: BundleRules, history: frozenset[str]) -> list[_Candidate]:
+    best: dict[str, _Candidate] = {}
+    for anchor in anchors:
+        entry = view.entries.get(anchor)
+        for c in entry.complements if entry else ():
+            rel = entry.relevance[c.item_id] + (rules.history_boost if c.item_id in history else 0.0)
+            if c.item_id not in best or best[c.item_id].relevance < rel:
+                best[c.item_id] = _Candidate(c.item_id, rel, anchor, c)
+    out = []
+    for cand in sorted(best.values(), key=lambda c: (-c.relevance, c.item_id)):
+        info = view.items.get(cand.item_id)
+        if cand.item_id in anchors or (rules.in_stock_only and info is not None and not info.in_stock):
+            continue
+        if any(view.substitutes(cand.item_id, a) for a in anchors):
+            continue
+        out.append(cand)
+        if len(out) == rules.candidates:
+            break
+    return out
+
+
+def describe(view: BundleView, anchor: str, c: Complement, bought_before: bool = False) -> str:
+    """Why ``c`` is listed as a complement of ``anchor``, for people."""
+    anchor_title = view.info(anchor).title
+    parts = []
+    if c.source == "similar-text" and c.via:
+        parts.append(f"new item: similar text to {view.info(c.via).title!r}")
+    if c.orders:
+        parts.append(f"bought together with {anchor_title!r} in {c.orders} orders")
+    if c.model_score is not None:
+        parts.append(f"model score {c.model_score:.2f}")
+    if bought_before:
+        parts.append("you bought it before")
+    return "; ".join(parts) or f"complements {anchor_title!r}"
+
+
+def _pair_reason(view: BundleView, a: str, b: str) -> str | None:
+    c = view.complement(a, b) or view.complement(b, a)
+    if c is None:
+        return None
+    ta, tb = view.info(a).title, view.info(b).title
+    if c.orders:
+        return f"{ta!r} and {tb!r} were bought together in {c.orders} orders"
+    return f"{ta!r} and {tb!r} fit together (model score {c.model_score:.2f})" if c.model_score is not None else None
+
+
+def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules: BundleRules,
+                  max_price: float | None = None, user_id: str | None = None,
+                  include_anchor: bool = True) -> list[Bundle]:
+    """Up to ``k`` distinct bundles of ``size`` new items around ``anchors``, best first.
+
+    Deterministic for a given view: ties break on item id. A bundle that
+    cannot be filled to ``size`` under the rules is returned smaller (after
+    all full ones) rather than not at all.
+    """
+    history = view.history(user_id)
+    cands = _candidates(view, anchors, rules, history)
+    ids = [c.item_id for c in cands]
+    pair = [[max(view.relevance(a, b), view.relevance(b, a)) if a != b else 0.0 for b in ids] for a in ids]
+    subst = [[a != b and view.substitutes(a, b) for b in ids] for a in ids]
+    info = [view.items.get(i) for i in ids]
+    anchor_price = sum((view.info(a).price or 0.0) for a in anchors) if include_anchor else 0.0
+
+    def allowed(j: int, members: list[int], price: float) -> bool:
+        if j in members or any(subst[j][m] for m in members):
+            return False
+        p = info[j].price if info[j] is not None else None
+        if max_price is not None and price + (p or 0.0) > max_price:
+            return False
+        cat = info[j].category if info[j] is not None else None
+        if rules.max_per_category is not None and cat is not None:
+            same = sum(1 for m in members if info[m] is not None and info[m].category == cat)
+            return same < rules.max_per_category
+        return True
+
+    found: dict[frozenset[int], tuple[float, list[int]]] = {}
+    for seed in range(len(cands)):
+        if sum(1 for key in found if len(key) == size) >= k:
+            break
+        if not allowed(seed, [], anchor_price):
+            continue
+        members, total = [seed], cands[seed].relevance
+        price = anchor_price + ((info[seed].price or 0.0) if info[seed] else 0.0)
+        while len(members) < size:
+            gains = [(cands[j].relevance + sum(pair[j][m] for m in members), -j) for j in range(len(cands))
+                     if allowed(j, members, price)]
+            if not gains:
+                break
+            gain, neg_j = max(gains)
+            members.append(-neg_j)
+            total += gain
+            price += (info[-neg_j].price or 0.0) if info[-neg_j] else 0.0
+        n = len(members)
+        terms = n + n * (n - 1) // 2  # member–anchor pairs + member–member pairs
+        found.setdefault(frozenset(members), (total / terms, members))
+
+    ranked = sorted(found.values(), key=lambda sm: (len(sm[1]) < size, -sm[0], [ids[m] for m in sm[1]]))[:k]
+    return [_bundle(view, anchors, [cands[m] for m in members], score, history, include_anchor)
+            for score, members in ranked]
+
+
+def _bundle(view: BundleView, anchors: list[str], members: list[_Candidate], score: float, history: frozenset[str],
+            include_anchor: bool) -> Bundle:
+    items = []
+    if include_anchor:
+        for a in anchors:
+            i = view.info(a)
+            items.append(Member(item_id=a, title=i.title, price=i.price, category=i.category, relevance=1.0,
+                                why="anchor"))
+    for c in members:
+        i = view.info(c.item_id)
+        items.append(Member(item_id=c.item_id, title=i.title, price=i.price, category=i.category,
+                            relevance=round(min(c.relevance, 1.0), 4),
+                            why=describe(view, c.anchor, c.complement, c.item_id in history)))
+    why = [f"{m.title!r}: {m.why}" for m in items if m.why != "anchor"]
+    why += [r for x, a in enumerate(members) for b in members[x + 1:] if (r := _pair_reason(view, a.item_id, b.item_id))]
+    prices = [m.price for m in items if m.price is not None]
+    return Bundle(items=items, score=round(score, 4), total_price=round(sum(prices), 2) if prices else None, why=why)

@@ -1,0 +1,128 @@
+"""Keeps a :class:`~serving.view.BundleView` current from Kafka, in a background thread.
+
+Every API replica reads the whole of its topics from the beginning without a
+consumer group (each replica needs all of it; none commits offsets), then
+follows them. It is *ready* once it has read up to the end offsets it saw at
+start-up. Messages it cannot parse are counted and logged, never applied:
+the stream worker already dead-letters bad events, and a bad bundle update
+must not replace a good list.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from kafka import KafkaConsumer, TopicPartition
+from pydantic import ValidationError
+
+from graph.events import Interaction, ItemUpserted, Order
+from serving.view import BundleView
+from training.complements import BundleUpdate
+
+log = logging.getLogger(__name__)
+
+
+class FeedTopics:
+    """The topic names the feed reads (passed in by the composition root)."""
+
+    def __init__(self, catalog: str, bundle_updates: str, orders: str | None = None,
+                 interactions: str | None = None) -> None:
+        self.catalog, self.bundle_updates, self.orders, self.interactions = catalog, bundle_updates, orders, interactions
+
+
+class ViewFeed:
+    """Consumes catalog, bundle-update and (for user histories) order/interaction topics into a view."""
+
+    def __init__(self, view: BundleView, bootstrap: str, topics: FeedTopics,
+                 on_update: Callable[[BundleUpdate, float], None] | None = None) -> None:
+        self.view, self.bootstrap, self.topics = view, bootstrap, topics
+        self.on_update = on_update
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="view-feed", daemon=True)
+        self._handlers: dict[str, Callable[[bytes], None]] = {topics.catalog: self._catalog,
+                                                              topics.bundle_updates: self._update}
+        if topics.orders:
+            self._handlers[topics.orders] = self._order
+        if topics.interactions:
+            self._handlers[topics.interactions] = self._interaction
+
+    def start(self) -> "ViewFeed":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- message handlers ----------------------------------------------------
+    def _reject(self, topic: str, exc: Exception) -> None:
+        self.view.counters["rejected"] += 1
+        log.warning("skipped a message on %s: %s", topic, str(exc).splitlines()[0])
+
+    def _catalog(self, value: bytes) -> None:
+        self.view.upsert_item(ItemUpserted.model_validate_json(value))
+
+    def _update(self, value: bytes) -> None:
+        update = BundleUpdate.model_validate_json(value)
+        now = time.time()
+        self.view.apply_update(update, now)
+        if self.on_update is not None:
+            self.on_update(update, now)
+
+    def _order(self, value: bytes) -> None:
+        order = Order.model_validate_json(value)
+        if order.user_id and order.status == "placed":
+            self.view.add_user_items(order.user_id, order.item_ids)
+
+    def _interaction(self, value: bytes) -> None:
+        event = Interaction.model_validate_json(value)
+        if event.kind in ("cart", "purchase"):
+            self.view.add_user_items(event.user_id, [event.item_id])
+
+    # ---- the loop ------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._consume()
+        except Exception as exc:  # the API reports it on /healthz; it must not die unseen
+            self.error = exc
+            log.exception("view feed stopped")
+
+    def _consume(self) -> None:
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=None,
+                                 enable_auto_commit=False, auto_offset_reset="earliest",
+                                 fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
+        try:
+            parts = []
+            for topic in self._handlers:
+                found = consumer.partitions_for_topic(topic)
+                if not found:
+                    raise RuntimeError(f"topic {topic!r} does not exist on {self.bootstrap}")
+                parts += [TopicPartition(topic, p) for p in sorted(found)]
+            consumer.assign(parts)
+            consumer.seek_to_beginning(*parts)
+            target = {tp: end for tp, end in consumer.end_offsets(parts).items() if end > 0}
+            while not self._stop.is_set():
+                for tp, records in consumer.poll(timeout_ms=200, max_records=5000).items():
+                    handle = self._handlers[tp.topic]
+                    for record in records:
+                        try:
+                            handle(record.value)
+                        except (ValidationError, ValueError) as exc:
+                            self._reject(tp.topic, exc)
+                if not self.ready.is_set():
+                    target = {tp: end for tp, end in target.items() if consumer.position(tp) < end}
+                    if not target:
+                        self.ready.set()
+                        log.info("view caught up: %d items, %d complement lists", len(self.view.items),
+                                 len(self.view.entries))
+        finally:
+            consumer.close()

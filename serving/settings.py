@@ -1,0 +1,20 @@
+"""Knobs of the HTTP API (the ``serving:`` section of a config file)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.bundles import BundleRules
+
+
+class ServingConfig(BaseModel):
+    """Where the API listens, its bundle rules and how much it keeps in memory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port (printed at start)")
+    rules: BundleRules = Field(default_factory=BundleRules)
+    cache_size: int = Field(100_000, ge=0, description="built responses kept (revalidated on every hit)")
+    max_users: int = Field(100_000, ge=0, description="users whose recent purchases are kept for personalisation")
+    seed_top_k: int = Field(20, ge=1, description="model complements per item seeded from the artifact at start")

@@ -1,0 +1,155 @@
+"""The API's in-memory view: catalog, published complement lists, recent user items.
+
+Everything here is fed from Kafka (``catalog``, ``bundle-updates``,
+``orders``, ``interactions``; see :mod:`serving.feed`) and, at start-up,
+from a model artifact, so a lookup is a few dictionary reads. A replica keeps
+no state of its own: start another and it reads the same topics.
+
+Each published list is kept with a *relevance* per complement in (0, 1], the
+anchor's best complement being 1, so lists from different sources can be
+compared: for a model list (softmax-trained logits) ``exp(s - s_max)``, the
+probability ratio to the best; for co-purchase and similar-text lists (cosines,
+already on a ratio scale) ``s / s_max``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from graph.events import ItemUpserted
+from training.complements import BundleUpdate, Complement, model_logits, unit
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    """What the catalog says about an item."""
+
+    item_id: str
+    title: str
+    category: str | None = None
+    price: float | None = None
+    in_stock: bool = True
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item's latest published complement list."""
+
+    complements: tuple[Complement, ...]
+    relevance: dict[str, float]
+    substitutes: frozenset[str]
+    model_version: str | None
+    updated_at: datetime | None
+    received_at: float
+
+
+def relevance(complements: tuple[Complement, ...] | list[Complement]) -> dict[str, float]:
+    """Normalised relevance of each complement (see the module docstring)."""
+    if not complements:
+        return {}
+    top = max(c.score for c in complements)
+    if complements[0].source == "model":
+        return {c.item_id: math.exp(c.score - top) for c in complements}
+    return {c.item_id: (c.score / top if top > 0 else 0.0) for c in complements}
+
+
+@dataclass
+class BundleView:
+    """Catalog, complement lists and user histories, safe to read while a feed thread writes."""
+
+    max_users: int = 100_000
+    items_per_user: int = 50
+    items: dict[str, ItemInfo] = field(default_factory=dict)
+    entries: dict[str, Entry] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)  # item → bumped on any change (cache validation)
+    users: OrderedDict[str, deque[str]] = field(default_factory=OrderedDict)
+    model_version: str | None = None
+    last_update: float | None = None  # when the newest bundle update arrived (epoch s)
+    counters: dict[str, int] = field(default_factory=lambda: {"catalog": 0, "updates": 0, "user_events": 0,
+                                                              "rejected": 0})
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _bump(self, item_id: str) -> None:
+        self.versions[item_id] = self.versions.get(item_id, 0) + 1
+
+    # ---- writers (the feed thread, start-up) ---------------------------------
+    def upsert_item(self, event: ItemUpserted) -> None:
+        self.items[event.item_id] = ItemInfo(event.item_id, event.title, event.category, event.price, event.in_stock)
+        self._bump(event.item_id)
+        self.counters["catalog"] += 1
+
+    def apply_update(self, update: BundleUpdate, received_at: float | None = None) -> None:
+        comps = tuple(update.complements)
+        self.entries[update.item_id] = Entry(comps, relevance(comps), frozenset(update.substitutes),
+                                             update.model_version, update.updated_at, received_at or time.time())
+        self._bump(update.item_id)
+        if update.model_version is not None:
+            self.model_version = update.model_version
+        self.last_update = received_at or time.time()
+        self.counters["updates"] += 1
+
+    def add_user_items(self, user_id: str, item_ids: list[str]) -> None:
+        with self._lock:
+            history = self.users.pop(user_id, None) or deque(maxlen=self.items_per_user)
+            history.extend(i for i in item_ids if i not in history)
+            self.users[user_id] = history
+            while len(self.users) > self.max_users:
+                self.users.popitem(last=False)
+        self.counters["user_events"] += 1
+
+    def seed_from_model(self, version: str, item_ids: list[str], src: np.ndarray, dst: np.ndarray,
+                        prior: np.ndarray, temperature: float, top_k: int) -> int:
+        """Model-only complement lists for items no bundle update has covered yet; returns how many."""
+        src, dst = unit(src), unit(dst)
+        rows = [r for r, k in enumerate(item_ids) if k not in self.entries]
+        for start in range(0, len(rows), 1024):
+            chunk = np.array(rows[start:start + 1024])
+            logits = model_logits(src[chunk], dst, prior, temperature)
+            logits[np.arange(len(chunk)), chunk] = -np.inf
+            kk = min(top_k, logits.shape[1] - 1)
+            top = np.argpartition(-logits, kk - 1, axis=1)[:, :kk]
+            for i, r in enumerate(chunk):
+                best = top[i][np.argsort(-logits[i, top[i]], kind="stable")]
+                comps = [Complement(item_id=item_ids[b], score=round(float(logits[i, b]), 6), orders=0,
+                                    model_score=round(float(logits[i, b]), 6), source="model") for b in best]
+                self.entries[item_ids[r]] = Entry(tuple(comps), relevance(comps), frozenset(), version, None, time.time())
+                self._bump(item_ids[r])
+        self.model_version = self.model_version or version
+        return len(rows)
+
+    # ---- readers (request handlers) -----------------------------------------
+    def knows(self, item_id: str) -> bool:
+        return item_id in self.items or item_id in self.entries
+
+    def info(self, item_id: str) -> ItemInfo:
+        return self.items.get(item_id) or ItemInfo(item_id, item_id)
+
+    def relevance(self, a: str, b: str) -> float:
+        """How strongly ``a``'s published list recommends ``b`` (0 when it does not list it)."""
+        entry = self.entries.get(a)
+        return entry.relevance.get(b, 0.0) if entry else 0.0
+
+    def complement(self, a: str, b: str) -> Complement | None:
+        entry = self.entries.get(a)
+        if entry is not None:
+            for c in entry.complements:
+                if c.item_id == b:
+                    return c
+        return None
+
+    def substitutes(self, a: str, b: str) -> bool:
+        ea, eb = self.entries.get(a), self.entries.get(b)
+        return bool((ea and b in ea.substitutes) or (eb and a in eb.substitutes))
+
+    def history(self, user_id: str | None) -> frozenset[str]:
+        if user_id is None:
+            return frozenset()
+        with self._lock:
+            return frozenset(self.users.get(user_id, ()))

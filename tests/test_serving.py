@@ -1,0 +1,191 @@
+"""Bundle construction rules and the HTTP API contract, on a hand-built view (no broker)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from graph.events import ItemUpserted
+from serving.api import create_app
+from serving.bundles import BundleRules, build_bundles
+from serving.view import BundleView, relevance
+from tests.conftest import at
+from training.complements import BundleUpdate, Complement
+
+NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def publish(view: BundleView, anchor: str, ranked: list[tuple[str, float, int]], substitutes: tuple[str, ...] = (),
+            source: str = "co-purchase") -> None:
+    """Publish ``anchor``'s complement list as the worker would: (item, score, orders), best first."""
+    comps = [Complement(item_id=i, score=s, orders=n, source=source, model_score=s if source == "model" else None)
+             for i, s, n in ranked]
+    view.apply_update(BundleUpdate(item_id=anchor, complements=comps, model_version=None, graph_version=1,
+                                   updated_at=NOW, substitutes=list(substitutes)))
+
+
+def catalog(view: BundleView, item_id: str, title: str, price: float | None = 1.0, category: str | None = None,
+            in_stock: bool = True) -> None:
+    view.upsert_item(ItemUpserted(item_id=item_id, title=title, ts=at(0), price=price, category=category,
+                                  in_stock=in_stock))
+
+
+@pytest.fixture
+def view() -> BundleView:
+    """Anchor A: B is its best complement; B goes with D but never with C; E is a twin of B."""
+    v = BundleView()
+    for k, title in [("A", "tea pot"), ("B", "tea cups"), ("C", "garden hose"), ("D", "saucers"),
+                     ("E", "tea cups set"), ("F", "sugar bowl")]:
+        catalog(v, k, title, price=10.0)
+    publish(v, "A", [("B", 0.9, 30), ("C", 0.8, 25), ("E", 0.7, 20), ("D", 0.6, 12), ("F", 0.3, 4)])
+    publish(v, "B", [("A", 0.9, 30), ("D", 0.8, 15), ("F", 0.2, 3)], substitutes=("E",))
+    publish(v, "C", [("A", 0.8, 25)])
+    publish(v, "D", [("B", 0.8, 15), ("A", 0.6, 12), ("F", 0.4, 5)])
+    publish(v, "E", [("A", 0.7, 20), ("F", 0.3, 2)], substitutes=("B",))
+    publish(v, "F", [("D", 0.4, 5), ("A", 0.3, 4)])
+    return v
+
+
+def members(bundle) -> list[str]:
+    return [m.item_id for m in bundle.items]
+
+
+def test_relevance_is_a_ratio_for_statistics_and_a_softmax_ratio_for_models() -> None:
+    stats = [Complement(item_id="x", score=0.5, orders=1, source="co-purchase"),
+             Complement(item_id="y", score=0.25, orders=1, source="co-purchase")]
+    assert relevance(stats) == {"x": 1.0, "y": 0.5}
+    model = [Complement(item_id="x", score=3.0, orders=0, source="model"),
+             Complement(item_id="y", score=1.0, orders=0, source="model")]
+    assert relevance(model) == pytest.approx({"x": 1.0, "y": np.exp(-2.0)})
+
+
+def test_members_must_fit_each_other_not_only_the_anchor(view: BundleView) -> None:
+    best = build_bundles(view, ["A"], k=1, size=2, rules=BundleRules())[0]
+    # C is A's second-best complement but is never bought with B; D is, so {B, D} wins.
+    assert members(best) == ["A", "B", "D"]
+    # score = mean of rel(A→B)=1, rel(A→D)=0.6/0.9, pair(B, D)=max(0.8/0.9, 0.8/0.8)=1
+    assert best.score == pytest.approx((1 + 0.6 / 0.9 + 1) / 3, abs=1e-4)
+    assert any("bought together" in w and "30 orders" in w for w in best.why)
+    assert any("'tea cups' and 'saucers' were bought together in 15 orders" == w for w in best.why)
+
+
+def test_substitutes_never_share_a_bundle(view: BundleView) -> None:
+    for bundle in build_bundles(view, ["A"], k=5, size=3, rules=BundleRules()):
+        assert not {"B", "E"} <= set(members(bundle)), members(bundle)
+    # and a substitute of the anchor is never offered at all
+    for bundle in build_bundles(view, ["B"], k=5, size=2, rules=BundleRules()):
+        assert "E" not in members(bundle)
+
+
+def test_stock_price_and_category_rules(view: BundleView) -> None:
+    catalog(view, "D", "saucers", price=10.0, in_stock=False)
+    bundles = build_bundles(view, ["A"], k=5, size=2, rules=BundleRules())
+    assert bundles and all("D" not in members(b) for b in bundles)
+    capped = build_bundles(view, ["A"], k=5, size=2, rules=BundleRules(), max_price=25.0)
+    # anchor 10 + one member 10 fits, two members do not: bundles shrink to what the cap allows
+    assert capped and all(b.total_price <= 25.0 and len(b.items) == 2 for b in capped)
+    for k in "BCEF":
+        catalog(view, k, view.items[k].title, price=10.0, category="kitchen")
+    single = build_bundles(view, ["A"], k=5, size=2, rules=BundleRules(max_per_category=1))
+    assert all(len(b.items) == 2 for b in single)
+    assert build_bundles(view, ["A"], k=1, size=2, rules=BundleRules(in_stock_only=False))[0].items[2].item_id == "D"
+
+
+def test_bundles_are_deterministic_distinct_and_ranked(view: BundleView) -> None:
+    first = build_bundles(view, ["A"], k=4, size=2, rules=BundleRules())
+    again = build_bundles(view, ["A"], k=4, size=2, rules=BundleRules())
+    assert [b.model_dump() for b in first] == [b.model_dump() for b in again]
+    sets = [frozenset(members(b)) for b in first]
+    assert len(set(sets)) == len(sets) == 4
+    assert [b.score for b in first] == sorted((b.score for b in first), reverse=True)
+
+
+def test_cart_completion_uses_all_cart_items_and_the_user_history(view: BundleView) -> None:
+    bundles = build_bundles(view, ["B", "C"], k=2, size=1, rules=BundleRules(), include_anchor=False)
+    assert [members(b) for b in bundles] == [["A"], ["D"]]
+    view.add_user_items("u1", ["F"])
+    boosted = build_bundles(view, ["D"], k=3, size=1, rules=BundleRules(history_boost=0.6), user_id="u1",
+                            include_anchor=False)
+    assert members(boosted[0]) == ["F"] and "you bought it before" in boosted[0].why[0]
+
+
+@pytest.fixture
+def client(view: BundleView) -> TestClient:
+    state = {"ready": True}
+    app = create_app(view, BundleRules(), health=lambda: (state["ready"], None))
+    app.state.health_flag = state
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_item_bundles_contract(client: TestClient) -> None:
+    r = client.get("/items/A/bundles", params={"k": 2, "size": 3})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["anchor"] == {"item_id": "A", "title": "tea pot", "price": 10.0, "category": None, "in_stock": True}
+    assert [m["item_id"] for m in body["bundles"][0]["items"]] == ["A", "B", "D"]
+    assert body["bundles"][0]["total_price"] == 30.0 and body["personalized"] is False
+    assert set(body["bundles"][0]) == {"items", "score", "total_price", "why"}
+
+
+def test_bad_input_gets_4xx_with_a_json_body(client: TestClient) -> None:
+    r = client.get("/items/nope/bundles")
+    assert r.status_code == 404 and r.json() == {"detail": "unknown item 'nope'"}
+    for params in ({"k": 0}, {"k": 21}, {"size": 1}, {"size": 6}, {"k": "x"}, {"max_price": -1}):
+        r = client.get("/items/A/bundles", params=params)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "query", params
+    assert client.get("/items/A/complements", params={"k": 0}).status_code == 422
+    for body in ({"items": []}, {"items": ["A"], "size": 9}, {"items": ["A"], "extra": 1}, {"cart": ["A"]}, [1]):
+        r = client.post("/bundles/complete", json=body)
+        assert r.status_code == 422 and "detail" in r.json(), body
+    r = client.post("/bundles/complete", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    r = client.post("/bundles/complete", json={"items": ["x", "y"]})
+    assert r.status_code == 404 and "none of the cart's items is known" in r.json()["detail"]
+
+
+def test_cart_completion_endpoint(client: TestClient) -> None:
+    r = client.post("/bundles/complete", json={"items": ["B", "C", "zzz"], "k": 2, "size": 1})
+    assert r.status_code == 200
+    body = r.json()
+    assert [c["item_id"] for c in body["cart"]] == ["B", "C"] and body["unknown_items"] == ["zzz"]
+    assert [[m["item_id"] for m in b["items"]] for b in body["bundles"]] == [["A"], ["D"]]
+
+
+def test_complements_and_live_updates_invalidate_the_cache(client: TestClient, view: BundleView) -> None:
+    first = client.get("/items/A/complements", params={"k": 2}).json()
+    assert [(c["item_id"], c["orders"]) for c in first["complements"]] == [("B", 30), ("C", 25)]
+    assert first["complements"][0]["why"] == "bought together with 'tea pot' in 30 orders"
+    assert client.get("/items/A/bundles").json()["bundles"][0]["items"][1]["item_id"] == "B"
+    publish(view, "A", [("F", 0.95, 40), ("B", 0.9, 30)])  # a new list arrives from the stream
+    assert client.get("/items/A/complements", params={"k": 1}).json()["complements"][0]["item_id"] == "F"
+    assert client.get("/items/A/bundles").json()["bundles"][0]["items"][1]["item_id"] == "F"
+    catalog(view, "F", "sugar bowl", in_stock=False)  # and a catalog change to a listed item
+    assert client.get("/items/A/bundles").json()["bundles"][0]["items"][1]["item_id"] == "B"
+
+
+def test_health_and_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json()["status"] == "ok"
+    client.app.state.health_flag["ready"] = False
+    r = client.get("/healthz")
+    assert r.status_code == 503 and r.json()["status"] == "starting" and r.json()["items"] == 6
+    client.get("/items/A/bundles")
+    client.get("/items/nope/bundles")
+    text = client.get("/metrics").text
+    assert 'bundlegnn_api_request_seconds_count{route="/items/{item_id}/bundles",status="200"} 1.0' in text
+    assert 'bundlegnn_api_request_seconds_count{route="/items/{item_id}/bundles",status="404"} 1.0' in text
+    assert "bundlegnn_view_complement_lists 6.0" in text
+    assert client.get("/docs").status_code == 200 and "/bundles/complete" in client.get("/openapi.json").text
+
+
+def test_seeding_from_model_views_gives_lists_to_items_without_updates() -> None:
+    v = BundleView()
+    publish(v, "a", [("b", 0.5, 3)])
+    src = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+    dst = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.1]], np.float32)
+    seeded = v.seed_from_model("m1", ["a", "b", "c"], src, dst, np.zeros(3, np.float32), 0.5, top_k=2)
+    assert seeded == 2 and v.entries["a"].complements[0].item_id == "b"  # a published list is kept
+    assert [c.item_id for c in v.entries["b"].complements] == ["a", "c"]  # cos(b.src, a.dst) = 1 ranks first
+    assert v.entries["b"].model_version == "m1" and v.model_version == "m1"
