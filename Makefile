@@ -21,12 +21,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/bundlegnn build-graph --config configs/default.yaml
+	$(BIN)/bundlegnn demo --config configs/default.yaml
 
 bench: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/streaming.py
+	$(BIN)/python bench/api.py
 	$(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml --seeds 0,1,2 --json bench/results/eval_online_retail_ii.json
 
 clean:

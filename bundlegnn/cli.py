@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -309,6 +310,22 @@ def serve(
     finally:
         feed.stop()
         settings.paths.api_address.unlink(missing_ok=True)
+
+
+@app.command()
+def demo(
+    config: Optional[Path] = ConfigOpt,
+    retrain: bool = typer.Option(False, help="train a new model even when one exists"),
+    hold: Optional[bool] = typer.Option(None, help="keep running until Ctrl-C (default: when run from a terminal)"),
+) -> None:
+    """Broker, training, worker and API on real data: prints bundles and shows one change live."""
+    from bundlegnn.demo import run_demo
+
+    try:
+        run_demo(_settings(config), config, retrain, hold)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        typer.echo(f"demo failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 def main() -> None:

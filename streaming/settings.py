@@ -37,7 +37,9 @@ class StreamConfig(BaseModel):
     embed_interval: float = Field(2.0, gt=0, description="seconds between inductive passes for new items")
     session_timeout: float = Field(10.0, gt=0, description="consumer session timeout (s); small joins fast")
     heartbeat_interval: float = Field(1.0, gt=0)
-    max_poll_interval: float = Field(10.0, gt=0, description="also bounds a consumer-group join on tansu")
+    max_poll_interval: float = Field(300.0, gt=0, description="longest stall between polls before the worker "
+                                     "is dropped from its group (keep it large: tansu never lets it back in)")
+    rebalance_timeout: float = Field(10.0, gt=0, description="a consumer-group join waits this long on tansu")
     web_port: int = Field(0, ge=0, le=65535, description="Faust web (metrics) port; 0 disables it")
     producer_max_batch_size: int | None = Field(
         None, ge=1, description="bytes per producer batch; 1 on the embedded tansu broker, which reports end "

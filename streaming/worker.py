@@ -98,8 +98,8 @@ class WorkerState:
 
     def set_text(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         self.scorer.set_text(rows, vectors)
-        if self.artifact is not None:
-            self.needs_embedding = True
+        if self.artifact is not None and any(not self.scorer.has_view(int(r)) for r in rows):
+            self.needs_embedding = True  # only items the model has not seen need the inductive pass
 
     def embed_text(self) -> None:
         """Encode the text of items upserted since the last call (blocking; the worker uses a thread)."""
@@ -183,7 +183,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         broker_session_timeout=stream.session_timeout,
         broker_heartbeat_interval=stream.heartbeat_interval,
         broker_max_poll_interval=stream.max_poll_interval,
-        broker_rebalance_timeout=stream.max_poll_interval,
+        broker_rebalance_timeout=stream.rebalance_timeout,
         web_enabled=stream.web_port > 0,
         web_port=stream.web_port or 6066,
         table_cleanup_interval=3600.0,

@@ -88,6 +88,7 @@ class ComplementScorer:
         self._src = self._dst = np.zeros((0, 0), np.float32)
         self._prior = np.zeros(0, np.float32)
         self._has_view = np.zeros(0, bool)
+        self._views: tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray] = ({}, self._src, self._dst, self._prior)
         self._counts, self._counts_version = np.zeros(0, np.int64), -1
         self._text_neighbours: dict[int, np.ndarray] = {}  # row → rows above substitute_similarity, best first
 
@@ -110,23 +111,36 @@ class ComplementScorer:
 
     def set_views(self, version: str, item_ids: list[str], src: np.ndarray, dst: np.ndarray, prior: np.ndarray,
                   temperature: float) -> None:
-        """A model's item views (replacing any earlier model's); ids the store does not know are skipped."""
-        rows = np.array([r if (r := self.store.items.get(k)) is not None else -1 for k in item_ids], np.int64)
-        keep = rows >= 0
+        """A model's item views (replacing any earlier model's).
+
+        Views of ids the store does not know yet are kept and given to those
+        items when they arrive (the worker loads a model before it has read
+        the catalog).
+        """
+        self._views = ({k: i for i, k in enumerate(item_ids)}, unit(src).astype(np.float32),
+                       unit(dst).astype(np.float32), prior.astype(np.float32))
         self._src, self._dst = np.zeros((0, src.shape[1]), np.float32), np.zeros((0, dst.shape[1]), np.float32)
         self._prior, self._has_view = np.zeros(0, np.float32), np.zeros(0, bool)
-        self._sync()
-        self._src[rows[keep]], self._dst[rows[keep]] = unit(src[keep]), unit(dst[keep])
-        self._prior[rows[keep]] = prior[keep]
-        self._has_view[rows[keep]] = True
         self.model_version, self.temperature = version, temperature
+        self._sync()
 
     def _sync(self) -> None:
-        """Grow the per-item arrays to the store's current item count (new items: no view)."""
+        """Grow the per-item arrays to the store's current item count; new items get their model view if any."""
+        old = len(self._has_view)
+        if old >= self.store.num_items:
+            return
         self._src, self._dst = self._grow(self._src, self._src.shape[1]), self._grow(self._dst, self._dst.shape[1])
         self._prior, self._has_view = self._grow(self._prior, 0), self._grow(self._has_view, 0, False)
+        index, src, dst, prior = self._views
+        found = [(r, i) for r in range(old, self.store.num_items)
+                 if (i := index.get(self.store.items.ids[r])) is not None]
+        if found:
+            rows, at = np.array(found).T
+            self._src[rows], self._dst[rows], self._prior[rows] = src[at], dst[at], prior[at]
+            self._has_view[rows] = True
 
     def has_view(self, row: int) -> bool:
+        self._sync()
         return row < len(self._has_view) and bool(self._has_view[row])
 
     # ---- scoring -----------------------------------------------------------

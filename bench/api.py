@@ -1,0 +1,193 @@
+"""`make bench`, API part: lookup latency p50/p99 and requests/s from a second process on loopback.
+
+The server is the real API (uvicorn, one process) over a view holding what
+the stream worker would publish for the real data: every item's complement
+list from :class:`training.complements.ComplementScorer` (co-purchase
+statistics) and the catalog. The load client is a small asyncio HTTP/1.1
+client with keep-alive connections in this process.
+
+Traffic follows the data: anchors are drawn in proportion to how many orders
+hold them (popular product pages are asked for more often), carts are 2–3
+items of a real order. Each scenario runs open-loop at a fixed rate (latency
+counted from the *scheduled* send time, so a stalled server cannot hide its
+queue) and closed-loop for the ceiling. The ``uncached`` scenario disables the
+response cache, so every request builds its bundles.
+
+Writes ``bench/results/api.json`` and ``api.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT.parent / "shared" / "data" / "online_retail_ii" / "online_retail_ii.csv.gz"
+RATE = 2000  # requests/s of the open-loop runs (the target: p99 < 5 ms at >= 2,000 req/s)
+SECONDS = 10
+
+
+def load_view(cache_size: int):  # noqa: ANN201
+    from graph.events import ItemUpserted
+    from graph.store import GraphConfig, GraphStore
+    from serving.api import create_app
+    from serving.view import BundleView
+    from training.complements import ComplementScorer
+    from training.datasets import online_retail_events
+
+    store, view = GraphStore(GraphConfig()), BundleView()
+    for event in online_retail_events(DATA):
+        store.apply(event)
+        if isinstance(event, ItemUpserted):
+            view.upsert_item(event)
+    scorer = ComplementScorer(store)
+    for item_id in store.items.ids:
+        view.apply_update(scorer.update(item_id))
+    return create_app(view, cache_size=cache_size)
+
+
+def serve(port: int, cache_size: int) -> None:
+    import uvicorn
+
+    uvicorn.run(load_view(cache_size), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                loop="uvloop", http="httptools")
+
+
+def requests() -> tuple[list[bytes], list[bytes]]:
+    """Item-bundle GETs weighted by order counts, and cart-completion POSTs from real orders."""
+    from graph.events import Order
+    from training.datasets import online_retail_events
+
+    orders = [e for e in online_retail_events(DATA) if isinstance(e, Order) and len(e.item_ids) >= 2]
+    counts: dict[str, int] = {}
+    for o in orders:
+        for i in o.item_ids:
+            counts[i] = counts.get(i, 0) + 1
+    rng = random.Random(0)
+    ids, weights = list(counts), list(counts.values())
+    gets = [f"GET /items/{i}/bundles?k=3&size=3 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            for i in rng.choices(ids, weights, k=5000)]
+    posts = []
+    for o in rng.choices(orders, k=5000):
+        body = json.dumps({"items": rng.sample(o.item_ids, min(len(o.item_ids), rng.choice([2, 3]))), "k": 3,
+                           "size": 2}).encode()
+        posts.append(b"POST /bundles/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return gets, posts
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    await reader.readexactly(length)
+    return status
+
+
+async def load(port: int, reqs: list[bytes], rate: float | None, seconds: float, connections: int = 32) -> dict:
+    """Open loop at ``rate`` req/s, or closed loop (``rate=None``) over ``connections`` keep-alive sockets."""
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(connections)]
+    free: asyncio.Queue = asyncio.Queue()
+    for c in conns:
+        free.put_nowait(c)
+    latencies: list[float] = []
+    errors = 0
+    started = time.perf_counter()
+    end = started + seconds
+
+    async def one(request: bytes, scheduled: float) -> None:
+        nonlocal errors
+        reader, writer = await free.get()
+        try:
+            if await _exchange(reader, writer, request) != 200:
+                errors += 1
+        finally:
+            free.put_nowait((reader, writer))
+        latencies.append(time.perf_counter() - scheduled)
+
+    tasks = []
+    n = 0
+    if rate:
+        while (now := time.perf_counter()) < end:
+            due = started + n / rate
+            if due > now:
+                await asyncio.sleep(due - now)
+            tasks.append(asyncio.ensure_future(one(reqs[n % len(reqs)], due)))
+            n += 1
+        await asyncio.gather(*tasks)
+    else:
+        async def loop() -> None:
+            nonlocal n
+            while time.perf_counter() < end:
+                n += 1
+                await one(reqs[n % len(reqs)], time.perf_counter())
+        await asyncio.gather(*(loop() for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    for _, writer in conns:
+        writer.close()
+    ms = np.array(latencies) * 1000
+    return {"requests": len(latencies), "errors": errors, "req_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "max_ms": round(float(ms.max()), 3)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(port: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("API did not start")
+
+
+def main() -> None:
+    import uvloop
+
+    gets, posts = requests()
+    results: dict[str, dict] = {}
+    for cache_size in (100_000, 0):
+        port = free_port()
+        server = mp.get_context("spawn").Process(target=serve, args=(port, cache_size), daemon=True)
+        server.start()
+        try:
+            wait_up(port)
+            kind = "cached" if cache_size else "uncached"
+            for name, reqs in (("item bundles", gets), ("cart completion", posts)):
+                uvloop.run(load(port, reqs, None, 3))  # warm-up
+                results[f"{name}, {kind}, {RATE}/s"] = uvloop.run(load(port, reqs, RATE, SECONDS))
+                results[f"{name}, {kind}, max"] = uvloop.run(load(port, reqs, None, SECONDS))
+                print(name, kind, results[f"{name}, {kind}, {RATE}/s"], results[f"{name}, {kind}, max"], flush=True)
+        finally:
+            server.terminate()
+            server.join()
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "api.json").write_text(json.dumps({"rate": RATE, "seconds": SECONDS, "results": results}, indent=2))
+    lines = ["| scenario | req/s | p50 ms | p99 ms | max ms | errors |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {r['req_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['errors']} |"
+              for k, r in results.items()]
+    (out / "api.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
