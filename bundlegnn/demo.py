@@ -211,6 +211,8 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
     except KeyboardInterrupt:
         _say("\nstopping")
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child in reversed(children):
             child.stop()
         broker.stop()

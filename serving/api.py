@@ -18,6 +18,7 @@ from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.bundles import Bundle, BundleRules, build_bundles, describe
 from serving.view import BundleView, ItemInfo
@@ -111,6 +112,30 @@ class _Metrics:
                            registry=self.registry)
 
 
+class _Timing:
+    """Request latency per route template and status (a plain ASGI middleware: no per-request task)."""
+
+    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
+        self.app, self.histogram = app, histogram
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")
+            self.histogram.labels(route, str(status[0])).observe(time.perf_counter() - started)
+
+
 def create_app(view: BundleView, rules: BundleRules | None = None, health: Callable[[], tuple[bool, str | None]] |
                None = None, cache_size: int = 100_000) -> FastAPI:
     """The API over ``view``; ``health`` says (ready, error) for /healthz (default: always ready)."""
@@ -122,14 +147,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
     cache: dict[tuple, tuple[tuple[tuple[str, int], ...], bytes]] = {}
     seen_model: list[str | None] = [None]
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next):  # noqa: ANN001, ANN202
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.latency.labels(getattr(route, "path", "other"), str(response.status_code)).observe(
-            time.perf_counter() - started)
-        return response
+    app.add_middleware(_Timing, histogram=metrics.latency)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -170,7 +188,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
 
     @app.get("/items/{item_id}/bundles", response_model=BundlesResponse,
              responses={404: {"description": "unknown item"}})
-    def item_bundles(item_id: ItemId, k: Annotated[int, Query(ge=1, le=20)] = 3,
+    async def item_bundles(item_id: ItemId, k: Annotated[int, Query(ge=1, le=20)] = 3,
                      size: Annotated[int, Query(ge=2, le=5, description="items per bundle, anchor included")] = 3,
                      user_id: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
                      max_price: Annotated[float | None, Query(gt=0, description="cap on the bundle's total")] = None,
@@ -192,7 +210,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
 
     @app.get("/items/{item_id}/complements", response_model=ComplementsResponse,
              responses={404: {"description": "unknown item"}})
-    def item_complements(item_id: ItemId, k: Annotated[int, Query(ge=1, le=100)] = 10) -> Response:
+    async def item_complements(item_id: ItemId, k: Annotated[int, Query(ge=1, le=100)] = 10) -> Response:
         """The item's ranked complements as the stream worker last published them."""
         known(item_id)
 
@@ -209,7 +227,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
         return cached(("complements", item_id, k), [item_id], build)
 
     @app.post("/bundles/complete", response_model=CartResponse, responses={404: {"description": "no known item"}})
-    def complete(cart: Annotated[CartRequest, Body()]) -> Response:
+    async def complete(cart: Annotated[CartRequest, Body()]) -> Response:
         """Bundles that complete a cart: ``size`` new items that fit the cart and each other."""
         items = list(dict.fromkeys(cart.items))
         known_items = [i for i in items if view.knows(i)]
@@ -229,7 +247,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
         return cached(("cart", tuple(items), cart.k, cart.size, cart.max_price), known_items, build)
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-    def healthz() -> JSONResponse:
+    async def healthz() -> JSONResponse:
         """200 once the view has read its topics; 503 while starting or when the feed failed."""
         ready, error = health() if health else (True, None)
         model_gauge()
@@ -240,7 +258,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
         return JSONResponse(body.model_dump(), status_code=200 if ready and not error else 503)
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         model_gauge()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -123,8 +123,12 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
     history = view.history(user_id)
     cands = _candidates(view, anchors, rules, history)
     ids = [c.item_id for c in cands]
-    pair = [[max(view.relevance(a, b), view.relevance(b, a)) if a != b else 0.0 for b in ids] for a in ids]
-    subst = [[a != b and view.substitutes(a, b) for b in ids] for a in ids]
+    entries = [view.entries.get(i) for i in ids]
+    rel = [e.relevance if e else {} for e in entries]
+    subs = [e.substitutes if e else frozenset() for e in entries]
+    pair = [[max(rel[x].get(b, 0.0), rel[y].get(a, 0.0)) if x != y else 0.0 for y, b in enumerate(ids)]
+            for x, a in enumerate(ids)]
+    subst = [[x != y and (b in subs[x] or a in subs[y]) for y, b in enumerate(ids)] for x, a in enumerate(ids)]
     info = [view.items.get(i) for i in ids]
     anchor_price = sum((view.info(a).price or 0.0) for a in anchors) if include_anchor else 0.0
 

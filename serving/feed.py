@@ -37,9 +37,10 @@ class ViewFeed:
     """Consumes catalog, bundle-update and (for user histories) order/interaction topics into a view."""
 
     def __init__(self, view: BundleView, bootstrap: str, topics: FeedTopics,
-                 on_update: Callable[[BundleUpdate, float], None] | None = None) -> None:
+                 on_update: Callable[[BundleUpdate, float], None] | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.view, self.bootstrap, self.topics = view, bootstrap, topics
-        self.on_update = on_update
+        self.on_update, self.on_ready = on_update, on_ready
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -121,6 +122,8 @@ class ViewFeed:
                 if not self.ready.is_set():
                     target = {tp: end for tp, end in target.items() if consumer.position(tp) < end}
                     if not target:
+                        if self.on_ready is not None:
+                            self.on_ready()
                         self.ready.set()
                         log.info("view caught up: %d items, %d complement lists", len(self.view.items),
                                  len(self.view.entries))
