@@ -189,3 +189,13 @@ def test_seeding_from_model_views_gives_lists_to_items_without_updates() -> None
     assert seeded == 2 and v.entries["a"].complements[0].item_id == "b"  # a published list is kept
     assert [c.item_id for c in v.entries["b"].complements] == ["a", "c"]  # cos(b.src, a.dst) = 1 ranks first
     assert v.entries["b"].model_version == "m1" and v.model_version == "m1"
+
+
+def test_user_history_personalizes_and_unknown_users_do_not(client: TestClient, view: BundleView) -> None:
+    plain = client.get("/items/A/bundles", params={"user_id": "nobody"}).json()
+    assert plain["personalized"] is False
+    view.add_user_items("u7", ["F"])
+    body = client.get("/items/A/bundles", params={"user_id": "u7", "k": 5, "size": 2}).json()
+    assert body["personalized"] is True
+    f = [m for b in body["bundles"] for m in b["items"] if m["item_id"] == "F"]
+    assert f and "you bought it before" in f[0]["why"]
