@@ -3,9 +3,10 @@
 Agents consume ``catalog`` (keyed by item), ``interactions`` (keyed by user)
 and ``orders`` (keyed by order). Every valid event goes through
 :meth:`graph.store.GraphStore.apply` — the code path the batch replay uses —
-and is recorded in a Faust table with a changelog topic, keyed like its
-topic (item, user, order id), so a restarted worker recovers exactly the
-events it had applied and rebuilds its graph from them. Invalid events, and
+and is recorded in a Faust table with a changelog topic (catalog events by
+item, interactions by user, orders per micro-batch and partition), so a
+restarted worker recovers exactly the events it had applied and rebuilds its
+graph from them. Invalid events, and
 events that reference nothing, go to ``dead-letters`` with the reason and the
 original bytes; the worker carries on.
 
@@ -201,9 +202,9 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
     tables = {
         "item_upserted": app.Table("catalog-events", default=list, partitions=stream.partitions),
         "interaction": app.Table("interaction-events", default=list, partitions=stream.partitions),
-        "order": app.Table("order-events", default=list, partitions=stream.partitions),
+        "order": app.Table("order-batches", default=list, partitions=stream.partitions),
     }
-    key_of = {"item_upserted": lambda e: e.item_id, "interaction": lambda e: e.user_id, "order": lambda e: e.order_id}
+    key_of = {"item_upserted": lambda e: e.item_id, "interaction": lambda e: e.user_id}
 
     async def dead_letter(event: faust.types.EventT, reason: str) -> None:
         msg = event.message
@@ -236,7 +237,31 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
 
     @app.agent(orders_topic, name="orders")
     async def orders(stream_: faust.StreamT) -> None:
-        await consume(stream_, "order")
+        """Orders in micro-batches: one changelog record per source partition and batch, not per order.
+
+        A changelogged table write costs about as much as everything else
+        Faust does per event (measured: 15.5k events/s bare, 4.7k/s with one
+        write each), so the orders table is keyed by ``<partition>:<first
+        offset>`` and holds the batch's orders from that partition in
+        arrival order; :func:`rebuild` replays them sorted by that key.
+        """
+        table = tables["order"]
+        async for batch in stream_.take_events(stream.batch_size, within=stream.batch_within):
+            applied: dict[int, list[tuple[faust.types.EventT, str]]] = {}
+            for event in batch:
+                decoded = decode(event.value, "order")
+                if isinstance(decoded, Rejected):
+                    await dead_letter(event, decoded.reason)
+                    continue
+                reason = state.apply(decoded, event.message.timestamp)
+                applied.setdefault(event.message.partition, []).append((event, _json(decoded)))
+                if reason:
+                    await dead_letter(event, reason)
+            for partition, records in applied.items():
+                # The table writes to the changelog partition of the *current* event; in a batch that is
+                # whichever came last, so name the batch's own (Stream has no public setter for it).
+                stream_._set_current_event(records[-1][0])
+                table[f"{partition}:{records[0][0].message.offset:020d}"] = [raw_ for _, raw_ in records]
 
     async def rebuild() -> None:
         """After (re)assignment: the graph is exactly the recorded events, replayed."""
@@ -245,8 +270,8 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         for kind in ("item_upserted", "interaction"):
             events += [decode(raw_, kind) for values in tables[kind].values() for raw_ in values]
         events.sort(key=lambda e: e.epoch)
-        for values in tables["order"].values():  # per order, in arrival order: cancellations keep their meaning
-            events += [decode(raw_, "order") for raw_ in values]
+        for _, values in sorted(tables["order"].items()):  # per partition, in arrival order: cancellations keep
+            events += [decode(raw_, "order") for raw_ in values]  # their meaning
         for event in events:
             state.apply(event, None)
         state.embed_text()
