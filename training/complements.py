@@ -76,6 +76,19 @@ def model_logits(src: np.ndarray, dst: np.ndarray, prior: np.ndarray, temperatur
     return src @ dst.T / temperature + prior
 
 
+def _top(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores, best first; ties keep index order."""
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    if k < len(score):
+        part = np.argpartition(-score, k - 1)[:k]
+        cut = score[part].min()
+        part = np.flatnonzero(score >= cut)  # every tie at the cut, so the stable sort decides as a full sort would
+    else:
+        part = np.arange(len(score))
+    return part[np.argsort(-score[part], kind="stable")][:k]
+
+
 class ComplementScorer:
     """Scores complements over a :class:`GraphStore` it reads but never changes."""
 
@@ -168,10 +181,11 @@ class ComplementScorer:
             return []
         n = self._order_counts()
         score = counts / np.sqrt(np.maximum(n[row], 1) * np.maximum(n[rows], 1))
-        top = np.argsort(-score, kind="stable")[: self.config.top_k]
         ids = self.store.items.ids
-        return [Complement(item_id=ids[rows[k]], score=round(float(score[k]), 6), orders=int(counts[k]),
-                           source="co-purchase") for k in top]
+        # values computed here are valid by construction: skip pydantic validation (the refresh's hot path)
+        return [Complement.model_construct(item_id=ids[rows[k]], score=round(float(score[k]), 6), orders=int(counts[k]),
+                                           model_score=None, source="co-purchase", via=None)
+                for k in _top(score, self.config.top_k)]
 
     def _borrowed(self, row: int) -> list[Complement]:
         """Complements of the items most similar by text (a new item has no orders yet)."""
@@ -201,13 +215,12 @@ class ComplementScorer:
         boost[rows] = self.config.co_purchase_boost * np.log1p(weights)
         score = np.where(self._has_view, model + boost, -np.inf)
         score[row] = -np.inf
-        k = min(self.config.top_k, int(np.isfinite(score).sum()))
-        top = np.argpartition(-score, k - 1)[:k] if k else np.zeros(0, np.int64)
-        top = top[np.argsort(-score[top], kind="stable")]
+        top = _top(score, min(self.config.top_k, int(np.isfinite(score).sum())))
         count = dict(zip(rows.tolist(), counts.tolist()))
         ids = self.store.items.ids
-        return [Complement(item_id=ids[b], score=round(float(score[b]), 6), orders=count.get(int(b), 0),
-                           model_score=round(float(model[b]), 6), source="model") for b in top]
+        return [Complement.model_construct(item_id=ids[b], score=round(float(score[b]), 6), orders=count.get(int(b), 0),
+                                           model_score=round(float(model[b]), 6), source="model", via=None)
+                for b in top]
 
     def complements(self, item_id: str) -> list[Complement]:
         """The ranked complements of ``item_id`` (empty for an unknown item)."""
