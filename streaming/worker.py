@@ -258,10 +258,11 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
                 if reason:
                     await dead_letter(event, reason)
             for partition, records in applied.items():
-                # The table writes to the changelog partition of the *current* event; in a batch that is
-                # whichever came last, so name the batch's own (Stream has no public setter for it).
-                stream_._set_current_event(records[-1][0])
-                table[f"{partition}:{records[0][0].message.offset:020d}"] = [raw_ for _, raw_ in records]
+                # `table[key] = ...` would log to the partition of the stream's current event; a batch spans
+                # partitions, so name each one (changelog partition = source partition, as Faust co-partitions).
+                key, value = f"{partition}:{records[0][0].message.offset:020d}", [raw_ for _, raw_ in records]
+                table.send_changelog(partition, key, value)
+                table.data[key] = value
 
     async def rebuild() -> None:
         """After (re)assignment: the graph is exactly the recorded events, replayed."""
