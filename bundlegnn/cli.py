@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 from tqdm import tqdm
 
 from bundlegnn.config import ConfigError, Settings, load_settings
+from bundlegnn.logs import dict_config, setup_logging
 
 if TYPE_CHECKING:
     import socket
@@ -24,16 +26,18 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (env BUNDLEGN
 
 
 def _settings(config: Optional[Path]) -> Settings:
+    """Load and validate the settings (exit 2 naming the bad key) and set up logging from them."""
     try:
-        return load_settings(config)
+        settings = load_settings(config)
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
+    setup_logging(settings.log)
+    return settings
 
 
-def _replay(settings: Settings, data: Optional[Path]) -> tuple[list, "GraphStore", dict, float]:
-    """Read the dataset into events and apply them to a fresh store."""
-    from graph.store import GraphStore
+def _read(settings: Settings, data: Optional[Path]) -> tuple[list, dict]:
+    """The dataset's events and the reader's report."""
     from training.datasets import ReplayReport, online_retail_events
 
     data = data or settings.data.path
@@ -42,11 +46,17 @@ def _replay(settings: Settings, data: Optional[Path]) -> tuple[list, "GraphStore
         raise typer.Exit(2)
     report = ReplayReport()
     events = list(tqdm(online_retail_events(data, report), desc="read", unit=" events", disable=None))
+    return events, report.summary()
+
+
+def _apply(settings: Settings, events: list) -> "GraphStore":
+    """A fresh store with ``events`` applied, through the one event → graph code path."""
+    from graph.store import GraphStore
+
     store = GraphStore(settings.graph)
-    started = time.perf_counter()
     for event in tqdm(events, desc="replay", unit=" events", disable=None):
         store.apply(event)
-    return events, store, report.summary(), time.perf_counter() - started
+    return store
 
 
 DataOpt = typer.Option(None, "--data", help="dataset file (default: data.path from the config)")
@@ -63,7 +73,10 @@ def build_graph(
 
     settings = _settings(config)
     out = out or settings.paths.snapshot
-    _, store, report, elapsed = _replay(settings, data)
+    events, report = _read(settings, data)
+    started = time.perf_counter()
+    store = _apply(settings, events)
+    elapsed = time.perf_counter() - started
     snapshot_id = save(store, out)
     summary = {
         "dataset": report,
@@ -82,18 +95,71 @@ def build_graph(
 
 
 @app.command()
-def train(config: Optional[Path] = ConfigOpt, data: Optional[Path] = DataOpt) -> None:
-    """Train the GNN on the whole graph and write a versioned model artifact."""
-    from graph.snapshot import save
-    from training.job import train_job
+def train(
+    config: Optional[Path] = ConfigOpt,
+    data: Optional[Path] = DataOpt,
+    from_topics: bool = typer.Option(False, "--from-topics", help="read the graph from the event topics "
+                                     "(from the beginning) instead of a dataset file"),
+    promote: bool = typer.Option(False, help="compare with the live model on the latest orders and write the "
+                                 "artifact only if the new model is better (exit 3 when it is not)"),
+    publish: Optional[bool] = typer.Option(None, help="announce the new artifact on model-updates so running "
+                                           "workers load it (default: with --promote)"),
+) -> None:
+    """Train the GNN on the whole graph and write a versioned model artifact.
+
+    Exit codes: 0 written (and published), 1 failed, 2 bad config or input,
+    3 not promoted because the candidate is not better than the live model.
+    """
+    from graph.snapshot import save as save_snapshot
+    from training import job
+    from training.artifact import latest_artifact, load_artifact
+    from graph.events import Order
+    from training.promote import decide
 
     settings = _settings(config)
+    log = logging.getLogger("bundlegnn.train")
+    publish = promote if publish is None else publish
+    bootstrap = _bootstrap(settings) if publish or from_topics else ""
     started = time.perf_counter()
-    events, store, _, _ = _replay(settings, data)
-    snapshot_id = save(store, settings.paths.snapshot)
+    if from_topics:
+        from streaming.topics import read_events
+
+        events, rejected = read_events(bootstrap, settings.stream.topics)
+        source: dict = {"topics": bootstrap, "events": len(events), "rejected": rejected}
+    else:
+        events, report = _read(settings, data)
+        source = {"dataset": report}
+    if not any(isinstance(e, Order) for e in events):
+        typer.echo("no orders to train on", err=True)
+        raise typer.Exit(2)
+    store = _apply(settings, events)
+    snapshot_id = save_snapshot(store, settings.paths.snapshot)
     encoder = settings.encoder.build(settings.paths.text_cache)
-    path, summary = train_job(events, settings.graph, settings.training, encoder, settings.paths.model_store, snapshot_id)
-    summary = {"artifact": str(path), **summary, "total_seconds": round(time.perf_counter() - started, 1)}
+    gate = settings.promotion
+    cand = job.fit(events, settings.training, settings.graph, encoder, gate.val_frac, gate.window_frac if promote else 0.0)
+    extra: dict = {"source": source}
+    if promote:
+        live_path = latest_artifact(settings.paths.model_store)
+        live = load_artifact(live_path) if live_path else None
+        device = settings.training.device
+        new = job.window_metrics(cand.result.model, cand.id_items, cand, device)
+        old = job.live_metrics(live, cand, encoder, device) if live else None
+        decision = decide(new, old, live.version if live else None, gate)
+        extra["promotion"] = {**decision.as_dict(), "window_from": cand.split.protocol["test_from"],
+                              "window_queries": len(cand.split.test)}
+        log.info("promotion: %s", decision.reason)
+        if not decision.promoted:
+            typer.echo(json.dumps({"promoted": False, **extra}, indent=2))
+            raise typer.Exit(3)
+    path, summary = job.save(cand, events, settings.graph, settings.training, encoder, settings.paths.model_store,
+                             snapshot_id, extra)
+    if publish:
+        from streaming.producer import publish_model
+
+        publish_model(bootstrap, settings.stream.topics.model_updates, str(path.resolve()), path.name)
+        log.info("published %s on %s", path.name, settings.stream.topics.model_updates)
+    summary = {"artifact": str(path), "promoted": True if promote else None, "published": publish, **summary,
+               "total_seconds": round(time.perf_counter() - started, 1)}
     typer.echo(json.dumps({k: v for k, v in summary.items() if k not in ("graph", "training")}, indent=2))
 
 
@@ -189,8 +255,6 @@ def worker(
     snapshot: Optional[Path] = typer.Option(None, help="write the worker's graph here when it stops"),
 ) -> None:
     """Run the Faust stream worker (Ctrl-C stops it)."""
-    import logging
-
     from faust import Worker
 
     from streaming.broker import create_topics
@@ -208,7 +272,12 @@ def worker(
     else:
         logging.getLogger("bundlegnn").warning("no model artifact: scoring from co-purchase statistics and text")
     faust_app = build_app(settings.stream, state, bootstrap, snapshot, settings.paths.state_dir / "faust")
-    Worker(faust_app, loglevel="INFO").execute_from_commandline()
+    if settings.stream.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.stream.metrics_port, registry=state.metrics.registry)
+        logging.getLogger("bundlegnn").info("worker metrics on :%d/metrics", settings.stream.metrics_port)
+    Worker(faust_app, loglevel=settings.log.level, logging_config=dict_config(settings.log)).execute_from_commandline()
 
 
 @app.command()
@@ -264,7 +333,6 @@ def serve(
 ) -> None:
     """Run the HTTP bundle API over a view of the bundle-updates and catalog topics (Ctrl-C stops it)."""
     import gc
-    import logging
 
     import uvicorn
 
@@ -308,8 +376,6 @@ def serve(
     settings.paths.api_address.parent.mkdir(parents=True, exist_ok=True)
     settings.paths.api_address.write_text(address)
     typer.echo(f"bundle API on {address} (docs: {address}/docs); Ctrl-C stops it", err=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
     server = uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False, loop="uvloop", http="httptools"))
     try:
         server.run(sockets=[sock])

@@ -14,11 +14,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bundlegnn.logs import LogConfig
 from graph.store import GraphConfig
 from serving.settings import ServingConfig
 from streaming.settings import StreamConfig
 from training.complements import ScorerConfig
 from training.encoder import EncoderConfig
+from training.promote import PromotionConfig
 from training.train import TrainConfig
 
 
@@ -58,10 +60,13 @@ class PathsConfig(BaseModel):
         return self.state_dir / "api.addr"
 
 
+ENV_PREFIX = "BUNDLEGNN_"
+
+
 class Settings(BaseSettings):
     """All settings of one deployment."""
 
-    model_config = SettingsConfigDict(env_prefix="BUNDLEGNN_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
 
     data: DataConfig = Field(default_factory=DataConfig)
     graph: GraphConfig = Field(default_factory=GraphConfig)
@@ -71,6 +76,8 @@ class Settings(BaseSettings):
     stream: StreamConfig = Field(default_factory=StreamConfig)
     scoring: ScorerConfig = Field(default_factory=ScorerConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -99,6 +106,11 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
+    unknown = sorted(k for k in os.environ
+                     if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].split("__")[0].lower() not in Settings.model_fields)
+    if unknown:
+        raise ConfigError(f"unknown setting in the environment: {', '.join(unknown)} (sections: "
+                          f"{', '.join(ENV_PREFIX + f.upper() for f in Settings.model_fields)})")
     try:
         return Settings(**raw)
     except ValidationError as exc:

@@ -6,6 +6,7 @@ user, orders by order id (so a cancellation lands on its order's partition).
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Iterable
 
@@ -74,3 +75,13 @@ def replay(events: Iterable[Event], producer: EventProducer, rate: float = 0.0, 
         sent += 1
     producer.flush()
     return sent
+
+
+def publish_model(bootstrap: str, topic: str, path: str, version: str, timeout: float = 30.0) -> None:
+    """Announce a promoted artifact on ``model-updates``; every worker loads it (raises if Kafka does not ack)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all")
+    try:
+        producer.send(topic, key=version.encode(), value=json.dumps({"path": path, "version": version}).encode()
+                      ).get(timeout=timeout)
+    finally:
+        producer.close()

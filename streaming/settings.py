@@ -40,7 +40,9 @@ class StreamConfig(BaseModel):
     max_poll_interval: float = Field(300.0, gt=0, description="longest stall between polls before the worker "
                                      "is dropped from its group (keep it large: tansu never lets it back in)")
     rebalance_timeout: float = Field(10.0, gt=0, description="a consumer-group join waits this long on tansu")
-    web_port: int = Field(0, ge=0, le=65535, description="Faust web (metrics) port; 0 disables it")
+    web_port: int = Field(0, ge=0, le=65535, description="Faust's own web port; 0 disables it")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics of the worker; 0 disables it")
+    metrics_interval: float = Field(5.0, gt=0, description="seconds between consumer-lag measurements")
     producer_max_batch_size: int | None = Field(
         None, ge=1, description="bytes per producer batch; 1 on the embedded tansu broker, which reports end "
         "offsets one short after multi-record batches and so breaks table recovery")

@@ -41,6 +41,7 @@ from graph.events import Interaction, ItemUpserted, Order
 from graph.snapshot import save as save_snapshot
 from graph.store import GraphConfig, GraphStore
 from streaming.codec import Rejected, decode
+from streaming.metrics import WorkerMetrics
 from streaming.settings import StreamConfig
 from training.artifact import Artifact, load_artifact
 from training.complements import ComplementScorer, ScorerConfig
@@ -63,7 +64,8 @@ class WorkerState:
     pending: dict[str, float] = field(default_factory=dict)  # item → newest source timestamp
     new_text: set[str] = field(default_factory=set)  # items whose text needs embedding
     needs_embedding: bool = False  # items without a model view exist
-    counters: dict[str, int] = field(default_factory=lambda: {"events": 0, "dead_letters": 0, "updates": 0})
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) → next offset to apply
 
     def __post_init__(self) -> None:
         self.reset()
@@ -77,7 +79,7 @@ class WorkerState:
     def apply(self, event: ItemUpserted | Interaction | Order, source_ts: float | None) -> str | None:
         """Apply one event; return a dead-letter reason when it references nothing."""
         result = self.store.apply(event)
-        self.counters["events"] += 1
+        self.metrics.events.labels(event.type).inc()
         if isinstance(event, ItemUpserted) and result.changed:
             self.new_text.add(event.item_id)
         if isinstance(event, Order) and event.status == "cancelled" and not result.changed and "unknown" in result.note:
@@ -114,6 +116,7 @@ class WorkerState:
         self.artifact = artifact
         self._install(artifact)
         self.pending.update({k: time.time() for k in self.store.items.ids if self.store.co[self.store.items.index[k]]})
+        self.metrics.model_loaded.set(time.time())
         log.info("model %s loaded from %s", artifact.version, path)
 
     def _install(self, artifact: Artifact) -> None:
@@ -210,13 +213,14 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         msg = event.message
         headers = [("reason", reason.encode()), ("topic", msg.topic.encode()),
                    ("partition", str(msg.partition).encode()), ("offset", str(msg.offset).encode())]
-        state.counters["dead_letters"] += 1
+        state.metrics.dead_letters.labels(msg.topic).inc()
         log.warning("dead letter from %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, reason)
         await out.send(names.dead_letters, key=msg.key, value=msg.value, headers=headers)
 
     async def consume(stream_: faust.StreamT, kind: str) -> None:
         table = tables[kind]
         async for event in stream_.events():
+            state.offsets[event.message.tp[:2]] = event.message.offset + 1
             decoded = decode(event.value, kind)
             if isinstance(decoded, Rejected):
                 await dead_letter(event, decoded.reason)
@@ -249,6 +253,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         async for batch in stream_.take_events(stream.batch_size, within=stream.batch_within):
             applied: dict[int, list[tuple[faust.types.EventT, str]]] = {}
             for event in batch:
+                state.offsets[event.message.tp[:2]] = event.message.offset + 1
                 decoded = decode(event.value, "order")
                 if isinstance(decoded, Rejected):
                     await dead_letter(event, decoded.reason)
@@ -291,13 +296,32 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
             state.set_text(job[0], vectors)
         if not state.pending:
             return
+        started = time.perf_counter()
         pending, state.pending = state.pending, {}
+        m = state.metrics
         for n, (item, ts) in enumerate(pending.items()):
             update = state.scorer.update(item, source_ts=ts or None)
             await out.send(names.bundle_updates, key=item.encode(), value=update.model_dump_json().encode())
+            if ts:
+                m.event_to_update.observe(time.time() - ts)
             if n % 50 == 49:  # a model swap refreshes every item: let heartbeats and fetches run in between
                 await asyncio.sleep(0)
-        state.counters["updates"] += len(pending)
+        m.updates.inc(len(pending))
+        m.refresh_seconds.observe(time.perf_counter() - started)
+
+    @app.timer(stream.metrics_interval)
+    async def measure() -> None:
+        """Consumer lag per event topic (high-water mark minus the next offset to apply) and graph size."""
+        lag: dict[str, int] = {}
+        for tp in app.consumer.assignment():
+            if tp.topic in (names.catalog, names.interactions, names.orders):
+                high = app.consumer.highwater(tp)
+                if high is not None:
+                    lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - state.offsets.get(tp[:2], 0))
+        for topic_name, behind in lag.items():
+            state.metrics.lag.labels(topic_name).set(behind)
+        state.metrics.items.set(state.store.num_items)
+        state.metrics.co_edges.set(state.store.num_co_edges())
 
     @app.timer(stream.embed_interval)
     async def embed_new_items() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,23 @@ def stream_env(bootstrap: str, state_dir: Path, app_id: str | None = None) -> di
     for name in ("catalog", "interactions", "orders", "bundle_updates", "dead_letters", "model_updates"):
         env[f"BUNDLEGNN_STREAM__TOPICS__{name.upper()}"] = f"{tag}-{name.replace('_', '-')}"
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A Prometheus endpoint's samples: (name, sorted labels) → value."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def topic(env: dict[str, str], name: str) -> str:
@@ -115,6 +133,15 @@ class Reader:
                 self.records.extend(batch)
         seen = "\n".join(f"  {r.partition}@{r.offset} {r.key!r}: {r.value[:160]!r}" for r in self.records[-10:])
         raise AssertionError(f"no matching record on {self.name} within {timeout} s; last of {len(self.records)} read:\n{seen}")
+
+    def drain(self, seconds: float) -> list:
+        """Every record on the topic after reading it for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        self._assign(deadline)
+        while time.monotonic() < deadline:
+            for batch in self.consumer.poll(timeout_ms=200).values():
+                self.records.extend(batch)
+        return self.records
 
     def close(self) -> None:
         self.consumer.close()

@@ -14,7 +14,7 @@ from graph.snapshot import load
 from streaming.producer import EventProducer
 from streaming.settings import Topics
 from tests.conftest import DATA, at
-from tests.kafka_helpers import Reader, WorkerProcess, stream_env, topic
+from tests.kafka_helpers import Reader, WorkerProcess, free_port, scrape, stream_env, topic
 
 pytestmark = pytest.mark.broker
 SAMPLE = DATA / "online_retail_ii_sample.csv.gz"  # the first 4,000 rows of online_retail_ii
@@ -85,6 +85,9 @@ def test_order_refreshes_bundles_live_and_duplicates_change_nothing(broker: str,
 
 def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(broker: str, worker_env: dict,
                                                                             tmp_path: Path) -> None:
+    port = free_port()
+    worker_env = {**worker_env, "BUNDLEGNN_STREAM__METRICS_PORT": str(port),
+                  "BUNDLEGNN_STREAM__METRICS_INTERVAL": "0.5"}
     worker = WorkerProcess(worker_env, tmp_path / "worker.log", "--model", "none").start()
     updates = Reader(broker, topic(worker_env, "bundle_updates"))
     dead = Reader(broker, topic(worker_env, "dead_letters"))
@@ -103,6 +106,22 @@ def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(brok
         assert dict(letters[0].headers)["topic"] == topic(worker_env, "orders").encode()
         unknown = dead.wait_for(lambda r: b'"c9"' in r.value)
         assert "cancels unknown order c9" in dict(unknown.headers)["reason"].decode()
+        # the worker's Prometheus metrics count the same
+        orders_topic = topic(worker_env, "orders")
+        deadline = time.monotonic() + 10
+        while True:
+            m = scrape(port)
+            lag = m.get(("bundlegnn_worker_consumer_lag", (("topic", orders_topic),)))
+            if lag == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert lag == 0
+        assert m[("bundlegnn_worker_dead_letters_total", (("topic", orders_topic),))] == 3
+        assert m[("bundlegnn_worker_events_total", (("kind", "order"),))] == 2  # c9 (recorded) and o1
+        assert m[("bundlegnn_worker_events_total", (("kind", "item_upserted"),))] == 0
+        assert m[("bundlegnn_worker_bundle_updates_total", ())] >= 2  # A and B
+        assert m[("bundlegnn_worker_refresh_seconds_count", ())] >= 1
+        assert m[("bundlegnn_worker_co_purchase_edges", ())] == 1
     finally:
         updates.close()
         dead.close()

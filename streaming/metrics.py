@@ -1,0 +1,44 @@
+"""The stream worker's Prometheus metrics (served by ``bundlegnn worker`` on ``stream.metrics_port``).
+
+Throughput is a counter (Prometheus takes the rate); consumer lag is the
+number of messages on the worker's partitions it has not applied yet;
+refresh latency is the time from an event's produce timestamp to its item's
+new list on ``bundle-updates``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerMetrics:
+    """One worker's metrics in a registry of their own (tests run several in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events = Counter("bundlegnn_worker_events", "Events applied to the graph", ["kind"], registry=r)
+        for kind in ("item_upserted", "interaction", "order"):  # present from the start, so rates begin at 0
+            self.events.labels(kind)
+        self.dead_letters = Counter("bundlegnn_worker_dead_letters", "Messages sent to the dead-letter topic",
+                                    ["topic"], registry=r)
+        self.updates = Counter("bundlegnn_worker_bundle_updates", "Complement lists published", registry=r)
+        self.lag = Gauge("bundlegnn_worker_consumer_lag", "Messages on assigned partitions not yet applied",
+                         ["topic"], registry=r)
+        self.refresh_seconds = Histogram("bundlegnn_worker_refresh_seconds",
+                                         "Time to score and publish the items touched since the last tick",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.event_to_update = Histogram("bundlegnn_worker_event_to_update_seconds",
+                                         "Event produced to its item's list published", buckets=LATENCY_BUCKETS,
+                                         registry=r)
+        self.items = Gauge("bundlegnn_worker_items", "Items in the worker's graph", registry=r)
+        self.co_edges = Gauge("bundlegnn_worker_co_purchase_edges", "Co-purchase pairs in the worker's graph",
+                              registry=r)
+        self.model_loaded = Gauge("bundlegnn_worker_model_loaded_timestamp", "Unix time the current model was loaded "
+                                  "(0: no model, scoring from co-purchase statistics and text)", registry=r)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0 when absent); for tests and the benchmark."""
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
