@@ -153,3 +153,19 @@ def test_training_view_makes_items_look_new() -> None:
     assert bool((weight[UI][cold[graph.edge_index[UI][1]]] == 0).all())
     full, all_ids = graph.training_view(drop_edge=0.0, cold=0.0)
     assert torch.equal(all_ids, graph.id_index) and torch.allclose(full[CO], graph.edge_weight[CO])
+
+
+def test_bf16_scoring_heads_train_close_to_fp32() -> None:
+    """The mixed-precision path (bf16 autocast of the scoring heads) runs on CPU too and stays close to fp32."""
+    from training.train import autocast
+
+    assert not autocast("auto", torch.device("cpu"))._enabled  # fp32 on CPU unless asked
+    assert autocast("bf16", torch.device("cpu"))._enabled and not autocast("fp32", torch.device("cpu"))._enabled
+    store = _tiny_store()
+    text = np.random.default_rng(0).normal(size=(store.num_items, 16)).astype(np.float32)
+    base = TrainConfig(hidden=8, epochs=3, negatives=4, batch_size=4, device="cpu", seed=3)
+    fp32 = train(store, text, base, progress=False)
+    bf16 = train(store, text, base.model_copy(update={"precision": "bf16"}), progress=False)
+    losses = [(a["loss"], b["loss"]) for a, b in zip(fp32.history, bf16.history)]
+    assert all(math.isfinite(b) and abs(a - b) < 0.05 * abs(a) for a, b in losses), losses
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # weights stay fp32

@@ -11,10 +11,12 @@ validation queries' NDCG@10. Same code on CPU and CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,6 +52,20 @@ class TrainConfig(BaseModel):
     user_loss_weight: float = Field(0.2, ge=0)
     seed: int = 0
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast of the scoring heads (auto: on GPUs with bf16, fp32 elsewhere)")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision where it is safe: bf16 for the dense scoring matmuls (batch × candidates × hidden),
+    the largest products of a step. Message passing stays fp32: its sparse products have no bf16 kernels
+    on every device, and sums over hundreds of neighbours lose digits in bf16. Softmax and loss run in
+    fp32 under autocast's own rules."""
+    if precision == "auto":
+        use = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        use = precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
 def select_device(name: str) -> torch.device:
@@ -205,13 +221,14 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             target = torch.searchsorted(cand, hidden)
             in_query = q[:, cand] > 0
             h = graph.embed(model, *graph.training_view(cfg.drop_edge, cfg.cold_share))
-            logits = model.complement_scores(h, q, cand).masked_fill(in_query, -torch.inf)
-            loss = torch.nn.functional.cross_entropy(logits, target)
             users = torch.tensor([baskets[b][1] for b, _ in batch], device=device)
             has_user = users >= 0
-            if cfg.user_loss_weight and bool(has_user.any()):
-                ulogits = model.user_scores(h, users[has_user], cand)
-                loss = loss + cfg.user_loss_weight * torch.nn.functional.cross_entropy(ulogits, target[has_user])
+            with autocast(cfg.precision, device):
+                logits = model.complement_scores(h, q, cand).masked_fill(in_query, -torch.inf)
+                loss = torch.nn.functional.cross_entropy(logits, target)
+                if cfg.user_loss_weight and bool(has_user.any()):
+                    ulogits = model.user_scores(h, users[has_user], cand)
+                    loss = loss + cfg.user_loss_weight * torch.nn.functional.cross_entropy(ulogits, target[has_user])
             opt.zero_grad()
             loss.backward()
             opt.step()
