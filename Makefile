@@ -26,8 +26,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python bench/run.py
-	$(BIN)/python bench/streaming.py
+	$(BIN)/python bench/worker_throughput.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/train_devices.py
 	$(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml --seeds 0,1,2 --json bench/results/eval_online_retail_ii.json
 
 clean:
