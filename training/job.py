@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch_geometric.typing import WITH_PYG_LIB
 
 from graph.events import Interaction, ItemUpserted, Order
 from graph.store import GraphConfig, GraphStore
@@ -86,6 +87,8 @@ def save(cand: Candidate, events: list[Event], graph_cfg: GraphConfig, train_cfg
         "best_epoch": cand.result.best_epoch,
         "epochs_run": len(history),
         "items": store.num_items,
+        "device": str(select_device(train_cfg.device)),
+        "pyg_lib": WITH_PYG_LIB,
         "train_seconds": round(cand.seconds + time.perf_counter() - started, 1),
         **(extra or {}),
     }
