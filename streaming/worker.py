@@ -300,8 +300,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         pending, state.pending = state.pending, {}
         m = state.metrics
         for n, (item, ts) in enumerate(pending.items()):
-            update = state.scorer.update(item, source_ts=ts or None)
-            await out.send(names.bundle_updates, key=item.encode(), value=update.model_dump_json().encode())
+            await out.send(names.bundle_updates, key=item.encode(), value=state.scorer.update_json(item, ts or None))
             if ts:
                 m.event_to_update.observe(time.time() - ts)
             if n % 50 == 49:  # a model swap refreshes every item: let heartbeats and fetches run in between

@@ -17,6 +17,7 @@ written:
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime
 
@@ -50,6 +51,16 @@ class BundleUpdate(BaseModel):
     source_ts: float | None = Field(None, description="produce time (epoch s) of the newest event that caused it")
     substitutes: list[str] = Field(default_factory=list,
                                    description="near-identical items by text that were never bought with it")
+
+
+#: A complement as plain values, in :class:`Complement`'s field order (the scorer's hot path builds no objects).
+Ranked = tuple[str, float, int, "float | None", str, "str | None"]
+_FIELDS = tuple(Complement.model_fields)
+_str = json.dumps
+
+
+def _finite(ts: float | None) -> float | None:
+    return ts if ts is None or math.isfinite(ts) else None
 
 
 class ScorerConfig(BaseModel):
@@ -175,19 +186,18 @@ class ComplementScorer:
             self._counts, self._counts_version = self.store.item_order_counts(), self.store.version
         return self._counts
 
-    def _cooccurrence(self, row: int) -> list[Complement]:
+    def _cooccurrence(self, row: int) -> list[Ranked]:
         rows, counts = self._co_stats(row)
         if not len(rows):
             return []
         n = self._order_counts()
         score = counts / np.sqrt(np.maximum(n[row], 1) * np.maximum(n[rows], 1))
         ids = self.store.items.ids
-        # values computed here are valid by construction: skip pydantic validation (the refresh's hot path)
-        return [Complement.model_construct(item_id=ids[rows[k]], score=round(float(score[k]), 6), orders=int(counts[k]),
-                                           model_score=None, source="co-purchase", via=None)
-                for k in _top(score, self.config.top_k)]
+        top = _top(score, self.config.top_k)
+        return [(ids[r], s, c, None, "co-purchase", None)
+                for r, s, c in zip(rows[top].tolist(), np.round(score[top], 6).tolist(), counts[top].tolist())]
 
-    def _borrowed(self, row: int) -> list[Complement]:
+    def _borrowed(self, row: int) -> list[Ranked]:
         """Complements of the items most similar by text (a new item has no orders yet)."""
         cfg = self.config
         if not cfg.similar_items or row >= len(self.text) or not self.text[row].any():  # no text embedding yet
@@ -195,18 +205,18 @@ class ComplementScorer:
         sims = self.text @ self.text[row]
         sims[row] = -np.inf
         sims[[not self.store.co[r] for r in range(len(sims))]] = -np.inf  # only items with orders lend complements
-        out: dict[str, Complement] = {}
+        out: dict[str, Ranked] = {}
         for similar in np.argsort(-sims)[: cfg.similar_items]:
             if sims[similar] < cfg.min_text_similarity:
                 break
             via = self.store.items.ids[similar]
-            for c in self._cooccurrence(int(similar)):
-                score = round(float(sims[similar]) * c.score, 6)
-                if c.item_id != self.store.items.ids[row] and (c.item_id not in out or out[c.item_id].score < score):
-                    out[c.item_id] = Complement(item_id=c.item_id, score=score, orders=0, source="similar-text", via=via)
-        return sorted(out.values(), key=lambda c: -c.score)[: cfg.top_k]
+            for item_id, lent, *_ in self._cooccurrence(int(similar)):
+                score = round(float(sims[similar]) * lent, 6)
+                if item_id != self.store.items.ids[row] and (item_id not in out or out[item_id][1] < score):
+                    out[item_id] = (item_id, score, 0, None, "similar-text", via)
+        return sorted(out.values(), key=lambda c: -c[1])[: cfg.top_k]
 
-    def _model(self, row: int) -> list[Complement]:
+    def _model(self, row: int) -> list[Ranked]:
         self._sync()
         rows, counts = self._co_stats(row)
         weights = self._co_weights(row)
@@ -218,18 +228,21 @@ class ComplementScorer:
         top = _top(score, min(self.config.top_k, int(np.isfinite(score).sum())))
         count = dict(zip(rows.tolist(), counts.tolist()))
         ids = self.store.items.ids
-        return [Complement.model_construct(item_id=ids[b], score=round(float(score[b]), 6), orders=count.get(int(b), 0),
-                                           model_score=round(float(model[b]), 6), source="model", via=None)
-                for b in top]
+        return [(ids[b], s, count.get(b, 0), m, "model", None)
+                for b, s, m in zip(top.tolist(), np.round(score[top], 6).tolist(), np.round(model[top], 6).tolist())]
 
-    def complements(self, item_id: str) -> list[Complement]:
-        """The ranked complements of ``item_id`` (empty for an unknown item)."""
+    def _ranked(self, item_id: str) -> list[Ranked]:
         row = self.store.items.get(item_id)
         if row is None:
             return []
         if self.has_view(row):
             return self._model(row)
         return self._cooccurrence(row) or self._borrowed(row)
+
+    def complements(self, item_id: str) -> list[Complement]:
+        """The ranked complements of ``item_id`` (empty for an unknown item)."""
+        # values computed here are valid by construction: no re-validation
+        return [Complement.model_construct(**dict(zip(_FIELDS, c))) for c in self._ranked(item_id)]
 
     def substitutes(self, item_id: str) -> list[str]:
         """Items whose text is near-identical to ``item_id``'s and that were never bought with it.
@@ -253,5 +266,22 @@ class ComplementScorer:
         """The ``bundle-updates`` message of one item."""
         return BundleUpdate(item_id=item_id, complements=self.complements(item_id), model_version=self.model_version,
                             graph_version=self.store.version, updated_at=now or datetime.now().astimezone(),
-                            source_ts=source_ts if source_ts is None or math.isfinite(source_ts) else None,
-                            substitutes=self.substitutes(item_id))
+                            source_ts=_finite(source_ts), substitutes=self.substitutes(item_id))
+
+    def update_json(self, item_id: str, source_ts: float | None = None, now: datetime | None = None) -> bytes:
+        """:meth:`update` serialised, without building its objects: the stream worker's hot path.
+
+        Parses to the same :class:`BundleUpdate` (a test pins that); about half
+        the time of ``update(...).model_dump_json()``.
+        """
+        complements = ",".join(
+            f'{{"item_id":{_str(i)},"score":{s!r},"orders":{c},"model_score":{"null" if m is None else repr(m)},'
+            f'"source":"{src}","via":{"null" if via is None else _str(via)}}}'
+            for i, s, c, m, src, via in self._ranked(item_id))
+        ts = _finite(source_ts)
+        return (f'{{"item_id":{_str(item_id)},"complements":[{complements}],'
+                f'"model_version":{"null" if self.model_version is None else _str(self.model_version)},'
+                f'"graph_version":{self.store.version},'
+                f'"updated_at":"{(now or datetime.now().astimezone()).isoformat()}",'
+                f'"source_ts":{"null" if ts is None else repr(float(ts))},'
+                f'"substitutes":{json.dumps(self.substitutes(item_id))}}}').encode()
