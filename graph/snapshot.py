@@ -17,7 +17,7 @@ import numpy as np
 from graph.store import GraphConfig, GraphStore, IdMap, Item, OrderRecord, Stats, Tally
 
 FORMAT = "bundlegnn-graph"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights at the decay clock's reference time (1: each at its tally's newest time)
 
 
 class SnapshotError(ValueError):
@@ -48,6 +48,7 @@ def save(store: GraphStore, path: str | os.PathLike[str]) -> str:
         "config": store.config.model_dump(),
         "stats": store.stats.as_dict(),
         "last_ts": store.last_ts,
+        "decay_ref": store.clock.ref,
         "version": store.version,
         "item_ids": store.items.ids,
         "user_ids": store.users.ids,
@@ -94,7 +95,8 @@ def load(path: str | os.PathLike[str]) -> GraphStore:
         strings = json.loads(z["strings"].tobytes())
     except (OSError, ValueError, KeyError) as exc:
         raise SnapshotError(f"{path}: not a graph snapshot ({exc})") from exc
-    if strings.get("format") != FORMAT or strings.get("format_version") != FORMAT_VERSION:
+    version = strings.get("format_version")
+    if strings.get("format") != FORMAT or version not in (1, FORMAT_VERSION):
         raise SnapshotError(
             f"{path}: format {strings.get('format')!r} v{strings.get('format_version')}, "
             f"this version reads {FORMAT!r} v{FORMAT_VERSION}"
@@ -110,12 +112,20 @@ def load(path: str | os.PathLike[str]) -> GraphStore:
             z["item_in_stock"], z["item_has_text"], z["item_updated"],
         )
     ]
-    store.item_orders = [Tally(int(c), float(w), float(t)) for c, w, t in zip(z["io_count"], z["io_weight"], z["io_ts"])]
+    store.clock.ref = strings["last_ts"] if version == 1 else strings["decay_ref"]
+
+    def weights(prefix: str) -> list[float]:
+        w = z[prefix + "weight"]
+        if version == 1:  # each weight was as seen at its own newest time: bring it to the reference time
+            w = w * np.exp2((z[prefix + "ts"] - store.clock.ref) / store.half_life)
+        return w.tolist()
+
+    store.item_orders = [Tally(c, w, t) for c, w, t in zip(z["io_count"].tolist(), weights("io_"), z["io_ts"].tolist())]
     store.co = [{} for _ in range(store.num_items)]
-    for a, b, c, w, t in zip(*(z["co_" + k].tolist() for k in ("src", "dst", "count", "weight", "ts"))):
+    for a, b, c, w, t in zip(*(z["co_" + k].tolist() for k in ("src", "dst", "count")), weights("co_"), z["co_ts"].tolist()):
         store.co[a][b] = store.co[b][a] = Tally(c, w, t)
     store.ui = [{} for _ in range(store.num_users)]
-    for u, i, c, w, t in zip(*(z["ui_" + k].tolist() for k in ("src", "dst", "count", "weight", "ts"))):
+    for u, i, c, w, t in zip(*(z["ui_" + k].tolist() for k in ("src", "dst", "count")), weights("ui_"), z["ui_ts"].tolist()):
         store.ui[u][i] = Tally(c, w, t)
     ptr, items = z["order_ptr"].tolist(), z["order_items"].tolist()
     store.orders = {

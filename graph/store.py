@@ -5,8 +5,9 @@ worker and the tests — calls :meth:`GraphStore.apply`, so they cannot disagree
 about what an event means.
 
 Edge weights decay exponentially with a configurable half-life: a co-purchase
-``dt`` seconds ago counts ``2 ** (-dt / half_life)``. Each edge keeps its raw
-count too, because explanations ("bought together in 37 orders") quote counts.
+``dt`` seconds ago counts ``2 ** (-dt / half_life)`` (kept against a reference
+time, see :class:`DecayClock`). Each edge keeps its raw count too, because
+explanations ("bought together in 37 orders") quote counts.
 """
 
 from __future__ import annotations
@@ -38,31 +39,56 @@ class GraphConfig(BaseModel):
     )
 
 
+class DecayClock:
+    """Exponential decay against a fixed reference time.
+
+    A weight is kept as it would be at ``ref``: an observation of ``amount``
+    at ``ts`` adds ``amount * 2 ** ((ts - ref) / half_life)``, and the weight
+    seen at ``now`` is the sum times ``2 ** ((ref - now) / half_life)``. So an
+    update is one multiply-add with a factor computed once per event, in any
+    arrival order (late events included), instead of re-decaying every edge
+    it touches. ``ref`` moves forward (every weight rescaled) before factors
+    could overflow.
+    """
+
+    __slots__ = ("half_life", "ref")
+
+    MAX_HALF_LIVES = 256.0  # 2**256 is far from float64's limit
+
+    def __init__(self, half_life: float, ref: float | None = None) -> None:
+        self.half_life = half_life
+        self.ref = ref
+
+    def factor(self, ts: float) -> float:
+        """What one unit observed at ``ts`` adds to a reference-time weight."""
+        return 2.0 ** ((ts - self.ref) / self.half_life)
+
+    def scale(self, now: float) -> float:
+        """Reference-time weights times this are weights seen at ``now``."""
+        return 2.0 ** ((self.ref - now) / self.half_life)
+
+
 class Tally:
-    """A count plus a weight that decays with time, both exact under late events."""
+    """A count plus a time-decayed weight (kept at its :class:`DecayClock`'s reference time)."""
 
     __slots__ = ("count", "weight", "ts")
 
     def __init__(self, count: int = 0, weight: float = 0.0, ts: float = 0.0) -> None:
         self.count = count
-        self.weight = weight
-        self.ts = ts
+        self.weight = weight  # at the clock's reference time
+        self.ts = ts  # the newest observation
 
-    def add(self, ts: float, amount: float, half_life: float, sign: int = 1) -> None:
-        """Add (``sign=1``) or take back (``sign=-1``) ``amount`` observed at ``ts``."""
-        if ts > self.ts:
-            weight = self.weight * 2.0 ** ((self.ts - ts) / half_life) + sign * amount
-            self.ts = ts
-        elif ts == self.ts:
-            weight = self.weight + sign * amount
-        else:
-            weight = self.weight + sign * amount * 2.0 ** ((ts - self.ts) / half_life)
-        self.weight = weight if weight > 0.0 else 0.0  # (not max(): this is the replay's hottest line)
+    def add(self, ts: float, amount: float, sign: int = 1) -> None:
+        """Add (``sign=1``) or take back (``sign=-1``) ``amount`` (already scaled by the clock's factor)."""
         self.count += sign
+        self.weight += sign * amount
+        if ts > self.ts:
+            self.ts = ts
 
-    def value(self, now: float, half_life: float) -> float:
-        """The weight as seen at time ``now``."""
-        return self.weight * 2.0 ** (min(self.ts - now, 0.0) / half_life)
+    def value(self, now: float, clock: DecayClock) -> float:
+        """The weight as seen at time ``now`` (never in the future of its newest observation)."""
+        weight = self.weight if self.weight > 0.0 else 0.0  # a full take-back may leave rounding dust
+        return weight * clock.scale(now if now > self.ts else self.ts) if weight else 0.0
 
 
 @dataclass(slots=True)
@@ -160,10 +186,35 @@ class GraphStore:
     stats: Stats = field(default_factory=Stats)
     last_ts: float = 0.0
     version: int = 0
+    clock: DecayClock = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.clock = DecayClock(self.config.half_life_days * DAY)
 
     @property
     def half_life(self) -> float:
-        return self.config.half_life_days * DAY
+        return self.clock.half_life
+
+    def _factor(self, ts: float) -> float:
+        """The clock's factor at ``ts``; sets the reference at the first event, moves it before overflow."""
+        clock = self.clock
+        if clock.ref is None:
+            clock.ref = ts
+        elif (ts - clock.ref) / clock.half_life > clock.MAX_HALF_LIVES:
+            self._rebase(ts)
+        return clock.factor(ts)
+
+    def _rebase(self, ref: float) -> None:
+        """Move the reference time to ``ref``, rescaling every weight (rare: once per 256 half-lives)."""
+        scale = self.clock.factor(ref) ** -1
+        for tally in self.item_orders:
+            tally.weight *= scale
+        for rows in (self.co, self.ui):
+            for a, nbrs in enumerate(rows):
+                for b, tally in nbrs.items():
+                    if rows is self.ui or a < b:  # a co-purchase tally is shared by both rows
+                        tally.weight *= scale
+        self.clock.ref = ref
 
     # ---- applying events -------------------------------------------------
     def apply(self, event: ItemUpserted | Interaction | Order) -> Applied:
@@ -216,10 +267,11 @@ class GraphStore:
         return Applied(True, (e.item_id,))
 
     def _touch_user(self, user: int, item: int, ts: float, amount: float, sign: int = 1) -> None:
+        """``amount``: already scaled by the clock's factor at ``ts``."""
         tally = self.ui[user].get(item)
         if tally is None:
             tally = self.ui[user][item] = Tally(ts=ts)
-        tally.add(ts, amount, self.half_life, sign)
+        tally.add(ts, amount, sign)
         if tally.count <= 0:
             del self.ui[user][item]
 
@@ -227,26 +279,34 @@ class GraphStore:
         amount = self.config.interaction_weights.get(e.kind)
         if amount is None:
             raise ValueError(f"no interaction weight configured for kind {e.kind!r}")
-        self._touch_user(self._user(e.user_id), self._item(e.item_id), e.epoch, amount)
+        self._touch_user(self._user(e.user_id), self._item(e.item_id), e.epoch, amount * self._factor(e.epoch))
         return Applied(True, (e.item_id,))
 
-    def _pairs(self, rows: tuple[int, ...], ts: float, sign: int) -> None:
-        hl = self.half_life
+    def _pairs(self, rows: tuple[int, ...], ts: float, sign: int, unit: float) -> None:
+        """Count an order's items and pairs in (``sign=1``) or out; ``unit``: the clock's factor at ``ts``.
+
+        The replay's and the worker's hottest loop: a pair update is two
+        additions on a tally (see :class:`DecayClock`), written out inline.
+        """
         for row in rows:
-            self.item_orders[row].add(ts, 1.0, hl, sign)
+            self.item_orders[row].add(ts, unit, sign)
         if self.config.max_order_items and len(rows) > self.config.max_order_items:
             self.stats.oversized_orders += 1
             return
         co = self.co
+        amount = sign * unit
         for a_pos, a in enumerate(rows):
             nbrs_a = co[a]
             for b in rows[a_pos + 1 :]:
                 tally = nbrs_a.get(b)
                 if tally is None:
                     if sign > 0:
-                        nbrs_a[b] = co[b][a] = Tally(1, 1.0, ts)
+                        nbrs_a[b] = co[b][a] = Tally(1, unit, ts)
                     continue
-                tally.add(ts, 1.0, hl, sign)
+                tally.count += sign
+                tally.weight += amount
+                if ts > tally.ts:
+                    tally.ts = ts
                 if tally.count <= 0:
                     del nbrs_a[b], co[b][a]
 
@@ -258,9 +318,10 @@ class GraphStore:
         rows = tuple(self._item(i) for i in e.item_ids)
         user = self._user(e.user_id) if e.user_id else -1
         self.orders[e.order_id] = OrderRecord(ts, user, rows, "placed")
-        self._pairs(rows, ts, +1)
+        unit = self._factor(ts)
+        self._pairs(rows, ts, +1, unit)
         if user >= 0:
-            amount = self.config.interaction_weights["purchase"]
+            amount = self.config.interaction_weights["purchase"] * unit
             for row in rows:
                 self._touch_user(user, row, ts, amount)
         self.stats.orders_placed += 1
@@ -277,9 +338,10 @@ class GraphStore:
             self.stats.duplicates += 1
             return Applied(False, (), f"order {e.order_id} already cancelled")
         record.status = "cancelled"
-        self._pairs(record.items, record.ts, -1)
+        unit = self._factor(record.ts)
+        self._pairs(record.items, record.ts, -1, unit)
         if record.user >= 0:
-            amount = self.config.interaction_weights["purchase"]
+            amount = self.config.interaction_weights["purchase"] * unit
             for row in record.items:
                 self._touch_user(record.user, row, record.ts, amount, -1)
         self.stats.orders_cancelled += 1
@@ -311,23 +373,23 @@ class GraphStore:
     def co_edges(self, now: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Undirected co-purchase edges ``(a, b, count, weight@now)`` with ``a < b``."""
         now = self.last_ts if now is None else now
-        hl = self.half_life
+        clock = self.clock
         src, dst, cnt, w = [], [], [], []
         for a, nbrs in enumerate(self.co):
             for b, t in nbrs.items():
                 if a < b:
-                    src.append(a), dst.append(b), cnt.append(t.count), w.append(t.value(now, hl))
+                    src.append(a), dst.append(b), cnt.append(t.count), w.append(t.value(now, clock))
         return (np.asarray(src, np.int64), np.asarray(dst, np.int64),
                 np.asarray(cnt, np.int64), np.asarray(w, np.float64))
 
     def ui_edges(self, now: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """User–item edges ``(user, item, count, weight@now)``."""
         now = self.last_ts if now is None else now
-        hl = self.half_life
+        clock = self.clock
         src, dst, cnt, w = [], [], [], []
         for u, nbrs in enumerate(self.ui):
             for i, t in nbrs.items():
-                src.append(u), dst.append(i), cnt.append(t.count), w.append(t.value(now, hl))
+                src.append(u), dst.append(i), cnt.append(t.count), w.append(t.value(now, clock))
         return (np.asarray(src, np.int64), np.asarray(dst, np.int64),
                 np.asarray(cnt, np.int64), np.asarray(w, np.float64))
 

@@ -11,6 +11,12 @@ from graph.store import GraphConfig, GraphStore
 from training.datasets import ReplayReport, online_retail_events
 
 DATA = Path(__file__).parent / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from bundlegnn.cli import tune_gc
+
+    tune_gc()  # as the `bundlegnn` command does: the graph's many small objects make default GC slow
 #: The whole European subset of Online Retail II (copied from ../shared/data/online_retail_ii).
 RETAIL_II = DATA / "online_retail_ii.csv.gz"
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)

@@ -24,6 +24,7 @@ def _state(store: GraphStore) -> dict:
         "orders": store.orders,
         "stats": store.stats,
         "last_ts": store.last_ts,
+        "decay_ref": store.clock.ref,
         "version": store.version,
     }
 
@@ -42,6 +43,29 @@ def test_round_trip_equals_original(retail_replay, tmp_path: Path) -> None:
     assert loaded.co[a][b] is loaded.co[b][a]
     # same content, same id
     assert save(loaded, tmp_path / "again.npz") == snap_id and len(snap_id) == 16
+
+
+def test_version_1_snapshots_still_load_with_the_same_weights(retail_replay, tmp_path: Path) -> None:
+    """v1 kept each weight as seen at its tally's newest time; loading converts it to the reference time."""
+    import json
+
+    store, _ = retail_replay
+    save(store, tmp_path / "g.npz")
+    z = dict(np.load(tmp_path / "g.npz"))
+    strings = json.loads(z["strings"].tobytes())
+    ref, hl = strings.pop("decay_ref"), store.half_life
+    for prefix in ("co_", "ui_", "io_"):  # what version 1 wrote
+        z[prefix + "weight"] = z[prefix + "weight"] * np.exp2((ref - z[prefix + "ts"]) / hl)
+    strings["format_version"] = 1
+    z["strings"] = np.frombuffer(json.dumps(strings).encode(), np.uint8)
+    np.savez(tmp_path / "v1.npz", **z)
+    old = load(tmp_path / "v1.npz")
+    now = store.last_ts
+    assert old.co_edges(now)[2].tolist() == store.co_edges(now)[2].tolist()  # counts
+    assert np.allclose(old.co_edges(now)[3], store.co_edges(now)[3], rtol=1e-9)
+    assert np.allclose(old.ui_edges(now)[3], store.ui_edges(now)[3], rtol=1e-9)
+    later = now + 30 * 86400.0
+    assert np.allclose(old.co_edges(later)[3], store.co_edges(later)[3], rtol=1e-9)
 
 
 def test_loaded_store_keeps_idempotency(retail_replay, tmp_path: Path) -> None:

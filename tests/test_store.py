@@ -30,7 +30,7 @@ def test_order_adds_pairs_and_user_edges(store: GraphStore) -> None:
     assert store.co_purchase("A", "B").count == 1 and store.co_purchase("B", "A") is store.co_purchase("A", "B")
     assert store.co_purchase("A", "A") is None
     assert store.num_ui_edges() == 3
-    assert store.ui[0][store.items.get("C")].weight == pytest.approx(5.0)  # purchase weight
+    assert store.ui[0][store.items.get("C")].value(at(0).timestamp(), store.clock) == pytest.approx(5.0)  # purchase
     assert list(store.item_order_counts()) == [1, 1, 1]
     assert store.stats.placeholder_items == 3  # seen in an order before the catalog
 
@@ -41,10 +41,10 @@ def test_weights_decay_with_half_life(store: GraphStore) -> None:
     tally = store.co_purchase("A", "B")
     assert tally.count == 2
     # first order has halved by the time of the second
-    assert tally.value(at(HALF_LIFE_DAYS).timestamp(), store.half_life) == pytest.approx(1.5)
-    assert tally.value(at(3 * HALF_LIFE_DAYS).timestamp(), store.half_life) == pytest.approx(0.375)
+    assert tally.value(at(HALF_LIFE_DAYS).timestamp(), store.clock) == pytest.approx(1.5)
+    assert tally.value(at(3 * HALF_LIFE_DAYS).timestamp(), store.clock) == pytest.approx(0.375)
     # reading at an earlier time never inflates a weight
-    assert tally.value(at(0).timestamp(), store.half_life) == pytest.approx(1.5)
+    assert tally.value(at(0).timestamp(), store.clock) == pytest.approx(1.5)
 
 
 def test_late_event_gives_the_same_weight_as_in_order() -> None:
@@ -55,8 +55,22 @@ def test_late_event_gives_the_same_weight_as_in_order() -> None:
     now = at(9).timestamp()
     a, b = in_order.co_purchase("A", "B"), late.co_purchase("A", "B")
     expected = sum(2 ** (-(9 - d) / 3) for d in (0, 5, 7.5))
-    assert a.value(now, in_order.half_life) == pytest.approx(expected)
-    assert b.value(now, late.half_life) == pytest.approx(expected)
+    assert a.value(now, in_order.clock) == pytest.approx(expected)
+    assert b.value(now, late.clock) == pytest.approx(expected)
+
+
+def test_weights_stay_exact_over_many_half_lives_and_a_moved_reference() -> None:
+    """The decay clock's reference moves before its factors overflow; weights read the same after it."""
+    store = GraphStore(GraphConfig(half_life_days=1))
+    store.apply(order("o1", ["A", "B"], 0))
+    ref = store.clock.ref
+    store.apply(order("o2", ["A", "B"], 300))  # 300 half-lives later: past the clock's limit
+    assert store.clock.ref == at(300).timestamp() != ref
+    ab = store.co_purchase("A", "B")
+    assert ab.value(at(300).timestamp(), store.clock) == pytest.approx(1 + 2.0**-300)
+    assert ab.value(at(301).timestamp(), store.clock) == pytest.approx(0.5)
+    store.apply(order("o1", ["A"], 302, status="cancelled"))  # takes back the day-0 order, in today's scale
+    assert ab.count == 1 and ab.value(at(300).timestamp(), store.clock) == pytest.approx(1.0)
 
 
 def test_duplicate_order_changes_nothing(store: GraphStore) -> None:
@@ -71,13 +85,13 @@ def test_duplicate_order_changes_nothing(store: GraphStore) -> None:
 def test_cancellation_takes_the_order_back_exactly(store: GraphStore) -> None:
     store.apply(order("o1", ["A", "B"], 0))
     store.apply(order("o2", ["A", "B", "C"], 2))
-    before = store.co_purchase("A", "B").value(at(4).timestamp(), store.half_life)
+    before = store.co_purchase("A", "B").value(at(4).timestamp(), store.clock)
     cancel = store.apply(order("o2", ["A"], 4, status="cancelled"))
     assert cancel.changed and set(cancel.items) == {"A", "B", "C"}
     ab = store.co_purchase("A", "B")
     assert ab.count == 1
-    assert ab.value(at(4).timestamp(), store.half_life) == pytest.approx(before - 2 ** (-2 / HALF_LIFE_DAYS))
-    assert ab.value(at(4).timestamp(), store.half_life) == pytest.approx(2 ** (-4 / HALF_LIFE_DAYS))
+    assert ab.value(at(4).timestamp(), store.clock) == pytest.approx(before - 2 ** (-2 / HALF_LIFE_DAYS))
+    assert ab.value(at(4).timestamp(), store.clock) == pytest.approx(2 ** (-4 / HALF_LIFE_DAYS))
     assert store.co_purchase("A", "C") is None and store.co_purchase("B", "C") is None  # count 0: edge gone
     assert store.items.get("C") not in store.ui[0]
     assert list(store.item_order_counts()) == [1, 1, 0]
@@ -99,7 +113,7 @@ def test_interactions_weighted_by_kind(store: GraphStore) -> None:
     for kind in ("view", "view", "cart"):
         store.apply(Interaction(user_id="u7", item_id="A", kind=kind, ts=at(0)))
     tally = store.ui[store.users.get("u7")][store.items.get("A")]
-    assert tally.count == 3 and tally.weight == pytest.approx(1 + 1 + 3)
+    assert tally.count == 3 and tally.value(at(0).timestamp(), store.clock) == pytest.approx(1 + 1 + 3)
 
 
 def test_catalog_upserts_fill_placeholders_and_ignore_stale_or_same(store: GraphStore) -> None:

@@ -176,9 +176,10 @@ class ComplementScorer:
 
     def _co_weights(self, row: int) -> np.ndarray:
         """Decayed co-purchase weights, in the order of :meth:`_co_stats`."""
-        now, hl = self.store.last_ts, self.store.half_life
         nbrs = self.store.co[row]
-        return np.fromiter((t.value(now, hl) for t in nbrs.values()), np.float64, len(nbrs))
+        raw = np.fromiter((t.weight for t in nbrs.values()), np.float64, len(nbrs))
+        # every tally's newest observation is at or before the store's last event: one scale for all
+        return np.maximum(raw, 0.0) * self.store.clock.scale(self.store.last_ts) if len(raw) else raw
 
     def _order_counts(self) -> np.ndarray:
         """Orders per item, cached per graph version (one refresh scores many items)."""
