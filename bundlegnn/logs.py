@@ -55,8 +55,8 @@ def dict_config(config: LogConfig) -> dict:
         "handlers": {"default": {"class": "logging.StreamHandler", "formatter": config.format,
                                  "stream": "ext://sys.stderr"}},
         "root": {"level": config.level, "handlers": ["default"]},
-        # the Kafka clients' per-connection chatter
-        "loggers": {name: {"level": "WARNING"} for name in ("kafka", "aiokafka")},
+        # per-connection and per-request chatter of the Kafka and HTTP clients
+        "loggers": {name: {"level": "WARNING"} for name in ("kafka", "aiokafka", "httpx", "httpcore")},
     }
 
 

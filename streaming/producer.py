@@ -35,7 +35,7 @@ class EventProducer:
     """A kafka-python producer that knows the topics and keys of events."""
 
     def __init__(self, bootstrap: str, topics: Topics, **kafka_options: object) -> None:
-        options = {"linger_ms": 5, "acks": 1, **kafka_options}
+        options = {"linger_ms": 5, "acks": "all", **kafka_options}  # acks=all: idempotent, nothing lost on a leader change
         self.topics = topics
         self.producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **options)
 
