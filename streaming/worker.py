@@ -36,6 +36,7 @@ from typing import Any
 import faust
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from faust.exceptions import ConsumerNotStarted
 
 from graph.events import Interaction, ItemUpserted, Order
 from graph.snapshot import save as save_snapshot
@@ -312,7 +313,11 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
     async def measure() -> None:
         """Consumer lag per event topic (high-water mark minus the next offset to apply) and graph size."""
         lag: dict[str, int] = {}
-        for tp in app.consumer.assignment():
+        try:
+            assigned = app.consumer.assignment()
+        except ConsumerNotStarted:  # starting or rebalancing: measure on the next tick
+            return
+        for tp in assigned:
             if tp.topic in (names.catalog, names.interactions, names.orders):
                 high = app.consumer.highwater(tp)
                 if high is not None:
