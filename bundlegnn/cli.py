@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from graph.store import GraphStore
 
+
 def tune_gc() -> None:
     """Collect young objects every 50,000 allocations instead of 700.
 
@@ -122,11 +123,11 @@ def train(
     Exit codes: 0 written (and published), 1 failed, 2 bad config or input,
     3 not promoted because the candidate is not better than the live model.
     """
+    from graph.events import Order
     from graph.snapshot import save as save_snapshot
     from training import job
     from training.artifact import latest_artifact, load_artifact
-    from graph.events import Order
-    from training.promote import decide
+    from training.promote import judge
 
     settings = _settings(config)
     log = logging.getLogger("bundlegnn.train")
@@ -153,10 +154,7 @@ def train(
     if promote:
         live_path = latest_artifact(settings.paths.model_store)
         live = load_artifact(live_path) if live_path else None
-        device = settings.training.device
-        new = job.window_metrics(cand.result.model, cand.id_items, cand, device)
-        old = job.live_metrics(live, cand, encoder, device) if live else None
-        decision = decide(new, old, live.version if live else None, gate)
+        decision = judge(cand, live, encoder, settings.training.device, gate)
         extra["promotion"] = {**decision.as_dict(), "window_from": cand.split.protocol["test_from"],
                               "window_queries": len(cand.split.test)}
         log.info("promotion: %s", decision.reason)
@@ -166,9 +164,16 @@ def train(
     path, summary = job.save(cand, events, settings.graph, settings.training, encoder, settings.paths.model_store,
                              snapshot_id, extra)
     if publish:
+        from kafka.errors import KafkaError
+
         from streaming.producer import publish_model
 
-        publish_model(bootstrap, settings.stream.topics.model_updates, str(path.resolve()), path.name)
+        try:
+            publish_model(bootstrap, settings.stream.topics.model_updates, str(path.resolve()), path.name)
+        except KafkaError as exc:
+            log.error("model %s written but not announced on %s (%r): workers load it when they restart",
+                      path.name, settings.stream.topics.model_updates, exc)
+            raise typer.Exit(1) from exc
         log.info("published %s on %s", path.name, settings.stream.topics.model_updates)
     summary = {"artifact": str(path), "promoted": True if promote else None, "published": publish, **summary,
                "total_seconds": round(time.perf_counter() - started, 1)}

@@ -16,6 +16,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from training.artifact import Artifact
+from training.encoder import TextEncoder
+from training.job import Candidate, live_metrics, window_metrics
+
 
 class PromotionConfig(BaseModel):
     """The ``promotion:`` section of a config file."""
@@ -62,3 +66,10 @@ def decide(candidate: dict[str, float], live: dict[str, float] | None, live_vers
         return result(True, f"candidate {m} {new:.4f} beats live {old:.4f} ({(new / old - 1) * 100 if old else math.inf:+.1f} %)")
     return result(False, f"candidate {m} {new:.4f} does not beat live {old:.4f}"
                   + (f" by the required {cfg.min_gain:.1%}" if cfg.min_gain else ""))
+
+
+def judge(cand: Candidate, live: Artifact | None, encoder: TextEncoder, device: str, cfg: PromotionConfig) -> Decision:
+    """Score the candidate and the live model on the candidate's window, then :func:`decide`."""
+    new = window_metrics(cand.result.model, cand.id_items, cand, device)
+    old = live_metrics(live, cand, encoder, device) if live is not None else None
+    return decide(new, old, live.version if live is not None else None, cfg)
