@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graph.store import GraphConfig, GraphStore, IdMap, Item, OrderRecord, Stats, Tally
+from graph.store import GraphConfig, GraphStore, IdMap, Item, OrderRecord, Stats
+from graph.tallies import EdgeTable
 
 FORMAT = "bundlegnn-graph"
 FORMAT_VERSION = 2  # 2: weights at the decay clock's reference time (1: each at its tally's newest time)
@@ -24,22 +25,16 @@ class SnapshotError(ValueError):
     """The file is not a graph snapshot this version can read."""
 
 
-def _tallies(rows: list[tuple[int, int, Tally]]) -> dict[str, np.ndarray]:
-    return {
-        "src": np.fromiter((r[0] for r in rows), np.int64, len(rows)),
-        "dst": np.fromiter((r[1] for r in rows), np.int64, len(rows)),
-        "count": np.fromiter((r[2].count for r in rows), np.int64, len(rows)),
-        "weight": np.fromiter((r[2].weight for r in rows), np.float64, len(rows)),
-        "ts": np.fromiter((r[2].ts for r in rows), np.float64, len(rows)),
-    }
+def _columns(table: EdgeTable) -> dict[str, np.ndarray]:
+    a, b, slots = table.edges()
+    t = table.tallies
+    return {"src": a, "dst": b, "count": t.count[slots], "weight": t.weight[slots], "ts": t.ts[slots]}
 
 
 def save(store: GraphStore, path: str | os.PathLike[str]) -> str:
     """Write ``store`` to ``path`` atomically; return the snapshot id."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    co = [(a, b, t) for a, nbrs in enumerate(store.co) for b, t in nbrs.items() if a < b]
-    ui = [(u, i, t) for u, nbrs in enumerate(store.ui) for i, t in nbrs.items()]
     order_ids = list(store.orders)
     records = list(store.orders.values())
     strings = {
@@ -69,9 +64,12 @@ def save(store: GraphStore, path: str | os.PathLike[str]) -> str:
         "order_ptr": np.cumsum([0] + [len(r.items) for r in records], dtype=np.int64),
         "order_items": np.array([i for r in records for i in r.items], np.int64),
     }
-    item_tallies = [(i, i, t) for i, t in enumerate(store.item_orders)]
-    for prefix, rows in (("co_", co), ("ui_", ui), ("io_", item_tallies)):
-        arrays.update({prefix + k: v for k, v in _tallies(rows).items()})
+    n, io = store.num_items, store.item_orders
+    items = np.arange(n, dtype=np.int64)
+    columns = {"co_": _columns(store.co), "ui_": _columns(store.ui),
+               "io_": {"src": items, "dst": items, "count": io.count[:n], "weight": io.weight[:n], "ts": io.ts[:n]}}
+    for prefix, cols in columns.items():
+        arrays.update({prefix + k: v for k, v in cols.items()})
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
@@ -114,19 +112,20 @@ def load(path: str | os.PathLike[str]) -> GraphStore:
     ]
     store.clock.ref = strings["last_ts"] if version == 1 else strings["decay_ref"]
 
-    def weights(prefix: str) -> list[float]:
+    def weights(prefix: str) -> np.ndarray:
         w = z[prefix + "weight"]
         if version == 1:  # each weight was as seen at its own newest time: bring it to the reference time
             w = w * np.exp2((z[prefix + "ts"] - store.clock.ref) / store.half_life)
-        return w.tolist()
+        return w
 
-    store.item_orders = [Tally(c, w, t) for c, w, t in zip(z["io_count"].tolist(), weights("io_"), z["io_ts"].tolist())]
-    store.co = [{} for _ in range(store.num_items)]
-    for a, b, c, w, t in zip(*(z["co_" + k].tolist() for k in ("src", "dst", "count")), weights("co_"), z["co_ts"].tolist()):
-        store.co[a][b] = store.co[b][a] = Tally(c, w, t)
-    store.ui = [{} for _ in range(store.num_users)]
-    for u, i, c, w, t in zip(*(z["ui_" + k].tolist() for k in ("src", "dst", "count")), weights("ui_"), z["ui_ts"].tolist()):
-        store.ui[u][i] = Tally(c, w, t)
+    store.item_orders.resize(store.num_items)
+    io = store.item_orders
+    io.count[: store.num_items], io.weight[: store.num_items], io.ts[: store.num_items] = (
+        z["io_count"], weights("io_"), z["io_ts"])
+    store.co.grow(store.num_items)
+    store.ui.grow(store.num_users)
+    for prefix, table in (("co_", store.co), ("ui_", store.ui)):
+        table.load(z[prefix + "src"], z[prefix + "dst"], z[prefix + "count"], weights(prefix), z[prefix + "ts"])
     ptr, items = z["order_ptr"].tolist(), z["order_items"].tolist()
     store.orders = {
         oid: OrderRecord(ts, user, tuple(items[ptr[k] : ptr[k + 1]]), status)

@@ -79,16 +79,28 @@ class WorkerState:
 
     def apply(self, event: ItemUpserted | Interaction | Order, source_ts: float | None) -> str | None:
         """Apply one event; return a dead-letter reason when it references nothing."""
-        result = self.store.apply(event)
-        self.metrics.events.labels(event.type).inc()
-        if isinstance(event, ItemUpserted) and result.changed:
-            self.new_text.add(event.item_id)
-        if isinstance(event, Order) and event.status == "cancelled" and not result.changed and "unknown" in result.note:
-            return f"{result.note}: recorded, a late placement of it will be ignored"
-        ts = source_ts if source_ts is not None else time.time()
-        for item in result.items if result.changed else ():
-            self.pending[item] = max(ts, self.pending.get(item, 0.0))
-        return None
+        return self.apply_many([event], [source_ts])[0]
+
+    def apply_many(self, events: list[ItemUpserted | Interaction | Order],
+                   source_ts: list[float | None]) -> list[str | None]:
+        """Apply events in order (one bulk graph update); per event, a dead-letter reason or None."""
+        reasons: list[str | None] = []
+        now = time.time()
+        pending, counter = self.pending, self.metrics.events
+        for event, result, ts in zip(events, self.store.apply_many(events), source_ts):
+            counter.labels(event.type).inc()
+            if isinstance(event, ItemUpserted) and result.changed:
+                self.new_text.add(event.item_id)
+            if isinstance(event, Order) and event.status == "cancelled" and not result.changed and "unknown" in result.note:
+                reasons.append(f"{result.note}: recorded, a late placement of it will be ignored")
+            else:
+                reasons.append(None)
+            if result.changed:
+                ts = ts if ts is not None else now
+                for item in result.items:
+                    if pending.get(item, 0.0) < ts:
+                        pending[item] = ts
+        return reasons
 
     # ---- text and model --------------------------------------------------------
     def text_job(self) -> tuple[np.ndarray, list[str]] | None:
@@ -116,7 +128,7 @@ class WorkerState:
         artifact = load_artifact(path)
         self.artifact = artifact
         self._install(artifact)
-        self.pending.update({k: time.time() for k in self.store.items.ids if self.store.co[self.store.items.index[k]]})
+        self.pending.update({k: time.time() for k in self.store.items.ids if self.store.co.nbrs[self.store.items.index[k]]})
         self.metrics.model_loaded.set(time.time())
         log.info("model %s loaded from %s", artifact.version, path)
 
@@ -167,10 +179,6 @@ def _forward(model: Any, graph: Any) -> dict[str, Any]:
 
     with torch.no_grad():
         return graph.embed(model)
-
-
-def _json(event: ItemUpserted | Interaction | Order) -> str:
-    return event.model_dump_json()
 
 
 def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot: Path | None = None,
@@ -228,7 +236,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
                 continue
             reason = state.apply(decoded, event.message.timestamp)
             key = key_of[kind](decoded)
-            table[key] = table[key] + [_json(decoded)]
+            table[key] = table[key] + [event.value.decode()]  # as received: rebuild() decodes it the same way
             if reason:
                 await dead_letter(event, reason)
 
@@ -253,14 +261,18 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         table = tables["order"]
         async for batch in stream_.take_events(stream.batch_size, within=stream.batch_within):
             applied: dict[int, list[tuple[faust.types.EventT, str]]] = {}
+            valid: list[tuple[faust.types.EventT, Order]] = []
             for event in batch:
                 state.offsets[event.message.tp[:2]] = event.message.offset + 1
                 decoded = decode(event.value, "order")
                 if isinstance(decoded, Rejected):
                     await dead_letter(event, decoded.reason)
-                    continue
-                reason = state.apply(decoded, event.message.timestamp)
-                applied.setdefault(event.message.partition, []).append((event, _json(decoded)))
+                else:
+                    valid.append((event, decoded))
+            reasons = state.apply_many([o for _, o in valid], [e.message.timestamp for e, _ in valid])
+            for (event, _), reason in zip(valid, reasons):
+                # the record is the validated message as received: rebuild() decodes it the same way
+                applied.setdefault(event.message.partition, []).append((event, event.value.decode()))
                 if reason:
                     await dead_letter(event, reason)
             for partition, records in applied.items():
@@ -279,8 +291,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         events.sort(key=lambda e: e.epoch)
         for _, values in sorted(tables["order"].items()):  # per partition, in arrival order: cancellations keep
             events += [decode(raw_, "order") for raw_ in values]  # their meaning
-        for event in events:
-            state.apply(event, None)
+        state.apply_many(events, [None] * len(events))
         state.embed_text()
         state.pending = {k: 0.0 for k in state.pending}  # publish the rebuilt lists, no latency to report
         log.info("graph rebuilt from changelogs: %d events, %d items, %d co-purchase edges",

@@ -58,7 +58,7 @@ def test_model_scores_by_hand() -> None:
     scorer.set_views("m1", store.items.ids, src, dst, prior, temperature=0.5)
     got = scorer.complements("i0")
     model = unit(src)[0] @ unit(dst).T / 0.5 + prior
-    w = {b: store.co[0][b].value(store.last_ts, store.clock) for b in store.co[0]}
+    w = {b: store.co.get(0, b).value(store.last_ts, store.clock) for b in store.co.nbrs[0]}
     score = model + np.array([math.log1p(w.get(b, 0.0)) for b in range(6)])
     score[0] = -np.inf
     assert [c.item_id for c in got] == [f"i{b}" for b in np.argsort(-score, kind="stable")[:5]]

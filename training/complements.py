@@ -168,18 +168,17 @@ class ComplementScorer:
         return row < len(self._has_view) and bool(self._has_view[row])
 
     # ---- scoring -----------------------------------------------------------
-    def _co_stats(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Neighbour rows and their co-purchase counts."""
-        nbrs = self.store.co[row]
-        rows = np.fromiter(nbrs.keys(), np.int64, len(nbrs))
-        return rows, np.fromiter((t.count for t in nbrs.values()), np.int64, len(nbrs))
+    def _co_stats(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Neighbour rows, their co-purchase counts and the edges' slots."""
+        rows, slots = self.store.co.neighbours(row)
+        return rows, self.store.co.tallies.count[slots], slots
 
-    def _co_weights(self, row: int) -> np.ndarray:
-        """Decayed co-purchase weights, in the order of :meth:`_co_stats`."""
-        nbrs = self.store.co[row]
-        raw = np.fromiter((t.weight for t in nbrs.values()), np.float64, len(nbrs))
+    def _co_weights(self, slots: np.ndarray) -> np.ndarray:
+        """Decayed co-purchase weights of edge slots."""
+        t = self.store.co.tallies
         # every tally's newest observation is at or before the store's last event: one scale for all
-        return np.maximum(raw, 0.0) * self.store.clock.scale(self.store.last_ts) if len(raw) else raw
+        return np.maximum(t.weight[slots], 0.0) * self.store.clock.scale(self.store.last_ts) if len(slots) else \
+            np.zeros(0)
 
     def _order_counts(self) -> np.ndarray:
         """Orders per item, cached per graph version (one refresh scores many items)."""
@@ -188,7 +187,7 @@ class ComplementScorer:
         return self._counts
 
     def _cooccurrence(self, row: int) -> list[Ranked]:
-        rows, counts = self._co_stats(row)
+        rows, counts, _ = self._co_stats(row)
         if not len(rows):
             return []
         n = self._order_counts()
@@ -205,7 +204,7 @@ class ComplementScorer:
             return []
         sims = self.text @ self.text[row]
         sims[row] = -np.inf
-        sims[[not self.store.co[r] for r in range(len(sims))]] = -np.inf  # only items with orders lend complements
+        sims[self.store.co.degrees()[: len(sims)] == 0] = -np.inf  # only items with orders lend complements
         out: dict[str, Ranked] = {}
         for similar in np.argsort(-sims)[: cfg.similar_items]:
             if sims[similar] < cfg.min_text_similarity:
@@ -219,8 +218,8 @@ class ComplementScorer:
 
     def _model(self, row: int) -> list[Ranked]:
         self._sync()
-        rows, counts = self._co_stats(row)
-        weights = self._co_weights(row)
+        rows, counts, slots = self._co_stats(row)
+        weights = self._co_weights(slots)
         model = model_logits(self._src[row][None], self._dst, self._prior, self.temperature)[0]
         boost = np.zeros_like(model)
         boost[rows] = self.config.co_purchase_boost * np.log1p(weights)
@@ -260,8 +259,8 @@ class ComplementScorer:
             sims[row] = -np.inf
             close = np.flatnonzero(sims >= cfg.substitute_similarity)
             self._text_neighbours[row] = close[np.argsort(-sims[close], kind="stable")]
-        co, ids = self.store.co[row], self.store.items.ids
-        return [ids[r] for r in self._text_neighbours[row] if r not in co or co[r].count <= 0][: cfg.max_substitutes]
+        co, ids = self.store.co.nbrs[row], self.store.items.ids
+        return [ids[r] for r in self._text_neighbours[row] if r not in co][: cfg.max_substitutes]
 
     def update(self, item_id: str, source_ts: float | None = None, now: datetime | None = None) -> BundleUpdate:
         """The ``bundle-updates`` message of one item."""
