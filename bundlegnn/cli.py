@@ -374,7 +374,7 @@ def serve(
         gc.freeze()
 
     feed = ViewFeed(view, bootstrap, FeedTopics(t.catalog, t.bundle_updates, t.orders, t.interactions),
-                    on_ready=settle)
+                    on_ready=settle, fetch_max_wait=settings.stream.fetch_max_wait)
 
     def health() -> tuple[bool, str | None]:
         if feed.error is not None:

@@ -159,7 +159,7 @@ class EdgeTable:
     its slot reused.
     """
 
-    __slots__ = ("symmetric", "slot", "nbrs", "tallies", "keys", "free")
+    __slots__ = ("symmetric", "slot", "nbrs", "tallies", "keys", "free", "_arrays")
 
     def __init__(self, symmetric: bool) -> None:
         self.symmetric = symmetric
@@ -168,6 +168,7 @@ class EdgeTable:
         self.tallies = Tallies()
         self.keys = np.zeros(0, np.int64)  # slot → key
         self.free: list[int] = []
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row → neighbours() until its edges change
 
     def __len__(self) -> int:
         """Edges (a symmetric edge counts once)."""
@@ -220,21 +221,25 @@ class EdgeTable:
         out = np.asarray(slots, np.int64)
         self.keys[out] = keys
         self.slot.put(keys, out)
-        nbrs, symmetric = self.nbrs, self.symmetric
+        nbrs, symmetric, arrays = self.nbrs, self.symmetric, self._arrays
         for x, y, s in zip(a.tolist(), b.tolist(), slots):
             nbrs[x][y] = s
+            arrays.pop(x, None)
             if symmetric:
                 nbrs[y][x] = s
+                arrays.pop(y, None)
         return out
 
     def _remove(self, slots: np.ndarray) -> None:
         self.slot.delete(self.keys[slots])
-        nbrs, symmetric = self.nbrs, self.symmetric
+        nbrs, symmetric, arrays = self.nbrs, self.symmetric, self._arrays
         for key, s in zip(self.keys[slots].tolist(), slots.tolist()):
             x, y = key >> 32, key & 0xFFFFFFFF
             del nbrs[x][y]
+            arrays.pop(x, None)
             if symmetric:
                 del nbrs[y][x]
+                arrays.pop(y, None)
             self.free.append(s)
         self.tallies.clear(slots)
 
@@ -249,6 +254,7 @@ class EdgeTable:
     def load(self, a: np.ndarray, b: np.ndarray, count: np.ndarray, weight: np.ndarray, ts: np.ndarray) -> None:
         """Replace every edge by the given ones (a snapshot being read)."""
         self.slot, self.free, self.tallies, self.keys = KeyIndex(len(a)), [], Tallies(), np.zeros(0, np.int64)
+        self._arrays = {}
         self.nbrs = [{} for _ in self.nbrs]
         keys, a, b = self._key(np.asarray(a, np.int64), np.asarray(b, np.int64))
         self._allocate(keys, a, b)
@@ -256,9 +262,15 @@ class EdgeTable:
         self.tallies.count[:n], self.tallies.weight[:n], self.tallies.ts[:n] = count, weight, ts
 
     def neighbours(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Neighbour rows of ``row`` and their edges' slots."""
-        nbrs = self.nbrs[row]
-        return (np.fromiter(nbrs.keys(), np.int64, len(nbrs)), np.fromiter(nbrs.values(), np.int64, len(nbrs)))
+        """Neighbour rows of ``row`` and their edges' slots (kept until an edge of ``row`` comes or goes: read-only)."""
+        found = self._arrays.get(row)
+        if found is None:
+            nbrs = self.nbrs[row]
+            found = self._arrays[row] = (np.fromiter(nbrs.keys(), np.int64, len(nbrs)),
+                                         np.fromiter(nbrs.values(), np.int64, len(nbrs)))
+            for array in found:
+                array.flags.writeable = False
+        return found
 
     def get(self, a: int, b: int) -> Tally | None:
         """The tally of edge ``a``–``b``, or None."""

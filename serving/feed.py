@@ -38,8 +38,9 @@ class ViewFeed:
 
     def __init__(self, view: BundleView, bootstrap: str, topics: FeedTopics,
                  on_update: Callable[[BundleUpdate, float], None] | None = None,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, fetch_max_wait: float = 0.05) -> None:
         self.view, self.bootstrap, self.topics = view, bootstrap, topics
+        self.fetch_max_wait_ms = int(fetch_max_wait * 1000)  # see StreamConfig.fetch_max_wait
         self.on_update, self.on_ready = on_update, on_ready
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -100,7 +101,8 @@ class ViewFeed:
     def _consume(self) -> None:
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
-                                 fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
+                                 fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
+                                 fetch_max_wait_ms=self.fetch_max_wait_ms)
         try:
             parts = []
             for topic in self._handlers:

@@ -43,6 +43,7 @@ from graph.snapshot import save as save_snapshot
 from graph.store import GraphConfig, GraphStore
 from streaming.codec import Rejected, decode
 from streaming.metrics import WorkerMetrics
+from streaming import transport
 from streaming.settings import StreamConfig
 from training.artifact import Artifact, load_artifact
 from training.complements import ComplementScorer, ScorerConfig
@@ -187,7 +188,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         stream.app_id,
-        broker=[f"kafka://{b}" for b in bootstrap.split(",")],
+        broker=[f"{transport.SCHEME}://{b}" for b in bootstrap.split(",")],
         store="memory://",
         datadir=str(datadir),
         topic_partitions=stream.partitions,
@@ -202,6 +203,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         table_cleanup_interval=3600.0,
         producer_max_batch_size=stream.producer_max_batch_size,
     )
+    app.fetch_max_wait_ms = stream.fetch_max_wait * 1000  # read by streaming.transport's consumer
     names = stream.topics
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     catalog_topic = app.topic(names.catalog, **raw)
@@ -299,9 +301,24 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
 
     tables["order"].on_recover(rebuild)
 
-    @app.timer(stream.batch_within)
+    @app.task
+    async def refresher() -> None:
+        """Refresh, pause, repeat: the pause is ``refresh_interval``, or longer when refreshes take long.
+
+        Under load an item is touched by many orders between two refreshes,
+        and one refresh then serves them all: the pause grows so refreshing
+        takes at most ``refresh_share`` of the worker's time and the rest
+        goes to applying events.
+        """
+        share = stream.refresh_share
+        while True:
+            started = time.perf_counter()
+            await refresh()
+            took = time.perf_counter() - started
+            await asyncio.sleep(max(stream.refresh_interval, took * (1 - share) / share))
+
     async def refresh() -> None:
-        """Publish fresh complement lists of the items touched since the last tick."""
+        """Publish fresh complement lists of the items touched since the last refresh."""
         job = state.text_job()
         if job is not None and state.encoder is not None:  # the encoder runs in a thread: heartbeats go on
             vectors = await asyncio.get_running_loop().run_in_executor(None, _encode, state.encoder, job[1])
@@ -398,7 +415,7 @@ class _Publisher:
         if self.producer is None:
             async with self.lock:
                 if self.producer is None:
-                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5)
+                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, max_batch_size=1 << 20)
                     await producer.start()
                     self.producer = producer
         await self.producer.send(topic, key=key, value=value, headers=headers)

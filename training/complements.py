@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from datetime import datetime
 
 import numpy as np
@@ -56,7 +57,7 @@ class BundleUpdate(BaseModel):
 #: A complement as plain values, in :class:`Complement`'s field order (the scorer's hot path builds no objects).
 Ranked = tuple[str, float, int, "float | None", str, "str | None"]
 _FIELDS = tuple(Complement.model_fields)
-_str = json.dumps
+_str = encode_basestring_ascii  # json.dumps of a str, without its per-call overhead
 
 
 def _finite(ts: float | None) -> float | None:
