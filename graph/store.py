@@ -1,4 +1,4 @@
-"""The graph store: items, users and time-decayed edges, updated one event at a time.
+"""The graph store: items, users and time-decayed edges, changed only by events.
 
 Every path that changes the graph — the batch replay of a dataset, the Faust
 worker and the tests — calls :meth:`GraphStore.apply_many` (or ``apply`` for

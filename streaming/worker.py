@@ -2,7 +2,8 @@
 
 Agents consume ``catalog`` (keyed by item), ``interactions`` (keyed by user)
 and ``orders`` (keyed by order). Every valid event goes through
-:meth:`graph.store.GraphStore.apply` — the code path the batch replay uses —
+:meth:`graph.store.GraphStore.apply_many` (orders a micro-batch at a time) —
+the code path the batch replay uses —
 and is recorded in a Faust table with a changelog topic (catalog events by
 item, interactions by user, orders per micro-batch and partition), so a
 restarted worker recovers exactly the events it had applied and rebuilds its
@@ -10,7 +11,9 @@ graph from them. Invalid events, and
 events that reference nothing, go to ``dead-letters`` with the reason and the
 original bytes; the worker carries on.
 
-Touched items are refreshed in micro-batches by a timer: their complement
+Touched items are refreshed together by a pacing task (every
+``refresh_interval``, less often when refreshes would take more than
+``refresh_share`` of the worker's time): their complement
 lists (:class:`training.complements.ComplementScorer`) are published on
 ``bundle-updates`` keyed by item. New catalog items get a text embedding and,
 when a model is loaded, an inductive GNN pass gives them model views. A
@@ -41,9 +44,9 @@ from faust.exceptions import ConsumerNotStarted
 from graph.events import Interaction, ItemUpserted, Order
 from graph.snapshot import save as save_snapshot
 from graph.store import GraphConfig, GraphStore
+from streaming import transport
 from streaming.codec import Rejected, decode
 from streaming.metrics import WorkerMetrics
-from streaming import transport
 from streaming.settings import StreamConfig
 from training.artifact import Artifact, load_artifact
 from training.complements import ComplementScorer, ScorerConfig
