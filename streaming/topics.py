@@ -25,7 +25,8 @@ def read_events(bootstrap: str, topics: Topics, timeout: float = 600.0) -> tuple
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", fetch_max_bytes=64 << 20,
                              max_partition_fetch_bytes=16 << 20)
-    events: list[AnyEvent] = []
+    rank = {name: n for n, name in enumerate(kinds)}
+    keyed: list[tuple[float, int, int, int, AnyEvent]] = []
     rejected = 0
     try:
         parts = [TopicPartition(t, p) for t in kinds for p in sorted(consumer.partitions_for_topic(t) or ())]
@@ -49,11 +50,13 @@ def read_events(bootstrap: str, topics: Topics, timeout: float = 600.0) -> tuple
                     if isinstance(event, Rejected):
                         rejected += 1
                     else:
-                        events.append(event)
+                        keyed.append((event.epoch, rank[tp.topic], tp.partition, record.offset, event))
             todo = {tp: end for tp, end in todo.items() if consumer.position(tp) < end}
     finally:
         consumer.close()
-    # Per-partition order is kept for equal times (a cancellation after its placement).
-    events.sort(key=lambda e: e.epoch)
+    # Time order; equal times by topic, partition and offset, so the result never depends on how polls
+    # interleaved partitions (training is then reproducible) and a cancellation stays after its placement.
+    keyed.sort(key=lambda k: k[:4])
+    events = [k[4] for k in keyed]
     log.info("read %d events from %s (%d rejected)", len(events), ", ".join(kinds), rejected)
     return events, rejected
