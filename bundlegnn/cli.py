@@ -366,7 +366,7 @@ def serve(
     if path is not None:
         art = load_artifact(path)
         seeded = view.seed_from_model(art.version, art.item_ids, art.src, art.dst, art.prior, art.model.temperature,
-                                      cfg.seed_top_k)
+                                      cfg.seed_top_k, art.decoder_rows)
         typer.echo(f"model {art.version}: seeded {seeded} complement lists", err=True)
     t = settings.stream.topics
     def settle() -> None:  # the view's start-up bulk will live long: keep it out of GC scans (tail latency)

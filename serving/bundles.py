@@ -94,7 +94,9 @@ def describe(view: BundleView, anchor: str, c: Complement, bought_before: bool =
         parts.append(f"new item: similar text to {view.info(c.via).title!r}")
     if c.orders:
         parts.append(f"bought together with {anchor_title!r} in {c.orders} orders")
-    if c.model_score is not None:
+    if c.source == "decoder" and c.model_score is not None:
+        parts.append(f"model weight {c.model_score:.3f} (fitted on past orders and item texts)")
+    elif c.model_score is not None:
         parts.append(f"model score {c.model_score:.2f}")
     if bought_before:
         parts.append("you bought it before")

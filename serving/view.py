@@ -8,8 +8,8 @@ no state of its own: start another and it reads the same topics.
 Each published list is kept with a *relevance* per complement in (0, 1], the
 anchor's best complement being 1, so lists from different sources can be
 compared: for a model list (softmax-trained logits) ``exp(s - s_max)``, the
-probability ratio to the best; for co-purchase and similar-text lists (cosines,
-already on a ratio scale) ``s / s_max``.
+probability ratio to the best; for decoder, co-purchase and similar-text lists
+(regression weights and cosines, already on a ratio scale) ``s / s_max``.
 """
 
 from __future__ import annotations
@@ -105,24 +105,41 @@ class BundleView:
         self.counters["user_events"] += 1
 
     def seed_from_model(self, version: str, item_ids: list[str], src: np.ndarray, dst: np.ndarray,
-                        prior: np.ndarray, temperature: float, top_k: int) -> int:
-        """Model-only complement lists for items no bundle update has covered yet; returns how many."""
-        src, dst = unit(src), unit(dst)
+                        prior: np.ndarray, temperature: float, top_k: int,
+                        decoder: tuple[list[str], np.ndarray, np.ndarray] | None = None) -> int:
+        """Model-only complement lists for items no bundle update has covered yet; returns how many.
+
+        With ``decoder`` (an artifact's ``(item ids, indices, weights)``, over
+        ``item_ids``) the lists are its rows, as the worker would publish them
+        before any new order; otherwise the views' logits."""
         rows = [r for r, k in enumerate(item_ids) if k not in self.entries]
-        for start in range(0, len(rows), 1024):
-            chunk = np.array(rows[start:start + 1024])
-            logits = model_logits(src[chunk], dst, prior, temperature)
-            logits[np.arange(len(chunk)), chunk] = -np.inf
-            kk = min(top_k, logits.shape[1] - 1)
-            top = np.argpartition(-logits, kk - 1, axis=1)[:, :kk]
-            for i, r in enumerate(chunk):
-                best = top[i][np.argsort(-logits[i, top[i]], kind="stable")]
-                comps = [Complement(item_id=item_ids[b], score=round(float(logits[i, b]), 6), orders=0,
-                                    model_score=round(float(logits[i, b]), 6), source="model") for b in best]
-                self.entries[item_ids[r]] = Entry(tuple(comps), relevance(comps), frozenset(), version, None, time.time())
-                self._bump(item_ids[r])
+        if decoder is not None:
+            _, index, weight = decoder
+            for r in rows:
+                keep = (weight[r] > 0) & (index[r] != r)
+                comps = [Complement(item_id=item_ids[b], score=round(float(w), 6), orders=0,
+                                    model_score=round(float(w), 6), source="decoder")
+                         for b, w in zip(index[r][keep][:top_k].tolist(), weight[r][keep][:top_k].tolist())]
+                self._seed(item_ids[r], comps, version)
+        else:
+            src, dst = unit(src), unit(dst)
+            for start in range(0, len(rows), 1024):
+                chunk = np.array(rows[start:start + 1024])
+                logits = model_logits(src[chunk], dst, prior, temperature)
+                logits[np.arange(len(chunk)), chunk] = -np.inf
+                kk = min(top_k, logits.shape[1] - 1)
+                top = np.argpartition(-logits, kk - 1, axis=1)[:, :kk]
+                for i, r in enumerate(chunk):
+                    best = top[i][np.argsort(-logits[i, top[i]], kind="stable")]
+                    self._seed(item_ids[r], [Complement(item_id=item_ids[b], score=round(float(logits[i, b]), 6), orders=0,
+                                                        model_score=round(float(logits[i, b]), 6), source="model")
+                                             for b in best], version)
         self.model_version = self.model_version or version
         return len(rows)
+
+    def _seed(self, item_id: str, comps: list[Complement], version: str) -> None:
+        self.entries[item_id] = Entry(tuple(comps), relevance(comps), frozenset(), version, None, time.time())
+        self._bump(item_id)
 
     # ---- readers (request handlers) -----------------------------------------
     def knows(self, item_id: str) -> bool:

@@ -138,7 +138,7 @@ class WorkerState:
 
     def _install(self, artifact: Artifact) -> None:
         self.scorer.set_views(artifact.version, artifact.item_ids, artifact.src, artifact.dst, artifact.prior,
-                              artifact.model.temperature)
+                              artifact.model.temperature, artifact.decoder_rows)
         self.needs_embedding = any(not self.scorer.has_view(r) for r in range(self.store.num_items))
 
     def inductive_graph(self) -> Any | None:
@@ -164,7 +164,7 @@ class WorkerState:
         before = [r for r in range(len(item_ids)) if not self.scorer.has_view(r)]
         prior = self.artifact.model.prior(h["item"]).squeeze(-1)
         self.scorer.set_views(self.artifact.version, item_ids, h["src"].detach().numpy(), h["dst"].detach().numpy(),
-                              prior.detach().numpy(), self.artifact.model.temperature)
+                              prior.detach().numpy(), self.artifact.model.temperature, self.artifact.decoder_rows)
         return [item_ids[r] for r in before]
 
 

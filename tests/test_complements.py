@@ -87,3 +87,25 @@ def test_wire_form_parses_to_the_same_update(source_ts: float | None) -> None:
             wire = BundleUpdate.model_validate_json(scorer.update_json(item, source_ts, NOW))
             assert wire == scorer.update(item, source_ts, NOW), item
     assert json.loads(scorer.update_json(store.items.ids[0], source_ts, NOW))["updated_at"] == NOW.isoformat()
+
+
+def test_decoder_rows_rank_with_fresh_co_purchases_boosted_in() -> None:
+    store = tiny()
+    scorer = ComplementScorer(store, ScorerConfig(decoder_boost=0.05))
+    rng = np.random.default_rng(3)
+    ids = store.items.ids + ["later"]  # the artifact knows an item the store has not seen yet
+    index = np.array([[6, 4, 2, 5, 0]] + [[0, 1, 2, 3, 4]] * 6, np.int32)
+    weight = np.array([[0.9, 0.3, 0.2, 0.1, -0.2]] + [[0.1] * 5] * 6, np.float32)
+    scorer.set_views("m2", ids, rng.normal(size=(7, 4)), rng.normal(size=(7, 4)), np.zeros(7), 0.5, (ids, index, weight))
+    w = {b: store.co.get(0, b).value(store.last_ts, store.clock) for b in store.co.nbrs[0]}  # i0 with i2 and i3
+    boost = {b: 0.05 * math.log1p(v) for b, v in w.items()}
+    got = scorer.complements("i0")
+    expect = sorted([("i4", 0.3), ("i2", 0.2 + boost[2]), ("i5", 0.1), ("i3", boost[3])], key=lambda c: -c[1])
+    assert [(c.item_id, c.source) for c in got] == [(i, "decoder") for i, _ in expect]  # "later" unknown, i0 itself
+    assert [c.score for c in got] == pytest.approx([s for _, s in expect], abs=1e-6)
+    assert {c.item_id: c.model_score for c in got}["i3"] == 0.0 and {c.item_id: c.orders for c in got}["i2"] == 3
+    store.apply(ItemUpserted(item_id="later", title="red mug lid", ts=at(9)))
+    assert scorer.complements("i0")[0].item_id == "later"  # arrives: its decoder weight counts from now on
+    assert BundleUpdate.model_validate_json(scorer.update_json("i0", None, NOW)) == scorer.update("i0", None, NOW)
+    scorer.set_views("m3", ids[:3], rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), np.zeros(3), 0.5)
+    assert scorer.complements("i0")[0].source == "model"  # a model without a decoder: the views again

@@ -47,7 +47,8 @@ def report(run: subprocess.CompletedProcess[str]) -> dict:
 
 
 # A model whose weights barely moved from their random start, and one that trained.
-WEAK = {"BUNDLEGNN_TRAINING__LR": "1e-9", "BUNDLEGNN_TRAINING__EPOCHS": "1"}
+# weak: an untrained GNN scoring with its own cosine head (the decoder alone would already be strong)
+WEAK = {"BUNDLEGNN_TRAINING__LR": "1e-9", "BUNDLEGNN_TRAINING__EPOCHS": "1", "BUNDLEGNN_TRAINING__DECODER": "false"}
 GOOD = {"BUNDLEGNN_TRAINING__EPOCHS": "15"}
 
 
@@ -81,7 +82,7 @@ def test_worse_model_is_refused_better_one_is_promoted_and_hot_swapped(broker: s
         announced = json.loads(swaps.wait_for(lambda r: True).value)
         assert announced == {"path": str(Path(out["artifact"]).resolve()), "version": new}
         swapped = json.loads(updates.wait_for(lambda r: json.loads(r.value)["model_version"] == new, timeout=60).value)
-        assert swapped["complements"] and swapped["complements"][0]["source"] == "model"
+        assert swapped["complements"] and swapped["complements"][0]["source"] == "decoder"
 
         # a worse candidate: refused with exit 3 and its numbers; nothing written, nothing announced
         worse = bundlegnn({**env, **WEAK}, "train", "--from-topics", "--promote")

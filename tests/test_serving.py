@@ -191,6 +191,20 @@ def test_seeding_from_model_views_gives_lists_to_items_without_updates() -> None
     assert v.entries["b"].model_version == "m1" and v.model_version == "m1"
 
 
+def test_seeding_from_a_decoder_uses_its_rows() -> None:
+    v = BundleView()
+    ids = ["a", "b", "c"]
+    index = np.array([[2, 1], [0, 1], [1, 0]], np.int32)
+    weight = np.array([[0.4, 0.1], [0.3, 0.0], [0.2, -0.1]], np.float32)
+    views = np.zeros((3, 2), np.float32)
+    assert v.seed_from_model("m2", ids, views, views, np.zeros(3, np.float32), 0.5, 5, (ids, index, weight)) == 3
+    assert [(c.item_id, c.score, c.source) for c in v.entries["a"].complements] == [("c", 0.4, "decoder"),
+                                                                                     ("b", 0.1, "decoder")]
+    assert v.entries["a"].relevance == pytest.approx({"c": 1.0, "b": 0.25})  # weights: a ratio scale
+    assert [c.item_id for c in v.entries["b"].complements] == ["a"]  # itself and non-positive weights dropped
+    assert [c.item_id for c in v.entries["c"].complements] == ["b"]
+
+
 def test_user_history_personalizes_and_unknown_users_do_not(client: TestClient, view: BundleView) -> None:
     plain = client.get("/items/A/bundles", params={"user_id": "nobody"}).json()
     assert plain["personalized"] is False

@@ -214,8 +214,8 @@ def test_model_update_is_hot_swapped_and_new_items_get_model_views(broker: str, 
             producer.send_raw(topic(env, "model_updates"), json.dumps({"path": str(tiny_artifact)}).encode())
             producer.flush()
             swapped = json.loads(updates.wait_for(update_of(known, lambda u: u["model_version"] == version)).value)
-            assert swapped["complements"][0]["source"] == "model" and swapped["complements"][0]["model_score"] is not None
-            # an item the model never saw: text, then one order with a known item
+            assert swapped["complements"][0]["source"] == "decoder" and swapped["complements"][0]["model_score"] is not None
+            # an item the model never saw (no decoder row): text, then one order with a known item
             producer.send(ItemUpserted(item_id="NEW-1", title="RED RETROSPOT CAKE STAND", ts=at(4000), price=9.95))
             producer.send(order("new-order", "NEW-1", known, day=4000))
             producer.flush()

@@ -49,6 +49,14 @@ def test_train_writes_a_loadable_versioned_artifact(tmp_path: Path, monkeypatch:
     with torch.no_grad():
         h = graph.embed(art.model)
     assert np.allclose(h["src"].numpy(), art.src, atol=1e-5) and np.allclose(h["dst"].numpy(), art.dst, atol=1e-5)
+    # ... and the decoder rows: the stored weights are the top of the refitted decoder's rows
+    from training.train import decoder_matrix
+
+    assert art.decoder is not None and art.decoder.model_dump() == summary["decoder"]
+    b = decoder_matrix(art.model, graph, art.decoder).numpy()
+    assert art.decoder_index.shape == (n, min(200, n - 1)) and art.decoder_rows is not None
+    assert np.allclose(np.take_along_axis(b, art.decoder_index.astype(np.int64), 1), art.decoder_weight, atol=1e-5)
+    assert np.allclose(art.decoder_weight[:, 0], b.max(1), atol=1e-5)
 
 
 def test_load_artifact_refuses_other_directories(tmp_path: Path) -> None:

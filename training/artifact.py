@@ -3,7 +3,9 @@
 ``<model_store>/<version>/`` holds ``model.pt`` (weights), ``manifest.json``
 (version, model and training config, encoder id, snapshot id, item ids, ID
 table, validation metrics) and the item views the stream worker and API read
-without running the GNN: ``item_src.npy``, ``item_dst.npy``, ``item_prior.npy``.
+without running the GNN: ``item_src.npy``, ``item_dst.npy``, ``item_prior.npy``; with a
+decoder (manifest ``decoder``), each item's top decoder weights as
+``decoder_index.npy`` (rows into ``item_ids``) and ``decoder_weight.npy``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.models import BundleGNN
+from training.models import BundleGNN, DecoderConfig
 
 FORMAT_VERSION = 1
 
@@ -34,10 +36,25 @@ class Artifact:
     src: np.ndarray
     dst: np.ndarray
     prior: np.ndarray
+    decoder_index: np.ndarray | None = None  # item rows × top-k: rows of the decoder's best complements
+    decoder_weight: np.ndarray | None = None  # their weights, best first
 
     @property
     def version(self) -> str:
         return self.manifest["version"]
+
+    @property
+    def decoder_rows(self) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+        """``(item ids, indices, weights)`` of the decoder's top complements, for the scorer."""
+        if self.decoder_index is None or self.decoder_weight is None:
+            return None
+        return self.item_ids, self.decoder_index, self.decoder_weight
+
+    @property
+    def decoder(self) -> DecoderConfig | None:
+        """The decoder's settings (None: the model scores with its cosine head)."""
+        found = self.manifest.get("decoder")
+        return DecoderConfig(**found) if found else None
 
 
 def new_version(snapshot_id: str) -> str:
@@ -46,8 +63,11 @@ def new_version(snapshot_id: str) -> str:
 
 
 def save_artifact(store_dir: str | os.PathLike[str], version: str, model: BundleGNN, h: dict[str, torch.Tensor],
-                  item_ids: list[str], id_items: list[str], manifest: dict) -> Path:
-    """Write a model directory atomically (a temp dir renamed into place); return its path."""
+                  item_ids: list[str], id_items: list[str], manifest: dict,
+                  decoder_rows: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+    """Write a model directory atomically (a temp dir renamed into place); return its path.
+
+    ``decoder_rows``: :func:`~training.models.top_rows` of the decoder over ``item_ids``, if it has one."""
     final = Path(store_dir) / version
     tmp = Path(store_dir) / f".{version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -56,6 +76,9 @@ def save_artifact(store_dir: str | os.PathLike[str], version: str, model: Bundle
     np.save(tmp / "item_src.npy", h["src"].detach().cpu().numpy())
     np.save(tmp / "item_dst.npy", h["dst"].detach().cpu().numpy())
     np.save(tmp / "item_prior.npy", model.prior(h["item"]).squeeze(-1).detach().cpu().numpy())
+    if decoder_rows is not None:
+        np.save(tmp / "decoder_index.npy", decoder_rows[0])
+        np.save(tmp / "decoder_weight.npy", decoder_rows[1])
     full = {
         "format_version": FORMAT_VERSION,
         "version": version,
@@ -92,5 +115,7 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
     model = BundleGNN(**kwargs)
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
+    rows = (np.load(path / "decoder_index.npy"), np.load(path / "decoder_weight.npy")) if manifest.get("decoder") \
+        else (None, None)
     return Artifact(path, manifest, model, manifest["item_ids"], np.load(path / "item_src.npy"),
-                    np.load(path / "item_dst.npy"), np.load(path / "item_prior.npy"))
+                    np.load(path / "item_dst.npy"), np.load(path / "item_prior.npy"), *rows)

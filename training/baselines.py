@@ -10,6 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from graph.store import GraphStore
+from training.models.decoder import decoder_weights, side_view
 
 
 def basket_matrix(store: GraphStore) -> sp.csr_matrix:
@@ -44,6 +45,12 @@ def ease(store: GraphStore, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     b = -p / np.diag(p)[None, :]
     np.fill_diagonal(b, 0.0)
     return torch.from_numpy(b.astype(np.float32)), torch.zeros(store.num_items)
+
+
+def text_ease(store: GraphStore, text: np.ndarray, lam: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """EASE^R with the text embeddings as side information (collective EASE, Jeunen et al., RecSys 2020):
+    the GNN's decoder without the GNN."""
+    return decoder_weights(basket_matrix(store), [(alpha, side_view(text))], lam), torch.zeros(store.num_items)
 
 
 def text_similarity(embeddings: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

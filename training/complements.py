@@ -1,9 +1,13 @@
 """Ranked complements of an item from the live graph and, when loaded, a model's item views.
 
 This is what the stream worker publishes on ``bundle-updates`` and the API
-builds bundles from. Two sources, always both quoted so a ``why`` can be
-written:
+builds bundles from. Sources, always quoted so a ``why`` can be written:
 
+* **decoder** (an artifact's closed-form decoder, see
+  :mod:`training.models.decoder`, for items it has a row for): the item's
+  top decoder weights ``B_ab``, plus ``decoder_boost × log(1 + decayed
+  co-purchase weight)`` so that orders after training still move items up
+  (and bring in new pairs) before the next retrain;
 * **model** (a trained artifact's item views, see
   :class:`~training.models.BundleGNN`): the asymmetric score
   ``cos(src_a, dst_b) / τ + prior_b``, plus ``co_purchase_boost ×
@@ -37,7 +41,7 @@ class Complement(BaseModel):
     score: float
     orders: int = Field(description="orders that held both items (not cancelled)")
     model_score: float | None = Field(None, description="the model's score alone, when a model scored it")
-    source: str = Field(description="'model', 'co-purchase' or 'similar-text'")
+    source: str = Field(description="'decoder', 'model', 'co-purchase' or 'similar-text'")
     via: str | None = Field(None, description="for 'similar-text': the known item whose complements were borrowed")
 
 
@@ -71,6 +75,7 @@ class ScorerConfig(BaseModel):
 
     top_k: int = Field(20, ge=1, le=500, description="complements kept per item")
     co_purchase_boost: float = Field(1.0, ge=0, description="weight of log(1 + co-purchase weight) on model scores")
+    decoder_boost: float = Field(0.05, ge=0, description="weight of log(1 + co-purchase weight) on decoder scores")
     similar_items: int = Field(3, ge=0, description="text neighbours a new item borrows complements from")
     min_text_similarity: float = Field(0.5, ge=-1, le=1)
     substitute_similarity: float = Field(0.85, ge=-1, le=1,
@@ -114,6 +119,9 @@ class ComplementScorer:
         self._prior = np.zeros(0, np.float32)
         self._has_view = np.zeros(0, bool)
         self._views: tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray] = ({}, self._src, self._dst, self._prior)
+        self._decoder: tuple[list[str], np.ndarray, np.ndarray] | None = None  # its item ids; rows × top-k indices, weights
+        self._decoder_at: dict[str, int] = {}  # item id → decoder row
+        self._store_rows = np.zeros(0, np.int64)  # decoder row → store row, -1 while the store lacks the item
         self._counts, self._counts_version = np.zeros(0, np.int64), -1
         self._text_neighbours: dict[int, np.ndarray] = {}  # row → rows above substitute_similarity, best first
 
@@ -135,13 +143,17 @@ class ComplementScorer:
         self._text_neighbours.clear()
 
     def set_views(self, version: str, item_ids: list[str], src: np.ndarray, dst: np.ndarray, prior: np.ndarray,
-                  temperature: float) -> None:
-        """A model's item views (replacing any earlier model's).
+                  temperature: float, decoder: tuple[list[str], np.ndarray, np.ndarray] | None = None) -> None:
+        """A model's item views and, if it has one, its decoder rows (replacing any earlier model's).
 
         Views of ids the store does not know yet are kept and given to those
         items when they arrive (the worker loads a model before it has read
-        the catalog).
+        the catalog). ``decoder``: ``(item ids, indices, weights)`` as in an
+        artifact, the indices being rows of its item ids.
         """
+        self._decoder = decoder
+        self._decoder_at = {k: i for i, k in enumerate(decoder[0])} if decoder is not None else {}
+        self._store_rows = np.full(len(self._decoder_at), -1, np.int64)
         self._views = ({k: i for i, k in enumerate(item_ids)}, unit(src).astype(np.float32),
                        unit(dst).astype(np.float32), prior.astype(np.float32))
         self._src, self._dst = np.zeros((0, src.shape[1]), np.float32), np.zeros((0, dst.shape[1]), np.float32)
@@ -163,6 +175,10 @@ class ComplementScorer:
             rows, at = np.array(found).T
             self._src[rows], self._dst[rows], self._prior[rows] = src[at], dst[at], prior[at]
             self._has_view[rows] = True
+        ids = self.store.items.ids
+        for r in range(old, self.store.num_items):
+            if (j := self._decoder_at.get(ids[r])) is not None:
+                self._store_rows[j] = r
 
     def has_view(self, row: int) -> bool:
         self._sync()
@@ -232,12 +248,33 @@ class ComplementScorer:
         return [(ids[b], s, count.get(b, 0), m, "model", None)
                 for b, s, m in zip(top.tolist(), np.round(score[top], 6).tolist(), np.round(model[top], 6).tolist())]
 
+    def _decoded(self, row: int, at: int) -> list[Ranked]:
+        """The decoder's row ``at`` (of store row ``row``), with co-purchases since training boosted in."""
+        assert self._decoder is not None
+        index, weight = self._decoder[1][at], self._decoder[2][at]
+        cand = self._store_rows[index]
+        keep = (cand >= 0) & (weight > 0)
+        cand, weight = cand[keep], weight[keep].astype(np.float64)
+        rows, counts, slots = self._co_stats(row)
+        score = np.full(self.store.num_items, -np.inf)
+        decoded = np.zeros(self.store.num_items)
+        decoded[cand] = weight
+        score[cand] = weight
+        score[rows] = decoded[rows] + self.config.decoder_boost * np.log1p(self._co_weights(slots))
+        score[row] = -np.inf
+        top = _top(score, min(self.config.top_k, int(np.isfinite(score).sum())))
+        count = dict(zip(rows.tolist(), counts.tolist()))
+        ids = self.store.items.ids
+        return [(ids[b], s, count.get(b, 0), m, "decoder", None)
+                for b, s, m in zip(top.tolist(), np.round(score[top], 6).tolist(), np.round(decoded[top], 6).tolist())]
+
     def _ranked(self, item_id: str) -> list[Ranked]:
         row = self.store.items.get(item_id)
         if row is None:
             return []
         if self.has_view(row):
-            return self._model(row)
+            at = self._decoder_at.get(item_id)
+            return self._model(row) if at is None else self._decoded(row, at)
         return self._cooccurrence(row) or self._borrowed(row)
 
     def complements(self, item_id: str) -> list[Complement]:

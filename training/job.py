@@ -21,9 +21,10 @@ from graph.events import Interaction, ItemUpserted, Order
 from graph.store import GraphConfig, GraphStore
 from training.artifact import Artifact, new_version, save_artifact
 from training.encoder import TextEncoder
-from training.models import BundleGNN
+from training.models import BundleGNN, DecoderConfig, top_rows
 from training.protocol import Split, evaluate_scores, time_split
-from training.train import Graph, TrainConfig, TrainResult, id_table, score_queries, select_device, train
+from training.train import (Graph, TrainConfig, TrainResult, decoder_matrix, id_table, score_queries, select_device,
+                            train)
 
 Event = ItemUpserted | Interaction | Order
 
@@ -50,10 +51,13 @@ def fit(events: list[Event], train_cfg: TrainConfig, graph_cfg: GraphConfig, enc
     return Candidate(result, split, id_table(split.fit), text_train, time.perf_counter() - started)
 
 
-def window_metrics(model: BundleGNN, id_items: list[str], cand: Candidate, device: str) -> dict[str, float]:
-    """A model's metrics on the candidate's window, run inductively over the graph before it."""
+def window_metrics(model: BundleGNN, id_items: list[str], decoder: DecoderConfig | None, cand: Candidate,
+                   device: str) -> dict[str, float]:
+    """A model's metrics on the candidate's window, run inductively over the graph before it (its decoder,
+    if any, refitted on that graph with the model's own settings)."""
     graph = Graph.build(cand.split.train, cand.text_train, select_device(device), id_items=id_items)
-    return evaluate_scores(score_queries(model, graph, cand.split.test), cand.split.test, cand.split.train.num_items)
+    scores = score_queries(model, graph, cand.split.test, decoder)
+    return evaluate_scores(scores, cand.split.test, cand.split.train.num_items)
 
 
 def live_metrics(live: Artifact, cand: Candidate, encoder: TextEncoder, device: str) -> dict[str, float]:
@@ -61,7 +65,7 @@ def live_metrics(live: Artifact, cand: Candidate, encoder: TextEncoder, device: 
     if live.manifest.get("encoder") != encoder.model_id:
         raise ValueError(f"live model {live.version} uses encoder {live.manifest.get('encoder')!r}, this job "
                          f"{encoder.model_id!r}: they cannot be compared on the same inputs")
-    return window_metrics(live.model.to(select_device(device)), live.manifest["id_items"], cand, device)
+    return window_metrics(live.model.to(select_device(device)), live.manifest["id_items"], live.decoder, cand, device)
 
 
 def save(cand: Candidate, events: list[Event], graph_cfg: GraphConfig, train_cfg: TrainConfig,
@@ -74,8 +78,10 @@ def save(cand: Candidate, events: list[Event], graph_cfg: GraphConfig, train_cfg
         text = encoder.encode([it.text for it in store.catalog])
     else:
         store, text = cand.split.train, cand.text_train
-    model = cand.result.model
-    h = Graph.build(store, text, select_device(train_cfg.device), id_items=cand.id_items).embed(model)
+    model, decoder = cand.result.model, cand.result.decoder
+    graph = Graph.build(store, text, select_device(train_cfg.device), id_items=cand.id_items)
+    h = graph.embed(model)
+    rows = top_rows(decoder_matrix(model, graph, decoder, h["item"]), train_cfg.decoder_top_k) if decoder else None
     history = cand.result.history
     best = history[cand.result.best_epoch - 1] if history else {}
     summary = {
@@ -84,6 +90,8 @@ def save(cand: Candidate, events: list[Event], graph_cfg: GraphConfig, train_cfg
         "graph": graph_cfg.model_dump(),
         "training": train_cfg.model_dump(),
         "metrics": {k: v for k, v in best.items() if k.startswith("val_")},
+        "decoder": decoder.model_dump() if decoder else None,
+        "decoder_val_ndcg@10": cand.result.decoder_val.get(decoder) if decoder else None,
         "best_epoch": cand.result.best_epoch,
         "epochs_run": len(history),
         "items": store.num_items,
@@ -92,7 +100,7 @@ def save(cand: Candidate, events: list[Event], graph_cfg: GraphConfig, train_cfg
         "train_seconds": round(cand.seconds + time.perf_counter() - started, 1),
         **(extra or {}),
     }
-    path = save_artifact(model_store, new_version(snapshot_id), model, h, store.items.ids, cand.id_items, summary)
+    path = save_artifact(model_store, new_version(snapshot_id), model, h, store.items.ids, cand.id_items, summary, rows)
     return path, summary
 
 

@@ -70,6 +70,6 @@ def decide(candidate: dict[str, float], live: dict[str, float] | None, live_vers
 
 def judge(cand: Candidate, live: Artifact | None, encoder: TextEncoder, device: str, cfg: PromotionConfig) -> Decision:
     """Score the candidate and the live model on the candidate's window, then :func:`decide`."""
-    new = window_metrics(cand.result.model, cand.id_items, cand, device)
+    new = window_metrics(cand.result.model, cand.id_items, cand.result.decoder, cand, device)
     old = live_metrics(live, cand, encoder, device) if live is not None else None
     return decide(new, old, live.version if live is not None else None, cfg)

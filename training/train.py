@@ -7,12 +7,20 @@ sampled negatives (softmax cross-entropy). An epoch draws up to
 randomly dropped each step (DropEdge, Rong et al., ICLR 2020) so the model
 cannot rely on the very edge it is asked to predict. Early stopping on the
 validation queries' NDCG@10. Same code on CPU and CUDA.
+
+The trained GNN then scores through a closed-form decoder
+(:mod:`training.models.decoder`): item–item weights fitted on the training
+orders with the text and GNN item embeddings as side information. Its ridge
+λ and side weights are picked on the same validation queries from a small
+grid (``decoder_*`` settings); ``decoder: false`` scores with the GNN's own
+cosine head instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -21,13 +29,18 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+import scipy.sparse as sp
 from torch_geometric.utils import scatter
 from tqdm import tqdm
 
 from graph.export import CO, IU, UI, to_heterodata
 from graph.store import GraphStore
-from training.models import BundleGNN
+from training.baselines import basket_matrix
+from training.models import BundleGNN, DecoderConfig, decoder_weights, side_view
 from training.protocol import Queries, evaluate_scores
+
+
+log = logging.getLogger(__name__)
 
 
 class TrainConfig(BaseModel):
@@ -54,6 +67,17 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast of the scoring heads (auto: on GPUs with bf16, fp32 elsewhere)")
+    decoder: bool = Field(True, description="score through the closed-form decoder (else the GNN's cosine head)")
+    decoder_lambdas: list[float] = Field([10.0, 25.0, 50.0], min_length=1, description="ridge λ grid")
+    decoder_text_weights: list[float] = Field([30.0, 100.0], min_length=1, description="text side-information grid")
+    decoder_gnn_weights: list[float] = Field([0.0, 10.0, 50.0], min_length=1,
+                                             description="GNN-embedding side-information grid")
+    decoder_max_items: int = Field(20_000, ge=2, description="larger catalogs use the cosine head (O(n^3) fit)")
+    decoder_top_k: int = Field(200, ge=1, description="complements per item the artifact keeps from the decoder")
+
+    def decoder_grid(self) -> list[DecoderConfig]:
+        return [DecoderConfig(lam=lam, text_weight=t, gnn_weight=g) for lam in self.decoder_lambdas
+                for t in self.decoder_text_weights for g in self.decoder_gnn_weights]
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -104,6 +128,7 @@ class Graph:
     edge_index: dict[tuple[str, str, str], torch.Tensor]
     edge_weight: dict[tuple[str, str, str], torch.Tensor]
     id_index: torch.Tensor  # row of each item in the model's ID table, -1 for none
+    baskets: sp.csr_matrix  # placed orders × items, for the decoder
 
     @classmethod
     def build(cls, store: GraphStore, text: np.ndarray, device: torch.device,
@@ -114,7 +139,7 @@ class Graph:
         weight = {rel: data[rel].edge_weight.to(device) for rel in (CO, UI, IU)}
         table = {k: r for r, k in enumerate(id_items if id_items is not None else id_table(store))}
         ids = torch.tensor([table.get(k, -1) for k in store.items.ids], dtype=torch.long, device=device)
-        graph = cls(item_features(store, text).to(device), store.num_users, index, weight, ids)
+        graph = cls(item_features(store, text).to(device), store.num_users, index, weight, ids, basket_matrix(store))
         graph.edge_weight = graph.normalised(weight)
         return graph
 
@@ -158,12 +183,33 @@ def id_table(store: GraphStore) -> list[str]:
 
 
 @torch.no_grad()
-def score_queries(model: BundleGNN, graph: Graph, queries: Queries) -> torch.Tensor:
-    """``(Q, num_items)`` complement scores of the queries' baskets (on CPU)."""
+def decoder_matrix(model: BundleGNN, graph: Graph, cfg: DecoderConfig, h_item: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's item × item weights over ``graph``, with the model's item embeddings as side information."""
+    if h_item is None:
+        h_item = graph.embed(model.eval())["item"]
+    sides = [(cfg.text_weight, side_view(graph.x[:, :-1])), (cfg.gnn_weight, side_view(h_item))]
+    return decoder_weights(graph.baskets, sides, cfg.lam, graph.x.device)
+
+
+@torch.no_grad()
+def score_queries(model: BundleGNN, graph: Graph, queries: Queries, decoder: DecoderConfig | None = None) -> torch.Tensor:
+    """``(Q, num_items)`` complement scores of the queries' baskets (on CPU): through ``decoder``
+    when given, else the GNN's cosine head."""
     model.eval()
-    h = graph.embed(model)
     q = queries.matrix(graph.x.size(0)).to(graph.x.device)
-    return model.complement_scores(h, q).cpu()
+    if decoder is not None:
+        return (q @ decoder_matrix(model, graph, decoder)).cpu()
+    return model.complement_scores(graph.embed(model), q).cpu()
+
+
+def tune_decoder(model: BundleGNN, graph: Graph, val: Queries, cfg: TrainConfig) -> dict[DecoderConfig, float]:
+    """Validation NDCG@10 of every point of the decoder grid."""
+    model.eval()
+    h_item = graph.embed(model)["item"]
+    q = val.matrix(graph.x.size(0)).to(graph.x.device)
+    n = graph.x.size(0)
+    return {d: evaluate_scores((q @ decoder_matrix(model, graph, d, h_item)).cpu(), val, n)["ndcg@10"]
+            for d in tqdm(cfg.decoder_grid(), desc="decoder", leave=False, disable=None)}
 
 
 @dataclass
@@ -171,6 +217,8 @@ class TrainResult:
     model: BundleGNN
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    decoder: DecoderConfig | None = None  # None: score with the cosine head
+    decoder_val: dict[DecoderConfig, float] = field(default_factory=dict)  # the grid's validation NDCG@10
 
 
 def _baskets(store: GraphStore) -> list[tuple[tuple[int, ...], int]]:
@@ -249,4 +297,13 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             break
     model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(model, best_epoch, history)
+    result = TrainResult(model, best_epoch, history)
+    if cfg.decoder and n > cfg.decoder_max_items:
+        log.warning("%d items exceed decoder_max_items=%d: scoring with the GNN's cosine head", n, cfg.decoder_max_items)
+    elif cfg.decoder:
+        if val is not None and len(val):
+            result.decoder_val = tune_decoder(model, val_graph, val, cfg)
+            result.decoder = max(result.decoder_val, key=result.decoder_val.get)  # ties: the first grid point
+        else:
+            result.decoder = cfg.decoder_grid()[0]
+    return result
