@@ -187,6 +187,8 @@ def evaluate(
     seeds: str = typer.Option("0", help="comma-separated seeds; mean ± std over them"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the report here"),
     png: Optional[Path] = typer.Option(None, help="bar chart of the test metrics (default: next to --json)"),
+    held_out: float = typer.Option(0.1, min=0.0, max=0.5,
+                                   help="share of items left out of training for the leave-items-out slice (0: skip)"),
 ) -> None:
     """Compare the GNN with popularity, co-occurrence, EASE^R and text baselines."""
     from training.datasets import online_retail_events
@@ -204,15 +206,19 @@ def evaluate(
         raise typer.Exit(2) from exc
     events = list(online_retail_events(data))
     encoder = settings.encoder.build(settings.paths.text_cache)
-    summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s) for s in seed_list])
+    summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s, held_out=held_out)
+                         for s in seed_list])
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(summary, indent=2))
         plot(summary, png or json_path.with_suffix(".png"))
     elif png:
         plot(summary, png)
-    for part in ("methods", "cold_start"):
-        typer.echo(f"\n{part} ({summary['protocol']['test_queries' if part == 'methods' else 'cold_start_test_queries']} queries)")
+    for part in ("methods", "cold_start", "held_out_items"):
+        if part not in summary:
+            continue
+        queries = round(next(iter(summary[part].values()))["queries"])
+        typer.echo(f"\n{part} ({queries} queries{', mean over seeds' if len(seed_list) > 1 else ''})")
         typer.echo("| method | hr@10 | ndcg@10 | recall@20 | mrr | coverage |\n|---|---|---|---|---|---|")
         for name, m in summary[part].items():
             cells = [f"{m[k]:.4f} ± {m[k + '_std']:.4f}" for k in ("hr@10", "ndcg@10", "recall@20", "mrr", "coverage")]

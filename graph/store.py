@@ -40,7 +40,10 @@ class GraphConfig(BaseModel):
         description="weight one user-item interaction of each kind adds",
     )
     max_order_items: int = Field(
-        0, ge=0, description="orders with more distinct items add no co-purchase pairs (0: no limit)"
+        1000, ge=0,
+        description="orders with more distinct items add no co-purchase pairs (0: no limit). An order of n items "
+                    "is n(n-1)/2 pairs in one update: 10,000 items (the schema's cap) would take GBs; the largest of "
+                    "Online Retail II's 53,628 invoices has 1,110",
     )
 
 

@@ -124,6 +124,15 @@ def test_training_runs_and_is_deterministic_under_a_seed() -> None:
     assert torch.equal(score_queries(a.model, graph, q), score_queries(b.model, graph, q))
 
 
+def test_training_on_real_data_repeats_to_the_last_digit() -> None:
+    """Two runs of one seed give the same losses exactly (multi-threaded kernels once made them drift)."""
+    split = time_split(list(online_retail_events(RETAIL_II)), GraphConfig(), seed=0)
+    text = np.random.default_rng(0).normal(size=(split.fit.num_items, 16)).astype(np.float32)
+    cfg = TrainConfig(epochs=1, device="cpu", decoder=False)
+    a, b = (train(split.fit, text, cfg, val=split.val, progress=False) for _ in range(2))
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+
+
 def test_time_split_on_real_data_is_deterministic() -> None:
     events = list(online_retail_events(RETAIL_II))
     a, b = time_split(events, GraphConfig(), seed=7), time_split(events, GraphConfig(), seed=7)
@@ -135,6 +144,24 @@ def test_time_split_on_real_data_is_deterministic() -> None:
     counts = a.train.item_order_counts()
     assert (counts[a.test.hidden[a.test.cold]] == 0).all()
     assert a.fit.stats.orders_placed < a.train.stats.orders_placed
+
+
+def test_leave_items_out_split_hides_items_from_training_entirely() -> None:
+    events = list(online_retail_events(RETAIL_II))
+    plain = time_split(events, GraphConfig(), seed=7)
+    a, b = (time_split(events, GraphConfig(), seed=7, held_out=0.1) for _ in range(2))
+    assert a.held_out == b.held_out and np.array_equal(a.test.hidden, b.test.hidden)  # seeded
+    assert len(a.held_out) == a.protocol["held_out_items"] == round(0.1 * len(a.train.items.ids))
+    held_rows = [a.train.items.index[i] for i in a.held_out]
+    assert (a.train.item_order_counts()[held_rows] == 0).all()  # no training order holds one ...
+    assert all(i in a.fit.items for i in a.held_out)  # ... but the catalog knows their text
+    assert a.train.stats.orders_placed <= plain.train.stats.orders_placed
+    held = a.held_out_queries()
+    assert held.sum() == a.protocol["held_out_test_queries"] > plain.protocol["cold_start_test_queries"]
+    assert a.test.cold[held].all() and len(a.test) == len(plain.test)  # the same test baskets
+    ids = a.train.items.ids
+    for rows, hidden, is_held in zip(a.test.items, a.test.hidden, held):  # a basket with a held item hides one
+        assert is_held or not any(ids[r] in a.held_out for r in rows)
 
 
 def test_training_view_makes_items_look_new() -> None:

@@ -8,7 +8,8 @@ the full training graph, scoring through its closed-form decoder). Two
 ablations show where the GNN's score comes from: ``text_ease`` (the same
 decoder with text side information only, i.e. no GNN; tuned on the same grid)
 and ``gnn_head`` (the GNN's own cosine head, no decoder). ``cold_start``
-repeats the metrics on the queries whose hidden item had no training order.
+repeats the metrics on the queries whose hidden item had no training order;
+``held_out_items`` on a leave-items-out split (see :mod:`training.protocol`).
 """
 
 from __future__ import annotations
@@ -39,20 +40,11 @@ def _linear(fn: Callable[[GraphStore], tuple[torch.Tensor, torch.Tensor]], store
     return q.matrix(store.num_items) @ s + b
 
 
-def _report(scores: torch.Tensor, q: Queries, n: int) -> tuple[dict[str, float], dict[str, float]]:
-    cold = q.cold
-    return evaluate_scores(scores, q, n), evaluate_scores(scores[cold], q.subset(cold), n)
-
-
-def evaluate(events: list[ItemUpserted | Order], graph_cfg: GraphConfig, train_cfg: TrainConfig,
-             encoder: TextEncoder, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1) -> dict:
-    """Run the protocol once; return ``{"methods", "cold_start", "protocol", "timings"}``."""
-    split: Split = time_split(events, graph_cfg, seed=seed, test_frac=test_frac, val_frac=val_frac)
+def _methods(split: Split, encoder: TextEncoder, train_cfg: TrainConfig, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every method's ``(Q, num_items)`` test scores on ``split``, and what was tuned or timed."""
     n_fit, n = split.fit.num_items, split.train.num_items
     text_fit, text_train = _texts(encoder, split.fit), _texts(encoder, split.train)
     methods: dict[str, torch.Tensor] = {}
-    timings: dict[str, float] = {}
-
     started = time.perf_counter()
     methods["popularity"] = _linear(baselines.popularity, split.train, split.test)
     methods["cooccurrence"] = _linear(baselines.cooccurrence, split.train, split.test)
@@ -61,34 +53,60 @@ def evaluate(events: list[ItemUpserted | Order], graph_cfg: GraphConfig, train_c
     lam = max(val_ndcg, key=val_ndcg.get)
     methods["ease"] = _linear(lambda s: baselines.ease(s, lam), split.train, split.test)
     methods["text"] = split.test.matrix(n) @ baselines.text_similarity(text_train)[0]
-    timings["baselines_s"] = time.perf_counter() - started
+    baselines_s = time.perf_counter() - started
 
     started = time.perf_counter()
     result = train(split.fit, text_fit, train_cfg.model_copy(update={"seed": seed}), val=split.val)
     graph = Graph.build(split.train, text_train, select_device(train_cfg.device), id_items=id_table(split.fit))
     methods["gnn"] = score_queries(result.model, graph, split.test, result.decoder)
-    timings["gnn_train_s"] = time.perf_counter() - started
+    gnn_s = time.perf_counter() - started
     methods["gnn_head"] = score_queries(result.model, graph, split.test)
     text_only = {d: v for d, v in result.decoder_val.items() if d.gnn_weight == 0}
-    if text_only:
-        best = max(text_only, key=text_only.get)
+    best = max(text_only, key=text_only.get) if text_only else None
+    if best is not None:
         methods["text_ease"] = _linear(lambda s: baselines.text_ease(s, text_train, best.lam, best.text_weight),
                                        split.train, split.test)
+    tuned = {"ease_lambda": lam, "gnn_best_epoch": result.best_epoch, "gnn_epochs_run": len(result.history),
+             "gnn_decoder": result.decoder.model_dump() if result.decoder else None,
+             "text_ease": best.model_dump() if best else None,
+             "timings": {"baselines_s": round(baselines_s, 1), "gnn_train_s": round(gnn_s, 1)}}
+    return methods, tuned
 
-    report: dict = {"methods": {}, "cold_start": {}, "timings": {k: round(v, 1) for k, v in timings.items()}}
+
+def evaluate(events: list[ItemUpserted | Order], graph_cfg: GraphConfig, train_cfg: TrainConfig,
+             encoder: TextEncoder, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1,
+             held_out: float = 0.1) -> dict:
+    """Run the protocol once; return ``{"methods", "cold_start", "held_out_items", "protocol", "timings"}``.
+
+    ``held_out_items`` (skipped when ``held_out`` is 0) comes from a second split with that share of
+    items left out of training entirely, every method retrained, on the queries that hide one of them.
+    """
+    split = time_split(events, graph_cfg, seed=seed, test_frac=test_frac, val_frac=val_frac)
+    methods, tuned = _methods(split, encoder, train_cfg, seed)
+    n = split.train.num_items
+    report: dict = {"methods": {}, "cold_start": {}, "held_out_items": {}, "timings": tuned.pop("timings")}
+    cold = split.test.cold
     for name, scores in methods.items():
-        report["methods"][name], report["cold_start"][name] = _report(scores, split.test, n)
-    report["protocol"] = {**split.protocol, "ease_lambda": lam, "gnn_best_epoch": result.best_epoch,
-                          "gnn_epochs_run": len(result.history),
-                          "gnn_decoder": result.decoder.model_dump() if result.decoder else None,
-                          "text_ease": best.model_dump() if text_only else None}
+        report["methods"][name] = evaluate_scores(scores, split.test, n)
+        report["cold_start"][name] = evaluate_scores(scores[cold], split.test.subset(cold), n)
+    report["protocol"] = {**split.protocol, **tuned}
+    if held_out:
+        split = time_split(events, graph_cfg, seed=seed, test_frac=test_frac, val_frac=val_frac, held_out=held_out)
+        methods, tuned = _methods(split, encoder, train_cfg, seed)
+        held = split.held_out_queries()
+        for name, scores in methods.items():
+            report["held_out_items"][name] = evaluate_scores(scores[held], split.test.subset(held), split.train.num_items)
+        report["protocol"].update({k: split.protocol[k] for k in ("held_out", "held_out_items", "held_out_test_queries")})
+        report["protocol"]["held_out_split"] = tuned
     return report
 
 
 def summarise(runs: list[dict]) -> dict:
     """Mean and std over seeds of every metric: ``{"methods": {name: {metric: x, metric_std: s}}, ...}``."""
     out: dict = {"seeds": [r["protocol"]["seed"] for r in runs], "runs": runs}
-    for part in ("methods", "cold_start"):
+    for part in ("methods", "cold_start", "held_out_items"):
+        if not runs[0].get(part):
+            continue
         out[part] = {}
         for name in runs[0][part]:
             metrics = runs[0][part][name]

@@ -6,6 +6,12 @@ Each test basket with at least two distinct items hides one item (seeded); the
 rest is the query; every catalog item not in the query is ranked. Items that
 first appear in the test period are in the catalog (their text is known) but
 have no edges: hiding one of them is a *cold-start* query.
+
+That natural cold-start slice is small (33 test queries on the Online Retail
+II subset), so ``held_out`` adds the *leave-items-out* variant: a seeded
+share of the catalog is removed from every training-period event (their text
+stays in the catalog), and a test basket that holds such an item hides one
+of them.
 """
 
 from __future__ import annotations
@@ -15,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from graph.events import ItemUpserted, Order
+from graph.events import Interaction, ItemUpserted, Order
 from graph.store import GraphConfig, GraphStore
 
-Event = ItemUpserted | Order
+Event = ItemUpserted | Interaction | Order
 
 
 @dataclass
@@ -53,6 +59,12 @@ class Split:
     val: Queries  # over fit's item rows
     test: Queries  # over train's item rows
     protocol: dict[str, object]
+    held_out: frozenset[str] = frozenset()  # items removed from the training period (leave-items-out)
+
+    def held_out_queries(self) -> np.ndarray:
+        """Test queries whose hidden item is held out."""
+        ids = self.train.items.ids
+        return np.array([ids[h] in self.held_out for h in self.test.hidden], bool)
 
 
 def _store(events: list[Event], catalog: list[ItemUpserted], config: GraphConfig) -> GraphStore:
@@ -64,15 +76,29 @@ def _store(events: list[Event], catalog: list[ItemUpserted], config: GraphConfig
     return store
 
 
-def _queries(orders: list[Order], store: GraphStore, rng: np.random.Generator) -> Queries:
+def _without(event: Event, held: frozenset[str]) -> Event | None:
+    """``event`` with the held-out items removed (None when nothing is left)."""
+    if isinstance(event, Order):
+        lines = [line for line in event.items if line.item_id not in held]
+        return None if not lines else event if len(lines) == len(event.items) else event.model_copy(update={"items": lines})
+    if isinstance(event, Interaction) and event.item_id in held:
+        return None
+    return event
+
+
+def _queries(orders: list[Order], store: GraphStore, rng: np.random.Generator,
+             prefer: frozenset[str] = frozenset()) -> Queries:
+    """One query per basket of two or more known items; the hidden item is drawn among ``prefer`` when the
+    basket holds any."""
     counts = store.item_order_counts()
     items, hidden, users, cold = [], [], [], []
     for order in orders:
-        rows = [store.items.get(i) for i in order.item_ids]
-        rows = [r for r in rows if r is not None]
+        ids = [i for i in order.item_ids if i in store.items]
+        rows = [store.items.index[i] for i in ids]
         if len(rows) < 2:
             continue
-        k = int(rng.integers(len(rows)))
+        among = [j for j, i in enumerate(ids) if i in prefer] or list(range(len(rows)))
+        k = among[int(rng.integers(len(among)))]
         items.append(np.array(rows[:k] + rows[k + 1 :], np.int64))
         hidden.append(rows[k])
         users.append(store.users.get(order.user_id) if order.user_id and order.user_id in store.users else -1)
@@ -81,9 +107,11 @@ def _queries(orders: list[Order], store: GraphStore, rng: np.random.Generator) -
 
 
 def time_split(
-    events: list[Event], config: GraphConfig, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1
+    events: list[Event], config: GraphConfig, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1,
+    held_out: float = 0.0,
 ) -> Split:
-    """Split ``events`` (in time order) by placed orders; see the module docstring."""
+    """Split ``events`` (in time order) by placed orders; ``held_out``: the share of items left out of
+    training entirely (see the module docstring)."""
     placed: list[int] = []
     seen: set[str] = set()
     for pos, e in enumerate(events):
@@ -95,12 +123,21 @@ def time_split(
     train_placed = [p for p in placed if p < test_start]
     val_start = train_placed[int(len(train_placed) * (1 - val_frac))]
     catalog = [e for e in events if isinstance(e, ItemUpserted)]
-    fit = _store(events[:val_start], catalog, config)
-    train = _store(events[:test_start], catalog, config)
+    held: frozenset[str] = frozenset()
+    if held_out:
+        known = sorted({e.item_id for e in catalog} | {i for p in train_placed for i in events[p].item_ids})
+        pick = np.random.default_rng([seed, 1]).choice(len(known), round(held_out * len(known)), replace=False)
+        held = frozenset(known[i] for i in pick)
+
+    def past(stop: int) -> list[Event]:  # the events before ``stop``, without the held-out items
+        return [x for e in events[:stop] if (x := _without(e, held)) is not None] if held else events[:stop]
+
+    fit = _store(past(val_start), catalog, config)
+    train = _store(past(test_start), catalog, config)
     rng = np.random.default_rng(seed)
-    val_orders = [events[p] for p in placed if val_start <= p < test_start]
+    val_orders = [x for p in placed if val_start <= p < test_start if (x := _without(events[p], held)) is not None]
     test_orders = [events[p] for p in placed if p >= test_start]
-    val, test = _queries(val_orders, fit, rng), _queries(test_orders, train, rng)
+    val, test = _queries(val_orders, fit, rng), _queries(test_orders, train, rng, prefer=held)
     protocol = {
         "seed": seed, "test_frac": test_frac, "val_frac": val_frac,
         "train_orders": len(train_placed), "val_queries": len(val), "test_queries": len(test),
@@ -108,7 +145,11 @@ def time_split(
         "test_from": events[test_start].ts.isoformat() if test_start < len(events) else None,
         "val_from": events[val_start].ts.isoformat(),
     }
-    return Split(fit, train, val, test, protocol)
+    split = Split(fit, train, val, test, protocol, held)
+    if held_out:
+        protocol.update({"held_out": held_out, "held_out_items": len(held),
+                         "held_out_test_queries": int(split.held_out_queries().sum())})
+    return split
 
 
 def ranks(scores: torch.Tensor, queries: Queries) -> torch.Tensor:
