@@ -35,6 +35,21 @@ def test_text_reaches_an_item_without_orders_and_weights_are_asymmetric() -> Non
     assert not torch.allclose(b, b.T)
 
 
+def test_items_without_orders_get_text_weight_towards_them() -> None:
+    store = _tiny_store()
+    store.apply(ItemUpserted(item_id="new", title="green mug", ts=at(9)))
+    x = baselines.basket_matrix(store)
+    text = side_view(np.random.default_rng(0).normal(size=(6, 16)))
+    sides = [(5.0, text)]
+    plain = decoder_weights(x, sides, lam=1.0)
+    b = decoder_weights(x, sides, lam=1.0, cold=(0.5, text))
+    cos = (text @ text.T).clamp(min=0).float()
+    expect = plain[:, 5] + 0.5 * cos[:, 5]
+    expect[5] = 0
+    assert torch.allclose(b[:, 5], expect, atol=1e-6)  # only the column of the item without orders moves
+    assert torch.equal(b[:, :5], plain[:, :5]) and float(b[5, 5]) == 0
+
+
 def test_side_view_centres_and_scales() -> None:
     e = np.array([[3.0, 1.0], [1.0, 1.0], [2.0, 4.0]])
     v = side_view(e)
@@ -67,11 +82,12 @@ def test_training_picks_the_decoder_on_validation_and_scores_through_it() -> Non
     assert small.decoder is None  # too many items for a dense inversion: the cosine head
 
 
-@pytest.mark.parametrize("cfg", [DecoderConfig(lam=3.0, text_weight=2.0, gnn_weight=0.0)])
+@pytest.mark.parametrize("cfg", [DecoderConfig(lam=3.0, text_weight=2.0, gnn_weight=0.0),
+                                 DecoderConfig(lam=3.0, text_weight=2.0, gnn_weight=0.0, cold_weight=0.5)])
 def test_text_ease_baseline_is_the_decoder_without_the_gnn(cfg: DecoderConfig) -> None:
     store = _tiny_store()
     text = np.random.default_rng(1).normal(size=(store.num_items, 16)).astype(np.float32)
-    b, _ = baselines.text_ease(store, text, cfg.lam, cfg.text_weight)
+    b, _ = baselines.text_ease(store, text, cfg.lam, cfg.text_weight, cfg.cold_weight)
     graph = Graph.build(store, text, torch.device("cpu"))
     from training.models import BundleGNN
 

@@ -47,10 +47,12 @@ def ease(store: GraphStore, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(b.astype(np.float32)), torch.zeros(store.num_items)
 
 
-def text_ease(store: GraphStore, text: np.ndarray, lam: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def text_ease(store: GraphStore, text: np.ndarray, lam: float, alpha: float,
+              cold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """EASE^R with the text embeddings as side information (collective EASE, Jeunen et al., RecSys 2020):
-    the GNN's decoder without the GNN."""
-    return decoder_weights(basket_matrix(store), [(alpha, side_view(text))], lam), torch.zeros(store.num_items)
+    the GNN's decoder without the GNN (``cold``: its text weight towards items without orders)."""
+    view = side_view(text)
+    return decoder_weights(basket_matrix(store), [(alpha, view)], lam, cold=(cold, view)), torch.zeros(store.num_items)
 
 
 def text_similarity(embeddings: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

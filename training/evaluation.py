@@ -64,8 +64,8 @@ def _methods(split: Split, encoder: TextEncoder, train_cfg: TrainConfig, seed: i
     text_only = {d: v for d, v in result.decoder_val.items() if d.gnn_weight == 0}
     best = max(text_only, key=text_only.get) if text_only else None
     if best is not None:
-        methods["text_ease"] = _linear(lambda s: baselines.text_ease(s, text_train, best.lam, best.text_weight),
-                                       split.train, split.test)
+        methods["text_ease"] = _linear(
+            lambda s: baselines.text_ease(s, text_train, best.lam, best.text_weight, best.cold_weight), split.train, split.test)
     tuned = {"ease_lambda": lam, "gnn_best_epoch": result.best_epoch, "gnn_epochs_run": len(result.history),
              "gnn_decoder": result.decoder.model_dump() if result.decoder else None,
              "text_ease": best.model_dump() if best else None,

@@ -75,9 +75,12 @@ class TrainConfig(BaseModel):
                                              description="GNN-embedding side-information grid")
     decoder_max_items: int = Field(10_000, ge=2, description="larger catalogs use the cosine head (O(n^3) fit)")
     decoder_top_k: int = Field(200, ge=1, description="complements per item the artifact keeps from the decoder")
+    decoder_cold_weight: float = Field(0.03, ge=0, description="text cosine towards items without orders (fixed, "
+                                       "not tuned: validation holds too few such items)")
 
     def decoder_grid(self) -> list[DecoderConfig]:
-        return [DecoderConfig(lam=lam, text_weight=t, gnn_weight=g) for lam in self.decoder_lambdas
+        return [DecoderConfig(lam=lam, text_weight=t, gnn_weight=g, cold_weight=self.decoder_cold_weight)
+                for lam in self.decoder_lambdas
                 for t in self.decoder_text_weights for g in self.decoder_gnn_weights]
 
 
@@ -198,8 +201,9 @@ def decoder_matrix(model: BundleGNN, graph: Graph, cfg: DecoderConfig, h_item: t
     """The decoder's item × item weights over ``graph``, with the model's item embeddings as side information."""
     if h_item is None:
         h_item = graph.embed(model.eval())["item"]
-    sides = [(cfg.text_weight, side_view(graph.x[:, :-1])), (cfg.gnn_weight, side_view(h_item))]
-    return decoder_weights(graph.baskets, sides, cfg.lam, graph.x.device)
+    text = side_view(graph.x[:, :-1])
+    sides = [(cfg.text_weight, text), (cfg.gnn_weight, side_view(h_item))]
+    return decoder_weights(graph.baskets, sides, cfg.lam, graph.x.device, cold=(cfg.cold_weight, text))
 
 
 @torch.no_grad()
