@@ -52,4 +52,8 @@ class StreamConfig(BaseModel):
     producer_max_batch_size: int | None = Field(
         None, ge=1, description="bytes per producer batch; 1 on the embedded tansu broker, which reports end "
         "offsets one short after multi-record batches and so breaks table recovery")
+    changelog_record_bytes: int = Field(
+        512 * 1024, ge=1024, le=900_000, description="largest changelog record the worker writes (JSON bytes): a "
+        "micro-batch's events are split over several records, and an event bigger than this goes to dead-letters. "
+        "Kafka refuses records over max.request.size (1 MB by default), which would stop the worker")
     encode_text: bool = Field(True, description="embed new items' text in the worker (loads the encoder)")

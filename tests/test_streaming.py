@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graph.events import ItemUpserted, Order, OrderLine
+from graph.events import Interaction, ItemUpserted, Order, OrderLine
 from graph.snapshot import load
 from streaming.producer import EventProducer
 from streaming.settings import Topics
@@ -98,11 +98,13 @@ def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(brok
                                                                             tmp_path: Path) -> None:
     port = free_port()
     worker_env = {**worker_env, "BUNDLEGNN_STREAM__METRICS_PORT": str(port),
-                  "BUNDLEGNN_STREAM__METRICS_INTERVAL": "0.5"}
+                  "BUNDLEGNN_STREAM__METRICS_INTERVAL": "0.5", "BUNDLEGNN_STREAM__CHANGELOG_RECORD_BYTES": "1024"}
     worker = WorkerProcess(worker_env, tmp_path / "worker.log", "--model", "none").start()
     updates = Reader(broker, topic(worker_env, "bundle_updates"))
     dead = Reader(broker, topic(worker_env, "dead_letters"))
-    bad = [b"{not json", json.dumps({"order_id": "x", "items": [], "ts": "2024-01-01T00:00:00Z"}).encode()]
+    huge = order("h1", *(f"item-{n}" for n in range(60)))  # valid, but over 1,024 bytes: it could not be recorded
+    bad = [b"{not json", json.dumps({"order_id": "x", "items": [], "ts": "2024-01-01T00:00:00Z"}).encode(),
+           huge.model_dump_json().encode()]
     try:
         with producer_for(worker_env, broker) as producer:
             for raw in bad:
@@ -114,6 +116,7 @@ def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(brok
         letters = [dead.wait_for(lambda r, raw=raw: r.value == raw) for raw in bad]
         reasons = [dict(r.headers)["reason"].decode() for r in letters]
         assert reasons[0].startswith("not JSON") and "items" in reasons[1]
+        assert reasons[2].startswith("event of ") and "stream.changelog_record_bytes" in reasons[2]
         assert dict(letters[0].headers)["topic"] == topic(worker_env, "orders").encode()
         unknown = dead.wait_for(lambda r: b'"c9"' in r.value)
         assert "cancels unknown order c9" in dict(unknown.headers)["reason"].decode()
@@ -127,7 +130,7 @@ def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(brok
                 break
             time.sleep(0.3)
         assert lag == 0
-        assert m[("bundlegnn_worker_dead_letters_total", (("topic", orders_topic),))] == 3
+        assert m[("bundlegnn_worker_dead_letters_total", (("topic", orders_topic),))] == 4
         assert m[("bundlegnn_worker_events_total", (("kind", "order"),))] == 2  # c9 (recorded) and o1
         assert m[("bundlegnn_worker_events_total", (("kind", "item_upserted"),))] == 0
         assert m[("bundlegnn_worker_bundle_updates_total", ())] >= 2  # A and B
@@ -143,6 +146,7 @@ def test_state_after_restart_equals_state_before(broker: str, worker_env: dict, 
     """The second worker has an in-memory table store: all it knows comes from the changelog topics."""
     before, after = tmp_path / "before.npz", tmp_path / "after.npz"
     log = tmp_path / "worker.log"
+    worker_env = {**worker_env, "BUNDLEGNN_STREAM__CHANGELOG_RECORD_BYTES": "1024"}  # a batch takes several records
     worker = WorkerProcess(worker_env, log, "--model", "none", "--snapshot", str(before)).start()
     updates = Reader(broker, topic(worker_env, "bundle_updates"))
     try:
@@ -152,15 +156,27 @@ def test_state_after_restart_equals_state_before(broker: str, worker_env: dict, 
             for n in range(12):
                 producer.send(order(f"o{n}", *"ABCDE"[n % 3 : n % 3 + 3], day=n, user=f"u{n % 4}"))
             producer.send(order("o4", "A", "B", "C", status="cancelled", day=20))
+            for n, kind in enumerate(["view", "cart", "view"]):
+                producer.send(Interaction(user_id="u9", item_id="ABC"[n], kind=kind, ts=at(21 + n)))
+            producer.send(ItemUpserted(item_id="A", title="item A, new title", ts=at(30), price=3.0))
             producer.flush()
-            updates.wait_for(update_of("A", lambda u: u["graph_version"] >= 5 + 12 + 1), timeout=30)
+            updates.wait_for(lambda r: json.loads(r.value)["graph_version"] >= 5 + 12 + 1 + 3 + 1, timeout=30)
     finally:
         updates.close()
     assert worker.stop() == 0
     worker = WorkerProcess(worker_env, log, "--model", "none", "--snapshot", str(after)).start()
     assert worker.stop() == 0
-    assert "graph rebuilt from changelogs: 18 events" in worker.output()
+    assert "graph rebuilt from changelogs: 22 events" in worker.output()
+    changelog = Reader(broker, f"{worker_env['BUNDLEGNN_STREAM__APP_ID']}-order-batches-changelog")
+    try:
+        records = changelog.drain(3.0)
+    finally:
+        changelog.close()
+    assert sum(len(json.loads(r.value)) for r in records) == 13 and len(records) >= 4
+    assert all(len(r.value) <= 1024 for r in records)
     a, b = load(before), load(after)
+    assert a.catalog[a.items.index["A"]].title == "item A, new title"
+    assert a.interaction("u9", "B").count == 1
     assert sorted(a.items.ids) == sorted(b.items.ids) and sorted(a.users.ids) == sorted(b.users.ids)
     assert a.stats.orders_cancelled == b.stats.orders_cancelled == 1
     for before_, after_ in [(edges(a), edges(b)), (user_edges(a), user_edges(b))]:
