@@ -39,6 +39,7 @@ from typing import Any
 import faust
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faust.exceptions import ConsumerNotStarted
 
 from graph.events import Interaction, ItemUpserted, Order
@@ -306,6 +307,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
     async def rebuild() -> None:
         """After (re)assignment: the graph is exactly the recorded events, replayed."""
         state.reset()
+        state.offsets.clear()  # positions of the new assignment: see lag()
         events: list[ItemUpserted | Interaction | Order] = []
         for kind in ("item_upserted", "interaction"):
             events += [decode(raw_, kind) for _, values in sorted(tables[kind].items()) for raw_ in values]
@@ -324,7 +326,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
     async def refresher() -> None:
         """Refresh, pause, repeat: the pause is ``refresh_interval``, or longer when refreshes take long.
 
-        Under load an item is touched by many orders between two refreshes,
+        Under load an item is touched by many events between two refreshes,
         and one refresh then serves them all: the pause grows so refreshing
         takes at most ``refresh_share`` of the worker's time and the rest
         goes to applying events.
@@ -356,21 +358,38 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
         m.updates.inc(len(pending))
         m.refresh_seconds.observe(time.perf_counter() - started)
 
+    async def lag() -> dict[str, int]:
+        """Events not yet applied per event topic (high-water mark minus the next offset to apply).
+
+        A partition with no event applied since its assignment counts from
+        the consumer's position (its committed offset, as nothing was
+        fetched): counting from 0 made a restarted worker report the whole
+        topic as lag until new events came.
+        """
+        behind: dict[str, int] = {}
+        for tp in app.consumer.assignment():
+            if tp.topic not in (names.catalog, names.interactions, names.orders):
+                continue
+            high = app.consumer.highwater(tp)
+            if tp[:2] not in state.offsets:
+                position = await app.consumer.position(tp)
+                if position is None or tp[:2] in state.offsets:
+                    continue
+                state.offsets[tp[:2]] = position
+            if high is not None:
+                behind[tp.topic] = behind.get(tp.topic, 0) + max(0, high - state.offsets[tp[:2]])
+        return behind
+
     @app.timer(stream.metrics_interval)
     async def measure() -> None:
-        """Consumer lag per event topic (high-water mark minus the next offset to apply) and graph size."""
-        lag: dict[str, int] = {}
+        """Consumer lag per event topic and graph size."""
         try:
-            assigned = app.consumer.assignment()
-        except ConsumerNotStarted:  # starting or rebalancing: measure on the next tick
-            return
-        for tp in assigned:
-            if tp.topic in (names.catalog, names.interactions, names.orders):
-                high = app.consumer.highwater(tp)
-                if high is not None:
-                    lag[tp.topic] = lag.get(tp.topic, 0) + max(0, high - state.offsets.get(tp[:2], 0))
-        for topic_name, behind in lag.items():
-            state.metrics.lag.labels(topic_name).set(behind)
+            behind = await lag()
+        except (ConsumerNotStarted, ConsumerStoppedError, KafkaError) as exc:  # starting, rebalancing or stopping: the next tick measures
+            log.info("consumer lag not measured: %r", exc)
+            behind = {}
+        for topic_name, count in behind.items():
+            state.metrics.lag.labels(topic_name).set(count)
         state.metrics.items.set(state.store.num_items)
         state.metrics.co_edges.set(state.store.num_co_edges())
 

@@ -143,5 +143,22 @@ class Reader:
                 self.records.extend(batch)
         return self.records
 
+    def end(self, timeout: float = 30.0) -> int:
+        """Records on the topic so far (the sum of its partitions' end offsets), read without fetching them."""
+        self._assign(time.monotonic() + timeout)
+        return sum(self.consumer.end_offsets(list(self.consumer.assignment())).values())
+
+    def read_to_end(self, timeout: float = 120.0) -> list:
+        """Every record on the topic up to its end offsets as of this call."""
+        self._assign(time.monotonic() + timeout)
+        ends = self.consumer.end_offsets(list(self.consumer.assignment()))
+        deadline = time.monotonic() + timeout
+        while any(self.consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} not read to its end within {timeout} s")
+            for batch in self.consumer.poll(timeout_ms=200).values():
+                self.records.extend(batch)
+        return self.records
+
     def close(self) -> None:
         self.consumer.close()

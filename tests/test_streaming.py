@@ -164,8 +164,14 @@ def test_state_after_restart_equals_state_before(broker: str, worker_env: dict, 
     finally:
         updates.close()
     assert worker.stop() == 0
-    worker = WorkerProcess(worker_env, log, "--model", "none", "--snapshot", str(after)).start()
-    assert worker.stop() == 0
+    port = free_port()
+    restarted_env = {**worker_env, "BUNDLEGNN_STREAM__METRICS_PORT": str(port), "BUNDLEGNN_STREAM__METRICS_INTERVAL": "0.5"}
+    worker = WorkerProcess(restarted_env, log, "--model", "none", "--snapshot", str(after)).start()
+    try:  # nothing new to apply: no lag (it once counted every partition from offset 0 after a restart)
+        lag = wait_for_metric(port, ("bundlegnn_worker_consumer_lag", (("topic", topic(worker_env, "orders")),)))
+    finally:
+        assert worker.stop() == 0
+    assert lag == 0
     assert "graph rebuilt from changelogs: 22 events" in worker.output()
     changelog = Reader(broker, f"{worker_env['BUNDLEGNN_STREAM__APP_ID']}-order-batches-changelog")
     try:
@@ -184,6 +190,20 @@ def test_state_after_restart_equals_state_before(broker: str, worker_env: dict, 
         assert {k: w for k, (_, w) in before_.items()} == pytest.approx({k: w for k, (_, w) in after_.items()})
     assert len(edges(a)) == 7 and edges(a)[("A", "B")][0] == 4 and edges(a)[("B", "D")][0] == 3  # o4 (B, C, D) cancelled
     assert {k: a.catalog[r] for k, r in a.items.index.items()} == {k: b.catalog[r] for k, r in b.items.index.items()}
+
+
+def wait_for_metric(port: int, sample: tuple, timeout: float = 15.0) -> float:
+    """A sample of the worker's /metrics once it is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = scrape(port).get(sample)
+        except OSError:  # the endpoint is not up yet
+            value = None
+        if value is not None:
+            return value
+        assert time.monotonic() < deadline, f"no {sample} on /metrics within {timeout} s"
+        time.sleep(0.3)
 
 
 def edges(store) -> dict[tuple[str, str], tuple[int, float]]:
