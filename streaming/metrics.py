@@ -24,6 +24,8 @@ class WorkerMetrics:
             self.events.labels(kind)
         self.dead_letters = Counter("bundlegnn_worker_dead_letters", "Messages sent to the dead-letter topic",
                                     ["topic"], registry=r)
+        self.publish_failures = Counter("bundlegnn_worker_publish_failures", "Bundle updates and dead letters "
+                                        "Kafka refused (each one is logged)", ["topic"], registry=r)
         self.updates = Counter("bundlegnn_worker_bundle_updates", "Complement lists published", registry=r)
         self.lag = Gauge("bundlegnn_worker_consumer_lag", "Messages on assigned partitions not yet applied",
                          ["topic"], registry=r)

@@ -39,7 +39,7 @@ from typing import Any
 import faust
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import ConsumerStoppedError, KafkaError
+from aiokafka.errors import ConsumerStoppedError, KafkaError, MessageSizeTooLargeError
 from faust.exceptions import ConsumerNotStarted
 
 from graph.events import Interaction, ItemUpserted, Order
@@ -240,7 +240,7 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
     orders_topic = app.topic(names.orders, **raw)
     # Bundle updates and dead letters use a producer of their own: Faust's carries the changelogs,
     # which may be configured to one record per batch (see StreamConfig.producer_max_batch_size).
-    out = _Publisher(bootstrap)
+    out = _Publisher(bootstrap, state.metrics)
     # Changelogged record of every applied event, per micro-batch and source partition: the worker's recoverable
     # state. (Earlier versions kept a list per item or user for catalog events and interactions, rewritten whole
     # on every event; rebuild() reads both layouts.)
@@ -442,21 +442,45 @@ def build_app(stream: StreamConfig, state: WorkerState, bootstrap: str, snapshot
 
 
 class _Publisher:
-    """An aiokafka producer started on first use (it needs the running event loop)."""
+    """An aiokafka producer started on first use (it needs the running event loop).
 
-    def __init__(self, bootstrap: str) -> None:
+    Sends are not awaited one by one (that would cost a round trip each);
+    a record Kafka refuses is logged and counted when its answer comes. A
+    dead letter too big for a request goes out without its value: its
+    headers say where the original is.
+    """
+
+    def __init__(self, bootstrap: str, metrics: WorkerMetrics, producer: Any = None) -> None:
         self.bootstrap = bootstrap
-        self.producer: AIOKafkaProducer | None = None
+        self.metrics = metrics
+        self.producer: AIOKafkaProducer | None = producer
         self.lock = asyncio.Lock()
 
-    async def send(self, topic: str, key: bytes | None, value: bytes, headers: list | None = None) -> None:
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None) -> None:
         if self.producer is None:
             async with self.lock:
                 if self.producer is None:
                     producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, max_batch_size=1 << 20)
                     await producer.start()
                     self.producer = producer
-        await self.producer.send(topic, key=key, value=value, headers=headers)
+        try:
+            delivery = await self.producer.send(topic, key=key, value=value, headers=headers)
+        except MessageSizeTooLargeError as exc:
+            if headers is None or value is None:  # not a dead letter: nothing to fall back on
+                self._failed(topic, key, exc)
+                return
+            log.error("dead letter of %d bytes too big to publish; sent without its value", len(value))
+            headers = [*headers, ("value-dropped", f"{len(value)} bytes, over the producer's request size".encode())]
+            delivery = await self.producer.send(topic, key=key, value=None, headers=headers)
+        delivery.add_done_callback(lambda done: self._answered(topic, key, done))
+
+    def _answered(self, topic: str, key: bytes | None, delivery: asyncio.Future) -> None:
+        if not delivery.cancelled() and delivery.exception() is not None:
+            self._failed(topic, key, delivery.exception())
+
+    def _failed(self, topic: str, key: bytes | None, exc: BaseException) -> None:
+        self.metrics.publish_failures.labels(topic).inc()
+        log.error("publishing to %s (key %r) failed: %r", topic, key, exc)
 
     async def stop(self) -> None:
         if self.producer is not None:
