@@ -15,22 +15,12 @@ from tqdm import tqdm
 
 from bundlegnn.config import ConfigError, Settings, load_settings
 from bundlegnn.logs import dict_config, setup_logging
+from graph.store import tune_gc
 
 if TYPE_CHECKING:
     import socket
 
     from graph.store import GraphStore
-
-
-def tune_gc() -> None:
-    """Collect young objects every 50,000 allocations instead of 700.
-
-    The graph holds millions of small long-lived objects (one per edge) and
-    has no reference cycles to speak of; with the default thresholds the
-    cyclic collector took 63 % of a replay (Online Retail II: 1.09 s → 0.47 s
-    with this setting; the stream worker's event loop gains the same).
-    """
-    gc.set_threshold(50_000, 20, 100)
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time 'frequently bought together' engine.")
@@ -277,29 +267,27 @@ def worker(
     model: str = ModelOpt,
     snapshot: Optional[Path] = typer.Option(None, help="write the worker's graph here when it stops"),
 ) -> None:
-    """Run the Faust stream worker (Ctrl-C stops it)."""
+    """Run the Faust stream worker and its scoring process (Ctrl-C stops both)."""
     from faust import Worker
 
     from streaming.broker import create_topics
-    from streaming.worker import WorkerState, build_app
+    from streaming.scorer import ScorerLink, ScorerSpec
+    from streaming.worker import build_app
     from training.artifact import latest_artifact
 
     settings = _settings(config)
     bootstrap = _bootstrap(settings)
     create_topics(bootstrap, _topics(settings))
-    encoder = settings.encoder.build(settings.paths.text_cache) if settings.stream.encode_text else None
-    state = WorkerState(settings.graph, settings.scoring, encoder, settings.training.device)
     path = latest_artifact(settings.paths.model_store) if model == "latest" else None if model == "none" else Path(model)
-    if path is not None:
-        state.load_model(path)
-    else:
-        logging.getLogger("bundlegnn").warning("no model artifact: scoring from co-purchase statistics and text")
-    faust_app = build_app(settings.stream, state, bootstrap, snapshot, settings.paths.state_dir / "faust")
-    if settings.stream.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.stream.metrics_port, registry=state.metrics.registry)
-        logging.getLogger("bundlegnn").info("worker metrics on :%d/metrics", settings.stream.metrics_port)
+    spec = ScorerSpec(settings.stream, settings.graph, settings.scoring, bootstrap,
+                      settings.encoder if settings.stream.encode_text else None, settings.paths.text_cache,
+                      settings.training.device, path, snapshot, dict_config(settings.log))
+    try:
+        scorer = ScorerLink.start(spec)
+    except RuntimeError as exc:
+        logging.getLogger("bundlegnn").error("%s", exc)
+        raise typer.Exit(1) from exc
+    faust_app = build_app(settings.stream, scorer, bootstrap, settings.paths.state_dir / "faust")
     Worker(faust_app, loglevel=settings.log.level, logging_config=dict_config(settings.log)).execute_from_commandline()
 
 

@@ -14,7 +14,7 @@ DATA = Path(__file__).parent / "data"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from bundlegnn.cli import tune_gc
+    from graph.store import tune_gc
 
     tune_gc()  # as the `bundlegnn` command does: the graph's many small objects make default GC slow
 #: The whole European subset of Online Retail II (copied from ../shared/data/online_retail_ii).

@@ -58,7 +58,7 @@ def test_model_scores_by_hand() -> None:
     scorer.set_views("m1", store.items.ids, src, dst, prior, temperature=0.5)
     got = scorer.complements("i0")
     model = unit(src)[0] @ unit(dst).T / 0.5 + prior
-    w = {b: store.co.get(0, b).value(store.last_ts, store.clock) for b in store.co.nbrs[0]}
+    w = {b: store.co.get(0, b).value(store.last_ts, store.clock) for b in store.co.slots_of(0)}
     score = model + np.array([math.log1p(w.get(b, 0.0)) for b in range(6)])
     score[0] = -np.inf
     assert [c.item_id for c in got] == [f"i{b}" for b in np.argsort(-score, kind="stable")[:5]]
@@ -97,7 +97,7 @@ def test_decoder_rows_rank_with_fresh_co_purchases_boosted_in() -> None:
     index = np.array([[6, 4, 2, 5, 0]] + [[0, 1, 2, 3, 4]] * 6, np.int32)
     weight = np.array([[0.9, 0.3, 0.2, 0.1, -0.2]] + [[0.1] * 5] * 6, np.float32)
     scorer.set_views("m2", ids, rng.normal(size=(7, 4)), rng.normal(size=(7, 4)), np.zeros(7), 0.5, (ids, index, weight))
-    w = {b: store.co.get(0, b).value(store.last_ts, store.clock) for b in store.co.nbrs[0]}  # i0 with i2 and i3
+    w = {b: store.co.get(0, b).value(store.last_ts, store.clock) for b in store.co.slots_of(0)}  # i0 with i2 and i3
     boost = {b: 0.05 * math.log1p(v) for b, v in w.items()}
     got = scorer.complements("i0")
     expect = sorted([("i4", 0.3), ("i2", 0.2 + boost[2]), ("i5", 0.1), ("i3", boost[3])], key=lambda c: -c[1])

@@ -26,7 +26,7 @@ def most_co_purchased() -> tuple[str, str, int]:
     store.apply_all(online_retail_events(SAMPLE))
     counts = store.item_order_counts()
     for row in sorted(range(store.num_items), key=lambda r: (-counts[r], store.items.ids[r])):
-        pairs = sorted(((store.co.get(row, b).count, store.items.ids[b]) for b in store.co.nbrs[row]), reverse=True)
+        pairs = sorted(((store.co.get(row, b).count, store.items.ids[b]) for b in store.co.slots_of(row)), reverse=True)
         if len(pairs) > 1 and pairs[0][0] > pairs[1][0]:
             return store.items.ids[row], pairs[0][1], pairs[0][0]
     raise AssertionError("no anchor with a unique top partner in the sample")

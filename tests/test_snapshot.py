@@ -19,8 +19,8 @@ def _state(store: GraphStore) -> dict:
         "users": store.users.ids,
         "catalog": store.catalog,
         "item_orders": [store.item_orders.get(i) for i in range(store.num_items)],
-        "co": [{b: store.co.get(a, b) for b in n} for a, n in enumerate(store.co.nbrs)],
-        "ui": [{i: store.ui.get(u, i) for i in n} for u, n in enumerate(store.ui.nbrs)],
+        "co": [{b: store.co.get(a, b) for b in store.co.slots_of(a)} for a in range(store.co.rows)],
+        "ui": [{i: store.ui.get(u, i) for i in store.ui.slots_of(u)} for u in range(store.ui.rows)],
         "orders": store.orders,
         "stats": store.stats,
         "last_ts": store.last_ts,
@@ -39,8 +39,8 @@ def test_round_trip_equals_original(retail_replay, tmp_path: Path) -> None:
     assert _state(loaded) == _state(store)
     assert elapsed < 10, f"snapshot round trip took {elapsed:.1f}s"
     # a co-purchase edge is one tally reached from both ends after loading, as before
-    a, b = next((a, b) for a, n in enumerate(loaded.co.nbrs) for b in n)
-    assert loaded.co.nbrs[a][b] == loaded.co.nbrs[b][a]
+    a, b = next((a, b) for a in range(loaded.co.rows) for b in loaded.co.slots_of(a))
+    assert loaded.co.slots_of(a)[b] == loaded.co.slots_of(b)[a]
     # same content, same id
     assert save(loaded, tmp_path / "again.npz") == snap_id and len(snap_id) == 16
 

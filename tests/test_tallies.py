@@ -40,14 +40,14 @@ def test_edge_table_takes_back_an_edge_created_earlier_in_the_same_batch() -> No
     one = np.ones(3)
     table.update(np.array([0, 2, 1]), np.array([1, 1, 0]), np.array([1, 1, -1]), one, np.array([5.0, 6.0, 7.0]))
     assert table.get(0, 1) is None and table.get(1, 2).count == 1 and table.get(2, 1) == table.get(1, 2)
-    assert len(table) == 1 and table.nbrs[0] == {} and list(table.nbrs[1]) == [2]
+    assert len(table) == 1 and table.slots_of(0) == {} and list(table.slots_of(1)) == [2]
 
 
 def _state(store: GraphStore) -> tuple:
     co = {(store.items.ids[a], store.items.ids[b]): (t.count, round(t.weight, 9), t.ts)
-          for a, n in enumerate(store.co.nbrs) for b in n if (t := store.co.get(a, b))}
+          for a in range(store.co.rows) for b in store.co.slots_of(a) if (t := store.co.get(a, b))}
     ui = {(store.users.ids[u], store.items.ids[i]): (t.count, round(t.weight, 9), t.ts)
-          for u, n in enumerate(store.ui.nbrs) for i in n if (t := store.ui.get(u, i))}
+          for u in range(store.ui.rows) for i in store.ui.slots_of(u) if (t := store.ui.get(u, i))}
     return co, ui, store.item_order_counts().tolist(), store.stats.as_dict(), store.version
 
 

@@ -10,7 +10,8 @@ import pytest
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from streaming.metrics import WorkerMetrics
-from streaming.worker import _Publisher, changelog_chunks, record_size
+from streaming.scorer import _Publisher
+from streaming.worker import changelog_chunks, record_size
 
 
 def test_records_keep_partition_order_and_stay_under_the_limit() -> None:

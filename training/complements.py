@@ -297,8 +297,9 @@ class ComplementScorer:
             sims[row] = -np.inf
             close = np.flatnonzero(sims >= cfg.substitute_similarity)
             self._text_neighbours[row] = close[np.argsort(-sims[close], kind="stable")]
-        co, ids = self.store.co.nbrs[row], self.store.items.ids
-        return [ids[r] for r in self._text_neighbours[row] if r not in co][: cfg.max_substitutes]
+        close, ids = self._text_neighbours[row], self.store.items.ids
+        unbought = close[~np.isin(close, self.store.co.neighbours(row)[0])] if len(close) else close
+        return [ids[r] for r in unbought[: cfg.max_substitutes].tolist()]
 
     def update(self, item_id: str, source_ts: float | None = None, now: datetime | None = None) -> BundleUpdate:
         """The ``bundle-updates`` message of one item."""

@@ -1,0 +1,550 @@
+"""The scoring process: the worker's graph, complement lists and model, beside its Faust consumer.
+
+Faust hands each message to an agent through several asyncio tasks (about
+80 µs an event here), and applying, scoring and publishing take more than
+that again: in one process the worker was bound by one core at 2,700
+orders/s while the machine's second core sat idle. So ``bundlegnn worker``
+is two processes:
+
+* the Faust app (:mod:`streaming.worker`) consumes, validates and records
+  events in its changelogged tables, and forwards the valid ones here, in
+  arrival order;
+* this one applies them to the graph (:class:`WorkerState`, the code path
+  of the batch replay), refreshes the complement lists of touched items and
+  publishes them on ``bundle-updates``, sends dead letters, loads models
+  from ``model-updates``, embeds new items and serves the Prometheus metrics.
+
+The changelog stays the worker's only durable state: whenever the Faust app
+is (re)assigned its partitions it replays the recorded events here
+(``rebuild``), and this process applies exactly those. A full pipe holds the
+Faust app back, so neither side runs away from the other. When this process
+dies the Faust app stops too (see :meth:`ScorerLink.check`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import logging.config
+import multiprocessing
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError
+
+from graph.events import Interaction, ItemUpserted, Order
+from graph.snapshot import save as save_snapshot
+from graph.store import GraphConfig, GraphStore, tune_gc
+from streaming.codec import Rejected, decode
+from streaming.metrics import WorkerMetrics
+from streaming.settings import StreamConfig
+from training.artifact import Artifact, load_artifact
+from training.complements import ComplementScorer, ScorerConfig
+from training.encoder import EncoderConfig, TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+class Record(NamedTuple):
+    """A consumed message as the Faust app forwards it (``timestamp``: the producer's, in seconds)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp: float | None
+
+
+
+@dataclass
+class WorkerState:
+    """The worker's in-memory graph, scorer and model, and what awaits a refresh."""
+
+    graph_config: GraphConfig
+    scorer_config: ScorerConfig
+    encoder: TextEncoder | None = None
+    device: str = "cpu"
+    store: GraphStore = field(init=False)
+    scorer: ComplementScorer = field(init=False)
+    artifact: Artifact | None = None
+    pending: dict[str, float] = field(default_factory=dict)  # item → newest source timestamp
+    new_text: set[str] = field(default_factory=set)  # items whose text needs embedding
+    needs_embedding: bool = False  # items without a model view exist
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.store = GraphStore(self.graph_config)
+        self.scorer = ComplementScorer(self.store, self.scorer_config)
+        if self.artifact is not None:
+            self._install(self.artifact)
+
+    def apply(self, event: ItemUpserted | Interaction | Order, source_ts: float | None) -> str | None:
+        """Apply one event; return a dead-letter reason when it references nothing."""
+        return self.apply_many([event], [source_ts])[0]
+
+    def apply_many(self, events: list[ItemUpserted | Interaction | Order],
+                   source_ts: list[float | None]) -> list[str | None]:
+        """Apply events in order (one bulk graph update); per event, a dead-letter reason or None."""
+        reasons: list[str | None] = []
+        now = time.time()
+        pending, counter = self.pending, self.metrics.events
+        for event, result, ts in zip(events, self.store.apply_many(events), source_ts):
+            counter.labels(event.type).inc()
+            if isinstance(event, ItemUpserted) and result.changed:
+                self.new_text.add(event.item_id)
+            if isinstance(event, Order) and event.status == "cancelled" and not result.changed and "unknown" in result.note:
+                reasons.append(f"{result.note}: recorded, a late placement of it will be ignored")
+            else:
+                reasons.append(None)
+            if result.changed:
+                ts = ts if ts is not None else now
+                for item in result.items:
+                    if pending.get(item, 0.0) < ts:
+                        pending[item] = ts
+        return reasons
+
+    # ---- text and model --------------------------------------------------------
+    def text_job(self) -> tuple[np.ndarray, list[str]] | None:
+        """Rows and texts of items upserted since the last call (None: nothing to encode)."""
+        if not self.new_text or self.encoder is None:
+            self.new_text.clear()
+            return None
+        rows = np.array([self.store.items.index[k] for k in sorted(self.new_text)])
+        self.new_text.clear()
+        return rows, [self.store.catalog[r].text for r in rows]
+
+    def set_text(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        self.scorer.set_text(rows, vectors)
+        if self.artifact is not None and any(not self.scorer.has_view(int(r)) for r in rows):
+            self.needs_embedding = True  # only items the model has not seen need the inductive pass
+
+    def embed_text(self) -> None:
+        """Encode the text of items upserted since the last call (blocking; the worker uses a thread)."""
+        job = self.text_job()
+        if job is not None and self.encoder is not None:
+            self.set_text(job[0], self.encoder.encode(job[1], progress=False))
+
+    def load_model(self, path: str | Path) -> None:
+        """Load an artifact and score with it from now on (the hot swap)."""
+        artifact = load_artifact(path)
+        self.artifact = artifact
+        self._install(artifact)
+        degree, ids = self.store.co.degrees(), self.store.items.ids
+        self.pending.update({ids[r]: time.time() for r in np.flatnonzero(degree).tolist()})
+        self.metrics.model_loaded.set(time.time())
+        log.info("model %s loaded from %s", artifact.version, path)
+
+    def _install(self, artifact: Artifact) -> None:
+        self.scorer.set_views(artifact.version, artifact.item_ids, artifact.src, artifact.dst, artifact.prior,
+                              artifact.model.temperature, artifact.decoder_rows)
+        self.needs_embedding = any(not self.scorer.has_view(r) for r in range(self.store.num_items))
+
+    def inductive_graph(self) -> Any | None:
+        """The current graph as GNN input when items lack a model view (None: nothing to do).
+
+        The model is inductive: one pass over the whole current graph gives
+        items the artifact has not seen views from their text and neighbours.
+        """
+        if self.artifact is None or self.encoder is None or not self.needs_embedding:
+            return None
+        from training.train import Graph
+
+        self.needs_embedding = False
+        dim = self.artifact.model.in_channels - 1  # item features: text embedding + log price
+        text = np.zeros((self.store.num_items, dim), np.float32)  # items known only from orders: no text yet
+        if len(self.scorer.text):
+            text[: len(self.scorer.text)] = self.scorer.text
+        return Graph.build(self.store, text, torch_device(self.device), id_items=self.artifact.manifest["id_items"])
+
+    def install_views(self, item_ids: list[str], h: dict[str, Any]) -> list[str]:
+        """Use the views of an inductive pass; return the items that gained one."""
+        assert self.artifact is not None
+        before = [r for r in range(len(item_ids)) if not self.scorer.has_view(r)]
+        prior = self.artifact.model.prior(h["item"]).squeeze(-1)
+        self.scorer.set_views(self.artifact.version, item_ids, h["src"].detach().numpy(), h["dst"].detach().numpy(),
+                              prior.detach().numpy(), self.artifact.model.temperature, self.artifact.decoder_rows)
+        return [item_ids[r] for r in before]
+
+
+def torch_device(name: str) -> Any:
+    from training.train import select_device
+
+    return select_device(name)
+
+
+@dataclass
+class ScorerSpec:
+    """What the scoring process needs to build itself (it is started with ``spawn``: all of it is pickled)."""
+
+    stream: StreamConfig
+    graph: GraphConfig
+    scoring: ScorerConfig
+    bootstrap: str
+    encoder: EncoderConfig | None = None  # None: no text encoding
+    text_cache: Path = Path("var/text-cache")
+    device: str = "cpu"
+    model: Path | None = None  # artifact to load at start
+    snapshot: Path | None = None  # where to write the graph on a clean stop
+    logging: dict[str, Any] | None = None  # a logging.config.dictConfig mapping
+
+
+class Scorer:
+    """The scoring process's work: commands from the Faust app in, complement lists out."""
+
+    def __init__(self, spec: ScorerSpec) -> None:
+        self.spec = spec
+        encoder = spec.encoder.build(spec.text_cache) if spec.encoder is not None else None
+        self.state = WorkerState(spec.graph, spec.scoring, encoder, spec.device)
+        if spec.model is not None:
+            self.state.load_model(spec.model)
+        else:
+            log.warning("no model artifact: scoring from co-purchase statistics and text")
+        self.out = _Publisher(spec.bootstrap, self.state.metrics)
+        self.names = spec.stream.topics
+        self.queue: asyncio.Queue[tuple] = asyncio.Queue()  # commands read from the pipe, not yet applied
+        self.backlog = 0  # events on the broker the Faust app had not forwarded yet, as of its last batch
+
+    async def run(self, conn: Connection) -> None:
+        """Serve until the Faust app says stop (or is gone); a failing task ends the process with its error."""
+        loop = asyncio.get_running_loop()
+        queue = self.queue = asyncio.Queue(maxsize=4)  # a full queue stops the reader: the pipe fills
+        threading.Thread(target=_read_commands, args=(conn, queue, loop), name="commands", daemon=True).start()
+        positioned = asyncio.Event()
+        tasks = [asyncio.create_task(coro) for coro in (self.refresher(), self.embedder(), self.measure(),
+                                                         self.model_updates(positioned))]
+        ready = asyncio.create_task(positioned.wait())
+        await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            if self.spec.stream.metrics_port:
+                from prometheus_client import start_http_server
+
+                start_http_server(self.spec.stream.metrics_port, registry=self.state.metrics.registry)
+                log.info("worker metrics on :%d/metrics", self.spec.stream.metrics_port)
+            conn.send(("ready",))
+            tasks.append(asyncio.create_task(self.commands(queue)))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a task's failure ends the process with its traceback
+        finally:
+            for task in (ready, *tasks):
+                task.cancel()
+            await asyncio.gather(ready, *tasks, return_exceptions=True)  # cancelled: their errors were raised above
+            await self.out.stop()  # flushes what is buffered
+        if self.spec.snapshot is not None:
+            save_snapshot(self.state.store, self.spec.snapshot)
+            log.info("graph snapshot written to %s", self.spec.snapshot)
+
+    async def commands(self, queue: asyncio.Queue[tuple]) -> None:
+        """Apply the Faust app's commands in the order it sent them; return on ``stop``."""
+        while True:
+            command, *args = await queue.get()
+            if command == "events":
+                await self.apply(*args)
+            elif command == "dead":
+                await self.dead_letter(*args)
+            elif command == "rebuild":
+                self.rebuild(*args)
+            elif command == "lag":
+                for topic_name, count in args[0].items():
+                    self.state.metrics.lag.labels(topic_name).set(count)
+            elif command == "stop":
+                log.info("scoring process stopping: %s", args[0])
+                return
+            else:
+                raise ValueError(f"unknown command from the Faust app: {command!r}")
+            await asyncio.sleep(0)  # a queue with commands waiting never suspends get(): let refreshes run
+
+    async def apply(self, kind: str, records: list[Record], backlog: int = 0) -> None:
+        """Apply a micro-batch of validated events of one kind; those that reference nothing go to dead-letters.
+
+        ``backlog``: events the Faust app had not yet forwarded when it sent these (it paces refreshes).
+        """
+        self.backlog = backlog
+        events, kept = [], []
+        for record in records:
+            decoded = decode(record.value, kind)
+            if isinstance(decoded, Rejected):  # validated by the Faust app: only a schema change between the two
+                await self.dead_letter(record, decoded.reason)
+            else:
+                events.append(decoded)
+                kept.append(record)
+        reasons = self.state.apply_many(events, [r.timestamp for r in kept])
+        for record, reason in zip(kept, reasons):
+            if reason:
+                await self.dead_letter(record, reason)
+
+    async def dead_letter(self, record: Record, reason: str) -> None:
+        """Publish a message on ``dead-letters`` with the reason and where it came from."""
+        headers = [("reason", reason.encode()), ("topic", record.topic.encode()),
+                   ("partition", str(record.partition).encode()), ("offset", str(record.offset).encode())]
+        self.state.metrics.dead_letters.labels(record.topic).inc()
+        log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        await self.out.send(self.names.dead_letters, key=record.key, value=record.value, headers=headers)
+
+    def rebuild(self, recorded: dict[str, list[bytes]]) -> None:
+        """Start over from the recorded events (per kind, in the order of their changelog keys)."""
+        state = self.state
+        state.reset()
+        events: list[ItemUpserted | Interaction | Order] = []
+        for kind in ("item_upserted", "interaction"):
+            events += [decode(raw, kind) for raw in recorded[kind]]
+        events.sort(key=lambda e: e.epoch)  # stable: ties keep their arrival order within a partition
+        events += [decode(raw, "order") for raw in recorded["order"]]  # per partition, in arrival order:
+        state.apply_many(events, [None] * len(events))  # cancellations keep their meaning
+        state.embed_text()
+        state.pending = {k: 0.0 for k in state.pending}  # publish the rebuilt lists, no latency to report
+        log.info("graph rebuilt from changelogs: %d events, %d items, %d co-purchase edges",
+                 len(events), state.store.num_items, state.store.num_co_edges())
+
+    async def refresher(self) -> None:
+        """Refresh, pause, repeat: the pause is ``refresh_interval``, longer while events wait and refreshes take long.
+
+        Under load an item is touched by many events between two refreshes,
+        and one refresh then serves them all: while events wait (here or on
+        the broker), the pause grows so refreshing takes at most
+        ``refresh_share`` of this process's time and the rest goes to
+        applying events. Once none wait, the next refresh comes at once: a
+        longer pause would hold back nothing but the lists.
+        """
+        stream = self.spec.stream
+        share = stream.refresh_share
+        while True:
+            started = time.perf_counter()
+            await self.refresh()
+            took = time.perf_counter() - started
+            await asyncio.sleep(stream.refresh_interval)
+            deadline = time.perf_counter() + took * (1 - share) / share - stream.refresh_interval
+            while (self.queue.qsize() or self.backlog) and (left := deadline - time.perf_counter()) > 0:
+                await asyncio.sleep(min(left, stream.refresh_interval))
+
+    async def refresh(self) -> None:
+        """Publish fresh complement lists of the items touched since the last refresh."""
+        state = self.state
+        job = state.text_job()
+        if job is not None and state.encoder is not None:  # the encoder runs in a thread: commands go on
+            vectors = await asyncio.get_running_loop().run_in_executor(None, _encode, state.encoder, job[1])
+            state.set_text(job[0], vectors)
+        if not state.pending:
+            return
+        started = time.perf_counter()
+        pending, state.pending = state.pending, {}
+        m = state.metrics
+        for item, ts in pending.items():  # in one go (no commands in between): its time paces the next
+            await self.out.send(self.names.bundle_updates, key=item.encode(), value=state.scorer.update_json(item, ts or None))
+            if ts:
+                m.event_to_update.observe(time.time() - ts)
+        m.updates.inc(len(pending))
+        m.refresh_seconds.observe(time.perf_counter() - started)
+
+    async def embedder(self) -> None:
+        """Every ``embed_interval``: an inductive pass gives model views to items the model has not seen."""
+        state = self.state
+        while True:
+            await asyncio.sleep(self.spec.stream.embed_interval)
+            graph = state.inductive_graph()
+            if graph is None or state.artifact is None:
+                continue
+            item_ids, model = list(state.store.items.ids), state.artifact.model
+            h = await asyncio.get_running_loop().run_in_executor(None, _forward, model, graph)
+            for item in state.install_views(item_ids, h):
+                state.pending.setdefault(item, time.time())
+
+    async def measure(self) -> None:
+        """Graph size on the metrics, every ``metrics_interval`` (consumer lag comes from the Faust app)."""
+        metrics, store = self.state.metrics, self.state.store
+        while True:
+            store = self.state.store  # a rebuild replaces it
+            metrics.items.set(store.num_items)
+            metrics.co_edges.set(store.num_co_edges())
+            await asyncio.sleep(self.spec.stream.metrics_interval)
+
+    async def model_updates(self, positioned: asyncio.Event) -> None:
+        """Read ``model-updates`` from its end without a consumer group: every worker loads every model."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.spec.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions = await _partitions(consumer, self.names.model_updates)
+            tps = [TopicPartition(self.names.model_updates, p) for p in partitions]
+            consumer.assign(tps)
+            await consumer.seek_to_end(*tps)
+            for tp in tps:  # resolve the end now: a model announced after "ready" is not missed
+                await consumer.position(tp)
+            positioned.set()
+            while True:
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    for record in records:
+                        self._swap(record.value)
+        finally:
+            await consumer.stop()
+
+    def _swap(self, value: bytes) -> None:
+        try:
+            path = json.loads(value)["path"]
+            self.state.load_model(path)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            log.error("model-updates message refused (%s): %r", exc, value[:200])
+
+
+def _read_commands(conn: Connection, queue: asyncio.Queue[tuple], loop: asyncio.AbstractEventLoop) -> None:
+    """Pipe → queue, in order; waits while the queue is full. The Faust app gone counts as ``stop``."""
+    while True:
+        try:
+            command = conn.recv()
+        except EOFError:
+            command = ("stop", "the Faust process closed the pipe")
+        asyncio.run_coroutine_threadsafe(queue.put(command), loop).result()
+        if command[0] == "stop":
+            return
+
+
+def serve(spec: ScorerSpec, conn: Connection) -> None:
+    """The scoring process's entry point (``multiprocessing`` target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the Faust app says when to stop
+    if spec.logging is not None:
+        logging.config.dictConfig(spec.logging)
+    tune_gc()
+    try:
+        scorer = Scorer(spec)
+    except Exception as exc:
+        conn.send(("failed", repr(exc)))
+        raise
+    asyncio.run(scorer.run(conn))
+
+
+class ScorerLink:
+    """The Faust app's end of the scoring process: start it, send it commands in order, stop it."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="scorer-pipe")  # one thread: sends stay in order
+
+    @classmethod
+    def start(cls, spec: ScorerSpec, timeout: float = 600.0) -> ScorerLink:
+        """Start the scoring process and wait until it is ready (model loaded, ``model-updates`` positioned)."""
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads (torch, Kafka clients)
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(target=serve, args=(spec, theirs), name="bundlegnn-scorer", daemon=True)
+        process.start()
+        theirs.close()
+        deadline = time.monotonic() + timeout
+        while not ours.poll(0.2):
+            if not process.is_alive():
+                raise RuntimeError(f"the scoring process exited with {process.exitcode} before it was ready")
+            if time.monotonic() > deadline:
+                process.terminate()
+                raise RuntimeError(f"the scoring process was not ready after {timeout:.0f} s")
+        try:
+            answer = ours.recv()
+        except EOFError:
+            answer = ("failed", f"exit code {process.join(5) or process.exitcode}")
+        if answer[0] != "ready":
+            raise RuntimeError(f"the scoring process failed to start: {answer[1]}")
+        return cls(process, ours)
+
+    async def send(self, *command: Any) -> None:
+        """Send a command; waits (without blocking the event loop) while the scoring process is behind."""
+        await asyncio.get_running_loop().run_in_executor(self._sender, self.conn.send, command)
+
+    def check(self) -> None:
+        """Raise if the scoring process has died (the Faust app then stops: its events would go nowhere)."""
+        if not self.process.is_alive():
+            raise RuntimeError(f"the scoring process exited with {self.process.exitcode}")
+
+    async def stop(self, reason: str, timeout: float = 60.0) -> int | None:
+        """Ask the scoring process to stop (it flushes its producer and writes the snapshot) and wait for it."""
+        if self.process.is_alive():
+            try:
+                await self.send("stop", reason)
+            except OSError as exc:  # it died meanwhile: its exit code says more
+                log.error("stop not delivered to the scoring process: %r", exc)
+            await asyncio.get_running_loop().run_in_executor(None, self.process.join, timeout)
+            if self.process.is_alive():
+                log.error("the scoring process did not stop within %.0f s; terminating it", timeout)
+                self.process.terminate()
+                self.process.join(5)
+        self._sender.shutdown()
+        if self.process.exitcode:
+            log.error("the scoring process exited with %s", self.process.exitcode)
+        return self.process.exitcode
+
+
+def _encode(encoder: TextEncoder, texts: list[str]) -> np.ndarray:
+    return encoder.encode(texts, progress=False)
+
+
+def _forward(model: Any, graph: Any) -> dict[str, Any]:
+    import torch
+
+    with torch.no_grad():
+        return graph.embed(model)
+
+
+class _Publisher:
+    """An aiokafka producer started on first use (it needs the running event loop).
+
+    Sends are not awaited one by one (that would cost a round trip each);
+    a record Kafka refuses is logged and counted when its answer comes. A
+    dead letter too big for a request goes out without its value: its
+    headers say where the original is.
+    """
+
+    def __init__(self, bootstrap: str, metrics: WorkerMetrics, producer: Any = None) -> None:
+        self.bootstrap = bootstrap
+        self.metrics = metrics
+        self.producer: AIOKafkaProducer | None = producer
+        self.lock = asyncio.Lock()
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None) -> None:
+        if self.producer is None:
+            async with self.lock:
+                if self.producer is None:
+                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, max_batch_size=1 << 20)
+                    await producer.start()
+                    self.producer = producer
+        try:
+            delivery = await self.producer.send(topic, key=key, value=value, headers=headers)
+        except MessageSizeTooLargeError as exc:
+            if headers is None or value is None:  # not a dead letter: nothing to fall back on
+                self._failed(topic, key, exc)
+                return
+            log.error("dead letter of %d bytes too big to publish; sent without its value", len(value))
+            headers = [*headers, ("value-dropped", f"{len(value)} bytes, over the producer's request size".encode())]
+            delivery = await self.producer.send(topic, key=key, value=None, headers=headers)
+        delivery.add_done_callback(lambda done: self._answered(topic, key, done))
+
+    def _answered(self, topic: str, key: bytes | None, delivery: asyncio.Future) -> None:
+        if not delivery.cancelled() and delivery.exception() is not None:
+            self._failed(topic, key, delivery.exception())
+
+    def _failed(self, topic: str, key: bytes | None, exc: BaseException) -> None:
+        self.metrics.publish_failures.labels(topic).inc()
+        log.error("publishing to %s (key %r) failed: %r", topic, key, exc)
+
+    async def stop(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()  # flushes what is buffered
+            self.producer = None
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    for _ in range(50):
+        if topic in await consumer.topics():  # refreshes metadata: the topic may be created after the worker starts
+            return sorted(consumer.partitions_for_topic(topic) or ())
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"topic {topic!r} does not exist")
