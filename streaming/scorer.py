@@ -86,8 +86,11 @@ class WorkerState:
         self.reset()
 
     def reset(self) -> None:
+        """An empty graph; items touched in the old one no longer await a refresh (a rebuild republishes its own)."""
         self.store = GraphStore(self.graph_config)
         self.scorer = ComplementScorer(self.store, self.scorer_config)
+        self.pending.clear()
+        self.new_text.clear()
         if self.artifact is not None:
             self._install(self.artifact)
 

@@ -38,8 +38,8 @@ class StreamConfig(BaseModel):
                                   "bounds how long an event can sit on the broker unseen")
     refresh_interval: float = Field(0.05, gt=0, description="shortest pause between two refreshes of touched "
                                     "items' complement lists (s)")
-    refresh_share: float = Field(0.3, gt=0, le=1, description="most of the worker's time refreshes may take: under "
-                                 "load the pause grows to keep it there")
+    refresh_share: float = Field(0.3, gt=0, le=1, description="most of the scoring process's time refreshes may "
+                                 "take while events wait: under load the pause grows to keep it there")
     embed_interval: float = Field(2.0, gt=0, description="seconds between inductive passes for new items")
     session_timeout: float = Field(10.0, gt=0, description="consumer session timeout (s); small joins fast")
     heartbeat_interval: float = Field(1.0, gt=0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -190,6 +192,33 @@ def test_state_after_restart_equals_state_before(broker: str, worker_env: dict, 
         assert {k: w for k, (_, w) in before_.items()} == pytest.approx({k: w for k, (_, w) in after_.items()})
     assert len(edges(a)) == 7 and edges(a)[("A", "B")][0] == 4 and edges(a)[("B", "D")][0] == 3  # o4 (B, C, D) cancelled
     assert {k: a.catalog[r] for k, r in a.items.index.items()} == {k: b.catalog[r] for k, r in b.items.index.items()}
+
+
+def test_the_worker_stops_when_its_scoring_process_dies(broker: str, worker_env: dict, tmp_path: Path) -> None:
+    """Events the Faust side recorded would otherwise be acknowledged with no list ever published for them."""
+    worker = WorkerProcess(worker_env, tmp_path / "worker.log", "--model", "none").start()
+    assert worker.process is not None
+    scoring = [pid for pid in children(worker.process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(scoring) == 1
+    os.kill(scoring[0], signal.SIGKILL)
+    try:
+        code = worker.process.wait(30)
+    finally:
+        worker.stop()
+    assert code != 0 and "the scoring process exited with -9" in worker.output()
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def wait_for_metric(port: int, sample: tuple, timeout: float = 15.0) -> float:

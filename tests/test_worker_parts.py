@@ -1,16 +1,24 @@
-"""Parts of the stream worker that need no broker: changelog records, publishing."""
+"""Parts of the stream worker that need no broker: changelog records, publishing, the scoring process's commands
+and refresh pacing."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import time
 
 import pytest
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
+from graph.events import ItemUpserted, Order
+from graph.store import GraphConfig
+from streaming.codec import encode
 from streaming.metrics import WorkerMetrics
-from streaming.scorer import _Publisher
+from streaming.scorer import Record, Scorer, ScorerSpec, _Publisher
+from streaming.settings import StreamConfig
+from tests.conftest import at
+from training.complements import ScorerConfig
 from streaming.worker import changelog_chunks, record_size
 
 
@@ -68,7 +76,7 @@ def test_a_refused_record_is_logged_and_counted(caplog: pytest.LogCaptureFixture
         await asyncio.sleep(0)  # done-callbacks run on the next loop pass
         return metrics
 
-    with caplog.at_level(logging.ERROR, logger="streaming.worker"):
+    with caplog.at_level(logging.ERROR, logger="streaming.scorer"):
         metrics = asyncio.run(run())
     assert metrics.value("bundlegnn_worker_publish_failures_total", {"topic": "bundle-updates"}) == 1
     assert "key b'B'" in caplog.text and "no answer" in caplog.text and "b'A'" not in caplog.text
@@ -84,3 +92,90 @@ def test_a_dead_letter_too_big_for_a_request_goes_out_without_its_value() -> Non
     (topic, key, value, headers), = asyncio.run(run()).sent
     assert (topic, key, value) == ("dead-letters", b"k", None)
     assert dict(headers)["reason"] == b"not JSON" and dict(headers)["value-dropped"].startswith(b"500 bytes")
+
+
+def scorer(**stream: object) -> Scorer:
+    """A scoring process's work without its process: no broker, sends go to a FakeProducer."""
+    spec = ScorerSpec(StreamConfig(**stream), GraphConfig(), ScorerConfig(), "unused")
+    work = Scorer(spec)
+    work.out = _Publisher("unused", work.state.metrics, FakeProducer(max_value=10_000))
+    return work
+
+
+def message(offset: int, event: Order | ItemUpserted, topic: str = "orders") -> Record:
+    return Record(topic, offset % 2, offset, event.model_dump_json().encode()[:12], encode(event), 1_000.0 + offset)
+
+
+def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() -> None:
+    placed = Order(order_id="o1", user_id="u", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))
+    stray = Order(order_id="o9", items=[{"item_id": "A"}], status="cancelled", ts=at(2))
+    later = Order(order_id="o2", items=[{"item_id": "A"}, {"item_id": "C"}], ts=at(3))
+    bad = Record("orders", 0, 7, b"k", b"{not json", None)
+    commands = [("events", "order", [message(0, placed), message(1, stray)], 5), ("dead", bad, "not JSON: ..."),
+                ("lag", {"orders": 3}), ("events", "order", [message(2, later), message(3, placed)], 0), ("stop", "test")]
+
+    async def run() -> Scorer:
+        work = scorer()
+        for command in commands:
+            work.queue.put_nowait(command)
+        await work.commands(work.queue)
+        return work
+
+    work = asyncio.run(run())
+    store, metrics = work.state.store, work.state.metrics
+    assert store.co_purchase("A", "B").count == 1 and store.co_purchase("A", "C").count == 1  # o1 once: a duplicate
+    assert store.stats.duplicates == 1 and work.backlog == 0
+    assert set(work.state.pending) == {"A", "B", "C"} and work.state.pending["C"] == 1_002.0  # the producer's time
+    letters = [(key, value, dict(headers)) for topic, key, value, headers in work.out.producer.sent]
+    assert [(h["reason"].split(b":")[0], h["offset"]) for _, _, h in letters] == [
+        (b"cancels unknown order o9", b"1"), (b"not JSON", b"7")]
+    assert letters[0][1] == encode(stray) and letters[1][1] == b"{not json"  # the original bytes
+    assert metrics.value("bundlegnn_worker_dead_letters_total", {"topic": "orders"}) == 2
+    assert metrics.value("bundlegnn_worker_consumer_lag", {"topic": "orders"}) == 3
+    assert metrics.value("bundlegnn_worker_events_total", {"kind": "order"}) == 4
+
+
+def test_a_rebuild_starts_over_from_the_recorded_events() -> None:
+    work = scorer()
+    asyncio.run(work.apply("order", [message(0, Order(order_id="x", items=[{"item_id": "X"}, {"item_id": "Y"}],
+                                                           ts=at(1)))]))
+    recorded = {"item_upserted": [encode(ItemUpserted(item_id="A", title="a mug", ts=at(5))).decode()],
+                "interaction": [],
+                "order": [encode(Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))).decode()]}
+    work.rebuild(recorded)
+    store = work.state.store
+    assert sorted(store.items.ids) == ["A", "B"] and store.co_purchase("A", "B").count == 1
+    assert store.catalog[store.items.index["A"]].title == "a mug"
+    assert work.state.pending == {"A": 0.0, "B": 0.0}  # republished, no latency to report
+
+
+def test_an_unknown_command_stops_the_scoring_process() -> None:
+    async def run() -> None:
+        work = scorer()
+        work.queue.put_nowait(("reticulate", 1))
+        await work.commands(work.queue)
+
+    with pytest.raises(ValueError, match="unknown command"):
+        asyncio.run(run())
+
+
+@pytest.mark.parametrize("backlog, at_most, at_least", [(100, 4, 1), (0, 60, 7)])
+def test_refreshes_pause_for_their_share_only_while_events_wait(backlog: int, at_most: int, at_least: int) -> None:
+    """A refresh that takes 40 ms at a 20 % share: 160 ms pauses while events wait, 10 ms ones when none do."""
+    work = scorer(refresh_interval=0.01, refresh_share=0.2)
+    work.backlog = backlog
+    calls: list[float] = []
+
+    async def slow_refresh() -> None:
+        calls.append(time.perf_counter())
+        time.sleep(0.04)  # CPU-bound, as scoring is
+
+    work.refresh = slow_refresh  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.create_task(work.refresher())
+        await asyncio.sleep(0.6)
+        task.cancel()
+
+    asyncio.run(run())
+    assert at_least <= len(calls) <= at_most
