@@ -1,7 +1,8 @@
-"""The stream worker's Prometheus metrics (served by ``bundlegnn worker`` on ``stream.metrics_port``).
+"""The stream worker's Prometheus metrics (served by its scoring process on ``stream.metrics_port``).
 
 Throughput is a counter (Prometheus takes the rate); consumer lag is the
-number of messages on the worker's partitions it has not applied yet;
+number of messages on the worker's partitions not yet handed to its
+scoring process;
 refresh latency is the time from an event's produce timestamp to its item's
 new list on ``bundle-updates``.
 """
@@ -27,7 +28,8 @@ class WorkerMetrics:
         self.publish_failures = Counter("bundlegnn_worker_publish_failures", "Bundle updates and dead letters "
                                         "Kafka refused (each one is logged)", ["topic"], registry=r)
         self.updates = Counter("bundlegnn_worker_bundle_updates", "Complement lists published", registry=r)
-        self.lag = Gauge("bundlegnn_worker_consumer_lag", "Messages on assigned partitions not yet applied",
+        self.lag = Gauge("bundlegnn_worker_consumer_lag", "Messages on assigned partitions not yet handed to the "
+                         "scoring process (which applies them in order)",
                          ["topic"], registry=r)
         self.refresh_seconds = Histogram("bundlegnn_worker_refresh_seconds",
                                          "Time to score and publish the items touched since the last tick",

@@ -156,7 +156,7 @@ def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir:
     tables["order"].on_recover(rebuild)
 
     def backlog() -> int:
-        """Events fetched-or-not behind the newest forwarded ones, from the consumer's last known high-water
+        """Events on the broker after the newest forwarded ones, from the consumer's last known high-water
         marks (no broker call): the scoring process paces its refreshes by it."""
         assigned, total = app.consumer.assignment(), 0
         for tp in assigned:
