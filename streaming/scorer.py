@@ -454,8 +454,9 @@ class ScorerLink:
                 raise RuntimeError(f"the scoring process was not ready after {timeout:.0f} s")
         try:
             answer = ours.recv()
-        except EOFError:
-            answer = ("failed", f"exit code {process.join(5) or process.exitcode}")
+        except EOFError:  # it exited between poll and recv
+            process.join(5)
+            answer = ("failed", f"exit code {process.exitcode}")
         if answer[0] != "ready":
             raise RuntimeError(f"the scoring process failed to start: {answer[1]}")
         return cls(process, ours)
