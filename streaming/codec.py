@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pydantic import TypeAdapter, ValidationError
 
-from graph.events import EVENT_TYPES, Event, Interaction, ItemUpserted, Order
+from graph.events import EVENT_TYPES, Event, Interaction, ItemUpserted, Order, OrderFacts
 
 AnyEvent = ItemUpserted | Interaction | Order
 _any_event: TypeAdapter[AnyEvent] = TypeAdapter(Event)
@@ -29,6 +29,11 @@ class Rejected:
 def encode(event: AnyEvent) -> bytes:
     """The JSON bytes of ``event`` (always with its ``type`` field)."""
     return event.model_dump_json().encode()
+
+
+def graph_input(event: AnyEvent) -> ItemUpserted | Interaction | OrderFacts:
+    """What the worker's scoring process is handed for a decoded event: an order as its facts (cheap to pickle)."""
+    return event.facts() if isinstance(event, Order) else event
 
 
 def _reason(exc: ValidationError) -> str:

@@ -31,6 +31,7 @@ import multiprocessing
 import signal
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -41,10 +42,10 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
 
-from graph.events import Interaction, ItemUpserted, Order
+from graph.events import Interaction, ItemUpserted, Order, OrderFacts
 from graph.snapshot import save as save_snapshot
-from graph.store import GraphConfig, GraphStore, tune_gc
-from streaming.codec import Rejected, decode
+from graph.store import GraphConfig, GraphEvent, GraphStore, tune_gc
+from streaming.codec import decode
 from streaming.metrics import WorkerMetrics
 from streaming.settings import StreamConfig
 from training.artifact import Artifact, load_artifact
@@ -94,21 +95,20 @@ class WorkerState:
         if self.artifact is not None:
             self._install(self.artifact)
 
-    def apply(self, event: ItemUpserted | Interaction | Order, source_ts: float | None) -> str | None:
+    def apply(self, event: GraphEvent, source_ts: float | None) -> str | None:
         """Apply one event; return a dead-letter reason when it references nothing."""
         return self.apply_many([event], [source_ts])[0]
 
-    def apply_many(self, events: list[ItemUpserted | Interaction | Order],
-                   source_ts: list[float | None]) -> list[str | None]:
+    def apply_many(self, events: list[GraphEvent], source_ts: list[float | None]) -> list[str | None]:
         """Apply events in order (one bulk graph update); per event, a dead-letter reason or None."""
         reasons: list[str | None] = []
         now = time.time()
-        pending, counter = self.pending, self.metrics.events
+        pending, kinds = self.pending, Counter(event.type for event in events)
         for event, result, ts in zip(events, self.store.apply_many(events), source_ts):
-            counter.labels(event.type).inc()
             if isinstance(event, ItemUpserted) and result.changed:
                 self.new_text.add(event.item_id)
-            if isinstance(event, Order) and event.status == "cancelled" and not result.changed and "unknown" in result.note:
+            if isinstance(event, (Order, OrderFacts)) and event.status == "cancelled" and not result.changed \
+                    and "unknown" in result.note:
                 reasons.append(f"{result.note}: recorded, a late placement of it will be ignored")
             else:
                 reasons.append(None)
@@ -117,6 +117,8 @@ class WorkerState:
                 for item in result.items:
                     if pending.get(item, 0.0) < ts:
                         pending[item] = ts
+        for kind, count in kinds.items():
+            self.metrics.events.labels(kind).inc(count)
         return reasons
 
     # ---- text and model --------------------------------------------------------
@@ -271,22 +273,14 @@ class Scorer:
                 raise ValueError(f"unknown command from the Faust app: {command!r}")
             await asyncio.sleep(0)  # a queue with commands waiting never suspends get(): let refreshes run
 
-    async def apply(self, kind: str, records: list[Record], backlog: int = 0) -> None:
-        """Apply a micro-batch of validated events of one kind; those that reference nothing go to dead-letters.
+    async def apply(self, records: list[Record], events: list[GraphEvent], backlog: int = 0) -> None:
+        """Apply a micro-batch of validated events (one per record); those that reference nothing go to dead-letters.
 
         ``backlog``: events the Faust app had not yet forwarded when it sent these (it paces refreshes).
         """
         self.backlog = backlog
-        events, kept = [], []
-        for record in records:
-            decoded = decode(record.value, kind)
-            if isinstance(decoded, Rejected):  # validated by the Faust app: only a schema change between the two
-                await self.dead_letter(record, decoded.reason)
-            else:
-                events.append(decoded)
-                kept.append(record)
-        reasons = self.state.apply_many(events, [r.timestamp for r in kept])
-        for record, reason in zip(kept, reasons):
+        reasons = self.state.apply_many(events, [r.timestamp for r in records])
+        for record, reason in zip(records, reasons):
             if reason:
                 await self.dead_letter(record, reason)
 

@@ -31,7 +31,8 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faust.exceptions import ConsumerNotStarted
 
 from streaming import transport
-from streaming.codec import Rejected, decode
+from graph.store import GraphEvent
+from streaming.codec import Rejected, decode, graph_input
 from streaming.scorer import Record, ScorerLink
 from streaming.settings import StreamConfig
 
@@ -114,7 +115,7 @@ def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir:
         """
         table, limit = tables[kind], stream.changelog_record_bytes
         async for batch in stream_.take_events(stream.batch_size, within=stream.batch_within):
-            valid: list[tuple[Record, int]] = []
+            valid: list[tuple[Record, int, GraphEvent]] = []
             for event in batch:
                 offsets[event.message.tp[:2]] = event.message.offset + 1
                 decoded = decode(event.value, kind)
@@ -123,17 +124,17 @@ def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir:
                 elif (size := record_size(event.value)) > limit:
                     await scorer.send("dead", record(event), f"event of {size} bytes as a changelog entry; the "
                                       f"worker records events up to {limit} (stream.changelog_record_bytes)")
-                else:
-                    valid.append((record(event), size))
-            # the record is the validated message as received: the scoring process decodes it the same way
+                else:  # the scoring process gets what the graph takes: it does not decode again
+                    valid.append((record(event), size, graph_input(decoded)))
+            # the recorded value is the validated message as received: a rebuild decodes it the same way
             for partition, key, values in changelog_chunks(
-                    [(r.partition, r.offset, r.value.decode(), n) for r, n in valid], limit):
+                    [(r.partition, r.offset, r.value.decode(), n) for r, n, _ in valid], limit):
                 # `table[key] = ...` would log to the partition of the stream's current event; a batch spans
                 # partitions, so name each one (changelog partition = source partition, as Faust co-partitions).
                 table.send_changelog(partition, key, values)
                 table.data[key] = values
             if valid:
-                await scorer.send("events", kind, [r for r, _ in valid], backlog())
+                await scorer.send("events", [r for r, _, _ in valid], [e for _, _, e in valid], backlog())
 
     @app.agent(catalog_topic, name="catalog")
     async def catalog(stream_: faust.StreamT) -> None:

@@ -148,8 +148,9 @@ class Reader:
         self._assign(time.monotonic() + timeout)
         return sum(self.consumer.end_offsets(list(self.consumer.assignment())).values())
 
-    def read_to_end(self, timeout: float = 120.0) -> list:
-        """Every record on the topic up to its end offsets as of this call."""
+    def read_to_end(self, timeout: float = 120.0, quiet: float = 1.0) -> list:
+        """Every record on the topic: up to its end offsets as of this call, then until ``quiet`` seconds bring
+        nothing new (tansu reports end offsets short after multi-record batches; measured: 14,511 of 14,773)."""
         self._assign(time.monotonic() + timeout)
         ends = self.consumer.end_offsets(list(self.consumer.assignment()))
         deadline = time.monotonic() + timeout
@@ -158,6 +159,11 @@ class Reader:
                 raise AssertionError(f"{self.name} not read to its end within {timeout} s")
             for batch in self.consumer.poll(timeout_ms=200).values():
                 self.records.extend(batch)
+        since = time.monotonic()
+        while time.monotonic() - since < quiet:
+            for batch in self.consumer.poll(timeout_ms=200).values():
+                self.records.extend(batch)
+                since = time.monotonic()
         return self.records
 
     def close(self) -> None:

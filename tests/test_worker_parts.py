@@ -13,7 +13,7 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from graph.events import ItemUpserted, Order
 from graph.store import GraphConfig
-from streaming.codec import encode
+from streaming.codec import encode, graph_input
 from streaming.metrics import WorkerMetrics
 from streaming.scorer import Record, Scorer, ScorerSpec, _Publisher
 from streaming.settings import StreamConfig
@@ -106,13 +106,18 @@ def message(offset: int, event: Order | ItemUpserted, topic: str = "orders") -> 
     return Record(topic, offset % 2, offset, event.model_dump_json().encode()[:12], encode(event), 1_000.0 + offset)
 
 
+def forwarded(*events: tuple[int, Order | ItemUpserted], backlog: int = 0) -> tuple:
+    """An ``events`` command as the Faust app sends it: the records and what the graph takes from them."""
+    return "events", [message(offset, e) for offset, e in events], [graph_input(e) for _, e in events], backlog
+
+
 def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() -> None:
     placed = Order(order_id="o1", user_id="u", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))
     stray = Order(order_id="o9", items=[{"item_id": "A"}], status="cancelled", ts=at(2))
     later = Order(order_id="o2", items=[{"item_id": "A"}, {"item_id": "C"}], ts=at(3))
     bad = Record("orders", 0, 7, b"k", b"{not json", None)
-    commands = [("events", "order", [message(0, placed), message(1, stray)], 5), ("dead", bad, "not JSON: ..."),
-                ("lag", {"orders": 3}), ("events", "order", [message(2, later), message(3, placed)], 0), ("stop", "test")]
+    commands = [forwarded((0, placed), (1, stray), backlog=5), ("dead", bad, "not JSON: ..."),
+                ("lag", {"orders": 3}), forwarded((2, later), (3, placed)), ("stop", "test")]
 
     async def run() -> Scorer:
         work = scorer()
@@ -137,8 +142,7 @@ def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() 
 
 def test_a_rebuild_starts_over_from_the_recorded_events() -> None:
     work = scorer()
-    asyncio.run(work.apply("order", [message(0, Order(order_id="x", items=[{"item_id": "X"}, {"item_id": "Y"}],
-                                                           ts=at(1)))]))
+    asyncio.run(work.apply(*forwarded((0, Order(order_id="x", items=[{"item_id": "X"}, {"item_id": "Y"}], ts=at(1))))[1:]))
     recorded = {"item_upserted": [encode(ItemUpserted(item_id="A", title="a mug", ts=at(5))).decode()],
                 "interaction": [],
                 "order": [encode(Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))).decode()]}
