@@ -7,13 +7,16 @@ import asyncio
 import json
 import logging
 import time
+from types import SimpleNamespace
 
 import pytest
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from faust.types import TP
 
 from graph.events import ItemUpserted, Order
 from graph.store import GraphConfig
 from streaming.codec import encode, graph_input
+from streaming import transport
 from streaming.metrics import WorkerMetrics
 from streaming.scorer import Record, Scorer, ScorerSpec, _Publisher
 from streaming.settings import StreamConfig
@@ -183,3 +186,29 @@ def test_refreshes_pause_for_their_share_only_while_events_wait(backlog: int, at
 
     asyncio.run(run())
     assert at_least <= len(calls) <= at_most
+
+
+def test_the_fetcher_looks_again_within_50_ms_not_after_faust_s_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faust's fetcher sleeps 1 s when no partition is fetchable (none assigned yet, or every stream buffer
+    full behind a busy agent) and long-polls the rest for 1 s: a draining worker sat idle for up to 1 s."""
+    waits: list[float] = []
+
+    async def faust_wait(self: object, timeout: float) -> tuple[dict, set]:
+        waits.append(timeout)
+        return {}, set()
+
+    monkeypatch.setattr(transport.driver.Consumer, "_wait_next_records", faust_wait)
+    consumer = transport.Consumer.__new__(transport.Consumer)  # the fetch path alone, no Faust app
+    consumer.flow_active, consumer.app = True, SimpleNamespace(client_only=False)
+    consumer._active_partitions, consumer._paused_partitions = set(), set()
+
+    async def look() -> float:
+        consumer._stopped = asyncio.Event()
+        started = time.perf_counter()
+        assert await consumer._wait_next_records(1.0) == ({}, set())
+        return time.perf_counter() - started
+
+    assert asyncio.run(look()) < 0.5 and waits == []  # nothing fetchable: looked again soon, Faust's path skipped
+    consumer._active_partitions = {TP("orders", 0)}
+    asyncio.run(look())
+    assert waits == [transport.Consumer.IDLE_POLL]  # fetchable: Faust's path, with a short wait
