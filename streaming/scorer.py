@@ -280,16 +280,21 @@ class Scorer:
         """
         self.backlog = backlog
         reasons = self.state.apply_many(events, [r.timestamp for r in records])
-        for record, reason in zip(records, reasons):
-            if reason:
-                await self.dead_letter(record, reason)
+        dead = [(record, reason) for record, reason in zip(records, reasons) if reason]
+        for record, reason in dead:
+            await self.dead_letter(record, reason, logged=False)
+        if dead:  # one line per batch: a backlog of stray cancellations would be thousands
+            (record, reason), more = dead[0], len(dead) - 1
+            log.warning("dead letter from %s[%d]@%d: %s%s", record.topic, record.partition, record.offset, reason,
+                        f" (and {more} more in this batch, each on dead-letters with its reason)" if more else "")
 
-    async def dead_letter(self, record: Record, reason: str) -> None:
-        """Publish a message on ``dead-letters`` with the reason and where it came from."""
+    async def dead_letter(self, record: Record, reason: str, logged: bool = True) -> None:
+        """Publish a message on ``dead-letters`` with the reason and where it came from (and log it)."""
         headers = [("reason", reason.encode()), ("topic", record.topic.encode()),
                    ("partition", str(record.partition).encode()), ("offset", str(record.offset).encode())]
         self.state.metrics.dead_letters.labels(record.topic).inc()
-        log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        if logged:
+            log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         await self.out.send(self.names.dead_letters, key=record.key, value=record.value, headers=headers)
 
     def rebuild(self, recorded: dict[str, list[bytes]]) -> None:

@@ -212,3 +212,13 @@ def test_the_fetcher_looks_again_within_50_ms_not_after_faust_s_second(monkeypat
     consumer._active_partitions = {TP("orders", 0)}
     asyncio.run(look())
     assert waits == [transport.Consumer.IDLE_POLL]  # fetchable: Faust's path, with a short wait
+
+
+def test_a_batch_of_dead_letters_is_one_log_line_and_every_letter(caplog: pytest.LogCaptureFixture) -> None:
+    strays = [(k, Order(order_id=f"c{k}", items=[{"item_id": "A"}], status="cancelled", ts=at(k))) for k in range(3)]
+    work = scorer()
+    with caplog.at_level(logging.WARNING, logger="streaming.scorer"):
+        asyncio.run(work.apply(*forwarded(*strays)[1:]))
+    assert [dict(h)["offset"] for *_, h in work.out.producer.sent] == [b"0", b"1", b"2"]
+    lines = [r.getMessage() for r in caplog.records if "dead letter" in r.getMessage()]
+    assert len(lines) == 1 and "cancels unknown order c0" in lines[0] and "and 2 more in this batch" in lines[0]
