@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from graph.events import Interaction, ItemUpserted, Order, OrderFacts
 from graph.tallies import EdgeTable, Tallies, Tally
 
-__all__ = ["Applied", "DecayClock", "GraphConfig", "GraphEvent", "GraphStore", "IdMap", "Item", "OrderRecord", "Stats", "Tally",
-           "tune_gc"]
+__all__ = ["Applied", "DecayClock", "GraphConfig", "GraphEvent", "GraphStore", "IdMap", "Item", "OrderRecord",
+           "Stats", "Tally", "tune_gc"]
 
 DAY = 86_400.0
 

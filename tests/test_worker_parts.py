@@ -145,7 +145,8 @@ def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() 
 
 def test_a_rebuild_starts_over_from_the_recorded_events() -> None:
     work = scorer()
-    asyncio.run(work.apply(*forwarded((0, Order(order_id="x", items=[{"item_id": "X"}, {"item_id": "Y"}], ts=at(1))))[1:]))
+    first = Order(order_id="x", items=[{"item_id": "X"}, {"item_id": "Y"}], ts=at(1))
+    asyncio.run(work.apply(*forwarded((0, first))[1:]))
     recorded = {"item_upserted": [encode(ItemUpserted(item_id="A", title="a mug", ts=at(5))).decode()],
                 "interaction": [],
                 "order": [encode(Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))).decode()]}
