@@ -182,7 +182,7 @@ def evaluate(
 ) -> None:
     """Compare the GNN with popularity, co-occurrence, EASE^R and text baselines."""
     from training.datasets import online_retail_events
-    from training.evaluation import evaluate as run, plot, summarise
+    from training.evaluation import evaluate as run, markdown, plot, summarise
 
     settings = _settings(config)
     data = data or settings.data.path
@@ -198,21 +198,15 @@ def evaluate(
     encoder = settings.encoder.build(settings.paths.text_cache)
     summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s, held_out=held_out)
                          for s in seed_list])
+    tables = markdown(summary)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(summary, indent=2))
+        json_path.with_suffix(".md").write_text(tables)
         plot(summary, png or json_path.with_suffix(".png"))
     elif png:
         plot(summary, png)
-    for part in ("methods", "cold_start", "held_out_items"):
-        if part not in summary:
-            continue
-        queries = round(next(iter(summary[part].values()))["queries"])
-        typer.echo(f"\n{part} ({queries} queries{', mean over seeds' if len(seed_list) > 1 else ''})")
-        typer.echo("| method | hr@10 | ndcg@10 | recall@20 | mrr | coverage |\n|---|---|---|---|---|---|")
-        for name, m in summary[part].items():
-            cells = [f"{m[k]:.4f} ± {m[k + '_std']:.4f}" for k in ("hr@10", "ndcg@10", "recall@20", "mrr", "coverage")]
-            typer.echo(f"| {name} | " + " | ".join(cells) + " |")
+    typer.echo(tables)
 
 
 def _bootstrap(settings: Settings) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from graph.store import GraphConfig
 from tests.conftest import DATA
 from training.datasets import online_retail_events
-from training.evaluation import evaluate, summarise
+from training.evaluation import evaluate, markdown, summarise
 from training.train import TrainConfig
 
 SAMPLE = DATA / "online_retail_ii_sample.csv.gz"
@@ -34,3 +36,17 @@ def test_every_method_on_both_splits(tmp_path: Path) -> None:
     summary = summarise([report, report])
     assert summary["held_out_items"]["gnn"]["hr@10"] == held["gnn"]["hr@10"]
     assert summary["held_out_items"]["gnn"]["hr@10_std"] == 0 and not math.isnan(summary["methods"]["ease"]["mrr"])
+    # the gains' intervals come from the same ranks as the metrics
+    assert len(report["ranks"]["methods"]["gnn"]) == report["methods"]["gnn"]["queries"]
+    gains = summary["comparisons"]
+    assert set(gains) == {"methods", "held_out_items"}
+    assert set(gains["methods"]) == {"gnn vs ease", "gnn vs text_ease", "text_ease vs ease"}
+    for name, (a, b) in {"gnn vs ease": ("gnn", "ease"), "text_ease vs ease": ("text_ease", "ease")}.items():
+        for metric in ("hr@10", "ndcg@10"):
+            gain = gains["methods"][name][metric]
+            mean_a, mean_b = report["methods"][a][metric], report["methods"][b][metric]
+            assert gain["gain"] == pytest.approx(mean_a / mean_b - 1)
+            assert gain["low"] <= gain["gain"] <= gain["high"]
+    tables = markdown(summary)
+    assert "| gnn vs ease | " in tables and tables.count("| method |") == 3
+    assert f"| ease | {report['methods']['ease']['hr@10']:.4f} ± 0.0000 |" in tables

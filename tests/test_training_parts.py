@@ -15,7 +15,7 @@ from tests.conftest import RETAIL_II, at
 from training import baselines
 from training.datasets import online_retail_events
 from training.models import BundleGNN
-from training.protocol import Queries, metrics, ranks, time_split
+from training.protocol import Queries, metrics, per_query, ranks, relative_gain, time_split
 from training.train import Graph, TrainConfig, score_queries, train
 
 
@@ -67,6 +67,36 @@ def test_ranks_and_metrics_by_hand() -> None:
     assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3)) / 4)
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 13 + 1 / 26) / 4)
     assert m["coverage"] == pytest.approx(0.3)
+
+
+def test_relative_gain_and_its_interval_by_hand() -> None:
+    each = per_query(torch.tensor([0.0, 1.0, 12.0]))
+    assert each["hr@10"].tolist() == [1.0, 1.0, 0.0]
+    assert each["ndcg@10"].tolist() == pytest.approx([1.0, 1 / math.log2(3), 0.0])
+    hits = np.array([1.0, 0.0, 1.0, 0.0])
+    same = relative_gain([hits], [hits])
+    assert same == {"gain": 0.0, "low": 0.0, "high": 0.0, "runs": [0.0]}  # paired draws never differ
+    # twice the hits on every draw that has any: the gain is +100 % and so is the whole interval
+    double = relative_gain([2 * hits, 2 * hits], [hits, hits])
+    assert double["gain"] == pytest.approx(1.0) and double["low"] == pytest.approx(1.0) == double["high"]
+    assert double["runs"] == [1.0, 1.0]
+    # one seed +100 %, the other 0: +50 % pooled, but seeds are resampled too, so the interval
+    # reaches from the draws of the second seed twice (0) to those of the first twice (+100 %)
+    half = np.r_[np.ones(50), np.zeros(50)]
+    split_seeds = relative_gain([2 * half, half], [half, half])
+    assert split_seeds["gain"] == pytest.approx(0.5) and split_seeds["runs"] == [1.0, 0.0]
+    assert split_seeds["low"] == pytest.approx(0.0) and split_seeds["high"] == pytest.approx(1.0)
+    # one run: a hits 60 of 100 queries, b the same 50 plus nothing else -> +20 %, interval above 0
+    a, b = np.r_[np.ones(60), np.zeros(40)], np.r_[np.ones(50), np.zeros(50)]
+    gain = relative_gain([a], [b], seed=1)
+    assert gain["gain"] == pytest.approx(0.2) and 0 < gain["low"] < 0.2 < gain["high"]
+    assert relative_gain([a], [b], seed=1) == gain  # seeded
+    # the same totals over unpaired noise: the interval spans 0
+    rng = np.random.default_rng(0)
+    noisy = relative_gain([rng.permutation(a)], [rng.permutation(np.r_[np.ones(58), np.zeros(42)])])
+    assert noisy["low"] < 0 < noisy["high"]
+    with pytest.raises(ValueError, match="same runs"):
+        relative_gain([a], [b[:10]])
 
 
 def _tiny_store() -> GraphStore:
