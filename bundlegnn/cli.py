@@ -317,13 +317,21 @@ def broker(
 
 
 def _listen(host: str, port: int) -> "socket.socket":
+    """A socket already listening on ``host:port`` (port 0: a free one).
+
+    It listens before the address is announced, so a client that connects
+    while uvicorn is still starting waits in the backlog instead of being
+    refused (the end-to-end test was refused on a loaded machine).
+    """
     import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
     except OSError as exc:
+        sock.close()
         typer.echo(f"cannot listen on {host}:{port}: {exc}", err=True)
         raise typer.Exit(2) from exc
     return sock

@@ -60,3 +60,18 @@ def test_build_graph_writes_a_snapshot(tmp_path: Path) -> None:
 def test_build_graph_missing_data_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["build-graph", "--data", str(tmp_path / "nope.csv")])
     assert result.exit_code == 2 and "dataset not found" in result.output
+
+
+def test_the_api_socket_accepts_before_the_server_runs() -> None:
+    """`serve` announces its address once bound; a client connecting before uvicorn has started must
+    wait in the backlog, not be refused (the end-to-end test was refused on a loaded machine)."""
+    import socket
+
+    from bundlegnn.cli import _listen
+
+    sock = _listen("127.0.0.1", 0)
+    try:
+        with socket.create_connection(sock.getsockname()[:2], timeout=2):
+            pass  # refused (ConnectionRefusedError) if the socket were only bound
+    finally:
+        sock.close()
