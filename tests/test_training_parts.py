@@ -86,12 +86,12 @@ def test_relative_gain_and_its_interval_by_hand() -> None:
     split_seeds = relative_gain([2 * half, half], [half, half])
     assert split_seeds["gain"] == pytest.approx(0.5) and split_seeds["runs"] == [1.0, 0.0]
     assert split_seeds["low"] == pytest.approx(0.0) and split_seeds["high"] == pytest.approx(1.0)
-    # one run: a hits 60 of 100 queries, b the same 50 plus nothing else -> +20 %, interval above 0
+    # one run: a hits 60 of 100 queries, b 50 of those same queries -> +20 %, interval above 0
     a, b = np.r_[np.ones(60), np.zeros(40)], np.r_[np.ones(50), np.zeros(50)]
     gain = relative_gain([a], [b], seed=1)
     assert gain["gain"] == pytest.approx(0.2) and 0 < gain["low"] < 0.2 < gain["high"]
     assert relative_gain([a], [b], seed=1) == gain  # seeded
-    # the same totals over unpaired noise: the interval spans 0
+    # near-equal totals at unrelated positions: the interval spans 0
     rng = np.random.default_rng(0)
     noisy = relative_gain([rng.permutation(a)], [rng.permutation(np.r_[np.ones(58), np.zeros(42)])])
     assert noisy["low"] < 0 < noisy["high"]
