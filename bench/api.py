@@ -46,10 +46,10 @@ def load_view(cache_size: int):  # noqa: ANN201
     from serving.api import create_app
     from serving.view import BundleView
     from training.complements import ComplementScorer
-    from training.datasets import online_retail_events
+    from training.datasets import in_time_order, read_events
 
     store, view = GraphStore(GraphConfig()), BundleView()
-    for event in online_retail_events(DATA):
+    for event in in_time_order(read_events(DATA)):
         store.apply(event)
         if isinstance(event, ItemUpserted):
             view.upsert_item(event)
@@ -71,9 +71,9 @@ def serve(port: int, cache_size: int) -> None:
 def requests() -> tuple[list[bytes], list[bytes]]:
     """Item-bundle GETs weighted by order counts, and cart-completion POSTs from real orders."""
     from graph.events import Order
-    from training.datasets import online_retail_events
+    from training.datasets import in_time_order, read_events
 
-    orders = [e for e in online_retail_events(DATA) if isinstance(e, Order) and len(e.item_ids) >= 2]
+    orders = [e for e in in_time_order(read_events(DATA)) if isinstance(e, Order) and len(e.item_ids) >= 2]
     counts: dict[str, int] = {}
     for o in orders:
         for i in o.item_ids:

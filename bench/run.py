@@ -15,7 +15,7 @@ from pathlib import Path
 
 from graph.snapshot import load, save
 from graph.store import GraphConfig, GraphStore
-from training.datasets import ReplayReport, online_retail_events
+from training.datasets import ImportReport, in_time_order, read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -26,17 +26,17 @@ DATASETS = {
 
 
 def bench_replay(name: str, path: Path) -> dict[str, object]:
-    report = ReplayReport()
+    report = ImportReport()
     started = time.perf_counter()
-    events = list(online_retail_events(path, report))
+    events = in_time_order(read_events(path, report))
     parsed = time.perf_counter()
     store = GraphStore(GraphConfig())
     store.apply_all(events)
     applied = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        save(store, Path(tmp) / "g.npz")
+        save(store, Path(tmp) / "g")
         saved = time.perf_counter()
-        load(Path(tmp) / "g.npz")
+        load(Path(tmp) / "g").num_co_edges()
         loaded = time.perf_counter()
     orders = report.orders_placed + report.orders_cancelled
     return {

@@ -17,7 +17,7 @@ import torch
 
 from bundlegnn.config import load_settings
 from graph.store import GraphStore
-from training.datasets import online_retail_events
+from training.datasets import in_time_order, read_events
 from training.encoder import TextEncoder
 from training.train import train
 
@@ -47,7 +47,7 @@ def main() -> int:
     settings = load_settings(args.config)
     data = args.data or settings.data.path
     store = GraphStore(settings.graph)
-    store.apply_all(online_retail_events(data))
+    store.apply_all(in_time_order(read_events(data)))
     encoder = TextEncoder(settings.encoder.model_dir, settings.paths.text_cache, settings.encoder.batch_size,
                           settings.encoder.max_length)
     text = encoder.encode([it.text for it in store.catalog], progress=False)

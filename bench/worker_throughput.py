@@ -41,8 +41,8 @@ from graph.events import ItemUpserted, Order  # noqa: E402
 from streaming.broker import EmbeddedBroker  # noqa: E402
 from streaming.producer import EventProducer  # noqa: E402
 from streaming.settings import Topics  # noqa: E402
-from tests.kafka_helpers import Reader, WorkerProcess, stream_env, topic  # noqa: E402
-from training.datasets import online_retail_events  # noqa: E402
+from tests.kafka_helpers import Reader, WorkerProcess, settle, stream_env, topic  # noqa: E402
+from training.datasets import in_time_order, read_events  # noqa: E402
 
 SCALES = [int(x) for x in sys.argv[1:]] or [1, 10]
 DATA = ROOT.parent / "shared" / "data" / "online_retail_ii" / "online_retail_ii.csv.gz"
@@ -57,26 +57,6 @@ def scaled(orders: list[Order], times: int, tag: str) -> list[Order]:
             out.append(o.model_copy(update={"order_id": f"{o.order_id}-{tag}{k}", "ts": o.ts + k * span,
                                             "user_id": f"{o.user_id}-{tag}{k}" if o.user_id else None}))
     return out
-
-
-def settle(updates: Reader, idle: float = 3.0, timeout: float = 600.0) -> list:
-    """Wait until the worker has published something and then nothing for ``idle`` seconds; every record.
-
-    Only the topic's end offsets are polled while the worker works: reading
-    the updates as they come (kafka-python, in this process) took about as
-    much CPU as the worker itself, on the same two cores. Timestamps are
-    the records' own, so reading them afterwards changes nothing.
-    """
-    start = last = updates.end()
-    since, deadline = time.monotonic(), time.monotonic() + timeout
-    while last == start or time.monotonic() - since < idle:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"bundle-updates still at {last} records after {timeout} s")
-        time.sleep(0.25)
-        end = updates.end()
-        if end != last:
-            last, since = end, time.monotonic()
-    return updates.read_to_end()
 
 
 def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap: str, workdir: Path,
@@ -150,7 +130,7 @@ def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap:
 
 
 def main() -> int:
-    events = list(online_retail_events(DATA))
+    events = in_time_order(read_events(DATA))
     catalog = [e for e in events if isinstance(e, ItemUpserted)]
     orders = [e for e in events if isinstance(e, Order)]
     out = ROOT / "bench" / "results"

@@ -19,8 +19,10 @@ from graph.store import tune_gc
 
 if TYPE_CHECKING:
     import socket
+    from typing import Iterator, TextIO
 
     from graph.store import GraphStore
+    from training.datasets import DataConfig, ImportReport, Sourced
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time 'frequently bought together' engine.")
@@ -39,62 +41,103 @@ def _settings(config: Optional[Path]) -> Settings:
     return settings
 
 
-def _read(settings: Settings, data: Optional[Path]) -> tuple[list, dict]:
-    """The dataset's events and the reader's report."""
-    from training.datasets import ReplayReport, online_retail_events
+def _data(settings: Settings, data: Optional[Path]) -> "DataConfig":
+    """The configured dataset, ``--data`` replacing its path; exits 2 when it is missing."""
+    cfg = settings.data if data is None else settings.data.model_copy(update={"path": data})
+    for path in (cfg.path, cfg.catalog_path):
+        if path is not None and not path.exists():
+            typer.echo(f"dataset not found: {path}", err=True)
+            raise typer.Exit(2)
+    return cfg
 
-    data = data or settings.data.path
-    if not data.exists():
-        typer.echo(f"dataset not found: {data}", err=True)
-        raise typer.Exit(2)
-    report = ReplayReport()
-    events = list(tqdm(online_retail_events(data, report), desc="read", unit=" events", disable=None))
+
+def _source(cfg: "DataConfig", report: "ImportReport", progress: bool = True,
+            in_process: bool = False) -> "Iterator[Sourced]":
+    """The dataset as ``(line, event or bad row)`` (``in_process``: read by a second process, orders as their
+    facts); a wrong mapping exits 2 with the reason."""
+    from training.datasets import read_source, read_source_in_process
+
+    try:
+        return read_source_in_process(cfg, report, progress) if in_process else read_source(cfg, report, progress)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+
+
+def _read(settings: Settings, data: Optional[Path]) -> tuple[list, dict]:
+    """The dataset's events in time order (held in memory, for training) and the reader's report."""
+    from training.datasets import BadRow, ImportReport, in_time_order
+
+    report = ImportReport()
+    events = in_time_order(e for _, e in _source(_data(settings, data), report) if not isinstance(e, BadRow))
     return events, report.summary()
 
 
 def _apply(settings: Settings, events: list) -> "GraphStore":
-    """A fresh store with ``events`` applied, through the one event → graph code path."""
+    """A fresh store with ``events`` applied, through the one event → graph code path, keeping every order: the
+    snapshot a model names is all the data it was trained on."""
     from graph.store import GraphStore
 
-    store = GraphStore(settings.graph)
-    for event in tqdm(events, desc="replay", unit=" events", disable=None):
-        store.apply(event)
+    store = GraphStore(settings.graph.model_copy(update={"order_window_days": None}))
+    store.apply_all(tqdm(events, desc="apply", unit=" events", disable=None))
     return store
 
 
 DataOpt = typer.Option(None, "--data", help="dataset file (default: data.path from the config)")
+DeadOpt = typer.Option(None, "--dead-letters", help="where rows and events that cannot be used are written, one "
+                       "JSON object per line with the line number and reason (default: <state_dir>/"
+                       "import-dead-letters.jsonl)")
 
 
 @app.command("build-graph")
 def build_graph(
     config: Optional[Path] = ConfigOpt,
     data: Optional[Path] = DataOpt,
-    out: Optional[Path] = typer.Option(None, help="snapshot path (default: <state_dir>/graph.npz)"),
+    out: Optional[Path] = typer.Option(None, help="snapshot directory (default: <state_dir>/graph)"),
+    dead_letters: Optional[Path] = DeadOpt,
 ) -> None:
-    """Replay a dataset through the graph store and save a snapshot."""
+    """Import a dataset through the graph store (streaming) and save a snapshot."""
     from graph.snapshot import save
+    from graph.store import GraphStore
+    from training.datasets import ImportReport, import_into
 
     settings = _settings(config)
+    cfg = _data(settings, data)
     out = out or settings.paths.snapshot
-    events, report = _read(settings, data)
+    dead_path = dead_letters or settings.paths.import_dead_letters
+    dead_path.parent.mkdir(parents=True, exist_ok=True)
+    report = ImportReport()
+    store = GraphStore(settings.graph)
     started = time.perf_counter()
-    store = _apply(settings, events)
+    with open(dead_path, "w") as dead:
+        done = import_into(store, _source(cfg, report, in_process=True), dead, cfg.path)
     elapsed = time.perf_counter() - started
+    saving = time.perf_counter()
     snapshot_id = save(store, out)
     summary = {
-        "dataset": report,
+        "dataset": report.summary(),
         "graph": {
             "items": store.num_items,
             "users": store.num_users,
             "co_purchase_edges": store.num_co_edges(),
             "user_item_edges": store.num_ui_edges(),
+            "orders_in_window": len(store.orders),
+            "co_purchase_bytes": store.co.nbytes,
+            "store_array_bytes": store.nbytes,
             **store.stats.as_dict(),
         },
-        "replay_seconds": round(elapsed, 2),
+        "dead_letters": {"file": str(dead_path), "bad_rows": done.bad_rows, "refused_events": done.refused},
+        "import_seconds": round(elapsed, 2),
+        "save_seconds": round(time.perf_counter() - saving, 2),
         "snapshot": str(out),
         "snapshot_id": snapshot_id,
     }
     typer.echo(json.dumps(summary, indent=2))
+    if store.stats.outside_window:
+        typer.echo(f"{store.stats.outside_window} orders or cancellations were dated before the order window "
+                   f"(graph.order_window_days={settings.graph.order_window_days}) of the newest order when they were "
+                   f"read: the file is not sorted by time. They are in {dead_path}; sort the file by time or widen "
+                   "the window to import them.", err=True)
 
 
 @app.command()
@@ -181,20 +224,15 @@ def evaluate(
                                    help="share of items left out of training for the leave-items-out slice (0: skip)"),
 ) -> None:
     """Compare the GNN with popularity, co-occurrence, EASE^R and text baselines."""
-    from training.datasets import online_retail_events
     from training.evaluation import evaluate as run, markdown, plot, summarise
 
     settings = _settings(config)
-    data = data or settings.data.path
-    if not data.exists():
-        typer.echo(f"dataset not found: {data}", err=True)
-        raise typer.Exit(2)
     try:
         seed_list = [int(s) for s in seeds.split(",")]
     except ValueError as exc:
         typer.echo(f"--seeds must be comma-separated integers, got {seeds!r}", err=True)
         raise typer.Exit(2) from exc
-    events = list(online_retail_events(data))
+    events, _ = _read(settings, data)
     encoder = settings.encoder.build(settings.paths.text_cache)
     summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s, held_out=held_out)
                          for s in seed_list])
@@ -232,24 +270,34 @@ def replay(
     config: Optional[Path] = ConfigOpt,
     data: Optional[Path] = DataOpt,
     rate: float = typer.Option(0.0, min=0, help="events per second; 0 sends as fast as possible"),
+    dead_letters: Optional[Path] = DeadOpt,
 ) -> None:
-    """Send a dataset to Kafka as events (catalog by item, orders by order id)."""
+    """Send a dataset to Kafka as events, read as a stream (catalog keyed by item, orders by order id)."""
     from streaming.broker import create_topics
     from streaming.producer import EventProducer, replay as send_all
-    from training.datasets import ReplayReport, online_retail_events
+    from training.datasets import BadRow, ImportReport
 
     settings = _settings(config)
     bootstrap = _bootstrap(settings)
-    data = data or settings.data.path
-    if not data.exists():
-        typer.echo(f"dataset not found: {data}", err=True)
-        raise typer.Exit(2)
+    cfg = _data(settings, data)
+    dead_path = dead_letters or settings.paths.import_dead_letters
+    dead_path.parent.mkdir(parents=True, exist_ok=True)
     create_topics(bootstrap, _topics(settings))
-    report = ReplayReport()
+    report = ImportReport()
+    source = _source(cfg, report)
     started = time.perf_counter()
-    with EventProducer(bootstrap, settings.stream.topics) as producer:
-        sent = send_all(online_retail_events(data, report), producer, rate)
-    typer.echo(json.dumps({"sent": sent, "seconds": round(time.perf_counter() - started, 2), "dataset": report.summary()}))
+
+    def events(dead: "TextIO") -> "Iterator":
+        for _, event in source:
+            if isinstance(event, BadRow):
+                dead.write(event.as_json(cfg.path) + "\n")
+            else:
+                yield event
+
+    with open(dead_path, "w") as dead, EventProducer(bootstrap, settings.stream.topics) as producer:
+        sent = send_all(events(dead), producer, rate, progress=False)
+    typer.echo(json.dumps({"sent": sent, "seconds": round(time.perf_counter() - started, 2),
+                           "dataset": report.summary(), "dead_letters": str(dead_path)}))
 
 
 ModelOpt = typer.Option("latest", "--model", help="artifact directory, 'latest' (newest in the model store) or 'none'")

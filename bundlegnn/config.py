@@ -21,16 +21,8 @@ from streaming.settings import StreamConfig
 from training.complements import ScorerConfig
 from training.encoder import EncoderConfig
 from training.promote import PromotionConfig
+from training.datasets import DataConfig
 from training.train import TrainConfig
-
-
-class DataConfig(BaseModel):
-    """Where the replayable dataset lives and which adapter reads it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: Path = Path("../shared/data/online_retail_ii/online_retail_ii.csv.gz")
-    format: str = Field("online_retail", pattern="^online_retail$")
 
 
 class PathsConfig(BaseModel):
@@ -43,7 +35,13 @@ class PathsConfig(BaseModel):
 
     @property
     def snapshot(self) -> Path:
-        return self.state_dir / "graph.npz"
+        """The graph snapshot directory (see :mod:`graph.snapshot`)."""
+        return self.state_dir / "graph"
+
+    @property
+    def import_dead_letters(self) -> Path:
+        """Where ``build-graph`` and ``replay`` write the rows and events they could not use (JSON lines)."""
+        return self.state_dir / "import-dead-letters.jsonl"
 
     @property
     def text_cache(self) -> Path:

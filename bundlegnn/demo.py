@@ -127,7 +127,7 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
     from streaming.broker import EmbeddedBroker, create_topics
     from streaming.producer import EventProducer, replay
     from training.artifact import latest_artifact
-    from training.datasets import online_retail_events
+    from training.datasets import in_time_order, read_events
 
     state = settings.paths.state_dir
     state.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
         url = settings.paths.api_address.read_text().strip()
 
         _say(f"4/6 replaying {data.name} through Kafka")
-        events = list(online_retail_events(data))
+        events = in_time_order(read_events(settings.data))
         orders = collections.Counter(i for e in events if isinstance(e, Order) for i in e.item_ids)
         with EventProducer(broker.bootstrap, settings.stream.topics) as producer:
             replay(events, producer, total=len(events))

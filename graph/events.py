@@ -10,10 +10,12 @@ Timestamps without a timezone are read as UTC.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Literal, NamedTuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 NonEmpty = Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -119,3 +121,52 @@ EVENT_TYPES: dict[str, type[_Event]] = {
     "interaction": Interaction,
     "order": Order,
 }
+
+
+AnyEvent = ItemUpserted | Interaction | Order
+_any_event: TypeAdapter[AnyEvent] = TypeAdapter(Event)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An input that is not a valid event, with a reason a person can act on."""
+
+    reason: str
+    raw: bytes
+
+
+def _reason(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "event"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_event(raw: bytes | str, expected: str | None = None) -> AnyEvent | Rejected:
+    """Parse one JSON event (a Kafka message, a line of a JSON-lines file); never raises on bad input.
+
+    ``expected`` (an event ``type``) is what the topic carries: with it the
+    ``type`` field may be left out, and a different ``type`` is rejected.
+    Without it, ``type`` decides the schema.
+    """
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if expected is not None:
+        try:  # the common case, parsed and validated in one pass (half the time of json.loads + validate)
+            return EVENT_TYPES[expected].model_validate_json(data)
+        except ValidationError:
+            pass  # not valid: the path below says why in the words of the checks it failed
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Rejected(f"not JSON: {exc}", data)
+    if not isinstance(obj, dict):
+        return Rejected(f"not a JSON object but {type(obj).__name__}", data)
+    try:
+        if expected is None:
+            return _any_event.validate_python(obj)
+        if obj.get("type", expected) != expected:
+            return Rejected(f"type {obj.get('type')!r} on a topic for {expected!r} events", data)
+        return EVENT_TYPES[expected].model_validate(obj)
+    except ValidationError as exc:
+        return Rejected(_reason(exc), data)

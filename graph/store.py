@@ -1,21 +1,26 @@
 """The graph store: items, users and time-decayed edges, changed only by events.
 
-Every path that changes the graph — the batch replay of a dataset, the Faust
+Every path that changes the graph — the import of a dataset, the Faust
 worker and the tests — calls :meth:`GraphStore.apply_many` (or ``apply`` for
 one event), so they cannot disagree about what an event means. Events are
 read one by one (ids, duplicates, cancellations); the edge changes of a batch
-are then added in bulk (:mod:`graph.tallies`).
+are then added in bulk.
 
 Edge weights decay exponentially with a configurable half-life: a co-purchase
 ``dt`` seconds ago counts ``2 ** (-dt / half_life)`` (kept against a reference
 time, see :class:`DecayClock`). Each edge keeps its raw count too, because
 explanations ("bought together in 37 orders") quote counts.
+
+Memory: a co-purchase pair takes 24 bytes (:mod:`graph.tallies`), an
+order inside the cancellation window its item rows and a few numbers
+(:mod:`graph.orders`), an item or user its id and catalog entry.
 """
 
 from __future__ import annotations
 
-import gc
+import time
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Iterable
 
 import numpy as np
@@ -23,10 +28,11 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from graph.events import Interaction, ItemUpserted, Order, OrderFacts
-from graph.tallies import EdgeTable, Tallies, Tally
+from graph.orders import CANCELLED, PLACED, OrderLog
+from graph.tallies import EdgeTable, Rows, Tallies, Tally
 
-__all__ = ["Applied", "DecayClock", "GraphConfig", "GraphEvent", "GraphStore", "IdMap", "Item", "OrderRecord",
-           "Stats", "Tally", "tune_gc"]
+__all__ = ["Applied", "DecayClock", "GraphConfig", "GraphEvent", "GraphStore", "IdMap", "Item", "Stats", "Tally",
+           "tune_gc"]
 
 DAY = 86_400.0
 
@@ -47,6 +53,16 @@ class GraphConfig(BaseModel):
                     "is n(n-1)/2 pairs in one update: 10,000 items (the schema's cap) would take GBs; the largest of "
                     "Online Retail II's 53,628 invoices has 1,110",
     )
+    order_window_days: float | None = Field(
+        90.0, gt=0,
+        description="how long the store remembers an order after the newest one: a cancellation takes it back "
+                    "exactly and a repeat is ignored inside this window; an order or cancellation older than it "
+                    "is refused (dead letters). null keeps every order (memory grows with history)",
+    )
+    max_future_days: float = Field(
+        1.0, ge=0, description="events dated more than this after the wall clock are refused (dead letters): one "
+                               "far-future date would decay every other weight to nothing",
+    )
 
 
 class DecayClock:
@@ -58,24 +74,24 @@ class DecayClock:
     update is one multiply-add with a factor computed once per event, in any
     arrival order (late events included), instead of re-decaying every edge
     it touches. ``ref`` moves forward (every weight rescaled) before factors
-    could overflow.
+    could overflow the stored ``float32`` weights.
     """
 
     __slots__ = ("half_life", "ref")
 
-    MAX_HALF_LIVES = 256.0  # 2**256 is far from float64's limit
+    MAX_HALF_LIVES = 64.0  # 2**64 times any count stays far below float32's 2**128
 
     def __init__(self, half_life: float, ref: float | None = None) -> None:
         self.half_life = half_life
         self.ref = ref
 
     def factor(self, ts: float) -> float:
-        """What one unit observed at ``ts`` adds to a reference-time weight."""
-        return 2.0 ** ((ts - self.ref) / self.half_life)
+        """What one unit observed at ``ts`` adds to a reference-time weight (0 for times ~1,000 half-lives back)."""
+        return 2.0 ** max((ts - self.ref) / self.half_life, -1070.0)
 
     def scale(self, now: float) -> float:
         """Reference-time weights times this are weights seen at ``now``."""
-        return 2.0 ** ((self.ref - now) / self.half_life)
+        return 2.0 ** max(min((self.ref - now) / self.half_life, 1000.0), -1070.0)
 
 
 @dataclass(slots=True)
@@ -96,23 +112,18 @@ class Item:
         return f"{self.title}. {self.description}".strip(". ") if self.description else self.title
 
 
-@dataclass(slots=True)
-class OrderRecord:
-    """What an applied order contributed, so a cancellation can take it back exactly."""
-
-    ts: float
-    user: int
-    items: tuple[int, ...]
-    status: str
-
-
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """The outcome of one event: did the graph change, and which items did it touch."""
+    """The outcome of one event: did the graph change, which items did it touch, and was it refused.
+
+    ``rejected``: the event cannot be applied as it stands (``note`` says why); the stream worker and the
+    importers send it to dead letters.
+    """
 
     changed: bool
     items: tuple[str, ...] = ()
     note: str = ""
+    rejected: bool = False
 
 
 class IdMap:
@@ -153,6 +164,8 @@ class Stats:
     duplicates: int = 0
     placeholder_items: int = 0
     oversized_orders: int = 0
+    outside_window: int = 0
+    future: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -161,45 +174,22 @@ class Stats:
 def tune_gc() -> None:
     """Collect young objects every 50,000 allocations instead of 700.
 
-    The graph holds millions of small long-lived objects (one per edge) and
-    has no reference cycles to speak of; with the default thresholds the
-    cyclic collector took 63 % of a replay (Online Retail II: 1.09 s → 0.47 s
-    with this setting; the stream worker's scoring process gains the same).
+    Replays and the worker allocate many short-lived objects per event
+    (events, tuples) while holding large long-lived state; with the default
+    thresholds the cyclic collector took 63 % of a replay (Online Retail II:
+    1.09 s → 0.47 s with this setting).
     """
+    import gc
+
     gc.set_threshold(50_000, 20, 100)
 
 
 GraphEvent = ItemUpserted | Interaction | Order | OrderFacts
 """What :meth:`GraphStore.apply_many` takes: an event, or an order as :class:`~graph.events.OrderFacts`."""
 
-_TRIU: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-
-def _pairs(starts: np.ndarray, sizes: np.ndarray, enabled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions ``(i, j)``, ``i < j``, of every pair of items within each enabled order of a flat row array."""
-    parts_a, parts_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for start, n in zip(starts[enabled].tolist(), sizes[enabled].tolist()):
-        if n > 1:
-            local = _TRIU.get(n)
-            if local is None:
-                local = np.triu_indices(n, 1)
-                if n <= 512:
-                    _TRIU[n] = local
-            parts_a.append(local[0] + start)
-            parts_b.append(local[1] + start)
-    return np.concatenate(parts_a), np.concatenate(parts_b)
-
-
-@dataclass(slots=True)
-class _Delta:
-    """Edge changes of one order, waiting for the batch's bulk update."""
-
-    rows: tuple[int, ...]
-    user: int
-    sign: int
-    unit: float  # the clock's factor at ``ts``
-    ts: float
-    pairs: bool  # False: an oversized order counts its items but adds no pairs
+def _days(seconds: float) -> str:
+    return f"{seconds / DAY:,.1f} days"
 
 
 @dataclass
@@ -213,16 +203,22 @@ class GraphStore:
     item_orders: Tallies = field(default_factory=Tallies)  # by item row: placed orders holding it
     co: EdgeTable = field(default_factory=lambda: EdgeTable(symmetric=True))
     ui: EdgeTable = field(default_factory=lambda: EdgeTable(symmetric=False))
-    orders: dict[str, OrderRecord] = field(default_factory=dict)
+    orders: OrderLog = field(init=False)
     stats: Stats = field(default_factory=Stats)
     last_ts: float = 0.0
     version: int = 0
     clock: DecayClock = field(init=False)
-    _deltas: list[_Delta] = field(default_factory=list, init=False, repr=False)
-    _interactions: list[tuple[int, int, float, float]] = field(default_factory=list, init=False, repr=False)
+    # edge changes waiting for the batch's bulk update: (item rows, user row, sign, clock factor, adds pairs)
+    _orders: list[tuple[tuple[int, ...] | np.ndarray, int, int, float, bool]] = field(
+        default_factory=list, init=False, repr=False)
+    _interactions: list[tuple[int, int, float]] = field(default_factory=list, init=False, repr=False)
+    _found: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # order id → slot, this batch
+    _new: dict[str, None] = field(default_factory=dict, init=False, repr=False)  # order ids recorded in this batch
 
     def __post_init__(self) -> None:
         self.clock = DecayClock(self.config.half_life_days * DAY)
+        window = self.config.order_window_days
+        self.orders = OrderLog(None if window is None else window * DAY)
 
     @property
     def half_life(self) -> float:
@@ -238,11 +234,12 @@ class GraphStore:
         return clock.factor(ts)
 
     def _rebase(self, ref: float) -> None:
-        """Move the reference time to ``ref``, rescaling every weight (rare: once per 256 half-lives)."""
+        """Move the reference time to ``ref``, rescaling every weight (rare: once per 64 half-lives)."""
         self._flush()  # queued amounts are scaled to the old reference
-        scale = self.clock.factor(ref) ** -1
-        for tallies in (self.item_orders, self.co.tallies, self.ui.tallies):
-            tallies.rescale(scale)
+        scale = float(np.exp2((self.clock.ref - ref) / self.clock.half_life))
+        self.item_orders.rescale(scale)
+        self.co.rescale(scale)
+        self.ui.rescale(scale)
         self.clock.ref = ref
 
     # ---- applying events -------------------------------------------------
@@ -252,15 +249,24 @@ class GraphStore:
 
     def apply_many(self, events: Iterable[GraphEvent]) -> list[Applied]:
         """Apply events in order; return each one's outcome. Same result as one :meth:`apply` each, faster."""
+        events = [e.facts() if isinstance(e, Order) else e for e in events]
+        ids = [e.order_id for e in events if isinstance(e, OrderFacts)]
+        keys, slots = self.orders.lookup(ids)
+        self._found = dict(zip(ids, slots))
+        key_of = dict(zip(ids, keys.tolist()))
         results = []
         try:
             for event in events:
                 results.append(self._apply(event))
         finally:  # what was applied before a bad event stays applied, edges included
+            new, self._new = list(self._new), {}
+            self.orders.index(new, [key_of[i] for i in new], [self._found[i] for i in new])
+            self._found = {}
             self._flush()
+            self.orders.reclaim()
         return results
 
-    def apply_all(self, events: Iterable[GraphEvent], batch: int = 2000) -> int:
+    def apply_all(self, events: Iterable[GraphEvent], batch: int = 5000) -> int:
         """Apply events in order (in batches of ``batch``); return how many changed the graph."""
         changed, chunk = 0, []
         for event in events:
@@ -272,8 +278,11 @@ class GraphStore:
 
     def _apply(self, event: GraphEvent) -> Applied:
         self.stats.events += 1
-        if isinstance(event, Order):
-            event = event.facts()
+        if event.epoch > time.time() + self.config.max_future_days * DAY:
+            self.stats.future += 1
+            return Applied(False, (), f"dated {_days(event.epoch - time.time())} in the future (accepted: up to "
+                                      f"graph.max_future_days={self.config.max_future_days:g} ahead of the clock)",
+                           rejected=True)
         if isinstance(event, OrderFacts):
             result = self._cancel(event) if event.status == "cancelled" else self._place(event)
         elif isinstance(event, ItemUpserted):
@@ -288,26 +297,55 @@ class GraphStore:
         return result
 
     def _flush(self) -> None:
-        """Add the queued edge changes: item counts, co-purchase pairs, user–item edges."""
-        deltas, self._deltas = self._deltas, []
+        """Add the queued edge changes: item counts, co-purchase pairs, user–item edges.
+
+        Pairs come from one sparse product: with ``X`` the batch's orders ×
+        items (0/1) and ``s`` each order's signed change (+1 placed, -1
+        taken back) as the complex number ``s + i·s·factor``, the entries of
+        ``Xᵀ diag(s) X`` off the diagonal are every pair's count change (real
+        part) and weight change (imaginary part), summed over the batch by
+        scipy's compiled product instead of one array entry per pair.
+        """
+        orders, self._orders = self._orders, []
         interactions, self._interactions = self._interactions, []
-        if deltas:
-            sizes = np.fromiter((len(d.rows) for d in deltas), np.int64, len(deltas))
-            rows = np.fromiter((r for d in deltas for r in d.rows), np.int64, int(sizes.sum()))
-            sign = np.repeat(np.fromiter((d.sign for d in deltas), np.int64, len(deltas)), sizes)
-            unit = np.repeat(np.fromiter((d.unit for d in deltas), np.float64, len(deltas)), sizes)
-            ts = np.repeat(np.fromiter((d.ts for d in deltas), np.float64, len(deltas)), sizes)
-            self.item_orders.add(rows, sign, unit, ts)
-            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            a, b = _pairs(starts, sizes, np.fromiter((d.pairs for d in deltas), bool, len(deltas)))
-            self.co.update(rows[a], rows[b], sign[a], unit[a], ts[a])
-            users = np.repeat(np.fromiter((d.user for d in deltas), np.int64, len(deltas)), sizes)
-            by_user = users >= 0
+        n_items, n_users = self.num_items, self.num_users
+        ui: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if orders:
+            sizes = np.fromiter((len(o[0]) for o in orders), np.int64, len(orders))
+            rows = np.fromiter(chain.from_iterable(o[0] for o in orders), np.int64, int(sizes.sum()))
+            sign = np.fromiter((o[2] for o in orders), np.float64, len(orders))
+            unit = np.fromiter((o[3] for o in orders), np.float64, len(orders))
+            self.item_orders.add(rows, np.repeat(sign, sizes).astype(np.int64), np.repeat(sign * unit, sizes))
+            # complex64: exact counts up to 2**24 per pair and batch, float32 weights as the tables keep them
+            per_line = np.repeat((sign + 1j * sign * unit).astype(np.complex64), sizes)
+            indptr = np.concatenate([[0], np.cumsum(sizes)])
+            pairs = np.fromiter((o[4] for o in orders), bool, len(orders)) & (sizes > 1)
+            if pairs.any():
+                take = np.repeat(pairs, sizes)
+                x = sp.csr_matrix((per_line[take], rows[take], np.concatenate([[0], np.cumsum(sizes[pairs])])),
+                                  shape=(int(pairs.sum()), n_items))
+                ones = sp.csr_matrix((np.ones(x.nnz, np.float32), x.indices, x.indptr), shape=x.shape)
+                # the product is symmetric: its CSC form is its CSR form with sorted rows (a counting sort)
+                product = (ones.T.tocsr() @ x).tocsc()
+                row_of = np.repeat(np.arange(n_items, dtype=np.int32), np.diff(product.indptr))
+                diagonal = product.indices == row_of  # an item with itself: its own count, not a pair
+                del row_of
+                removed = np.bincount(product.indices[diagonal], minlength=n_items)
+                pair = ~diagonal
+                data = product.data[pair]
+                self.co.add(Rows(product.indptr - np.concatenate([[0], np.cumsum(removed)]), product.indices[pair],
+                                 np.rint(data.real).astype(np.int32), data.imag))
+            users = np.fromiter((o[1] for o in orders), np.int64, len(orders))
+            by_user = np.repeat(users >= 0, sizes)
             purchase = self.config.interaction_weights["purchase"]
-            self.ui.update(users[by_user], rows[by_user], sign[by_user], purchase * unit[by_user], ts[by_user])
+            ui.append((np.repeat(users, sizes)[by_user], rows[by_user],
+                       per_line[by_user].real + 1j * purchase * per_line[by_user].imag.astype(np.float64)))
         if interactions:
-            user, item, amount, ts_ = (np.array(col) for col in zip(*interactions))
-            self.ui.update(user, item, np.ones(len(user), np.int64), amount, ts_)
+            user, item, amount = (np.array(col) for col in zip(*interactions))
+            ui.append((user.astype(np.int64), item.astype(np.int64), 1 + 1j * amount))
+        if ui:
+            user, item, change = (np.concatenate(col) for col in zip(*ui))
+            self.ui.add(Rows.from_matrix(sp.coo_matrix((change, (user, item)), shape=(n_users, n_items)).tocsr()))
 
     def _item(self, item_id: str) -> int:
         row = self.items.add(item_id)
@@ -343,45 +381,72 @@ class GraphStore:
             raise ValueError(f"no interaction weight configured for kind {e.kind!r}")
         user, item = self._user(e.user_id), self._item(e.item_id)
         amount *= self._factor(e.epoch)  # before the append: moving the clock flushes the queue
-        self._interactions.append((user, item, amount, e.epoch))
+        self._interactions.append((user, item, amount))
         return Applied(True, (e.item_id,))
 
-    def _queue(self, record: OrderRecord, sign: int) -> None:
+    def _queue(self, rows: tuple[int, ...] | np.ndarray, user: int, sign: int, ts: float) -> None:
         limit = self.config.max_order_items
-        pairs = not limit or len(record.items) <= limit
+        pairs = not limit or len(rows) <= limit
         if not pairs and sign > 0:
             self.stats.oversized_orders += 1
-        unit = self._factor(record.ts)  # before the append: moving the clock flushes the queue
-        self._deltas.append(_Delta(record.items, record.user, sign, unit, record.ts, pairs))
+        unit = self._factor(ts)  # before the append: moving the clock flushes the queue
+        self._orders.append((rows, user, sign, unit, pairs))
+
+    def _outside(self, e: OrderFacts) -> Applied | None:
+        """The refusal of an order dated before the window, if it is."""
+        log = self.orders
+        if e.epoch >= log.horizon:
+            return None
+        self.stats.outside_window += 1
+        return Applied(False, (), f"order {e.order_id} is dated {_days(log.newest - e.epoch)} before the newest "
+                                  f"order, outside the {_days(log.window or 0)} window in which the store can tell a "
+                                  "repeat or take it back (graph.order_window_days)", rejected=True)
 
     def _place(self, e: OrderFacts) -> Applied:
-        if e.order_id in self.orders:
+        log, slot = self.orders, self._found.get(e.order_id, -1)
+        if log.visible(slot):
             self.stats.duplicates += 1
-            return Applied(False, (), f"order {e.order_id} already applied")
+            done = "cancelled" if log.status[slot] == CANCELLED else "applied"
+            return Applied(False, (), f"order {e.order_id} already {done}")
+        if (refused := self._outside(e)) is not None:
+            return refused
+        log.seen(e.epoch)
         ids = e.item_ids
         rows = tuple(map(self.items.index.get, ids))
         if None in rows:
             rows = tuple(self._item(i) for i in ids)
         user = self._user(e.user_id) if e.user_id else -1
-        record = self.orders[e.order_id] = OrderRecord(e.epoch, user, rows, "placed")
-        self._queue(record, +1)
+        self._record(e.order_id, log.append(e.order_id, e.epoch, user, rows, PLACED))
+        self._queue(rows, user, +1, e.epoch)
         self.stats.orders_placed += 1
         return Applied(True, ids)
 
+    def _record(self, order_id: str, slot: int) -> None:
+        """A record appended in this batch: found from now on, indexed when the batch ends."""
+        self._new[order_id] = None
+        self._found[order_id] = slot
+
     def _cancel(self, e: OrderFacts) -> Applied:
-        record = self.orders.get(e.order_id)
-        if record is None:
+        log, slot = self.orders, self._found.get(e.order_id, -1)
+        if not log.visible(slot):
+            if (refused := self._outside(e)) is not None:
+                return refused
+            log.seen(e.epoch)
             # Remember it, so a late "placed" event for this order is ignored too.
-            self.orders[e.order_id] = OrderRecord(e.epoch, -1, (), "cancelled")
+            self._record(e.order_id, log.append(e.order_id, e.epoch, -1, (), CANCELLED))
             self.stats.cancellations_unmatched += 1
-            return Applied(False, (), f"cancels unknown order {e.order_id}")
-        if record.status == "cancelled":
+            return Applied(False, (), f"cancels unknown order {e.order_id} (never seen, or placed more than "
+                                      f"{_days(log.window or 0)} before the newest order): recorded, a late "
+                                      "placement of it will be ignored", rejected=True)
+        log.seen(e.epoch)
+        if log.status[slot] == CANCELLED:
             self.stats.duplicates += 1
             return Applied(False, (), f"order {e.order_id} already cancelled")
-        record.status = "cancelled"
-        self._queue(record, -1)
+        log.status[slot] = CANCELLED
+        rows = log.items_of(slot).copy()
+        self._queue(rows, int(log.user[slot]), -1, float(log.ts[slot]))
         self.stats.orders_cancelled += 1
-        return Applied(True, tuple(self.items.ids[r] for r in record.items))
+        return Applied(True, tuple(self.items.ids[r] for r in rows.tolist()))
 
     # ---- reading ---------------------------------------------------------
     @property
@@ -399,38 +464,43 @@ class GraphStore:
     def num_ui_edges(self) -> int:
         return len(self.ui)
 
+    def _tally(self, found: tuple[int, float] | None) -> Tally | None:
+        return None if found is None else Tally(found[0], found[1], self.last_ts)
+
     def co_purchase(self, a: str, b: str) -> Tally | None:
         """The co-purchase tally of two items, or None."""
         ra, rb = self.items.get(a), self.items.get(b)
         if ra is None or rb is None:
             return None
-        return self.co.get(ra, rb)
+        return self._tally(self.co.get(ra, rb))
 
     def interaction(self, user_id: str, item_id: str) -> Tally | None:
         """The user–item tally (purchases and interactions), or None."""
         user, item = self.users.get(user_id), self.items.get(item_id)
         if user is None or item is None:
             return None
-        return self.ui.get(user, item)
+        return self._tally(self.ui.get(user, item))
 
-    def weights(self, tallies: Tallies, ids: np.ndarray, now: float | None = None) -> np.ndarray:
-        """Decayed weights of ``tallies[ids]`` as seen at ``now`` (default: the newest event), as :meth:`Tally.value`."""
-        now = self.last_ts if now is None else now
-        seen = np.maximum(tallies.ts[ids], now)
+    def decayed(self, weight: np.ndarray, now: float | None = None) -> np.ndarray:
+        """Reference-time weights as seen at ``now`` (default, and at the earliest: the newest event)."""
+        now = self.last_ts if now is None or now < self.last_ts else now
         ref = self.clock.ref if self.clock.ref is not None else now
-        return np.maximum(tallies.weight[ids], 0.0) * np.exp2((ref - seen) / self.half_life)
+        return np.maximum(np.asarray(weight, np.float64), 0.0) * np.exp2((ref - now) / self.half_life)
 
-    def _edges(self, table: EdgeTable, now: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        a, b, slots = table.edges()
-        return a, b, table.tallies.count[slots], self.weights(table.tallies, slots, now)
+    def co_neighbours(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Co-purchase neighbours of item ``row``: their rows, counts and weights seen at the newest event."""
+        index, count, weight = self.co.neighbours(row)
+        return index.astype(np.int64), count.astype(np.int64), self.decayed(weight)
 
     def co_edges(self, now: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Undirected co-purchase edges ``(a, b, count, weight@now)`` with ``a < b``, ordered by ``(a, b)``."""
-        return self._edges(self.co, now)
+        a, b, count, weight = self.co.edges()
+        return a, b, count, self.decayed(weight, now)
 
     def ui_edges(self, now: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """User–item edges ``(user, item, count, weight@now)``, ordered by ``(user, item)``."""
-        return self._edges(self.ui, now)
+        u, i, count, weight = self.ui.edges()
+        return u, i, count, self.decayed(weight, now)
 
     def co_purchase_matrix(self, now: float | None = None, counts: bool = False) -> sp.csr_matrix:
         """Symmetric item×item matrix of decayed weights (or raw counts)."""
@@ -449,3 +519,14 @@ class GraphStore:
     def item_order_counts(self) -> np.ndarray:
         """How many placed (not cancelled) orders contain each item."""
         return self.item_orders.count[: self.num_items].copy()
+
+    def placed_orders(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The placed (not cancelled) orders the store remembers (every one, with ``order_window_days: null``),
+        in the order they were applied: ``(ts, user row or -1, indptr, item rows)``."""
+        return self.orders.placed()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the store's arrays (edges, order log, item tallies): not its id maps and catalog strings."""
+        return (self.co.nbytes + self.ui.nbytes + self.orders.nbytes + self.item_orders.count.nbytes
+                + self.item_orders.weight.nbytes)

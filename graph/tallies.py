@@ -1,11 +1,24 @@
-"""Counts and time-decayed weights of items and edges, kept in flat arrays and updated in bulk.
+"""Counts and time-decayed weights of edges, kept as sorted sparse rows in flat arrays.
 
-An order of ``n`` items changes ``n (n - 1) / 2`` co-purchase pairs: about
-450 per order on Online Retail II. A Python object per pair made that the
-stream worker's hottest loop (0.45 µs a pair, and the garbage collector
-walking millions of small objects). Here a pair is a row ("slot") of three
-numpy arrays, found through one dict lookup, and a batch of orders is added
-with numpy scatter-adds.
+An order of ``n`` items changes ``n (n - 1) / 2`` co-purchase pairs (about
+1,100 per order on Online Retail II), and a shop of 200k items holds
+hundreds of millions of them. So an edge is no object at all: a table is
+CSR-style arrays (for each row, its neighbours' column ids sorted, with a
+count and a weight per entry: 12 bytes an entry, 24 bytes a co-purchase
+pair stored from both ends), split into blocks of rows, plus a write buffer
+of pending changes in the same form.
+
+The buffer is a few sorted runs, as in a log-structured merge tree (O'Neil
+et al., "The Log-Structured Merge-Tree", Acta Informatica 1996): a batch of
+changes becomes a run, and runs of similar size are merged, so a change is
+rewritten about log(runs) times instead of once per batch. Once the buffer
+holds an eighth of what the blocks hold it is merged into them, one block
+at a time (spare memory: one block). Reads add an entry's buffered changes
+to its stored value.
+
+A merge finds the union of two sparse patterns with scipy's compiled CSR
+addition (:func:`_union`) and then inserts and adds the smaller side's
+entries, so it runs at memory speed.
 """
 
 from __future__ import annotations
@@ -14,11 +27,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.sparse as sp
 
 if TYPE_CHECKING:
     from graph.store import DecayClock
-
-_SHIFT = np.int64(32)  # an edge's key: (a << 32) | b; row ids stay far below 2**31
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,47 +39,39 @@ class Tally:
 
     count: int
     weight: float  # at the clock's reference time
-    ts: float  # the newest observation
+    ts: float  # the time of the newest event in its store: reads never decay to a time before it
 
     def value(self, now: float, clock: DecayClock) -> float:
-        """The weight as seen at time ``now`` (never in the future of its newest observation)."""
+        """The weight as seen at time ``now`` (never in the future of the newest event)."""
         weight = self.weight if self.weight > 0.0 else 0.0  # a full take-back may leave rounding dust
         return weight * clock.scale(now if now > self.ts else self.ts) if weight else 0.0
 
 
 class Tallies:
-    """``count``, ``weight`` and ``ts`` columns indexed by a dense id, growing on demand."""
+    """``count`` and ``weight`` columns indexed by a dense id (an item's placed orders), growing on demand."""
 
-    __slots__ = ("count", "weight", "ts", "size")
+    __slots__ = ("count", "weight", "size")
 
     def __init__(self) -> None:
         self.count = np.zeros(0, np.int64)
         self.weight = np.zeros(0, np.float64)
-        self.ts = np.zeros(0, np.float64)
-        self.size = 0  # ids below this are in use (or free, for an edge table)
+        self.size = 0  # ids below this are in use
 
     def resize(self, size: int) -> None:
         """Make ids ``0 .. size-1`` valid; new ones start at zero."""
         if size > len(self.count):
             capacity = max(size, 2 * len(self.count), 1024)
-            for name in ("count", "weight", "ts"):
+            for name in ("count", "weight"):
                 old = getattr(self, name)
                 new = np.zeros(capacity, old.dtype)
                 new[: len(old)] = old
                 setattr(self, name, new)
         self.size = max(self.size, size)
 
-    def add(self, ids: np.ndarray, sign: np.ndarray, amount: np.ndarray, ts: np.ndarray) -> None:
-        """Add ``sign`` to counts and ``sign * amount`` to weights; keep the newest ``ts``. Repeated ids add up."""
-        np.add.at(self.count, ids, sign)
-        np.add.at(self.weight, ids, sign * amount)
-        np.maximum.at(self.ts, ids, ts)
-
-    def get(self, i: int) -> Tally:
-        return Tally(int(self.count[i]), float(self.weight[i]), float(self.ts[i]))
-
-    def clear(self, ids: np.ndarray) -> None:
-        self.count[ids], self.weight[ids], self.ts[ids] = 0, 0.0, 0.0
+    def add(self, ids: np.ndarray, count: np.ndarray, weight: np.ndarray) -> None:
+        """Add to the counts and weights of ``ids`` (repeated ids add up)."""
+        np.add.at(self.count, ids, count)
+        np.add.at(self.weight, ids, weight)
 
     def rescale(self, factor: float) -> None:
         """Multiply every weight (the decay clock moved its reference time)."""
@@ -80,7 +84,7 @@ class KeyIndex:
     Linear probing with Fibonacci hashing (Knuth, TAOCP vol. 3, 6.4), kept at
     most half full; deleted keys leave tombstones until the next resize. A
     batch of lookups is a few vectorised gathers per probe step instead of a
-    Python dict lookup per key (about 10× faster for a batch of orders' pairs).
+    Python dict lookup per key.
     """
 
     __slots__ = ("keys", "values", "size", "used", "_shift")
@@ -126,16 +130,21 @@ class KeyIndex:
         todo = np.arange(len(keys))
         while len(todo):
             p = pos[todo]
-            free = self.keys[p] == self.EMPTY
+            free = self.keys[p] < 0  # empty or a tombstone
             buckets, first = np.unique(p[free], return_index=True)  # one winner per free bucket
             won = todo[free][first]
+            self.used += int((self.keys[buckets] == self.EMPTY).sum())
             self.keys[buckets], self.values[buckets] = keys[won], values[won]
             placed = np.zeros(len(keys), bool)
             placed[won] = True
             todo = todo[~placed[todo]]
             pos[todo] = (pos[todo] + 1) & mask
         self.size += len(keys)
-        self.used += len(keys)
+
+    def set(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Change the values of keys that are present."""
+        pos = self._find(keys)
+        self.values[pos[pos >= 0]] = values[pos >= 0]
 
     def delete(self, keys: np.ndarray) -> None:
         """Remove keys that are present."""
@@ -150,169 +159,229 @@ class KeyIndex:
         self.put(keys, values)
 
 
-class EdgeTable:
-    """Tallies of edges between dense row ids: ``symmetric`` for item–item, else source → target.
+@dataclass(slots=True)
+class Rows:
+    """Sparse rows over a range of row ids: for row ``r``, entries ``indptr[r]:indptr[r+1]`` of ``index``
+    (column ids, increasing), ``count`` and ``weight``."""
 
-    Each row keeps its neighbours and their edges' slots in ``tallies`` as
-    numpy chunks, one appended per batch that added edges at the row and
-    merged when read (:meth:`neighbours`): adding a batch's new edges costs
-    a sort and one append per row they touch, not Python work per edge (a
-    dict per row made allocating 28 % of applying orders). A symmetric edge
-    is one slot reachable from both ends. An edge whose count falls to zero
-    (its orders were cancelled) is removed and its slot reused.
-    """
+    indptr: np.ndarray  # int64, rows + 1
+    index: np.ndarray  # int32
+    count: np.ndarray
+    weight: np.ndarray
 
-    __slots__ = ("symmetric", "slot", "chunks", "degree", "tallies", "keys", "free")
-
-    def __init__(self, symmetric: bool) -> None:
-        self.symmetric = symmetric
-        self.slot = KeyIndex()  # (a << 32) | b → slot
-        self.chunks: list[list[tuple[np.ndarray, np.ndarray]]] = []  # row → [(neighbour rows, slots), ...]
-        self.degree = np.zeros(0, np.int64)  # row → edges at it
-        self.tallies = Tallies()
-        self.keys = np.zeros(0, np.int64)  # slot → key
-        self.free: list[int] = []
-
-    def __len__(self) -> int:
-        """Edges (a symmetric edge counts once)."""
-        return self.slot.size
+    @classmethod
+    def empty(cls, rows: int, count: type = np.int64, weight: type = np.float64) -> Rows:
+        return cls(np.zeros(rows + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, count), np.zeros(0, weight))
 
     @property
     def rows(self) -> int:
-        """Valid row ids are ``0 .. rows-1``."""
-        return len(self.chunks)
+        return len(self.indptr) - 1
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.indptr, self.index, self.count, self.weight))
+
+    def slice(self, start: int, stop: int) -> Rows:
+        """Rows ``start .. stop-1`` (views of the entry arrays)."""
+        stop = min(stop, self.rows)
+        if start >= stop:
+            return Rows.empty(0, self.count.dtype, self.weight.dtype)
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        return Rows(self.indptr[start : stop + 1] - lo, self.index[lo:hi], self.count[lo:hi], self.weight[lo:hi])
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if r >= self.rows:
+            return self.index[:0], self.count[:0], self.weight[:0]
+        lo, hi = int(self.indptr[r]), int(self.indptr[r + 1])
+        return self.index[lo:hi], self.count[lo:hi], self.weight[lo:hi]
+
+    @classmethod
+    def from_matrix(cls, m: sp.csr_matrix) -> Rows:
+        """Sparse rows from a CSR matrix of complex numbers ``count + i·weight`` (what :mod:`graph.store` builds)."""
+        m.sum_duplicates()  # sorted indices, duplicates summed
+        keep = m.data != 0
+        indptr = np.concatenate([[0], np.cumsum(keep)])[m.indptr] if not keep.all() else m.indptr.astype(np.int64)
+        data = m.data[keep]
+        return cls(indptr.astype(np.int64), m.indices[keep].astype(np.int32), np.rint(data.real).astype(np.int32),
+                   data.imag.astype(np.float32))
+
+
+def _pattern(rows: Rows, cols: int, mark: int) -> sp.csr_matrix:
+    m = sp.csr_matrix((np.full(len(rows.index), mark, np.int8), rows.index, rows.indptr), shape=(rows.rows, cols),
+                      copy=False)
+    m.has_sorted_indices = True
+    m.has_canonical_format = True
+    return m
+
+
+def _pad(rows: Rows, n: int) -> Rows:
+    if rows.rows == n:
+        return rows
+    return Rows(np.pad(rows.indptr, (0, n - rows.rows), mode="edge"), rows.index, rows.count, rows.weight)
+
+
+def _union(a: Rows, b: Rows, count: type, weight: type, drop: str) -> Rows:
+    """``a + b`` entry by entry, in the dtypes given; ``drop``: ``"empty"`` removes entries whose count and
+    weight are both 0 (a buffer of changes), ``"gone"`` those whose count is not positive (stored edges).
+
+    Only entries ``b`` touches can change: ``a``'s arrays are copied once with ``b``'s new entries
+    placed between them, then ``b``'s other entries are added in place and emptied ones removed.
+    """
+    rows = max(a.rows, b.rows)
+    a, b = _pad(a, rows), _pad(b, rows)
+    cols = int(max(a.index.max(initial=-1), b.index.max(initial=-1))) + 1
+    u = _pattern(a, cols, 1) + _pattern(b, cols, 2)  # compiled merge of sorted rows: 1 = in a, 2 = in b, 3 = both
+    from_a = u.data != 2
+    at = np.flatnonzero(u.data >= 2)  # where b's entries land, in b's order
+    new = u.data[at] == 2
+    index, c, w = np.empty(u.nnz, np.int32), np.empty(u.nnz, count), np.empty(u.nnz, weight)
+    for out, mine, theirs in ((index, a.index, b.index), (c, a.count, b.count), (w, a.weight, b.weight)):
+        out[from_a] = mine
+        out[at[new]] = theirs[new]
+    hit = at[~new]
+    c[hit] += b.count[~new].astype(count, copy=False)
+    w[hit] += b.weight[~new].astype(weight, copy=False)
+    indptr = u.indptr.astype(np.int64)
+    gone = at[c[at] <= 0] if drop == "gone" else at[(c[at] == 0) & (w[at] == 0)]
+    if len(gone):
+        per_row = np.bincount(np.searchsorted(indptr, gone, side="right") - 1, minlength=rows)
+        indptr = indptr - np.concatenate([[0], np.cumsum(per_row)])
+        keep = np.ones(u.nnz, bool)
+        keep[gone] = False
+        index, c, w = index[keep], c[keep], w[keep]
+    return Rows(indptr, index, c, w)
+
+
+class EdgeTable:
+    """Counts and decayed weights of edges between dense row and column ids.
+
+    ``symmetric`` (item–item co-purchases): every edge is stored at both
+    ends, so a row lists all of an item's neighbours. Otherwise (user–item)
+    rows are the sources. Entries are ``int32`` counts and ``float32``
+    weights, in blocks of ``block_rows`` rows and in the buffer's runs of
+    changes. An edge whose count falls to zero (its orders were cancelled)
+    is gone.
+    """
+
+    __slots__ = ("symmetric", "block_rows", "blocks", "runs", "rows", "min_buffer")
+
+    COUNT, WEIGHT = np.int32, np.float32
+
+    def __init__(self, symmetric: bool, block_rows: int = 4096, min_buffer: int = 1 << 20) -> None:
+        self.symmetric = symmetric
+        self.block_rows = block_rows
+        self.min_buffer = min_buffer  # entries the buffer may hold however small the table
+        self.blocks: list[Rows] = []
+        self.runs: list[Rows] = []  # the buffer: sorted runs of changes, each at most half the one before
+        self.rows = 0  # valid row ids are 0 .. rows-1
+
+    # ---- sizes -------------------------------------------------------------
+    def __len__(self) -> int:
+        """Edges (a symmetric edge counts once); merges the buffer first."""
+        self.compact()
+        stored = sum(b.nnz for b in self.blocks)
+        return stored // 2 if self.symmetric else stored
+
+    @property
+    def stored(self) -> int:
+        """Entries in the blocks and the buffer (cheap; not an edge count)."""
+        return sum(b.nnz for b in self.blocks) + sum(r.nnz for r in self.runs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks) + sum(r.nbytes for r in self.runs)
 
     def grow(self, rows: int) -> None:
-        """Make rows ``0 .. rows-1`` valid ends."""
-        if rows > len(self.chunks):
-            self.chunks.extend([] for _ in range(rows - len(self.chunks)))
-            if rows > len(self.degree):
-                degree = np.zeros(max(rows, 2 * len(self.degree), 1024), np.int64)
-                degree[: len(self.degree)] = self.degree
-                self.degree = degree
+        """Make rows ``0 .. rows-1`` valid."""
+        self.rows = max(self.rows, rows)
 
-    def _key(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.symmetric:
-            a, b = np.minimum(a, b), np.maximum(a, b)
-        return (a << _SHIFT) | b, a, b
+    # ---- writing -----------------------------------------------------------
+    def add(self, change: Rows) -> None:
+        """Add a batch of changes: per entry a signed count and a weight already scaled by the decay clock.
 
-    def update(self, a: np.ndarray, b: np.ndarray, sign: np.ndarray, amount: np.ndarray, ts: np.ndarray) -> None:
-        """Add (``sign`` 1) or take back (-1) one observation per edge ``a[k]–b[k]``.
-
-        ``amount`` is already scaled by the decay clock. Taking back an edge
-        that does not exist changes nothing.
+        A symmetric table takes both directions of each edge in ``change``.
         """
-        if not len(a):
+        if not change.nnz:
             return
-        keys, a, b = self._key(np.asarray(a, np.int64), np.asarray(b, np.int64))
-        slots = self.slot.get(keys)
-        missing = slots < 0
-        if missing.any():
-            # one slot per absent edge that the batch adds to; its later take-backs in the batch go there too
-            absent, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
-            adds = np.zeros(len(absent), bool)
-            adds[inverse[sign[missing] > 0]] = True
-            if adds.any():
-                created = np.full(len(absent), -1, np.int64)
-                at = first[adds]
-                created[adds] = self._allocate(absent[adds], a[missing][at], b[missing][at])
-                slots[missing] = created[inverse]
-            keep = slots >= 0
-            if not keep.all():
-                slots, sign, amount, ts = slots[keep], sign[keep], amount[keep], ts[keep]
-        self.tallies.add(slots, sign, amount, ts)
-        gone = slots[self.tallies.count[slots] <= 0]
-        if len(gone):
-            self._remove(np.unique(gone))
+        self.grow(change.rows)
+        runs = self.runs
+        runs.append(change)
+        while len(runs) > 1 and runs[-2].nnz <= 2 * runs[-1].nnz:
+            last = runs.pop()
+            runs[-1] = _union(runs[-1], last, self.COUNT, self.WEIGHT, "empty")
+        if sum(r.nnz for r in runs) > max(self.min_buffer, sum(b.nnz for b in self.blocks) // 8):
+            self.compact()
 
-    def _ends(self, a: np.ndarray, b: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(row, neighbour, slot)`` of edges seen from each end they are listed at."""
-        if self.symmetric:
-            return np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([slots, slots])
-        return a, b, slots
+    def compact(self) -> None:
+        """Merge the write buffer into the blocks, one block at a time."""
+        runs, self.runs = self.runs, []
+        if not runs:
+            return
+        buffer = runs[-1]
+        for run in reversed(runs[:-1]):
+            buffer = _union(run, buffer, self.COUNT, self.WEIGHT, "empty")
+        size = self.block_rows
+        while len(self.blocks) * size < buffer.rows:
+            self.blocks.append(Rows.empty(0, self.COUNT, self.WEIGHT))
+        for k, block in enumerate(self.blocks):
+            part = buffer.slice(k * size, (k + 1) * size)
+            if part.nnz:
+                self.blocks[k] = _union(block, part, self.COUNT, self.WEIGHT, "gone")
 
-    def _allocate(self, keys: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        reuse = min(len(self.free), len(keys))
-        slots = [self.free.pop() for _ in range(reuse)]
-        start = self.tallies.size
-        slots += range(start, start + len(keys) - reuse)
-        self.tallies.resize(start + len(keys) - reuse)
-        if len(self.keys) < len(self.tallies.count):
-            self.keys = np.concatenate([self.keys, np.zeros(len(self.tallies.count) - len(self.keys), np.int64)])
-        out = np.asarray(slots, np.int64)
-        self.keys[out] = keys
-        self.slot.put(keys, out)
-        rows, nbrs, ends = self._ends(a, b, out)
-        # numpy sorts 16-bit keys by radix, 8x faster than int64 here (840 k ends): most catalogs fit
-        order = np.argsort(rows.astype(np.uint16) if len(self.chunks) <= 1 << 16 else rows, kind="stable")
-        rows, nbrs, ends = rows[order], nbrs[order], ends[order]
-        nbrs.flags.writeable = ends.flags.writeable = False  # neighbours() hands out views
-        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-        stops = np.r_[starts[1:], len(rows)]
-        self.degree[rows[starts]] += stops - starts
-        chunks = self.chunks
-        for row, i, j in zip(rows[starts].tolist(), starts.tolist(), stops.tolist()):
-            chunks[row].append((nbrs[i:j], ends[i:j]))
-        return out
+    def rescale(self, factor: float) -> None:
+        """Multiply every weight (the decay clock moved its reference time)."""
+        for run in self.runs:
+            run.weight = run.weight * factor
+        for block in self.blocks:
+            block.weight = (block.weight * factor).astype(self.WEIGHT)
 
-    def _remove(self, slots: np.ndarray) -> None:
-        keys = self.keys[slots]
-        self.slot.delete(keys)
-        rows, _, _ = self._ends(keys >> _SHIFT, keys & np.int64(0xFFFFFFFF), slots)
-        np.subtract.at(self.degree, rows, 1)
-        for row in np.unique(rows).tolist():
-            nbrs, ends = self.neighbours(row)
-            keep = ~np.isin(ends, slots)
-            kept = (nbrs[keep], ends[keep])
-            for array in kept:
-                array.flags.writeable = False
-            self.chunks[row] = [kept]
-        self.free.extend(slots.tolist())
-        self.tallies.clear(slots)
+    # ---- reading -----------------------------------------------------------
+    def neighbours(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Column ids, counts and weights (at the clock's reference time) of the live edges at ``row``,
+        columns increasing."""
+        k, local = divmod(row, self.block_rows)
+        index, count, weight = self.blocks[k].row(local) if k < len(self.blocks) else Rows.empty(0).row(0)
+        changes = [run.row(row) for run in self.runs]
+        changes = [c for c in changes if len(c[0])]
+        if not changes:
+            return index, count, weight
+        index, inverse = np.unique(np.concatenate([index, *(c[0] for c in changes)]), return_inverse=True)
+        count = np.bincount(inverse, np.concatenate([count, *(c[1] for c in changes)]), len(index))
+        weight = np.bincount(inverse, np.concatenate([weight, *(c[2] for c in changes)]), len(index))
+        live = count > 0.5
+        return index[live], count[live].round().astype(np.int64), weight[live]
 
-    def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every edge ``(a, b, slot)``, ordered by ``(a, b)``; symmetric ones once with ``a < b``."""
-        live = self.slot.keys >= 0
-        keys, slots = self.slot.keys[live], self.slot.values[live]
-        order = np.argsort(keys)
-        keys, slots = keys[order], slots[order]
-        return keys >> _SHIFT, keys & np.int64(0xFFFFFFFF), slots
-
-    def load(self, a: np.ndarray, b: np.ndarray, count: np.ndarray, weight: np.ndarray, ts: np.ndarray) -> None:
-        """Replace every edge by the given ones (a snapshot being read)."""
-        self.slot, self.free, self.tallies, self.keys = KeyIndex(len(a)), [], Tallies(), np.zeros(0, np.int64)
-        self.chunks = [[] for _ in self.chunks]
-        self.degree = np.zeros_like(self.degree)
-        keys, a, b = self._key(np.asarray(a, np.int64), np.asarray(b, np.int64))
-        self._allocate(keys, a, b)
-        n = len(keys)
-        self.tallies.count[:n], self.tallies.weight[:n], self.tallies.ts[:n] = count, weight, ts
-
-    def neighbours(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Neighbour rows of ``row`` and their edges' slots (read-only arrays)."""
-        chunks = self.chunks[row]
-        if len(chunks) != 1:
-            merged = (np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])) if chunks \
-                else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-            for array in merged:
-                array.flags.writeable = False
-            self.chunks[row] = [merged]
-            return merged
-        return chunks[0]
-
-    def slots_of(self, row: int) -> dict[int, int]:
-        """Neighbour row → edge slot of ``row`` (a dict: for tests and one-off reads, not hot paths)."""
-        nbrs, slots = self.neighbours(row)
-        return dict(zip(nbrs.tolist(), slots.tolist()))
-
-    def get(self, a: int, b: int) -> Tally | None:
-        """The tally of edge ``a``–``b``, or None."""
-        if not (0 <= a < len(self.chunks) and 0 <= b < (len(self.chunks) if self.symmetric else 1 << 31)):
+    def get(self, a: int, b: int) -> tuple[int, float] | None:
+        """Count and weight of edge ``a``–``b``, or None."""
+        if not 0 <= a < self.rows:
             return None
-        key, _, _ = self._key(np.array([a], np.int64), np.array([b], np.int64))
-        slot = int(self.slot.get(key)[0])
-        return None if slot < 0 else self.tallies.get(slot)
+        index, count, weight = self.neighbours(a)
+        at = int(np.searchsorted(index, b))
+        if at < len(index) and index[at] == b:
+            return int(count[at]), float(weight[at])
+        return None
 
-    def degrees(self) -> np.ndarray:
-        """Edges at each row."""
-        return self.degree[: len(self.chunks)].copy()
+    def load(self, rows: Rows) -> None:
+        """Replace everything by ``rows`` (a snapshot being read): blocks become views of its arrays, which may
+        be read-only memory maps (a merge writes new arrays)."""
+        self.blocks = [rows.slice(k, k + self.block_rows) for k in range(0, rows.rows, self.block_rows)]
+        self.runs = []
+        self.rows = max(self.rows, rows.rows)
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every edge ``(a, b, count, weight)`` ordered by ``(a, b)``; symmetric ones once, with ``a < b``."""
+        self.compact()
+        parts: list[tuple[np.ndarray, ...]] = []
+        for k, block in enumerate(self.blocks):
+            a = np.repeat(np.arange(k * self.block_rows, k * self.block_rows + block.rows, dtype=np.int64),
+                          np.diff(block.indptr))
+            b = block.index.astype(np.int64)
+            keep = b > a if self.symmetric else slice(None)
+            parts.append((a[keep], b[keep], block.count[keep].astype(np.int64), block.weight[keep].astype(np.float64)))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        return tuple(np.concatenate(cols) for cols in zip(*parts))  # type: ignore[return-value]

@@ -107,11 +107,7 @@ class WorkerState:
         for event, result, ts in zip(events, self.store.apply_many(events), source_ts):
             if isinstance(event, ItemUpserted) and result.changed:
                 self.new_text.add(event.item_id)
-            if isinstance(event, (Order, OrderFacts)) and event.status == "cancelled" and not result.changed \
-                    and "unknown" in result.note:
-                reasons.append(f"{result.note}: recorded, a late placement of it will be ignored")
-            else:
-                reasons.append(None)
+            reasons.append(result.note if result.rejected else None)
             if result.changed:
                 ts = ts if ts is not None else now
                 for item in result.items:
@@ -133,7 +129,7 @@ class WorkerState:
 
     def set_text(self, rows: np.ndarray, vectors: np.ndarray) -> None:
         self.scorer.set_text(rows, vectors)
-        if self.artifact is not None and any(not self.scorer.has_view(int(r)) for r in rows):
+        if self.artifact is not None and not all(self.scorer.has_view(int(r)) for r in rows):
             self.needs_embedding = True  # only items the model has not seen need the inductive pass
 
     def embed_text(self) -> None:
@@ -147,15 +143,15 @@ class WorkerState:
         artifact = load_artifact(path)
         self.artifact = artifact
         self._install(artifact)
-        degree, ids = self.store.co.degrees(), self.store.items.ids
-        self.pending.update({ids[r]: time.time() for r in np.flatnonzero(degree).tolist()})
+        ids = self.store.items.ids
+        self.pending.update({ids[r]: time.time() for r in np.flatnonzero(self.store.item_order_counts()).tolist()})
         self.metrics.model_loaded.set(time.time())
         log.info("model %s loaded from %s", artifact.version, path)
 
     def _install(self, artifact: Artifact) -> None:
         self.scorer.set_views(artifact.version, artifact.item_ids, artifact.src, artifact.dst, artifact.prior,
                               artifact.model.temperature, artifact.decoder_rows)
-        self.needs_embedding = any(not self.scorer.has_view(r) for r in range(self.store.num_items))
+        self.needs_embedding = len(self.scorer.rows_without_view()) > 0
 
     def inductive_graph(self) -> Any | None:
         """The current graph as GNN input when items lack a model view (None: nothing to do).
@@ -175,13 +171,14 @@ class WorkerState:
         return Graph.build(self.store, text, torch_device(self.device), id_items=self.artifact.manifest["id_items"])
 
     def install_views(self, item_ids: list[str], h: dict[str, Any]) -> list[str]:
-        """Use the views of an inductive pass; return the items that gained one."""
+        """Give the items the model had no view of their views from an inductive pass over ``item_ids`` (the
+        store's items when the pass began); return them."""
         assert self.artifact is not None
-        before = [r for r in range(len(item_ids)) if not self.scorer.has_view(r)]
-        prior = self.artifact.model.prior(h["item"]).squeeze(-1)
-        self.scorer.set_views(self.artifact.version, item_ids, h["src"].detach().numpy(), h["dst"].detach().numpy(),
-                              prior.detach().numpy(), self.artifact.model.temperature, self.artifact.decoder_rows)
-        return [item_ids[r] for r in before]
+        rows = self.scorer.rows_without_view()
+        rows = rows[rows < len(item_ids)]
+        prior = self.artifact.model.prior(h["item"]).squeeze(-1).detach().numpy()
+        self.scorer.add_views(rows, h["src"].detach().numpy()[rows], h["dst"].detach().numpy()[rows], prior[rows])
+        return [item_ids[r] for r in rows.tolist()]
 
 
 def torch_device(name: str) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from graph.store import GraphConfig, GraphStore
-from training.datasets import ReplayReport, online_retail_events
+from training.datasets import ImportReport, in_time_order, read_events
 
 DATA = Path(__file__).parent / "data"
 
@@ -27,10 +27,15 @@ def at(days: float) -> datetime:
     return T0 + timedelta(days=days)
 
 
+def retail_events(path: Path = RETAIL_II, report: ImportReport | None = None) -> list:
+    """The events of an Online Retail II file in time order (the file is two workbook sheets one after the other)."""
+    return in_time_order(read_events(path, report))
+
+
 @pytest.fixture(scope="session")
-def retail_replay() -> tuple[GraphStore, ReplayReport]:
-    store, report = GraphStore(GraphConfig()), ReplayReport()
-    store.apply_all(online_retail_events(RETAIL_II, report))
+def retail_replay() -> tuple[GraphStore, ImportReport]:
+    store, report = GraphStore(GraphConfig()), ImportReport()
+    store.apply_all(retail_events(RETAIL_II, report))
     return store, report
 
 

@@ -25,7 +25,9 @@ def stream_env(bootstrap: str, state_dir: Path, app_id: str | None = None) -> di
            "BUNDLEGNN_STREAM__REBALANCE_TIMEOUT": "3", "BUNDLEGNN_STREAM__PARTITIONS": "2",
            "BUNDLEGNN_STREAM__PRODUCER_MAX_BATCH_SIZE": "1",
            "BUNDLEGNN_PATHS__STATE_DIR": str(state_dir), "BUNDLEGNN_PATHS__MODEL_STORE": str(state_dir / "models"),
-           "BUNDLEGNN_TRAINING__DEVICE": "cpu"}
+           "BUNDLEGNN_TRAINING__DEVICE": "cpu",
+           # the Online Retail II files are two workbook sheets one after the other, replayed in file order
+           "BUNDLEGNN_GRAPH__ORDER_WINDOW_DAYS": "400"}
     for name in ("catalog", "interactions", "orders", "bundle_updates", "dead_letters", "model_updates"):
         env[f"BUNDLEGNN_STREAM__TOPICS__{name.upper()}"] = f"{tag}-{name.replace('_', '-')}"
     return env
@@ -168,3 +170,24 @@ class Reader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def settle(updates: Reader, idle: float = 3.0, timeout: float = 600.0, read: bool = True) -> list:
+    """Wait until the worker has published something and then nothing for ``idle`` seconds; every record
+    (none unless ``read``).
+
+    Only the topic's end offsets are polled while the worker works: reading
+    the updates as they come (kafka-python, in this process) took about as
+    much CPU as the worker itself, on the same two cores. Timestamps are
+    the records' own, so reading them afterwards changes nothing.
+    """
+    start = last = updates.end()
+    since, deadline = time.monotonic(), time.monotonic() + timeout
+    while last == start or time.monotonic() - since < idle:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"bundle-updates still at {last} records after {timeout} s")
+        time.sleep(0.25)
+        end = updates.end()
+        if end != last:
+            last, since = end, time.monotonic()
+    return updates.read_to_end() if read else []

@@ -12,7 +12,7 @@ import pytest
 from graph.events import ItemUpserted, Order, OrderLine
 from graph.store import GraphConfig, GraphStore
 from tests.conftest import RETAIL_II, at
-from training.datasets import online_retail_events
+from tests.conftest import retail_events
 from training.complements import BundleUpdate, ComplementScorer, ScorerConfig, unit
 
 NOW = datetime(2026, 11, 23, 5, 0, tzinfo=timezone.utc)
@@ -58,7 +58,8 @@ def test_model_scores_by_hand() -> None:
     scorer.set_views("m1", store.items.ids, src, dst, prior, temperature=0.5)
     got = scorer.complements("i0")
     model = unit(src)[0] @ unit(dst).T / 0.5 + prior
-    w = {b: store.co.get(0, b).value(store.last_ts, store.clock) for b in store.co.slots_of(0)}
+    rows, _, weights = store.co_neighbours(0)
+    w = dict(zip(rows.tolist(), weights.tolist()))
     score = model + np.array([math.log1p(w.get(b, 0.0)) for b in range(6)])
     score[0] = -np.inf
     assert [c.item_id for c in got] == [f"i{b}" for b in np.argsort(-score, kind="stable")[:5]]
@@ -71,8 +72,8 @@ def test_model_scores_by_hand() -> None:
 def test_wire_form_parses_to_the_same_update(source_ts: float | None) -> None:
     """``update_json`` (the worker's hot path) and ``update`` agree on every path and item."""
     store = GraphStore(GraphConfig())
-    store.apply_all(online_retail_events(RETAIL_II))
-    store.apply(ItemUpserted(item_id='odd "id" \\ é', title="RED RETROSPOT CAKE STAND", ts=at(9000)))
+    store.apply_all(retail_events(RETAIL_II))
+    store.apply(ItemUpserted(item_id='odd "id" \\ é', title="RED RETROSPOT CAKE STAND", ts=at(900)))
     scorer = ComplementScorer(store)
     rng = np.random.default_rng(2)
     scorer.set_text(np.arange(store.num_items), unit(rng.normal(size=(store.num_items, 8)).astype(np.float32)))
@@ -97,7 +98,8 @@ def test_decoder_rows_rank_with_fresh_co_purchases_boosted_in() -> None:
     index = np.array([[6, 4, 2, 5, 0]] + [[0, 1, 2, 3, 4]] * 6, np.int32)
     weight = np.array([[0.9, 0.3, 0.2, 0.1, -0.2]] + [[0.1] * 5] * 6, np.float32)
     scorer.set_views("m2", ids, rng.normal(size=(7, 4)), rng.normal(size=(7, 4)), np.zeros(7), 0.5, (ids, index, weight))
-    w = {b: store.co.get(0, b).value(store.last_ts, store.clock) for b in store.co.slots_of(0)}  # i0 with i2 and i3
+    rows, _, weights = store.co_neighbours(0)  # i0 with i2 and i3
+    w = dict(zip(rows.tolist(), weights.tolist()))
     boost = {b: 0.05 * math.log1p(v) for b, v in w.items()}
     got = scorer.complements("i0")
     expect = sorted([("i4", 0.3), ("i2", 0.2 + boost[2]), ("i5", 0.1), ("i3", boost[3])], key=lambda c: -c[1])

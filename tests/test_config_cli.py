@@ -49,12 +49,15 @@ def test_help_lists_the_subcommands() -> None:
 
 
 def test_build_graph_writes_a_snapshot(tmp_path: Path) -> None:
-    out = tmp_path / "g.npz"
-    result = CliRunner().invoke(app, ["build-graph", "--data", str(RETAIL_II), "--out", str(out)])
+    out = tmp_path / "g"
+    result = CliRunner().invoke(app, ["build-graph", "--config", "configs/default.yaml", "--data", str(RETAIL_II),
+                                      "--out", str(out), "--dead-letters", str(tmp_path / "dead.jsonl")])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
-    assert summary["graph"]["items"] == 2918 and summary["dataset"]["invoices"] == 1742
-    assert out.exists() and len(summary["snapshot_id"]) == 16
+    summary = json.loads(result.stdout)
+    assert summary["graph"]["items"] == 2918 and summary["dataset"]["order_events"] == 1384
+    assert summary["graph"]["outside_window"] == 0 and summary["dead_letters"]["refused_events"] == 245
+    assert (out / "CURRENT").exists() and len(summary["snapshot_id"]) == 16
+    assert len((tmp_path / "dead.jsonl").read_text().splitlines()) == 245  # the unmatched cancellations
 
 
 def test_build_graph_missing_data_is_a_clear_error(tmp_path: Path) -> None:

@@ -12,9 +12,8 @@ import httpx
 import pytest
 
 from graph.store import GraphConfig, GraphStore
-from tests.conftest import DATA
+from tests.conftest import DATA, retail_events
 from tests.kafka_helpers import ROOT, CliProcess, WorkerProcess, stream_env
-from training.datasets import online_retail_events
 
 pytestmark = pytest.mark.broker
 SAMPLE = DATA / "online_retail_ii_sample.csv.gz"
@@ -23,10 +22,11 @@ SAMPLE = DATA / "online_retail_ii_sample.csv.gz"
 def most_co_purchased() -> tuple[str, str, int]:
     """An anchor from the sample (the item in most orders) and its clearly most co-purchased partner."""
     store = GraphStore(GraphConfig())
-    store.apply_all(online_retail_events(SAMPLE))
+    store.apply_all(retail_events(SAMPLE))
     counts = store.item_order_counts()
     for row in sorted(range(store.num_items), key=lambda r: (-counts[r], store.items.ids[r])):
-        pairs = sorted(((store.co.get(row, b).count, store.items.ids[b]) for b in store.co.slots_of(row)), reverse=True)
+        rows, counts, _ = store.co_neighbours(row)
+        pairs = sorted(zip(counts.tolist(), (store.items.ids[b] for b in rows.tolist())), reverse=True)
         if len(pairs) > 1 and pairs[0][0] > pairs[1][0]:
             return store.items.ids[row], pairs[0][1], pairs[0][0]
     raise AssertionError("no anchor with a unique top partner in the sample")

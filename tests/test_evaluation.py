@@ -9,7 +9,7 @@ import pytest
 
 from graph.store import GraphConfig
 from tests.conftest import DATA
-from training.datasets import online_retail_events
+from tests.conftest import retail_events
 from training.evaluation import evaluate, markdown, summarise
 from training.train import TrainConfig
 
@@ -19,7 +19,7 @@ SAMPLE = DATA / "online_retail_ii_sample.csv.gz"
 def test_every_method_on_both_splits(tmp_path: Path) -> None:
     from training.encoder import TextEncoder
 
-    events = list(online_retail_events(SAMPLE))
+    events = retail_events(SAMPLE)
     cfg = TrainConfig(epochs=2, hidden=16, device="cpu", decoder_lambdas=[10.0], decoder_text_weights=[30.0],
                       decoder_gnn_weights=[0.0, 10.0])
     report = evaluate(events, GraphConfig(), cfg, TextEncoder(cache_dir=tmp_path), seed=0, held_out=0.2)

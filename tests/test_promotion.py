@@ -14,7 +14,7 @@ from streaming.producer import replay
 from tests.kafka_helpers import ROOT, Reader, WorkerProcess, stream_env, topic
 from tests.test_streaming import SAMPLE, producer_for, update_of
 from training.artifact import latest_artifact, load_artifact
-from training.datasets import online_retail_events
+from tests.conftest import retail_events
 from training.promote import PromotionConfig, decide
 
 
@@ -66,7 +66,7 @@ def test_worse_model_is_refused_better_one_is_promoted_and_hot_swapped(broker: s
     swaps = Reader(broker, topic(env, "model_updates"))
     try:
         with producer_for(env, broker) as producer:
-            replay(online_retail_events(SAMPLE), producer, progress=False)
+            replay(retail_events(SAMPLE), producer, progress=False)
         updates.wait_for(lambda r: json.loads(r.value)["model_version"] == weak)
 
         # a better candidate, trained on the topics themselves: promoted, published, loaded by the worker

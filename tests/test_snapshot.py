@@ -1,27 +1,33 @@
-"""Snapshots: a saved and loaded store equals the original, and bad files fail clearly."""
+"""Snapshots: a saved and loaded store equals the original, loads memory-mapped, is replaced atomically,
+older formats still load, and bad files fail clearly."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from graph.snapshot import SnapshotError, load, save
-from graph.store import GraphStore
+from graph.events import Order, OrderLine
+from graph.snapshot import SnapshotError, load, save, snapshot_id
+from graph.store import GraphConfig, GraphStore
+from tests.conftest import RETAIL_II, retail_events
 
 
 def _state(store: GraphStore) -> dict:
+    log = store.orders
     return {
         "config": store.config.model_dump(),
         "items": store.items.ids,
         "users": store.users.ids,
         "catalog": store.catalog,
-        "item_orders": [store.item_orders.get(i) for i in range(store.num_items)],
-        "co": [{b: store.co.get(a, b) for b in store.co.slots_of(a)} for a in range(store.co.rows)],
-        "ui": [{i: store.ui.get(u, i) for i in store.ui.slots_of(u)} for u in range(store.ui.rows)],
-        "orders": store.orders,
+        "item_orders": (store.item_order_counts().tolist(), store.item_orders.weight[: store.num_items].tolist()),
+        "co": [np.concatenate(store.co.neighbours(a)).tolist() for a in range(store.num_items)],
+        "ui": [np.concatenate(store.ui.neighbours(u)).tolist() for u in range(store.num_users)],
+        "orders": [a.tolist() for a in log.arrays().values()] + [len(log)],
+        "placed": [a.tolist() for a in store.placed_orders()],
         "stats": store.stats,
         "last_ts": store.last_ts,
         "decay_ref": store.clock.ref,
@@ -31,52 +37,93 @@ def _state(store: GraphStore) -> dict:
 
 def test_round_trip_equals_original(retail_replay, tmp_path: Path) -> None:
     store, _ = retail_replay
-    path = tmp_path / "g.npz"
     started = time.perf_counter()
-    snap_id = save(store, path)
-    loaded = load(path)
-    elapsed = time.perf_counter() - started
+    snap_id = save(store, tmp_path / "g")
+    saved = time.perf_counter()
+    loaded = load(tmp_path / "g")
+    assert time.perf_counter() - saved < 1 and saved - started < 5
     assert _state(loaded) == _state(store)
-    assert elapsed < 10, f"snapshot round trip took {elapsed:.1f}s"
-    # a co-purchase edge is one tally reached from both ends after loading, as before
-    a, b = next((a, b) for a in range(loaded.co.rows) for b in loaded.co.slots_of(a))
-    assert loaded.co.slots_of(a)[b] == loaded.co.slots_of(b)[a]
+    assert snapshot_id(tmp_path / "g") == snap_id and len(snap_id) == 16
     # same content, same id
-    assert save(loaded, tmp_path / "again.npz") == snap_id and len(snap_id) == 16
+    assert save(loaded, tmp_path / "again") == snap_id
 
 
-def test_version_1_snapshots_still_load_with_the_same_weights(retail_replay, tmp_path: Path) -> None:
-    """v1 kept each weight as seen at its tally's newest time; loading converts it to the reference time."""
-    import json
-
+def test_edges_load_memory_mapped_and_change_without_touching_the_file(retail_replay, tmp_path: Path) -> None:
     store, _ = retail_replay
-    save(store, tmp_path / "g.npz")
-    z = dict(np.load(tmp_path / "g.npz"))
-    strings = json.loads(z["strings"].tobytes())
-    ref, hl = strings.pop("decay_ref"), store.half_life
-    for prefix in ("co_", "ui_", "io_"):  # what version 1 wrote
-        z[prefix + "weight"] = z[prefix + "weight"] * np.exp2((ref - z[prefix + "ts"]) / hl)
-    strings["format_version"] = 1
-    z["strings"] = np.frombuffer(json.dumps(strings).encode(), np.uint8)
-    np.savez(tmp_path / "v1.npz", **z)
-    old = load(tmp_path / "v1.npz")
-    now = store.last_ts
-    assert old.co_edges(now)[2].tolist() == store.co_edges(now)[2].tolist()  # counts
-    assert np.allclose(old.co_edges(now)[3], store.co_edges(now)[3], rtol=1e-9)
-    assert np.allclose(old.ui_edges(now)[3], store.ui_edges(now)[3], rtol=1e-9)
-    later = now + 30 * 86400.0
-    assert np.allclose(old.co_edges(later)[3], store.co_edges(later)[3], rtol=1e-9)
+    save(store, tmp_path / "g")
+    loaded = load(tmp_path / "g")
+    block = loaded.co.blocks[0]
+    assert isinstance(block.index, np.memmap) and not block.index.flags.writeable
+    before = loaded.co_purchase("22629", "22630").count
+    loaded.apply(Order(order_id="new", items=[OrderLine(item_id="22629"), OrderLine(item_id="22630")],
+                       ts=retail_events()[-1].ts))
+    loaded.co.compact()  # the merge writes new arrays, never into the map
+    assert loaded.co_purchase("22629", "22630").count == before + 1
+    assert load(tmp_path / "g").co_purchase("22629", "22630").count == before
+
+
+def test_a_new_snapshot_replaces_the_old_one_atomically(retail_replay, tmp_path: Path) -> None:
+    store, _ = retail_replay
+    first = save(store, tmp_path / "g")
+    small = GraphStore(GraphConfig())
+    small.apply_all(retail_events()[:200])
+    second = save(small, tmp_path / "g")
+    assert [p.name.startswith("snap-") for p in (tmp_path / "g").iterdir() if p.name != "CURRENT"] == [True]
+    assert load(tmp_path / "g").num_items == small.num_items and first != second
+    # a crash after the new directory was written but before CURRENT moved leaves the old one current
+    (tmp_path / "g" / "snap-999999999999999999999").mkdir()
+    assert snapshot_id(tmp_path / "g") == second
 
 
 def test_loaded_store_keeps_idempotency(retail_replay, tmp_path: Path) -> None:
-    from training.datasets import online_retail_events
-    from tests.conftest import RETAIL_II
-
     store, _ = retail_replay
-    save(store, tmp_path / "g.npz")
-    loaded = load(tmp_path / "g.npz")
-    changed = loaded.apply_all(e for e in online_retail_events(RETAIL_II) if e.type == "order")
+    save(store, tmp_path / "g")
+    loaded = load(tmp_path / "g")
+    changed = loaded.apply_all(e for e in retail_events(RETAIL_II) if e.type == "order" and e.status == "placed")
     assert changed == 0 and loaded.num_co_edges() == store.num_co_edges()
+
+
+def _format_2(store: GraphStore, path: Path, version: int = 2) -> None:
+    """What bundlegnn wrote before snapshots were directories: one .npz of edge lists, every order kept."""
+    ids = store.items.ids
+    a, b, count, weight = store.co.edges()
+    u, i, ucount, uweight = store.ui.edges()
+    ts, users, indptr, items = store.placed_orders()
+    order_ids = [f"o{k}" for k in range(len(ts))]
+    ref = store.clock.ref
+    n = store.num_items
+    strings = {"format": "bundlegnn-graph", "format_version": version, "config": {"half_life_days": 60.0},
+               "stats": {"events": 1}, "last_ts": store.last_ts, "version": store.version, "item_ids": ids,
+               "user_ids": store.users.ids, "titles": [it.title for it in store.catalog],
+               "descriptions": [it.description for it in store.catalog], "categories": [None] * n,
+               "order_ids": order_ids, "order_status": ["placed"] * len(ts)}
+    if version == 2:
+        strings["decay_ref"] = ref
+    arrays = {"strings": np.frombuffer(json.dumps(strings).encode(), np.uint8), "item_price": np.full(n, np.nan),
+              "item_in_stock": np.ones(n, bool), "item_has_text": np.ones(n, bool), "item_updated": np.zeros(n),
+              "order_ts": ts, "order_user": users, "order_ptr": indptr, "order_items": items}
+    last = store.last_ts
+    for prefix, cols in (("co_", (a, b, count, weight)), ("ui_", (u, i, ucount, uweight)),
+                         ("io_", (np.arange(n), np.arange(n), store.item_order_counts(),
+                                  store.item_orders.weight[:n]))):
+        w = cols[3] * (np.exp2((ref - last) / store.half_life) if version == 1 else 1.0)  # v1: at the newest time
+        arrays.update({prefix + "src": cols[0], prefix + "dst": cols[1], prefix + "count": cols[2],
+                       prefix + "weight": w, prefix + "ts": np.full(len(cols[0]), last)})
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_snapshot_files_still_load_with_the_same_edges(retail_replay, tmp_path: Path, version: int) -> None:
+    store, _ = retail_replay
+    _format_2(store, tmp_path / "old.npz", version)
+    old = load(tmp_path / "old.npz")
+    now = store.last_ts
+    assert old.co_edges(now)[2].tolist() == store.co_edges(now)[2].tolist()  # counts
+    assert np.allclose(old.co_edges(now)[3], store.co_edges(now)[3], rtol=1e-6)
+    assert np.allclose(old.ui_edges(now)[3], store.ui_edges(now)[3], rtol=1e-6)
+    assert len(old.orders) == len(store.placed_orders()[0])  # every order is inside the 90-day window of the newest
+    later = now + 30 * 86400.0
+    assert np.allclose(old.co_edges(later)[3], store.co_edges(later)[3], rtol=1e-6)
 
 
 def test_foreign_or_future_files_are_refused(tmp_path: Path) -> None:
@@ -84,7 +131,14 @@ def test_foreign_or_future_files_are_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"not a zip")
     with pytest.raises(SnapshotError, match="not a graph snapshot"):
         load(bad)
+    with pytest.raises(SnapshotError, match="not a graph snapshot"):
+        load(tmp_path / "missing")
     future = tmp_path / "future.npz"
     np.savez(future, strings=np.frombuffer(b'{"format": "bundlegnn-graph", "format_version": 99}', np.uint8))
-    with pytest.raises(SnapshotError, match="v99, this version reads"):
+    with pytest.raises(SnapshotError, match="v99, this version reads 'bundlegnn-graph' v1 to v3"):
         load(future)
+    (tmp_path / "dir" / "snap-1").mkdir(parents=True)
+    (tmp_path / "dir" / "CURRENT").write_text("snap-1")
+    (tmp_path / "dir" / "snap-1" / "meta.json").write_text('{"format": "bundlegnn-graph", "format_version": 4}')
+    with pytest.raises(SnapshotError, match="v4, this version reads"):
+        load(tmp_path / "dir")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_weights_decay_with_half_life(store: GraphStore) -> None:
     # first order has halved by the time of the second
     assert tally.value(at(HALF_LIFE_DAYS).timestamp(), store.clock) == pytest.approx(1.5)
     assert tally.value(at(3 * HALF_LIFE_DAYS).timestamp(), store.clock) == pytest.approx(0.375)
-    # reading at an earlier time never inflates a weight
+    # reading at an earlier time than the newest event never inflates a weight
     assert tally.value(at(0).timestamp(), store.clock) == pytest.approx(1.5)
 
 
@@ -61,7 +62,7 @@ def test_late_event_gives_the_same_weight_as_in_order() -> None:
 
 def test_weights_stay_exact_over_many_half_lives_and_a_moved_reference() -> None:
     """The decay clock's reference moves before its factors overflow; weights read the same after it."""
-    store = GraphStore(GraphConfig(half_life_days=1))
+    store = GraphStore(GraphConfig(half_life_days=1, order_window_days=None))
     store.apply(order("o1", ["A", "B"], 0))
     ref = store.clock.ref
     store.apply(order("o2", ["A", "B"], 300))  # 300 half-lives later: past the clock's limit
@@ -71,7 +72,8 @@ def test_weights_stay_exact_over_many_half_lives_and_a_moved_reference() -> None
     assert ab.value(at(301).timestamp(), store.clock) == pytest.approx(0.5)
     store.apply(order("o1", ["A"], 302, status="cancelled"))  # takes back the day-0 order, in today's scale
     ab = store.co_purchase("A", "B")  # a tally read out is a value: read it again
-    assert ab.count == 1 and ab.value(at(300).timestamp(), store.clock) == pytest.approx(1.0)
+    assert ab.count == 1 and ab.value(at(302).timestamp(), store.clock) == pytest.approx(0.25)  # day 300's order
+    assert ab.value(at(300).timestamp(), store.clock) == pytest.approx(0.25)  # reads never go back before day 302
 
 
 def test_duplicate_order_changes_nothing(store: GraphStore) -> None:
@@ -104,7 +106,7 @@ def test_cancellation_takes_the_order_back_exactly(store: GraphStore) -> None:
 
 def test_cancellation_of_unknown_order_is_counted_and_blocks_a_late_placement(store: GraphStore) -> None:
     result = store.apply(order("o9", ["A", "B"], 1, status="cancelled"))
-    assert not result.changed and "unknown order" in result.note
+    assert not result.changed and "unknown order" in result.note and result.rejected
     assert store.stats.cancellations_unmatched == 1 and store.num_items == 0
     assert not store.apply(order("o9", ["A", "B"], 0)).changed
     assert store.num_co_edges() == 0
@@ -150,3 +152,44 @@ def test_sparse_matrices_match_edges(store: GraphStore) -> None:
     ui = store.user_item_matrix(counts=True)
     assert ui.shape == (2, 3) and ui.sum() == 5
     assert math.isclose(store.user_item_matrix()[1, 0], 5.0)
+
+
+def test_the_order_window_keeps_repeats_and_cancellations_exact_and_refuses_what_it_cannot_check() -> None:
+    store = GraphStore(GraphConfig(half_life_days=HALF_LIFE_DAYS, order_window_days=30))
+    store.apply(order("o1", ["A", "B"], 0))
+    store.apply(order("o2", ["A", "B"], 20))
+    assert store.apply(order("o1", ["A", "B"], 0)).note == "order o1 already applied"  # inside: a repeat
+    store.apply(order("o3", ["C", "D"], 45))  # the newest order moves the window to day 15
+    repeat = store.apply(order("o1", ["A", "B"], 0))
+    assert repeat.rejected and not repeat.changed
+    assert repeat.note == ("order o1 is dated 45.0 days before the newest order, outside the 30.0 days window in "
+                           "which the store can tell a repeat or take it back (graph.order_window_days)")
+    late_cancel = store.apply(order("o1", ["A"], 46, status="cancelled"))  # o1 left the window: cannot take back
+    assert late_cancel.rejected and "never seen, or placed more than 30.0 days before" in late_cancel.note
+    assert store.co_purchase("A", "B").count == 2
+    assert store.apply(order("o2", ["A"], 46, status="cancelled")).changed  # o2 (day 20) is still inside
+    assert store.co_purchase("A", "B").count == 1
+    assert store.stats.outside_window == 1 and len(store.orders) == 3  # o2, o3, and o1's refused cancellation
+
+
+def test_the_order_log_stays_the_size_of_the_window() -> None:
+    """Memory for orders grows with the window, not with history: expired records are reclaimed in bulk."""
+    store = GraphStore(GraphConfig(order_window_days=10))
+    for day in range(0, 600):
+        store.apply_many([order(f"o{day}-{k}", ["A", "B", f"X{k}"], day + k / 10) for k in range(5)])
+    log = store.orders
+    assert len(log) == 5 * 11 - 4  # days 589.4 .. 599.4 inside the 10-day window
+    assert log.size < 2 * 1024 and log.used_items < 3 * 2 * 1024  # not the 3,000 orders seen
+    assert store.apply(order("o599-4", ["A", "B"], 599.4)).note == "order o599-4 already applied"
+    assert store.co_purchase("A", "B").count == 3_000 and store.stats.future == 0
+
+
+def test_events_dated_far_in_the_future_are_refused() -> None:
+    """One far-future date would move the decay clock and shrink every other weight to nothing."""
+    store = GraphStore(GraphConfig())
+    store.apply(order("o1", ["A", "B"], 0))
+    future = Order(order_id="o2", items=[OrderLine(item_id="A"), OrderLine(item_id="B")],
+                   ts=datetime(9999, 12, 31, tzinfo=timezone.utc))
+    result = store.apply(future)
+    assert result.rejected and not result.changed and "in the future" in result.note
+    assert store.co_purchase("A", "B").count == 1 and store.stats.future == 1

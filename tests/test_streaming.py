@@ -247,14 +247,14 @@ def user_edges(store) -> dict[tuple[str, str], tuple[int, float]]:
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small model trained on the real sample (2 epochs), as `bundlegnn train` writes it."""
-    from training.datasets import online_retail_events
+    from tests.conftest import retail_events
     from training.encoder import TextEncoder
     from training.job import train_job
     from training.train import TrainConfig
     from graph.store import GraphConfig
 
     root = tmp_path_factory.mktemp("model")
-    events = list(online_retail_events(SAMPLE))
+    events = retail_events(SAMPLE)
     cfg = TrainConfig(epochs=2, hidden=16, device="cpu")
     path, _ = train_job(events, GraphConfig(), cfg, TextEncoder(cache_dir=root / "cache"), root / "models", "0" * 16)
     return path
@@ -264,7 +264,7 @@ def test_model_update_is_hot_swapped_and_new_items_get_model_views(broker: str, 
                                                                     tiny_artifact: Path) -> None:
     from streaming.producer import replay
     from training.artifact import load_artifact
-    from training.datasets import online_retail_events
+    from tests.conftest import retail_events
 
     env = stream_env(broker, tmp_path / "state")
     worker = WorkerProcess(env, tmp_path / "worker.log", "--model", "none").start()
@@ -273,7 +273,7 @@ def test_model_update_is_hot_swapped_and_new_items_get_model_views(broker: str, 
     known = load_artifact(tiny_artifact).item_ids[0]
     try:
         with producer_for(env, broker) as producer:
-            replay(online_retail_events(SAMPLE), producer, progress=False)
+            replay(retail_events(SAMPLE), producer, progress=False)
             before = json.loads(updates.wait_for(update_of(known)).value)
             assert before["model_version"] is None
             producer.send_raw(topic(env, "model_updates"), json.dumps({"path": str(tiny_artifact)}).encode())
@@ -281,8 +281,8 @@ def test_model_update_is_hot_swapped_and_new_items_get_model_views(broker: str, 
             swapped = json.loads(updates.wait_for(update_of(known, lambda u: u["model_version"] == version)).value)
             assert swapped["complements"][0]["source"] == "decoder" and swapped["complements"][0]["model_score"] is not None
             # an item the model never saw (no decoder row): text, then one order with a known item
-            producer.send(ItemUpserted(item_id="NEW-1", title="RED RETROSPOT CAKE STAND", ts=at(4000), price=9.95))
-            producer.send(order("new-order", "NEW-1", known, day=4000))
+            producer.send(ItemUpserted(item_id="NEW-1", title="RED RETROSPOT CAKE STAND", ts=at(900), price=9.95))
+            producer.send(order("new-order", "NEW-1", known, day=900))
             producer.flush()
             fresh = json.loads(updates.wait_for(update_of("NEW-1", lambda u: u["model_version"] == version
                                                         and u["complements"] and u["complements"][0]["source"] == "model"),

@@ -1,20 +1,18 @@
-"""Bulk tallies: the hash index against a dict, and batched graph updates against one event at a time."""
+"""The compact edge tables: against a dict, against a plain recount of real orders, and their size."""
 
 from __future__ import annotations
 
 import itertools
-from collections import Counter
+from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
 
 from graph.events import Interaction, Order, OrderLine
-from graph.store import GraphConfig, GraphStore
-from graph.tallies import EdgeTable, KeyIndex
-from training.datasets import online_retail_events
-
-from tests.conftest import RETAIL_II
+from graph.store import DAY, GraphConfig, GraphStore
+from graph.tallies import EdgeTable, KeyIndex, Rows
+from tests.conftest import RETAIL_II, retail_events
 
 
 def test_key_index_agrees_with_a_dict_through_inserts_deletes_and_resizes() -> None:
@@ -29,55 +27,139 @@ def test_key_index_agrees_with_a_dict_through_inserts_deletes_and_resizes() -> N
         index.delete(gone)
         for k in gone.tolist():
             del reference[k]
+        moved = np.array(list(reference)[:10], np.int64)
+        index.set(moved, moved + 1)
+        reference.update({k: k + 1 for k in moved.tolist()})
         probe = np.concatenate([keys, gone, rng.integers(0, 1 << 40, 50)])
         assert index.get(probe).tolist() == [reference.get(k, -1) for k in probe.tolist()]
     assert index.size == len(reference) and len(index.keys) >= 2 * index.size
 
 
-def test_edge_table_takes_back_an_edge_created_earlier_in_the_same_batch() -> None:
-    table = EdgeTable(symmetric=True)
-    table.grow(3)
-    one = np.ones(3)
-    table.update(np.array([0, 2, 1]), np.array([1, 1, 0]), np.array([1, 1, -1]), one, np.array([5.0, 6.0, 7.0]))
-    assert table.get(0, 1) is None and table.get(1, 2).count == 1 and table.get(2, 1) == table.get(1, 2)
-    assert len(table) == 1 and table.slots_of(0) == {} and list(table.slots_of(1)) == [2]
+def _change(entries: dict[tuple[int, int], tuple[int, float]], rows: int) -> Rows:
+    """Sparse rows of ``{(row, col): (count, weight)}``."""
+    keys = sorted(entries)
+    indptr = np.searchsorted([r for r, _ in keys], np.arange(rows + 1)) if keys else np.zeros(rows + 1, np.int64)
+    return Rows(np.asarray(indptr, np.int64), np.array([c for _, c in keys], np.int32),
+                np.array([entries[k][0] for k in keys], np.int64), np.array([entries[k][1] for k in keys]))
+
+
+def test_edge_table_agrees_with_a_dict_through_merges_and_take_backs() -> None:
+    """Small blocks and buffer, so batches land in the buffer, in blocks, and across both."""
+    rng = np.random.default_rng(1)
+    table, reference = EdgeTable(symmetric=False, block_rows=7, min_buffer=40), defaultdict(lambda: [0, 0.0])
+    added: dict[tuple[int, int], list[float]] = defaultdict(list)  # amounts a take-back can undo, as an order's
+    for step in range(200):
+        rows = 5 + step // 10
+        batch: dict[tuple[int, int], tuple[int, float]] = {}
+        for _ in range(int(rng.integers(1, 30))):
+            key = (int(rng.integers(rows)), int(rng.integers(rows)))
+            if added[key] and rng.random() < 0.4:  # take back an earlier observation exactly
+                sign, amount = -1, added[key].pop(int(rng.integers(len(added[key]))))
+            else:
+                sign, amount = 1, float(rng.random())
+                added[key].append(amount)
+            count, weight = batch.get(key, (0, 0.0))
+            batch[key] = (count + sign, weight + sign * amount)
+        table.add(_change({k: v for k, v in batch.items() if v != (0, 0.0)}, rows))
+        for key, (count, weight) in batch.items():
+            reference[key][0] += count
+            reference[key][1] += weight
+        live = {k: v for k, v in reference.items() if v[0] > 0}
+        if step % 20 == 19:
+            assert len(table) == len(live)
+        for r in range(rows):
+            index, count, weight = table.neighbours(r)
+            expect = sorted((c, v) for (a, c), v in live.items() if a == r)
+            assert index.tolist() == [c for c, _ in expect] and count.tolist() == [v[0] for _, v in expect]
+            assert np.allclose(weight, [v[1] for _, v in expect], atol=1e-4)
+        a, b = (int(x) for x in rng.integers(rows, size=2))
+        got = table.get(a, b)
+        assert (got[0] if got else 0) == (live[(a, b)][0] if (a, b) in live else 0)
+    a, b, count, weight = table.edges()
+    assert sorted(zip(a.tolist(), b.tolist())) == sorted(live) and count.tolist() == [live[k][0] for k in zip(a, b)]
+
+
+def _store(config: GraphConfig, small: bool) -> GraphStore:
+    store = GraphStore(config)
+    if small:  # many buffer merges and blocks
+        store.co = EdgeTable(symmetric=True, block_rows=128, min_buffer=5_000)
+        store.ui = EdgeTable(symmetric=False, block_rows=16, min_buffer=500)
+    return store
 
 
 def _state(store: GraphStore) -> tuple:
-    co = {(store.items.ids[a], store.items.ids[b]): (t.count, round(t.weight, 9), t.ts)
-          for a in range(store.co.rows) for b in store.co.slots_of(a) if (t := store.co.get(a, b))}
-    ui = {(store.users.ids[u], store.items.ids[i]): (t.count, round(t.weight, 9), t.ts)
-          for u in range(store.ui.rows) for i in store.ui.slots_of(u) if (t := store.ui.get(u, i))}
-    return co, ui, store.item_order_counts().tolist(), store.stats.as_dict(), store.version
+    ids, users = store.items.ids, store.users.ids
+    a, b, count, weight = store.co_edges()
+    co = {(ids[x], ids[y]) if ids[x] < ids[y] else (ids[y], ids[x]): (c, w)
+          for x, y, c, w in zip(a.tolist(), b.tolist(), count.tolist(), weight.tolist())}
+    u, i, count, weight = store.ui_edges()
+    ui = {(users[x], ids[y]): (c, w) for x, y, c, w in zip(u.tolist(), i.tolist(), count.tolist(), weight.tolist())}
+    items = dict(zip(ids, store.item_order_counts().tolist()))
+    return co, ui, items, store.stats.as_dict(), store.version
 
 
-def test_batches_of_order_facts_equal_one_event_at_a_time_on_real_orders_with_cancellations() -> None:
-    """The stream worker's scoring process applies orders as their facts, in batches: same graph, same outcomes."""
-    events = list(itertools.islice(online_retail_events(RETAIL_II), 3000))
+def same(a: dict, b: dict) -> bool:
+    """Equal counts, and weights within float32 rounding."""
+    return a.keys() == b.keys() and all(a[k][0] == b[k][0] and a[k][1] == pytest.approx(b[k][1], rel=1e-5)
+                                         for k in a)
+
+
+def test_compact_store_equals_a_plain_recount_of_real_orders_with_cancellations_duplicates_and_interactions() -> None:
+    """One event at a time, batches of order facts, and small tables that merge often all give the graph a
+    dict recount gives: pair counts and decayed weights, user–item edges, item order counts."""
+    events = retail_events()[:3000]
     orders = [e for e in events if isinstance(e, Order)]
-    at = datetime(2011, 1, 1, tzinfo=timezone.utc)
+    at = max(e.ts for e in events) + timedelta(days=1)
     # cancel every fifth order right after it, and add interactions and a duplicate
     extra = [o.model_copy(update={"status": "cancelled", "ts": at}) for o in orders[::5]]
-    extra += [Interaction(user_id="u1", item_id=orders[0].item_ids[0], kind="view", ts=at), orders[3]]
+    extra += [Interaction(user_id=f"u{k % 7}", item_id=orders[k].item_ids[0], kind=("view", "cart")[k % 2],
+                          ts=at + timedelta(hours=k)) for k in range(50)]
+    extra += [orders[3]]
     mixed = events + extra
-    one, batched = GraphStore(), GraphStore()
+    config = GraphConfig(order_window_days=None)
+    one, batched, small = GraphStore(config), GraphStore(config), _store(config, small=True)
     results = [one.apply(e) for e in mixed]
-    got = []
     as_facts = [e.facts() if isinstance(e, Order) else e for e in mixed]
+    got, got_small = [], []
     for k in range(0, len(mixed), 700):
         got += batched.apply_many(as_facts[k : k + 700])
-    assert got == results and _state(one) == _state(batched)
-    # and both equal counting pairs by hand
+        got_small += small.apply_many(as_facts[k : k + 111])  # a different batching
+        got_small += small.apply_many(as_facts[k + 111 : k + 700])
+    assert got == results == got_small
+    for other in (batched, small):  # weights are float32: equal up to the order of additions
+        a, b = _state(one), _state(other)
+        assert a[2:] == b[2:] and all(same(a[k], b[k]) for k in (0, 1))
+
+    # by hand: live orders, their pairs, weights decayed to the newest event
     live: dict[str, Order | None] = {}
     for o in (e for e in mixed if isinstance(e, Order)):
         if o.status == "placed":
             live.setdefault(o.order_id, o)  # a duplicate, or a placement after its cancellation, is ignored
         else:
             live[o.order_id] = None
-    live = {k: o for k, o in live.items() if o is not None}
-    pairs = Counter(tuple(sorted(p)) for o in live.values() for p in itertools.combinations(o.item_ids, 2))
-    co, *_ = _state(batched)
-    assert {tuple(sorted(k)): v[0] for k, v in co.items()} == dict(pairs)
+    kept = [o for o in live.values() if o is not None]
+    now, half = max(e.epoch for e in mixed), config.half_life_days * DAY
+    pairs: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])
+    for o in kept:
+        for p in itertools.combinations(sorted(o.item_ids), 2):
+            pairs[p][0] += 1
+            pairs[p][1] += 2 ** ((o.epoch - now) / half)
+    co, ui, items, *_ = _state(small)
+    assert co.keys() == pairs.keys()
+    assert all(co[k][0] == pairs[k][0] and co[k][1] == pytest.approx(pairs[k][1], abs=2e-4) for k in pairs)
+    weights = config.interaction_weights
+    by_user: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])
+    for o in kept:
+        for i in o.item_ids if o.user_id else ():
+            by_user[(o.user_id, i)][0] += 1
+            by_user[(o.user_id, i)][1] += weights["purchase"] * 2 ** ((o.epoch - now) / half)
+    for e in (e for e in mixed if isinstance(e, Interaction)):
+        by_user[(e.user_id, e.item_id)][0] += 1
+        by_user[(e.user_id, e.item_id)][1] += weights[e.kind] * 2 ** ((e.epoch - now) / half)
+    assert ui.keys() == by_user.keys()
+    assert all(ui[k][0] == by_user[k][0] and ui[k][1] == pytest.approx(by_user[k][1], abs=2e-4) for k in by_user)
+    counted = Counter(i for o in kept for i in o.item_ids)
+    assert {k: v for k, v in items.items() if v} == dict(counted)
 
 
 def test_one_batch_places_and_cancels_the_same_order() -> None:
@@ -90,3 +172,11 @@ def test_one_batch_places_and_cancels_the_same_order() -> None:
     assert store.num_co_edges() == 1 and store.co_purchase("A", "B").count == 1
     assert store.co_purchase("A", "B").value(again.epoch, store.clock) == pytest.approx(1.0)
     assert store.interaction("u", "C") is None and store.interaction("u", "A").count == 1
+
+
+def test_a_co_purchase_pair_takes_24_bytes(retail_replay) -> None:
+    """Both directions of a pair, with count and weight: 2 × (4 + 4 + 4) bytes, plus one row pointer per item."""
+    store, _ = retail_replay
+    pairs = store.num_co_edges()
+    assert store.co.nbytes <= 24 * pairs + 8 * (store.num_items + len(store.co.blocks))
+    assert store.co.nbytes / pairs < 24.1

@@ -40,7 +40,7 @@ def test_train_writes_a_loadable_versioned_artifact(tmp_path: Path, monkeypatch:
     from training.encoder import TextEncoder
     from training.train import Graph
 
-    store = load(tmp_path / "state" / "graph.npz")
+    store = load(tmp_path / "state" / "graph")
     assert store.items.ids == art.item_ids
     encoder = TextEncoder(cache_dir=tmp_path / "state" / "cache" / "text")
     encoder._encode_batch = lambda texts: pytest.fail("text should come from the cache")  # type: ignore[method-assign]

@@ -13,7 +13,7 @@ from graph.events import ItemUpserted, Order, OrderLine
 from graph.store import GraphConfig, GraphStore
 from tests.conftest import RETAIL_II, at
 from training import baselines
-from training.datasets import online_retail_events
+from tests.conftest import retail_events
 from training.models import BundleGNN
 from training.protocol import Queries, metrics, per_query, ranks, relative_gain, time_split
 from training.train import Graph, TrainConfig, score_queries, train
@@ -156,7 +156,7 @@ def test_training_runs_and_is_deterministic_under_a_seed() -> None:
 
 def test_training_on_real_data_repeats_to_the_last_digit() -> None:
     """Two runs of one seed give the same losses exactly (multi-threaded kernels once made them drift)."""
-    split = time_split(list(online_retail_events(RETAIL_II)), GraphConfig(), seed=0)
+    split = time_split(retail_events(RETAIL_II), GraphConfig(), seed=0)
     text = np.random.default_rng(0).normal(size=(split.fit.num_items, 16)).astype(np.float32)
     cfg = TrainConfig(epochs=1, device="cpu", decoder=False)
     a, b = (train(split.fit, text, cfg, val=split.val, progress=False) for _ in range(2))
@@ -164,7 +164,7 @@ def test_training_on_real_data_repeats_to_the_last_digit() -> None:
 
 
 def test_time_split_on_real_data_is_deterministic() -> None:
-    events = list(online_retail_events(RETAIL_II))
+    events = retail_events(RETAIL_II)
     a, b = time_split(events, GraphConfig(), seed=7), time_split(events, GraphConfig(), seed=7)
     assert a.protocol == b.protocol and np.array_equal(a.test.hidden, b.test.hidden)
     assert a.protocol["test_queries"] == 256 and a.protocol["cold_start_test_queries"] > 0
@@ -177,7 +177,7 @@ def test_time_split_on_real_data_is_deterministic() -> None:
 
 
 def test_leave_items_out_split_hides_items_from_training_entirely() -> None:
-    events = list(online_retail_events(RETAIL_II))
+    events = retail_events(RETAIL_II)
     plain = time_split(events, GraphConfig(), seed=7)
     a, b = (time_split(events, GraphConfig(), seed=7, held_out=0.1) for _ in range(2))
     assert a.held_out == b.held_out and np.array_equal(a.test.hidden, b.test.hidden)  # seeded

@@ -135,7 +135,7 @@ def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() 
     assert store.stats.duplicates == 1 and work.backlog == 0
     assert set(work.state.pending) == {"A", "B", "C"} and work.state.pending["C"] == 1_002.0  # the producer's time
     letters = [(key, value, dict(headers)) for topic, key, value, headers in work.out.producer.sent]
-    assert [(h["reason"].split(b":")[0], h["offset"]) for _, _, h in letters] == [
+    assert [(h["reason"].split(b" (")[0].split(b":")[0], h["offset"]) for _, _, h in letters] == [
         (b"cancels unknown order o9", b"1"), (b"not JSON", b"7")]
     assert letters[0][1] == encode(stray) and letters[1][1] == b"{not json"  # the original bytes
     assert metrics.value("bundlegnn_worker_dead_letters_total", {"topic": "orders"}) == 2

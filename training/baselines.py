@@ -14,11 +14,9 @@ from training.models.decoder import decoder_weights, side_view
 
 
 def basket_matrix(store: GraphStore) -> sp.csr_matrix:
-    """Binary order×item matrix of the placed orders in ``store``."""
-    rows = [r.items for r in store.orders.values() if r.status == "placed" and r.items]
-    indptr = np.cumsum([0] + [len(r) for r in rows])
-    indices = np.fromiter((i for r in rows for i in r), np.int64, int(indptr[-1]))
-    return sp.csr_matrix((np.ones(len(indices)), indices, indptr), shape=(len(rows), store.num_items))
+    """Binary order×item matrix of the placed orders in ``store`` (training stores keep every order)."""
+    _, _, indptr, items = store.placed_orders()
+    return sp.csr_matrix((np.ones(len(items)), items, indptr), shape=(len(indptr) - 1, store.num_items))
 
 
 def popularity(store: GraphStore) -> tuple[torch.Tensor, torch.Tensor]:

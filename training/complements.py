@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from graph.store import GraphStore
+from training.neighbours import VectorIndex
 
 
 class Complement(BaseModel):
@@ -107,22 +108,30 @@ def _top(score: np.ndarray, k: int) -> np.ndarray:
 
 
 class ComplementScorer:
-    """Scores complements over a :class:`GraphStore` it reads but never changes."""
+    """Scores complements over a :class:`GraphStore` it reads but never changes.
+
+    Every list is built from candidates, never from a scan of the catalog:
+    the item's co-purchase neighbours, its decoder row, and its nearest
+    items by text or model view from an approximate index
+    (:class:`~training.neighbours.VectorIndex`) kept up to date as texts
+    and views arrive. So a refresh costs the same at 5k and at 200k items.
+    """
 
     def __init__(self, store: GraphStore, config: ScorerConfig | None = None) -> None:
         self.store = store
         self.config = config or ScorerConfig()
         self.text = np.zeros((0, 0), np.float32)  # rows: store item rows; unit vectors
+        self.text_index: VectorIndex | None = None
         self.model_version: str | None = None
         self.temperature = 1.0
         self._src = self._dst = np.zeros((0, 0), np.float32)
         self._prior = np.zeros(0, np.float32)
         self._has_view = np.zeros(0, bool)
         self._views: tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray] = ({}, self._src, self._dst, self._prior)
-        self._decoder: tuple[list[str], np.ndarray, np.ndarray] | None = None  # its item ids; rows × top-k indices, weights
+        self._view_index: VectorIndex | None = None  # [dst, τ·prior] of items with a view: inner product = τ·score
+        self._decoder: tuple[list[str], np.ndarray, np.ndarray] | None = None  # its item ids; rows × top-k: indices, weights
         self._decoder_at: dict[str, int] = {}  # item id → decoder row
         self._store_rows = np.zeros(0, np.int64)  # decoder row → store row, -1 while the store lacks the item
-        self._counts, self._counts_version = np.zeros(0, np.int64), -1
         self._text_neighbours: dict[int, np.ndarray] = {}  # row → rows above substitute_similarity, best first
 
     # ---- inputs ------------------------------------------------------------
@@ -140,6 +149,9 @@ class ComplementScorer:
         """Text embeddings (L2-normalised) of the given item rows."""
         self.text = self._grow(self.text, vectors.shape[1])
         self.text[rows] = vectors
+        if self.text_index is None:
+            self.text_index = VectorIndex(vectors.shape[1])
+        self.text_index.upsert(rows, vectors)
         self._text_neighbours.clear()
 
     def set_views(self, version: str, item_ids: list[str], src: np.ndarray, dst: np.ndarray, prior: np.ndarray,
@@ -158,8 +170,28 @@ class ComplementScorer:
                        unit(dst).astype(np.float32), prior.astype(np.float32))
         self._src, self._dst = np.zeros((0, src.shape[1]), np.float32), np.zeros((0, dst.shape[1]), np.float32)
         self._prior, self._has_view = np.zeros(0, np.float32), np.zeros(0, bool)
+        self._view_index = None  # built when first needed: items with a decoder row never search the views
         self.model_version, self.temperature = version, temperature
         self._sync()
+
+    def add_views(self, rows: np.ndarray, src: np.ndarray, dst: np.ndarray, prior: np.ndarray) -> None:
+        """Views of items the model had none for (from an inductive pass over the current graph)."""
+        self._sync()
+        rows = np.asarray(rows, np.int64)
+        self._src[rows], self._dst[rows] = unit(src).astype(np.float32), unit(dst).astype(np.float32)
+        self._prior[rows], self._has_view[rows] = prior, True
+        self._index_views(rows)
+
+    def _index_views(self, rows: np.ndarray) -> None:
+        if self._view_index is not None and len(rows):
+            self._view_index.upsert(rows, np.hstack([self._dst[rows], self.temperature * self._prior[rows, None]]))
+
+    def _views_index(self) -> VectorIndex:
+        """The index of model views (built on first use, then kept up to date)."""
+        if self._view_index is None:
+            self._view_index = VectorIndex(self._dst.shape[1] + 1)
+            self._index_views(np.flatnonzero(self._has_view))
+        return self._view_index
 
     def _sync(self) -> None:
         """Grow the per-item arrays to the store's current item count; new items get their model view if any."""
@@ -169,13 +201,13 @@ class ComplementScorer:
         self._src, self._dst = self._grow(self._src, self._src.shape[1]), self._grow(self._dst, self._dst.shape[1])
         self._prior, self._has_view = self._grow(self._prior, 0), self._grow(self._has_view, 0, False)
         index, src, dst, prior = self._views
-        found = [(r, i) for r in range(old, self.store.num_items)
-                 if (i := index.get(self.store.items.ids[r])) is not None]
+        ids = self.store.items.ids
+        found = [(r, i) for r in range(old, self.store.num_items) if (i := index.get(ids[r])) is not None]
         if found:
             rows, at = np.array(found).T
             self._src[rows], self._dst[rows], self._prior[rows] = src[at], dst[at], prior[at]
             self._has_view[rows] = True
-        ids = self.store.items.ids
+            self._index_views(rows)
         for r in range(old, self.store.num_items):
             if (j := self._decoder_at.get(ids[r])) is not None:
                 self._store_rows[j] = r
@@ -184,30 +216,25 @@ class ComplementScorer:
         self._sync()
         return row < len(self._has_view) and bool(self._has_view[row])
 
+    def rows_without_view(self) -> np.ndarray:
+        """Item rows the model has no view of (yet)."""
+        self._sync()
+        return np.flatnonzero(~self._has_view[: self.store.num_items])
+
     # ---- scoring -----------------------------------------------------------
-    def _co_stats(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Neighbour rows, their co-purchase counts and the edges' slots."""
-        rows, slots = self.store.co.neighbours(row)
-        return rows, self.store.co.tallies.count[slots], slots
-
-    def _co_weights(self, slots: np.ndarray) -> np.ndarray:
-        """Decayed co-purchase weights of edge slots."""
-        t = self.store.co.tallies
-        # every tally's newest observation is at or before the store's last event: one scale for all
-        return np.maximum(t.weight[slots], 0.0) * self.store.clock.scale(self.store.last_ts) if len(slots) else \
-            np.zeros(0)
-
-    def _order_counts(self) -> np.ndarray:
-        """Orders per item, cached per graph version (one refresh scores many items)."""
-        if self._counts_version != self.store.version or len(self._counts) != self.store.num_items:
-            self._counts, self._counts_version = self.store.item_order_counts(), self.store.version
-        return self._counts
+    def similar(self, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (approximately) ``k`` items closest to ``row`` by text, best first, and their cosines."""
+        if self.text_index is None or row >= len(self.text) or not self.text[row].any():  # no text embedding yet
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        rows, sims = self.text_index.search(self.text[row], k + 1)
+        keep = rows != row
+        return rows[keep][:k], sims[keep][:k]
 
     def _cooccurrence(self, row: int) -> list[Ranked]:
-        rows, counts, _ = self._co_stats(row)
+        rows, counts, _ = self.store.co_neighbours(row)
         if not len(rows):
             return []
-        n = self._order_counts()
+        n = self.store.item_orders.count
         score = counts / np.sqrt(np.maximum(n[row], 1) * np.maximum(n[rows], 1))
         ids = self.store.items.ids
         top = _top(score, self.config.top_k)
@@ -217,36 +244,52 @@ class ComplementScorer:
     def _borrowed(self, row: int) -> list[Ranked]:
         """Complements of the items most similar by text (a new item has no orders yet)."""
         cfg = self.config
-        if not cfg.similar_items or row >= len(self.text) or not self.text[row].any():  # no text embedding yet
+        if not cfg.similar_items:
             return []
-        sims = self.text @ self.text[row]
-        sims[row] = -np.inf
-        sims[self.store.co.degrees()[: len(sims)] == 0] = -np.inf  # only items with orders lend complements
+        rows, sims = self.similar(row, 8 * cfg.similar_items)
+        ordered = self.store.item_orders.count[rows] > 0  # only items with orders lend complements
+        rows, sims = rows[ordered][: cfg.similar_items], sims[ordered][: cfg.similar_items]
         out: dict[str, Ranked] = {}
-        for similar in np.argsort(-sims)[: cfg.similar_items]:
-            if sims[similar] < cfg.min_text_similarity:
+        for similar, sim in zip(rows.tolist(), sims.tolist()):
+            if sim < cfg.min_text_similarity:
                 break
             via = self.store.items.ids[similar]
-            for item_id, lent, *_ in self._cooccurrence(int(similar)):
-                score = round(float(sims[similar]) * lent, 6)
+            for item_id, lent, *_ in self._cooccurrence(similar):
+                score = round(sim * lent, 6)
                 if item_id != self.store.items.ids[row] and (item_id not in out or out[item_id][1] < score):
                     out[item_id] = (item_id, score, 0, None, "similar-text", via)
         return sorted(out.values(), key=lambda c: -c[1])[: cfg.top_k]
 
-    def _model(self, row: int) -> list[Ranked]:
-        self._sync()
-        rows, counts, slots = self._co_stats(row)
-        weights = self._co_weights(slots)
-        model = model_logits(self._src[row][None], self._dst, self._prior, self.temperature)[0]
-        boost = np.zeros_like(model)
-        boost[rows] = self.config.co_purchase_boost * np.log1p(weights)
-        score = np.where(self._has_view, model + boost, -np.inf)
-        score[row] = -np.inf
+    def _ranked_candidates(self, row: int, cand: np.ndarray, base: np.ndarray, source: str, boost: float,
+                           co_only: bool) -> list[Ranked]:
+        """Top ``top_k`` of candidate rows scored ``base`` plus ``boost × log(1 + co-purchase weight)``;
+        ``co_only``: co-purchase neighbours outside ``cand`` enter with a base of 0 (else not at all)."""
+        rows, counts, weights = self.store.co_neighbours(row)
+        unique, inverse = np.unique(np.concatenate([cand, rows]), return_inverse=True)
+        score = np.full(len(unique), -np.inf)
+        modelled = np.zeros(len(unique))
+        score[inverse[: len(cand)]] = modelled[inverse[: len(cand)]] = base
+        at = inverse[len(cand):]
+        known = np.isfinite(score[at])
+        score[at] = np.where(known, score[at], 0.0 if co_only else -np.inf) + boost * np.log1p(weights)
+        counted = np.zeros(len(unique), np.int64)
+        counted[at] = counts
+        score[unique == row] = -np.inf
         top = _top(score, min(self.config.top_k, int(np.isfinite(score).sum())))
-        count = dict(zip(rows.tolist(), counts.tolist()))
         ids = self.store.items.ids
-        return [(ids[b], s, count.get(b, 0), m, "model", None)
-                for b, s, m in zip(top.tolist(), np.round(score[top], 6).tolist(), np.round(model[top], 6).tolist())]
+        return [(ids[b], s, c, m, source, None)
+                for b, s, c, m in zip(unique[top].tolist(), np.round(score[top], 6).tolist(), counted[top].tolist(),
+                                      np.round(modelled[top], 6).tolist())]
+
+    def _model(self, row: int) -> list[Ranked]:
+        """The model's score ``cos(src_a, dst_b) / τ + prior_b`` of its nearest views and the co-purchase
+        neighbours (those with a view), plus the co-purchase boost."""
+        self._sync()
+        near, _ = self._views_index().search(np.append(self._src[row], 1.0), 5 * self.config.top_k)
+        rows = self.store.co_neighbours(row)[0]
+        cand = np.union1d(near, rows[self._has_view[rows]])
+        model = model_logits(self._src[row][None], self._dst[cand], self._prior[cand], self.temperature)[0]
+        return self._ranked_candidates(row, cand, model, "model", self.config.co_purchase_boost, co_only=False)
 
     def _decoded(self, row: int, at: int) -> list[Ranked]:
         """The decoder's row ``at`` (of store row ``row``), with co-purchases since training boosted in."""
@@ -255,18 +298,7 @@ class ComplementScorer:
         cand = self._store_rows[index]
         keep = (cand >= 0) & (weight > 0)
         cand, weight = cand[keep], weight[keep].astype(np.float64)
-        rows, counts, slots = self._co_stats(row)
-        score = np.full(self.store.num_items, -np.inf)
-        decoded = np.zeros(self.store.num_items)
-        decoded[cand] = weight
-        score[cand] = weight
-        score[rows] = decoded[rows] + self.config.decoder_boost * np.log1p(self._co_weights(slots))
-        score[row] = -np.inf
-        top = _top(score, min(self.config.top_k, int(np.isfinite(score).sum())))
-        count = dict(zip(rows.tolist(), counts.tolist()))
-        ids = self.store.items.ids
-        return [(ids[b], s, count.get(b, 0), m, "decoder", None)
-                for b, s, m in zip(top.tolist(), np.round(score[top], 6).tolist(), np.round(decoded[top], 6).tolist())]
+        return self._ranked_candidates(row, cand, weight, "decoder", self.config.decoder_boost, co_only=True)
 
     def _ranked(self, item_id: str) -> list[Ranked]:
         row = self.store.items.get(item_id)
@@ -290,15 +322,13 @@ class ComplementScorer:
         """
         row = self.store.items.get(item_id)
         cfg = self.config
-        if row is None or not cfg.max_substitutes or row >= len(self.text) or not self.text[row].any():
+        if row is None or not cfg.max_substitutes:
             return []
         if row not in self._text_neighbours:
-            sims = self.text @ self.text[row]
-            sims[row] = -np.inf
-            close = np.flatnonzero(sims >= cfg.substitute_similarity)
-            self._text_neighbours[row] = close[np.argsort(-sims[close], kind="stable")]
+            rows, sims = self.similar(row, cfg.max_substitutes + 30)
+            self._text_neighbours[row] = rows[sims >= cfg.substitute_similarity]
         close, ids = self._text_neighbours[row], self.store.items.ids
-        unbought = close[~np.isin(close, self.store.co.neighbours(row)[0])] if len(close) else close
+        unbought = close[~np.isin(close, self.store.co_neighbours(row)[0])] if len(close) else close
         return [ids[r] for r in unbought[: cfg.max_substitutes].tolist()]
 
     def update(self, item_id: str, source_ts: float | None = None, now: datetime | None = None) -> BundleUpdate:

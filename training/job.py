@@ -73,7 +73,7 @@ def save(cand: Candidate, events: list[Event], graph_cfg: GraphConfig, train_cfg
     """Embed every item over the full graph and write the artifact; return its path and summary."""
     started = time.perf_counter()
     if cand.split.protocol["test_frac"] > 0:  # a window was held out: the views must see it too
-        store = GraphStore(graph_cfg)
+        store = GraphStore(graph_cfg.model_copy(update={"order_window_days": None}))  # the decoder reads every order
         store.apply_all(events)
         text = encoder.encode([it.text for it in store.catalog])
     else:

@@ -69,7 +69,7 @@ class Split:
 
 
 def _store(events: list[Event], catalog: list[ItemUpserted], config: GraphConfig) -> GraphStore:
-    store = GraphStore(config)
+    store = GraphStore(config.model_copy(update={"order_window_days": None}))  # training reads every order
     store.apply_all(events)
     for event in catalog:  # items the shop lists later: known text, no edges yet
         if event.item_id not in store.items:

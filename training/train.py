@@ -237,7 +237,10 @@ class TrainResult:
 
 
 def _baskets(store: GraphStore) -> list[tuple[tuple[int, ...], int]]:
-    return [(r.items, r.user) for r in store.orders.values() if r.status == "placed" and len(r.items) >= 2]
+    _, users, indptr, items = store.placed_orders()
+    rows = items.tolist()
+    return [(tuple(rows[a:b]), u) for a, b, u in zip(indptr[:-1].tolist(), indptr[1:].tolist(), users.tolist())
+            if b - a >= 2]
 
 
 def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | None = None,
@@ -258,7 +261,7 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
     examples = np.array([(b, pos) for b, (items, _) in enumerate(baskets) for pos in range(len(items))], np.int64)
     # Items the catalog lists only after the last training event are never positives;
     # as negatives they would teach the model that new items never sell.
-    last_order = max(r.ts for r in store.orders.values())
+    last_order = float(store.placed_orders()[0].max())
     known = torch.tensor([it.updated <= last_order for it in store.catalog], device=device)
     known_rows = known.nonzero().squeeze(1)
     rng = np.random.default_rng(cfg.seed)

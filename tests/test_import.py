@@ -1,0 +1,224 @@
+"""Importing shops' files: Online Retail through its mapping, Complete Journey with a catalog file, JSON lines,
+bad rows by line number, wrong mappings at start, and `bundlegnn build-graph` with its dead-letter file."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graph.store import GraphConfig, GraphStore
+from streaming.codec import encode
+from tests.conftest import DATA, RETAIL_II, retail_events
+from training.datasets import (BadRow, CsvMapping, DataConfig, ImportReport, import_into, read_events,
+                               read_source)
+
+CJ = DataConfig(path=DATA / "completejourney_transactions_sample.csv.gz", mapping=Path("configs/mappings/completejourney.yaml"),
+                catalog_path=DATA / "completejourney_products_sample.csv.gz")
+
+
+def _raw(path: Path) -> list[list[str]]:
+    with gzip.open(path, "rt", newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def test_raw_counts_match_the_dataset_readme() -> None:
+    header, *rows = _raw(RETAIL_II)
+    invoices = {r[0] for r in rows}
+    assert len(rows) == 34_766 and len(invoices) == 1_742 and sum(i.startswith("C") for i in invoices) == 303
+    assert len({r[1] for r in rows}) == 2_927 and len({r[6] for r in rows if r[6]}) == 262
+
+
+def test_cleaned_graph_counts_and_why_they_differ(retail_replay) -> None:
+    store, report = retail_replay
+    summary = report.summary()
+    assert summary["rows"] == 34_766 and summary["bad_rows"] == 0
+    # 1,765 runs of consecutive rows (1,742 invoices, 23 of them twice: the workbook's two sheets overlap on
+    # 2010-12-01..09); 134 runs hold only fee codes (e.g. POSTAGE alone) and make no event.
+    assert report.dropped == {"skipped_item": 1_064, "empty_order": 134}
+    assert summary["order_events"] + summary["cancel_events"] == 1_765 - 134
+    # the store applies a repeated invoice once, by order_id: 21 placed and 2 cancellation repeats
+    assert store.stats.duplicates == 23
+    assert store.stats.orders_placed == summary["order_events"] - 21 == 1_363
+    # Cancellations here never name the invoice they reverse ("C" + a new number), so none matches a placed
+    # order; they change no edge and are refused (dead letters) with that reason.
+    assert store.stats.orders_cancelled == 0 and store.stats.cancellations_unmatched == 245
+    # Items: 2,927 codes less 5 fee codes (POST, M, ADJUST, D, C2) less 4 codes that occur only in cancellations.
+    assert store.num_items == 2_927 - 5 - 4 == 2_918
+    # Users: 262 customers less 8 whose only invoices are cancellations or fees.
+    assert store.num_users == 254
+    assert store.stats.placeholder_items == 0  # every bought item has a title
+    assert store.num_co_edges() == 419_658 and store.num_ui_edges() == 20_364
+
+
+def test_events_come_in_file_order_and_items_are_described_before_use() -> None:
+    seen: set[str] = set()
+    times = []
+    for event in read_events(RETAIL_II):
+        times.append(event.ts)
+        if event.type == "item_upserted":
+            seen.add(event.item_id)
+        elif event.status == "placed":
+            assert set(event.item_ids) <= seen
+    # the file is two workbook sheets one after the other: in_time_order sorts, stable
+    assert times != sorted(times) and [e.ts for e in retail_events()] == sorted(times)
+
+
+def test_file_order_and_time_order_build_the_same_graph() -> None:
+    """Inside the order window, the store does not care in which order events come."""
+    a, b = GraphStore(GraphConfig(order_window_days=400)), GraphStore(GraphConfig())
+    a.apply_all(read_events(RETAIL_II))
+    b.apply_all(retail_events())
+
+    def pairs(store: GraphStore) -> dict:
+        x, y, count, weight = store.co_edges()
+        ids = store.items.ids
+        return {tuple(sorted((ids[i], ids[j]))): (c, w) for i, j, c, w in
+                zip(x.tolist(), y.tolist(), count.tolist(), weight.tolist())}
+
+    pa, pb = pairs(a), pairs(b)
+    assert pa.keys() == pb.keys() and len(pa) == 419_658
+    assert [pa[k][0] for k in pa] == [pb[k][0] for k in pa]
+    assert np.allclose([pa[k][1] for k in pa], [pb[k][1] for k in pa], rtol=1e-5)
+    assert a.stats.as_dict() == b.stats.as_dict()
+
+
+def test_an_unsorted_file_outside_the_window_is_refused_with_the_reason(tmp_path: Path) -> None:
+    store = GraphStore(GraphConfig(order_window_days=90))
+    with open(tmp_path / "dead.jsonl", "w") as dead:
+        done = import_into(store, read_source(DataConfig(path=RETAIL_II)), dead, RETAIL_II)
+    refused = [json.loads(line) for line in open(tmp_path / "dead.jsonl")]
+    outside = [r for r in refused if "outside the 90.0 days window" in r["reason"]]
+    assert done.refused == len(refused) == store.stats.outside_window + store.stats.cancellations_unmatched
+    assert len(outside) == store.stats.outside_window > 100
+    header, *rows = _raw(RETAIL_II)
+    first = outside[0]
+    assert rows[first["line"] - 2][0] == json.loads(first["raw"])["order_id"]  # the line number points at the order
+
+
+def test_known_co_purchase_from_the_file(retail_replay) -> None:
+    store, _ = retail_replay
+    # The two most co-bought items in this subset, checked independently with pandas:
+    # SPACEBOY LUNCH BOX + DOLLY GIRL LUNCH BOX in 127 invoices.
+    counts = store.co_purchase_matrix(counts=True).tocoo()
+    best = counts.data.argmax()
+    a, b = store.items.ids[counts.row[best]], store.items.ids[counts.col[best]]
+    assert {a, b} == {"22629", "22630"} and counts.data[best] == 127
+
+
+def test_import_is_fast() -> None:
+    events = list(read_events(RETAIL_II))
+    started = time.perf_counter()
+    store = GraphStore(GraphConfig(order_window_days=400))
+    store.apply_all(events)
+    elapsed = time.perf_counter() - started
+    assert store.num_co_edges() > 400_000
+    assert elapsed < 5, f"applying took {elapsed:.1f}s"
+
+
+def _csv(path: Path, rows: list[str]) -> Path:
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_bad_rows_are_reported_by_line_and_the_good_ones_imported(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "shop.csv", [
+        "Invoice,StockCode,Description,Quantity,InvoiceDate,Price,Customer ID,Country",
+        "1,P1,Red mug,1,2024-01-01 10:00:00,2.5,7.0,UK",
+        "1,P2,Blue mug,two,2024-01-01 10:00:00,2.5,7.0,UK",           # line 3: quantity not a number
+        "1,P3,Tea towel,1,2024-01-01 10:00:00,2.5,7.0,UK",
+        "2,P1,Red mug,1,not a date,2.5,7.0,UK",                       # line 5: bad time: the whole order
+        "3,P1,Red mug,1,2024-01-02 10:00:00,2.5,7.0,UK",
+        "3,P4,Lamp,1,2024-01-02 10:00:00,abc,7.0,UK",                 # line 7: bad price
+        "3,P5",                                                       # line 8: too few columns
+        "3,P6,Plate,1,2024-01-02 10:00:00,1.0,7.0,UK",
+    ])
+    report = ImportReport()
+    got = list(read_source(DataConfig(path=path), report))
+    bad = {line: e.reason for line, e in got if isinstance(e, BadRow)}
+    assert set(bad) == {3, 5, 7, 8} and report.bad_rows == 4
+    assert bad[3] == "Quantity: 'two' is not a number" and bad[7] == "Price: 'abc' is not a number"
+    assert bad[5].startswith("InvoiceDate: Invalid isoformat string")
+    assert bad[8] == "too few columns"
+    orders = [e for _, e in got if not isinstance(e, BadRow) and e.type == "order"]
+    assert [(o.order_id, o.item_ids) for o in orders] == [("1", ["P1", "P3"]), ("3", ["P1", "P6"])]
+    assert orders[0].user_id == "7" and [line for line, e in got if e is orders[1]] == [6]
+
+
+def test_a_mapping_with_a_wrong_column_fails_at_start_naming_it(tmp_path: Path) -> None:
+    path = _csv(tmp_path / "shop.csv", ["order,sku,when", "1,A,2024-01-01"])
+    mapping = CsvMapping(order_id="order", item_id="product", ts="when")
+    with pytest.raises(ValueError, match="mapping.item_id: no column 'product'"):
+        read_source(DataConfig(path=path, mapping=mapping))
+    with pytest.raises(ValueError, match="mapping.title: no column 'name'"):
+        read_source(DataConfig(path=path, mapping=mapping.model_copy(update={"item_id": "sku", "title": "{name} x"})))
+    with pytest.raises(ValueError, match="dataset not found"):
+        read_source(DataConfig(path=tmp_path / "nope.csv", mapping=mapping))
+
+
+def test_complete_journey_through_its_mapping_and_catalog_file() -> None:
+    report = ImportReport()
+    events = list(read_events(CJ, report))
+    upserts = [e for e in events if e.type == "item_upserted"]
+    orders = [e for e in events if e.type == "order"]
+    products = _raw(CJ.catalog_path)[1:]
+    fuel = {p[0] for p in products if p[2] in ("FUEL", "COUPON")}
+    lines = _raw(CJ.path)[1:]
+    kept = [r for r in lines if r[3] not in fuel and r[4] != "0"]  # a product line, with a quantity
+    assert len(upserts) == len(products) - len(fuel) and report.bad_rows == 0
+    assert len(orders) == len({r[2] for r in kept}) == 400 - report.dropped["empty_order"]
+    assert sum(len(o.items) for o in orders) == len(kept)
+    assert report.dropped["not_a_product"] == sum(r[3] in fuel for r in lines) == 16  # gasoline and coupon lines
+    milk = next(e for e in upserts if e.item_id == "1082185")  # bananas, the most bought product
+    assert milk.category == "PRODUCE/TROPICAL FRUIT" and milk.title.startswith("BANANAS")
+    # New York local time: the first basket, 06:53:26 on 2017-01-01, is 11:53:26 UTC
+    assert orders[0].ts.isoformat() == "2017-01-01T11:53:26+00:00" and orders[0].user_id == "900"
+    store = GraphStore(GraphConfig())
+    store.apply_all(events)
+    uncatalogued = {r[3] for r in kept} - {p[0] for p in products}  # 17 products of the full data have no row
+    assert store.stats.placeholder_items == len(uncatalogued) == 1 and store.stats.orders_placed == len(orders)
+
+
+def test_json_lines_of_wire_events(tmp_path: Path) -> None:
+    events = retail_events()[:300]
+    path = tmp_path / "events.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        for event in events:
+            fh.write(encode(event).decode() + "\n")
+        fh.write('{"type": "order", "order_id": "x"}\n')  # line 301: no items, no ts
+        fh.write("not json\n")
+    got = list(read_source(DataConfig(path=path, format="jsonl")))
+    assert [e for _, e in got[:300]] == events
+    assert [(line, type(e).__name__) for line, e in got[300:]] == [(301, "BadRow"), (302, "BadRow")]
+    assert "items: Field required" in got[300][1].reason
+
+
+def test_build_graph_writes_a_snapshot_and_the_dead_letters(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bundlegnn.cli import app
+    from graph.snapshot import load
+
+    path = _csv(tmp_path / "shop.csv", [
+        "Invoice,StockCode,Description,Quantity,InvoiceDate,Price,Customer ID,Country",
+        "1,P1,Red mug,1,2024-06-01 10:00:00,2.5,7,UK",
+        "1,P2,Blue mug,1,2024-06-01 10:00:00,2.5,7,UK",
+        "2,P1,Red mug,1,2024-01-01 10:00:00,2.5,8,UK",   # five months before order 1: outside a 90-day window
+        "2,P2,Blue mug,1,2024-01-01 10:00:00,2.5,8,UK",
+        "3,P1,Red mug,x,2024-06-02 10:00:00,2.5,8,UK",
+    ])
+    dead = tmp_path / "dead.jsonl"
+    result = CliRunner().invoke(app, ["build-graph", "--data", str(path), "--out", str(tmp_path / "graph"),
+                                      "--dead-letters", str(dead)], env={"BUNDLEGNN_PATHS__STATE_DIR": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert summary["graph"]["co_purchase_edges"] == 1 and summary["graph"]["outside_window"] == 1
+    assert "not sorted by time" in result.stderr
+    letters = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert [(d["line"], d["reason"][:20]) for d in letters] == [(6, "Quantity: 'x' is not"), (4, "order 2 is dated 152")]
+    assert load(tmp_path / "graph").co_purchase("P1", "P2").count == 1
