@@ -13,6 +13,13 @@ not forever: memory stays proportional to the orders of one window.
   so nothing is ever counted twice; a cancellation of an order the log no
   longer holds is refused the same way.
 
+"The newest order" is kept per *stream*, as Kafka Streams keeps stream time
+per partition: the stream worker passes each order's source partition (an
+order and its cancellation share one: orders are keyed by order id), a file
+import is one stream. A partition that the worker happens to read ahead of
+the others then cannot push them out of the window; a worker and a file
+import of the same time-ordered events agree exactly.
+
 Order ids are found through a 63-bit hash (:class:`~graph.tallies.KeyIndex`)
 and compared in full on a hit, so two ids never mix up. A record older
 than the window is invisible at once; its memory is reclaimed in bulk when
@@ -43,23 +50,27 @@ def _grown(array: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-class OrderLog:
-    """Records of the orders seen inside the window: id, time, user row, status and item rows.
+_COLUMNS = ("ts", "user", "status", "stream", "start", "length", "id_start", "id_length")
 
-    ``window``: seconds kept before the newest order (None: every order, as
-    training wants).
+
+class OrderLog:
+    """Records of the orders seen inside the window: id, time, user row, status, stream and item rows.
+
+    ``window``: seconds kept before the newest order of a record's stream
+    (None: every order, as training wants).
     """
 
-    __slots__ = ("window", "newest", "ts", "user", "status", "start", "length", "id_start", "id_length",
-                 "items", "ids", "size", "used_items", "slot_of", "collisions", "_reclaim_at")
+    __slots__ = ("window", "newest", *_COLUMNS, "items", "ids", "size", "used_items", "slot_of", "collisions",
+                 "_reclaim_at")
 
     def __init__(self, window: float | None) -> None:
         self.window = window
-        self.newest = -np.inf  # the time of the newest order seen
+        self.newest: dict[int, float] = {}  # stream → the time of its newest order
         self.slot_of = KeyIndex()  # order_key(id) → slot
         self.ts = np.zeros(0, np.float64)
         self.user = np.zeros(0, np.int64)
         self.status = np.zeros(0, np.int8)
+        self.stream = np.zeros(0, np.int32)
         self.start = np.zeros(0, np.int64)  # its item rows: items[start : start + length]
         self.length = np.zeros(0, np.int32)
         self.id_start = np.zeros(0, np.int64)  # its id: ids[id_start : id_start + id_length]
@@ -73,18 +84,27 @@ class OrderLog:
 
     def __len__(self) -> int:
         """Records inside the window."""
-        return int((self.ts[: self.size] >= self.horizon).sum())
+        return int(self._inside().sum())
 
-    @property
-    def horizon(self) -> float:
-        """Records older than this are outside the window."""
-        return -np.inf if self.window is None else self.newest - self.window
+    def horizon(self, stream: int = 0) -> float:
+        """Records of ``stream`` older than this are outside the window."""
+        if self.window is None:
+            return -np.inf
+        return self.newest.get(stream, -np.inf) - self.window
+
+    def _inside(self) -> np.ndarray:
+        """Which slots are inside their stream's window."""
+        if self.window is None or not self.size:
+            return np.ones(self.size, bool)
+        streams = np.array(sorted(self.newest), np.int64)
+        horizons = np.array([self.horizon(s) for s in streams.tolist()])
+        at = np.searchsorted(streams, self.stream[: self.size])
+        return self.ts[: self.size] >= horizons[np.minimum(at, len(streams) - 1)]
 
     @property
     def nbytes(self) -> int:
-        return (sum(a.nbytes for a in (self.ts, self.user, self.status, self.start, self.length, self.id_start,
-                                       self.id_length, self.items, self.slot_of.keys, self.slot_of.values))
-                + len(self.ids))
+        return (sum(getattr(self, c).nbytes for c in _COLUMNS) + self.items.nbytes + self.slot_of.keys.nbytes
+                + self.slot_of.values.nbytes + len(self.ids))
 
     def _id(self, slot: int) -> str:
         start = int(self.id_start[slot])
@@ -101,23 +121,24 @@ class OrderLog:
         return keys, slots
 
     def visible(self, slot: int) -> bool:
-        """Whether a slot is a record inside the window."""
-        return slot >= 0 and self.ts[slot] >= self.horizon
+        """Whether a slot is a record inside its stream's window."""
+        return slot >= 0 and self.ts[slot] >= self.horizon(int(self.stream[slot]))
 
-    def seen(self, ts: float) -> None:
-        """An order at ``ts`` arrived: move the window."""
-        if ts > self.newest:
-            self.newest = ts
+    def seen(self, ts: float, stream: int = 0) -> None:
+        """An order at ``ts`` arrived on ``stream``: move its window."""
+        if ts > self.newest.get(stream, -np.inf):
+            self.newest[stream] = ts
 
-    def append(self, order_id: str, ts: float, user: int, rows: np.ndarray | tuple[int, ...], status: int) -> int:
+    def append(self, order_id: str, ts: float, user: int, rows: np.ndarray | tuple[int, ...], status: int,
+               stream: int = 0) -> int:
         """Record an order; return its slot. :meth:`index` makes it findable."""
         slot, n = self.size, len(rows)
         self.size += 1
         if self.size > len(self.ts):
-            for name in ("ts", "user", "status", "start", "length", "id_start", "id_length"):
+            for name in _COLUMNS:
                 setattr(self, name, _grown(getattr(self, name), self.size))
         raw = order_id.encode()
-        self.ts[slot], self.user[slot], self.status[slot] = ts, user, status
+        self.ts[slot], self.user[slot], self.status[slot], self.stream[slot] = ts, user, status, stream
         self.start[slot], self.length[slot] = self.used_items, n
         self.id_start[slot], self.id_length[slot] = len(self.ids), len(raw)
         self.ids += raw
@@ -147,7 +168,7 @@ class OrderLog:
 
     def placed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Placed (not cancelled) orders inside the window, oldest slot first: ``(ts, user, indptr, items)``."""
-        live = np.flatnonzero((self.status[: self.size] == PLACED) & (self.ts[: self.size] >= self.horizon))
+        live = np.flatnonzero((self.status[: self.size] == PLACED) & self._inside())
         lengths = self.length[live].astype(np.int64)
         indptr = np.concatenate([[0], np.cumsum(lengths)])
         take = np.repeat(self.start[live] - indptr[:-1], lengths) + np.arange(indptr[-1])
@@ -158,27 +179,36 @@ class OrderLog:
         a bounded number of times)."""
         if self.window is None or self.size < self._reclaim_at:
             return
-        keep = np.flatnonzero(self.ts[: self.size] >= self.horizon)
+        keep = np.flatnonzero(self._inside())
         if 2 * len(keep) > self.size:
             self._reclaim_at = 2 * self.size
             return
-        self._rebuild(keep)
+        self._fill(self._arrays(keep), self.newest)
 
-    def _rebuild(self, keep: np.ndarray) -> None:
+    def _arrays(self, keep: np.ndarray) -> dict[str, np.ndarray]:
         lengths, id_lengths = self.length[keep].astype(np.int64), self.id_length[keep].astype(np.int64)
-        items = np.concatenate([self.items[s : s + n] for s, n in zip(self.start[keep].tolist(), lengths.tolist())]
-                               or [np.zeros(0, np.int32)])
-        ids = b"".join(bytes(self.ids[s : s + n]) for s, n in zip(self.id_start[keep].tolist(), id_lengths.tolist()))
-        ts, user, status, newest = self.ts[keep], self.user[keep], self.status[keep], self.newest
-        self.__init__(self.window)  # type: ignore[misc]
-        self.newest = newest
-        self.size = len(keep)
-        self.ts, self.user, self.status = ts.copy(), user.copy(), status.copy()
-        self.length, self.id_length = lengths.astype(np.int32), id_lengths.astype(np.int32)
-        self.start = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        self.id_start = np.concatenate([[0], np.cumsum(id_lengths)[:-1]]).astype(np.int64)
-        self.items, self.used_items = items.astype(np.int32), len(items)
-        self.ids = bytearray(ids)
+        take = np.repeat(self.start[keep] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + \
+            np.arange(lengths.sum())
+        id_take = np.repeat(self.id_start[keep] - np.concatenate([[0], np.cumsum(id_lengths)[:-1]]), id_lengths) + \
+            np.arange(id_lengths.sum())
+        raw = np.frombuffer(bytes(self.ids), np.uint8) if self.ids else np.zeros(0, np.uint8)
+        return {"ts": self.ts[keep], "user": self.user[keep], "status": self.status[keep],
+                "stream": self.stream[keep], "length": lengths.astype(np.int32), "items": self.items[take],
+                "id_length": id_lengths.astype(np.int32), "ids": raw[id_take]}
+
+    def _fill(self, a: dict[str, np.ndarray], newest: dict[int, float]) -> None:
+        """Replace every record by the given arrays (as :meth:`arrays` returns them) and index them."""
+        window = self.window
+        self.__init__(window)  # type: ignore[misc]
+        self.newest = dict(newest)
+        self.size = len(a["ts"])
+        self.ts, self.user, self.status = (np.array(a[k]) for k in ("ts", "user", "status"))
+        self.stream = np.array(a["stream"], np.int32)
+        self.length, self.id_length = np.array(a["length"], np.int32), np.array(a["id_length"], np.int32)
+        self.start = np.concatenate([[0], np.cumsum(self.length, dtype=np.int64)[:-1]]).astype(np.int64)
+        self.id_start = np.concatenate([[0], np.cumsum(self.id_length, dtype=np.int64)[:-1]]).astype(np.int64)
+        self.items, self.used_items = np.array(a["items"], np.int32), len(a["items"])
+        self.ids = bytearray(np.asarray(a["ids"], np.uint8).tobytes())
         self.index_all()
 
     def index_all(self) -> None:
@@ -198,28 +228,13 @@ class OrderLog:
 
     # ---- snapshots -----------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
-        """The records inside the window as flat arrays (for a snapshot)."""
-        keep = np.flatnonzero(self.ts[: self.size] >= self.horizon)
-        lengths, id_lengths = self.length[keep].astype(np.int64), self.id_length[keep].astype(np.int64)
-        take = np.repeat(self.start[keep] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + \
-            np.arange(lengths.sum())
-        id_take = np.repeat(self.id_start[keep] - np.concatenate([[0], np.cumsum(id_lengths)[:-1]]), id_lengths) + \
-            np.arange(id_lengths.sum())
-        raw = np.frombuffer(bytes(self.ids), np.uint8) if self.ids else np.zeros(0, np.uint8)
-        return {"ts": self.ts[keep], "user": self.user[keep], "status": self.status[keep],
-                "length": lengths.astype(np.int32), "items": self.items[take], "id_length": id_lengths.astype(np.int32),
-                "ids": raw[id_take], "newest": np.array([self.newest])}
+        """The records inside the window, and each stream's newest order time, as flat arrays (a snapshot)."""
+        streams = sorted(self.newest)
+        return {**self._arrays(np.flatnonzero(self._inside())), "streams": np.array(streams, np.int64),
+                "newest": np.array([self.newest[s] for s in streams], np.float64)}
 
     @classmethod
     def from_arrays(cls, window: float | None, a: dict[str, np.ndarray]) -> OrderLog:
         log = cls(window)
-        log.size = len(a["ts"])
-        log.ts, log.user, log.status = (np.array(a[k]) for k in ("ts", "user", "status"))
-        log.length, log.id_length = np.array(a["length"], np.int32), np.array(a["id_length"], np.int32)
-        log.start = np.concatenate([[0], np.cumsum(log.length, dtype=np.int64)[:-1]]).astype(np.int64)
-        log.id_start = np.concatenate([[0], np.cumsum(log.id_length, dtype=np.int64)[:-1]]).astype(np.int64)
-        log.items, log.used_items = np.array(a["items"], np.int32), len(a["items"])
-        log.ids = bytearray(np.asarray(a["ids"], np.uint8).tobytes())
-        log.newest = float(a["newest"][0])
-        log.index_all()
+        log._fill(a, dict(zip(np.asarray(a["streams"]).tolist(), np.asarray(a["newest"]).tolist())))
         return log

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -247,17 +247,22 @@ class GraphStore:
         """Apply one event; return whether it changed the graph and the items it touched."""
         return self.apply_many([event])[0]
 
-    def apply_many(self, events: Iterable[GraphEvent]) -> list[Applied]:
-        """Apply events in order; return each one's outcome. Same result as one :meth:`apply` each, faster."""
+    def apply_many(self, events: Iterable[GraphEvent], streams: Sequence[int] | None = None) -> list[Applied]:
+        """Apply events in order; return each one's outcome. Same result as one :meth:`apply` each, faster.
+
+        ``streams``: each event's stream, for orders the stream whose time the order window follows (the
+        worker passes the source partition, see :mod:`graph.orders`); default one stream.
+        """
         events = [e.facts() if isinstance(e, Order) else e for e in events]
+        streams = [0] * len(events) if streams is None else list(streams)
         ids = [e.order_id for e in events if isinstance(e, OrderFacts)]
         keys, slots = self.orders.lookup(ids)
         self._found = dict(zip(ids, slots))
         key_of = dict(zip(ids, keys.tolist()))
         results = []
         try:
-            for event in events:
-                results.append(self._apply(event))
+            for event, stream in zip(events, streams):
+                results.append(self._apply(event, stream))
         finally:  # what was applied before a bad event stays applied, edges included
             new, self._new = list(self._new), {}
             self.orders.index(new, [key_of[i] for i in new], [self._found[i] for i in new])
@@ -276,7 +281,7 @@ class GraphStore:
                 chunk = []
         return changed + sum(r.changed for r in self.apply_many(chunk))
 
-    def _apply(self, event: GraphEvent) -> Applied:
+    def _apply(self, event: GraphEvent, stream: int = 0) -> Applied:
         self.stats.events += 1
         if event.epoch > time.time() + self.config.max_future_days * DAY:
             self.stats.future += 1
@@ -284,7 +289,7 @@ class GraphStore:
                                       f"graph.max_future_days={self.config.max_future_days:g} ahead of the clock)",
                            rejected=True)
         if isinstance(event, OrderFacts):
-            result = self._cancel(event) if event.status == "cancelled" else self._place(event)
+            result = self._cancel(event, stream) if event.status == "cancelled" else self._place(event, stream)
         elif isinstance(event, ItemUpserted):
             result = self._upsert(event)
         elif isinstance(event, Interaction):
@@ -328,13 +333,13 @@ class GraphStore:
                 # the product is symmetric: its CSC form is its CSR form with sorted rows (a counting sort)
                 product = (ones.T.tocsr() @ x).tocsc()
                 row_of = np.repeat(np.arange(n_items, dtype=np.int32), np.diff(product.indptr))
-                diagonal = product.indices == row_of  # an item with itself: its own count, not a pair
+                product.data[product.indices == row_of] = 0  # an item with itself: its own count, not a pair
                 del row_of
-                removed = np.bincount(product.indices[diagonal], minlength=n_items)
-                pair = ~diagonal
-                data = product.data[pair]
-                self.co.add(Rows(product.indptr - np.concatenate([[0], np.cumsum(removed)]), product.indices[pair],
+                product.eliminate_zeros()  # in place: the product has no other zeros (it drops them)
+                data = product.data
+                self.co.add(Rows(product.indptr.astype(np.int64), product.indices,
                                  np.rint(data.real).astype(np.int32), data.imag))
+                del product, data
             users = np.fromiter((o[1] for o in orders), np.int64, len(orders))
             by_user = np.repeat(users >= 0, sizes)
             purchase = self.config.interaction_weights["purchase"]
@@ -392,31 +397,31 @@ class GraphStore:
         unit = self._factor(ts)  # before the append: moving the clock flushes the queue
         self._orders.append((rows, user, sign, unit, pairs))
 
-    def _outside(self, e: OrderFacts) -> Applied | None:
-        """The refusal of an order dated before the window, if it is."""
+    def _outside(self, e: OrderFacts, stream: int) -> Applied | None:
+        """The refusal of an order dated before its stream's window, if it is."""
         log = self.orders
-        if e.epoch >= log.horizon:
+        if e.epoch >= log.horizon(stream):
             return None
         self.stats.outside_window += 1
-        return Applied(False, (), f"order {e.order_id} is dated {_days(log.newest - e.epoch)} before the newest "
-                                  f"order, outside the {_days(log.window or 0)} window in which the store can tell a "
+        return Applied(False, (), f"order {e.order_id} is dated {_days(log.newest[stream] - e.epoch)} before the "
+                                  f"newest order, outside the {_days(log.window or 0)} window in which the store can tell a "
                                   "repeat or take it back (graph.order_window_days)", rejected=True)
 
-    def _place(self, e: OrderFacts) -> Applied:
+    def _place(self, e: OrderFacts, stream: int) -> Applied:
         log, slot = self.orders, self._found.get(e.order_id, -1)
         if log.visible(slot):
             self.stats.duplicates += 1
             done = "cancelled" if log.status[slot] == CANCELLED else "applied"
             return Applied(False, (), f"order {e.order_id} already {done}")
-        if (refused := self._outside(e)) is not None:
+        if (refused := self._outside(e, stream)) is not None:
             return refused
-        log.seen(e.epoch)
+        log.seen(e.epoch, stream)
         ids = e.item_ids
         rows = tuple(map(self.items.index.get, ids))
         if None in rows:
             rows = tuple(self._item(i) for i in ids)
         user = self._user(e.user_id) if e.user_id else -1
-        self._record(e.order_id, log.append(e.order_id, e.epoch, user, rows, PLACED))
+        self._record(e.order_id, log.append(e.order_id, e.epoch, user, rows, PLACED, stream))
         self._queue(rows, user, +1, e.epoch)
         self.stats.orders_placed += 1
         return Applied(True, ids)
@@ -426,19 +431,19 @@ class GraphStore:
         self._new[order_id] = None
         self._found[order_id] = slot
 
-    def _cancel(self, e: OrderFacts) -> Applied:
+    def _cancel(self, e: OrderFacts, stream: int) -> Applied:
         log, slot = self.orders, self._found.get(e.order_id, -1)
         if not log.visible(slot):
-            if (refused := self._outside(e)) is not None:
+            if (refused := self._outside(e, stream)) is not None:
                 return refused
-            log.seen(e.epoch)
+            log.seen(e.epoch, stream)
             # Remember it, so a late "placed" event for this order is ignored too.
-            self._record(e.order_id, log.append(e.order_id, e.epoch, -1, (), CANCELLED))
+            self._record(e.order_id, log.append(e.order_id, e.epoch, -1, (), CANCELLED, stream))
             self.stats.cancellations_unmatched += 1
             return Applied(False, (), f"cancels unknown order {e.order_id} (never seen, or placed more than "
                                       f"{_days(log.window or 0)} before the newest order): recorded, a late "
                                       "placement of it will be ignored", rejected=True)
-        log.seen(e.epoch)
+        log.seen(e.epoch, stream)
         if log.status[slot] == CANCELLED:
             self.stats.duplicates += 1
             return Applied(False, (), f"order {e.order_id} already cancelled")

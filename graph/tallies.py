@@ -270,6 +270,7 @@ class EdgeTable:
     __slots__ = ("symmetric", "block_rows", "blocks", "runs", "rows", "min_buffer")
 
     COUNT, WEIGHT = np.int32, np.float32
+    BUFFER_SHARE = 8  # the buffer is merged into the blocks once it holds 1/BUFFER_SHARE of their entries
 
     def __init__(self, symmetric: bool, block_rows: int = 4096, min_buffer: int = 1 << 20) -> None:
         self.symmetric = symmetric
@@ -313,7 +314,7 @@ class EdgeTable:
         while len(runs) > 1 and runs[-2].nnz <= 2 * runs[-1].nnz:
             last = runs.pop()
             runs[-1] = _union(runs[-1], last, self.COUNT, self.WEIGHT, "empty")
-        if sum(r.nnz for r in runs) > max(self.min_buffer, sum(b.nnz for b in self.blocks) // 8):
+        if sum(r.nnz for r in runs) > max(self.min_buffer, sum(b.nnz for b in self.blocks) // self.BUFFER_SHARE):
             self.compact()
 
     def compact(self) -> None:

@@ -96,15 +96,18 @@ class WorkerState:
             self._install(self.artifact)
 
     def apply(self, event: GraphEvent, source_ts: float | None) -> str | None:
-        """Apply one event; return a dead-letter reason when it references nothing."""
+        """Apply one event; return a dead-letter reason when the store refuses it."""
         return self.apply_many([event], [source_ts])[0]
 
-    def apply_many(self, events: list[GraphEvent], source_ts: list[float | None]) -> list[str | None]:
-        """Apply events in order (one bulk graph update); per event, a dead-letter reason or None."""
+    def apply_many(self, events: list[GraphEvent], source_ts: list[float | None],
+                   partitions: list[int] | None = None) -> list[str | None]:
+        """Apply events in order (one bulk graph update); per event, a dead-letter reason or None.
+
+        ``partitions``: each event's source partition, the stream whose time an order's window follows."""
         reasons: list[str | None] = []
         now = time.time()
         pending, kinds = self.pending, Counter(event.type for event in events)
-        for event, result, ts in zip(events, self.store.apply_many(events), source_ts):
+        for event, result, ts in zip(events, self.store.apply_many(events, partitions), source_ts):
             if isinstance(event, ItemUpserted) and result.changed:
                 self.new_text.add(event.item_id)
             reasons.append(result.note if result.rejected else None)
@@ -276,7 +279,7 @@ class Scorer:
         ``backlog``: events the Faust app had not yet forwarded when it sent these (it paces refreshes).
         """
         self.backlog = backlog
-        reasons = self.state.apply_many(events, [r.timestamp for r in records])
+        reasons = self.state.apply_many(events, [r.timestamp for r in records], [r.partition for r in records])
         dead = [(record, reason) for record, reason in zip(records, reasons) if reason]
         for record, reason in dead:
             await self.dead_letter(record, reason, logged=False)
@@ -294,16 +297,19 @@ class Scorer:
             log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         await self.out.send(self.names.dead_letters, key=record.key, value=record.value, headers=headers)
 
-    def rebuild(self, recorded: dict[str, list[bytes]]) -> None:
-        """Start over from the recorded events (per kind, in the order of their changelog keys)."""
+    def rebuild(self, recorded: dict[str, list[tuple[int, bytes]]]) -> None:
+        """Start over from the recorded ``(source partition, event)`` pairs (per kind, in the order of their
+        changelog keys)."""
         state = self.state
         state.reset()
         events: list[ItemUpserted | Interaction | Order] = []
         for kind in ("item_upserted", "interaction"):
-            events += [decode(raw, kind) for raw in recorded[kind]]
+            events += [decode(raw, kind) for _, raw in recorded[kind]]
         events.sort(key=lambda e: e.epoch)  # stable: ties keep their arrival order within a partition
-        events += [decode(raw, "order") for raw in recorded["order"]]  # per partition, in arrival order:
-        state.apply_many(events, [None] * len(events))  # cancellations keep their meaning
+        partitions = [0] * len(events)
+        events += [decode(raw, "order") for _, raw in recorded["order"]]  # per partition, in arrival order:
+        partitions += [p for p, _ in recorded["order"]]  # cancellations keep their meaning
+        state.apply_many(events, [None] * len(events), partitions)
         state.embed_text()
         state.pending = {k: 0.0 for k in state.pending}  # publish the rebuilt lists, no latency to report
         log.info("graph rebuilt from changelogs: %d events, %d items, %d co-purchase edges",

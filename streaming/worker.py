@@ -149,9 +149,11 @@ def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir:
         await consume(stream_, "order")
 
     async def rebuild() -> None:
-        """After (re)assignment: the scoring process starts over from exactly the recorded events."""
+        """After (re)assignment: the scoring process starts over from exactly the recorded events, each with its
+        source partition (the key ``<partition>:<offset>`` of its record; older layouts: 0)."""
         offsets.clear()  # positions of the new assignment: see lag()
-        await scorer.send("rebuild", {kind: [raw_ for _, values in sorted(table.items()) for raw_ in values]
+        await scorer.send("rebuild", {kind: [(int(key.split(":")[0]) if ":" in key else 0, raw_)
+                                             for key, values in sorted(table.items()) for raw_ in values]
                                       for kind, table in tables.items()})
 
     tables["order"].on_recover(rebuild)

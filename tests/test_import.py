@@ -222,3 +222,27 @@ def test_build_graph_writes_a_snapshot_and_the_dead_letters(tmp_path: Path) -> N
     letters = [json.loads(line) for line in dead.read_text().splitlines()]
     assert [(d["line"], d["reason"][:20]) for d in letters] == [(6, "Quantity: 'x' is not"), (4, "order 2 is dated 152")]
     assert load(tmp_path / "graph").co_purchase("P1", "P2").count == 1
+
+
+def test_a_shop_export_with_its_own_columns_and_a_status_column(tmp_path: Path) -> None:
+    """A mapping written for another layout: epoch times, a status column marking cancellations, a fee line."""
+    path = _csv(tmp_path / "export.csv", [
+        "when;order;sku;who;status;name",
+        "1704103200;A-1;mug;c1;paid;Red mug",
+        "1704103200;A-1;plate;c1;paid;Plate",
+        "1704103200;A-1;SHIP;c1;paid;Shipping",
+        "1704189600;A-2;mug;c2;paid;Red mug",
+        "1704189600;A-2;bowl;c2;paid;Bowl",
+        "1704276000;A-1;mug;c1;cancelled;Red mug",
+    ])
+    mapping = CsvMapping(order_id="order", item_id="sku", ts="when", ts_format="epoch", user_id="who", title="name",
+                         cancel_if={"status": ["cancelled"]}, skip_if={"sku": ["SHIP"]}, delimiter=";")
+    store = GraphStore(GraphConfig())
+    report = ImportReport()
+    with open(tmp_path / "dead.jsonl", "w") as dead:
+        done = import_into(store, read_source(DataConfig(path=path, mapping=mapping), report), dead, path)
+    assert done.bad_rows == 0 and done.refused == 0 and report.dropped == {"skipped_item": 1}
+    assert report.orders_placed == 2 and report.orders_cancelled == 1
+    assert store.co_purchase("mug", "plate") is None  # A-1 taken back
+    assert store.co_purchase("mug", "bowl").count == 1 and store.stats.orders_cancelled == 1
+    assert store.catalog[store.items.index["bowl"]].title == "Bowl"

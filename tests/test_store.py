@@ -193,3 +193,17 @@ def test_events_dated_far_in_the_future_are_refused() -> None:
     result = store.apply(future)
     assert result.rejected and not result.changed and "in the future" in result.note
     assert store.co_purchase("A", "B").count == 1 and store.stats.future == 1
+
+
+def test_the_window_follows_each_stream_so_a_partition_read_ahead_pushes_no_other_out() -> None:
+    """The worker reads partitions unevenly; each keeps its own newest order, as a file import keeps one."""
+    events = [order("a1", ["A", "B"], 0), order("b1", ["A", "C"], 1), order("a2", ["A", "B"], 200),
+              order("b2", ["A", "C"], 2), order("b1", ["A"], 3, status="cancelled")]
+    one = GraphStore(GraphConfig(order_window_days=30))
+    refused = [r.rejected for r in one.apply_many(events)]
+    assert refused == [False, False, False, True, True]  # one stream: day 200 pushed days 2 and 3 out
+    two = GraphStore(GraphConfig(order_window_days=30))
+    results = two.apply_many(events, streams=[0, 1, 0, 1, 1])  # a* on partition 0, b* on partition 1
+    assert not any(r.rejected for r in results) and results[-1].changed
+    assert two.co_purchase("A", "B").count == 2 and two.co_purchase("A", "C").count == 1
+    assert two.stats.outside_window == 0 and len(two.orders) == 3  # a2, b1 (cancelled), b2: a1 left partition 0's

@@ -147,9 +147,10 @@ def test_a_rebuild_starts_over_from_the_recorded_events() -> None:
     work = scorer()
     first = Order(order_id="x", items=[{"item_id": "X"}, {"item_id": "Y"}], ts=at(1))
     asyncio.run(work.apply(*forwarded((0, first))[1:]))
-    recorded = {"item_upserted": [encode(ItemUpserted(item_id="A", title="a mug", ts=at(5))).decode()],
+    recorded = {"item_upserted": [(0, encode(ItemUpserted(item_id="A", title="a mug", ts=at(5))).decode())],
                 "interaction": [],
-                "order": [encode(Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))).decode()]}
+                "order": [(1, encode(Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1)))
+                           .decode())]}
     work.rebuild(recorded)
     store = work.state.store
     assert sorted(store.items.ids) == ["A", "B"] and store.co_purchase("A", "B").count == 1
