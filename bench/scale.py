@@ -55,31 +55,37 @@ def _fee_codes() -> set[str]:
     return FEES
 
 
-def write_copies(k: int, out: Path) -> dict:
-    """K copies of every invoice (a run of consecutive rows), one after the other, in the file's order."""
-    fees = _fee_codes()
-    rows = 0
-    with gzip.open(ORII, "rt", newline="") as src, open(out, "w", newline="") as dst:
-        reader, writer = csv.reader(src), csv.writer(dst)
-        header = next(reader)
-        writer.writerow(header)
-        run: list[list[str]] = []
+def _runs() -> tuple[list[str], list[list[list[str]]]]:
+    """Online Retail II full's header and its invoices (runs of consecutive rows), in file order."""
+    with gzip.open(ORII, "rt", newline="") as src:
+        reader = csv.reader(src)
+        header, runs = next(reader), []
+        for row in reader:
+            if runs and row[0] == runs[-1][0][0]:
+                runs[-1].append(row)
+            else:
+                runs.append([row])
+    return header, runs
 
-        def flush() -> None:
-            nonlocal rows
+
+def write_copies(k: int, out: Path, in_time_order: bool = False) -> dict:
+    """K copies of every invoice (a run of consecutive rows), one after the other, in the file's order (or
+    sorted by invoice time: the file's two workbook sheets overlap by 8 days)."""
+    fees = _fee_codes()
+    header, runs = _runs()
+    if in_time_order:
+        runs.sort(key=lambda run: run[0][4])  # ISO times sort as text; stable for equal times
+    rows = 0
+    with open(out, "w", newline="") as dst:
+        writer = csv.writer(dst)
+        writer.writerow(header)
+        for run in runs:
             for c in range(k):
                 for r in run:
                     code = r[1] if r[1].strip() in fees else f"{r[1]}{SEP}{c}"
                     customer = f"{r[6].removesuffix('.0')}{SEP}{c}" if r[6].strip() else ""
                     writer.writerow([f"{r[0]}{SEP}{c}", code, r[2], r[3], r[4], r[5], customer, r[7]])
             rows += k * len(run)
-
-        for row in reader:
-            if run and row[0] != run[-1][0]:
-                flush()
-                run = []
-            run.append(row)
-        flush()
     return {"rows": rows, "bytes": out.stat().st_size}
 
 
@@ -242,19 +248,20 @@ def worker_replay(config: Path, reference: Path, env: dict[str, str]) -> dict:
     the worker's graph equals ``reference`` (the build-graph snapshot) pair by pair."""
     sys.path.insert(0, str(ROOT))
     from graph.snapshot import load
-    from streaming.broker import EmbeddedBroker
-    from tests.kafka_helpers import Reader, WorkerProcess, settle, stream_env, topic
+    from streaming.broker import EmbeddedBroker, free_port
+    from tests.kafka_helpers import WorkerProcess, scrape, stream_env
 
     state = WORK / "cj-worker"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     snapshot = state / "graph"
+    port = free_port()
     with EmbeddedBroker(log_path=state / "broker.log") as broker:
-        wenv = {**stream_env(broker.bootstrap, WORK), "BUNDLEGNN_STREAM__PARTITIONS": "4"}
+        wenv = {**stream_env(broker.bootstrap, WORK), "BUNDLEGNN_STREAM__PARTITIONS": "4",
+                "BUNDLEGNN_STREAM__METRICS_PORT": str(port)}
         wenv.pop("BUNDLEGNN_GRAPH__ORDER_WINDOW_DAYS")  # the shop's own config decides
         worker = WorkerProcess(wenv, state / "worker.log", "--config", str(config), "--model", "none",
                                "--snapshot", str(snapshot)).start(timeout=600)
-        updates = Reader(broker.bootstrap, topic(wenv, "bundle_updates"))
         try:
             started = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "bundlegnn.cli", "replay", "--config", str(config),
@@ -263,11 +270,19 @@ def worker_replay(config: Path, reference: Path, env: dict[str, str]) -> dict:
             if done.returncode:
                 raise RuntimeError(f"replay failed:\n{done.stderr[-3000:]}")
             replayed = time.perf_counter() - started
-            settle(updates, idle=10.0, timeout=3600, read=False)
-            drained = time.perf_counter() - started
-            published = updates.end()
+            sent = json.loads(done.stdout.splitlines()[-1])["sent"]
+            applied, published, since = 0.0, -1.0, time.perf_counter()
+            while time.perf_counter() - since < 10 or applied < sent:  # every event applied, then 10 s quiet
+                if time.perf_counter() - started > 3600:
+                    raise RuntimeError(f"the worker applied {applied:.0f} of {sent} events in an hour")
+                time.sleep(1.0)
+                samples = scrape(port)
+                applied = sum(v for (name, _), v in samples.items() if name == "bundlegnn_worker_events_total")
+                now = samples.get(("bundlegnn_worker_bundle_updates_total", ()), 0.0)
+                if now != published or applied < sent:
+                    published, since = now, time.perf_counter()
+            drained = time.perf_counter() - started - 10
         finally:
-            updates.close()
             code = worker.stop(timeout=300)
     if code != 0:
         raise RuntimeError(f"the worker exited with {code}: {worker.output()[-3000:]}")
@@ -281,7 +296,7 @@ def worker_replay(config: Path, reference: Path, env: dict[str, str]) -> dict:
 
     same = pairs(got) == pairs(want)
     return {"worker_replay_s": round(replayed, 1), "worker_drain_s": round(drained, 1),
-            "worker_bundle_updates": published, "worker_items": got.num_items,
+            "worker_bundle_updates": int(published), "worker_items": got.num_items,
             "worker_co_purchase_pairs": got.num_co_edges(), "worker_equals_build_graph": same}
 
 

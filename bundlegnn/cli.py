@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from graph.store import GraphStore
     from training.datasets import DataConfig, ImportReport, Sourced
+    from training.protocol import Events
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time 'frequently bought together' engine.")
@@ -64,22 +65,31 @@ def _source(cfg: "DataConfig", report: "ImportReport", progress: bool = True,
         raise typer.Exit(2) from exc
 
 
-def _read(settings: Settings, data: Optional[Path]) -> tuple[list, dict]:
-    """The dataset's events in time order (held in memory, for training) and the reader's report."""
-    from training.datasets import BadRow, ImportReport, in_time_order
+def _read(settings: Settings, data: Optional[Path]) -> tuple["Events", dict]:
+    """The dataset's events in time order, for training, and the reader's report. A file in time order is read
+    again on every pass (never held in memory); one out of order (e.g. two exports appended) is read into
+    memory and sorted."""
+    from training.datasets import BadRow, ImportReport, in_time_order, read_events
 
+    cfg = _data(settings, data)
     report = ImportReport()
-    events = in_time_order(e for _, e in _source(_data(settings, data), report) if not isinstance(e, BadRow))
-    return events, report.summary()
+    last, ordered = float("-inf"), True
+    for _, event in _source(cfg, report):
+        if not isinstance(event, BadRow):
+            ordered, last = ordered and event.epoch >= last, max(last, event.epoch)
+    if ordered:
+        return (lambda: read_events(cfg)), report.summary()
+    logging.getLogger("bundlegnn").info("%s is not in time order: sorting it in memory", cfg.path)
+    return in_time_order(read_events(cfg)), report.summary()
 
 
-def _apply(settings: Settings, events: list) -> "GraphStore":
+def _apply(settings: Settings, events: "Events") -> "GraphStore":
     """A fresh store with ``events`` applied, through the one event → graph code path, keeping every order: the
     snapshot a model names is all the data it was trained on."""
     from graph.store import GraphStore
 
     store = GraphStore(settings.graph.model_copy(update={"order_window_days": None}))
-    store.apply_all(tqdm(events, desc="apply", unit=" events", disable=None))
+    store.apply_all(tqdm(events() if callable(events) else events, desc="apply", unit=" events", disable=None))
     return store
 
 
@@ -175,7 +185,7 @@ def train(
     else:
         events, report = _read(settings, data)
         source = {"dataset": report}
-    if not any(isinstance(e, Order) for e in events):
+    if not any(isinstance(e, Order) for e in (events() if callable(events) else events)):
         typer.echo("no orders to train on", err=True)
         raise typer.Exit(2)
     store = _apply(settings, events)
@@ -187,7 +197,7 @@ def train(
     if promote:
         live_path = latest_artifact(settings.paths.model_store)
         live = load_artifact(live_path) if live_path else None
-        decision = judge(cand, live, encoder, settings.training.device, gate)
+        decision = judge(cand, live, encoder, settings.training, settings.training.device, gate)
         extra["promotion"] = {**decision.as_dict(), "window_from": cand.split.protocol["test_from"],
                               "window_queries": len(cand.split.test)}
         log.info("promotion: %s", decision.reason)
@@ -407,11 +417,20 @@ def serve(
     create_topics(bootstrap, _topics(settings))
     view = BundleView(max_users=cfg.max_users)
     path = latest_artifact(settings.paths.model_store) if model == "latest" else None if model == "none" else Path(model)
+    info = None
     if path is not None:
+        from serving.api import ModelInfo
+
         art = load_artifact(path)
         seeded = view.seed_from_model(art.version, art.item_ids, art.src, art.dst, art.prior, art.model.temperature,
                                       cfg.seed_top_k, art.decoder_rows)
-        typer.echo(f"model {art.version}: seeded {seeded} complement lists", err=True)
+        decoder = art.manifest.get("decoder")
+        info = ModelInfo(version=art.version, decoder=decoder.get("method", "dense") if decoder else None,
+                         gnn_weight=decoder["gnn_weight"] if decoder else None,
+                         user_weight=art.manifest.get("user_weight", 0.0))
+        typer.echo(f"model {art.version}: seeded {seeded} complement lists"
+                   + (" (the GNN's embeddings have weight 0 in its decoder)" if decoder and not decoder["gnn_weight"]
+                      else ""), err=True)
     t = settings.stream.topics
     def settle() -> None:  # the view's start-up bulk will live long: keep it out of GC scans (tail latency)
         gc.collect()
@@ -425,7 +444,7 @@ def serve(
             return False, f"view feed stopped: {feed.error!r}"
         return feed.ready.is_set(), None if feed.alive else "view feed stopped"
 
-    api = create_app(view, cfg.rules, health, cfg.cache_size)
+    api = create_app(view, cfg.rules, health, cfg.cache_size, info)
     age = api.state.metrics.update_age
     feed.on_update = lambda update, now: age.observe(now - update.source_ts) if update.source_ts else None
     feed.start()

@@ -78,11 +78,22 @@ class CartResponse(BaseModel):
     personalized: bool
 
 
+class ModelInfo(BaseModel):
+    """What the model loaded at start is made of (from its artifact's manifest)."""
+
+    version: str
+    decoder: str | None = Field(description="'dense' or 'neighbourhood' closed-form decoder; null: the GNN's head")
+    gnn_weight: float | None = Field(description="weight validation gave the GNN's embeddings in the decoder; 0: "
+                                                 "the lists come from co-purchase counts and text alone")
+    user_weight: float = Field(0.0, description="weight of a known user's own history")
+
+
 class Health(BaseModel):
     status: str = Field(description="'ok', 'starting' (still reading the topics) or 'failing'")
     items: int
     complement_lists: int
     model_version: str | None
+    model: ModelInfo | None = Field(None, description="the model loaded at start, if any")
     last_update_age_s: float | None
     error: str | None = None
 
@@ -137,7 +148,7 @@ class _Timing:
 
 
 def create_app(view: BundleView, rules: BundleRules | None = None, health: Callable[[], tuple[bool, str | None]] |
-               None = None, cache_size: int = 100_000) -> FastAPI:
+               None = None, cache_size: int = 100_000, model: ModelInfo | None = None) -> FastAPI:
     """The API over ``view``; ``health`` says (ready, error) for /healthz (default: always ready)."""
     rules = rules or BundleRules()
     app = FastAPI(title="bundlegnn", version="0.1.0",
@@ -252,7 +263,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
         ready, error = health() if health else (True, None)
         model_gauge()
         body = Health(status="failing" if error else "ok" if ready else "starting", items=len(view.items),
-                      complement_lists=len(view.entries), model_version=view.model_version,
+                      complement_lists=len(view.entries), model_version=view.model_version, model=model,
                       last_update_age_s=round(time.time() - view.last_update, 3) if view.last_update else None,
                       error=error)
         return JSONResponse(body.model_dump(), status_code=200 if ready and not error else 503)

@@ -171,7 +171,9 @@ class WorkerState:
         text = np.zeros((self.store.num_items, dim), np.float32)  # items known only from orders: no text yet
         if len(self.scorer.text):
             text[: len(self.scorer.text)] = self.scorer.text
-        return Graph.build(self.store, text, torch_device(self.device), id_items=self.artifact.manifest["id_items"])
+        trained = self.artifact.manifest.get("training", {})
+        return Graph.build(self.store, text, torch_device(self.device), id_items=self.artifact.manifest["id_items"],
+                           co_per_item=trained.get("co_edges_per_item"), ui_per_user=trained.get("ui_edges_per_user"))
 
     def install_views(self, item_ids: list[str], h: dict[str, Any]) -> list[str]:
         """Give the items the model had no view of their views from an inductive pass over ``item_ids`` (the

@@ -23,7 +23,7 @@ def test_every_method_on_both_splits(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=2, hidden=16, device="cpu", decoder_lambdas=[10.0], decoder_text_weights=[30.0],
                       decoder_gnn_weights=[0.0, 10.0])
     report = evaluate(events, GraphConfig(), cfg, TextEncoder(cache_dir=tmp_path), seed=0, held_out=0.2)
-    names = {"popularity", "cooccurrence", "ease", "text", "gnn", "gnn_head", "text_ease"}
+    names = {"popularity", "cooccurrence", "user_history", "ease", "text", "gnn", "gnn_head", "text_ease"}
     assert set(report["methods"]) == set(report["cold_start"]) == set(report["held_out_items"]) == names
     for part in ("methods", "held_out_items"):
         assert all(0 <= m["hr@10"] <= 1 and m["queries"] > 0 for m in report[part].values())
@@ -39,8 +39,8 @@ def test_every_method_on_both_splits(tmp_path: Path) -> None:
     # the gains' intervals come from the same ranks as the metrics
     assert len(report["ranks"]["methods"]["gnn"]) == report["methods"]["gnn"]["queries"]
     gains = summary["comparisons"]
-    assert set(gains) == {"methods", "held_out_items"}
-    assert set(gains["methods"]) == {"gnn vs ease", "gnn vs text_ease", "text_ease vs ease"}
+    assert set(gains) == {"methods", "cold_start", "held_out_items"}
+    assert set(gains["methods"]) == {f"gnn vs {m}" for m in names - {"gnn"}} | {"text_ease vs ease"}
     for name, (a, b) in {"gnn vs ease": ("gnn", "ease"), "text_ease vs ease": ("text_ease", "ease")}.items():
         for metric in ("hr@10", "ndcg@10"):
             gain = gains["methods"][name][metric]

@@ -38,22 +38,23 @@ def test_train_writes_a_loadable_versioned_artifact(tmp_path: Path, monkeypatch:
     # the reloaded weights reproduce the saved item views
     from graph.snapshot import load
     from training.encoder import TextEncoder
-    from training.train import Graph
+    from training.train import Graph, decoder_for, side_views
 
     store = load(tmp_path / "state" / "graph")
     assert store.items.ids == art.item_ids
     encoder = TextEncoder(cache_dir=tmp_path / "state" / "cache" / "text")
     encoder._encode_batch = lambda texts: pytest.fail("text should come from the cache")  # type: ignore[method-assign]
     text = encoder.encode([it.text for it in store.catalog], progress=False)
-    graph = Graph.build(store, text, torch.device("cpu"), id_items=art.manifest["id_items"])
+    trained = art.manifest["training"]
+    graph = Graph.build(store, text, torch.device("cpu"), id_items=art.manifest["id_items"],
+                        co_per_item=trained["co_edges_per_item"], ui_per_user=trained["ui_edges_per_user"])
     with torch.no_grad():
         h = graph.embed(art.model)
     assert np.allclose(h["src"].numpy(), art.src, atol=1e-5) and np.allclose(h["dst"].numpy(), art.dst, atol=1e-5)
     # ... and the decoder rows: the stored weights are the top of the refitted decoder's rows
-    from training.train import decoder_matrix
-
     assert art.decoder is not None and art.decoder.model_dump() == summary["decoder"]
-    b = decoder_matrix(art.model, graph, art.decoder).numpy()
+    assert summary["gnn_weight"] == art.decoder.gnn_weight and summary["gnn_in_decoder"] == (art.decoder.gnn_weight > 0)
+    b = decoder_for(art.decoder, graph, side_views(art.model, graph)).weights.numpy()
     assert art.decoder_index.shape == (n, min(200, n - 1)) and art.decoder_rows is not None
     assert np.allclose(np.take_along_axis(b, art.decoder_index.astype(np.int64), 1), art.decoder_weight, atol=1e-5)
     assert np.allclose(art.decoder_weight[:, 0], b.max(1), atol=1e-5)

@@ -112,13 +112,19 @@ def _tiny_store() -> GraphStore:
 
 def test_baselines_on_a_tiny_store() -> None:
     store = _tiny_store()
-    _, pop = baselines.popularity(store)
-    assert pop.tolist() == [3.0, 2.0, 4.0, 3.0, 2.0]
-    s, _ = baselines.cooccurrence(store)
-    assert s[0, 2] == pytest.approx(3 / math.sqrt(3 * 4)) and s[0, 0] == 0
-    b, _ = baselines.ease(store, lam=1.0)
-    assert torch.all(torch.diagonal(b) == 0)
+    q = Queries([np.array([0]), np.array([3, 4])], np.array([2, 1]), np.array([0, -1]), np.zeros(2, bool))
+    pop = baselines.popularity(store)(q, 0, 2)
+    assert pop.shape == (2, 5) and pop[1].tolist() == [3.0, 2.0, 4.0, 3.0, 2.0]
+    co = baselines.cooccurrence(store)(q, 0, 2)
+    assert co[0, 2] == pytest.approx(3 / math.sqrt(3 * 4)) and co[0, 0] == 0  # mug -> tea towel: cosine
+    b = baselines.ease(store, lam=1.0)(q, 0, 1)
     assert int(b[0].argmax()) == 2  # mug -> tea towel, its most frequent partner
+    history = baselines.user_history(store)(q, 0, 2)
+    bought = {int(i) for i in np.flatnonzero(store.user_item_matrix().toarray()[0])}
+    assert {int(i) for i in torch.topk(history[0], len(bought)).indices} == bought  # user u0's own items first
+    assert int(history[1].argmax()) == 2  # no user: popularity breaks the tie
+    text = baselines.text_similarity(np.eye(5, dtype=np.float32))(q, 0, 2)
+    assert text[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0] and text[1, 3] == text[1, 4] == 0.5
 
 
 def test_model_shapes_gradients_and_an_unseen_item() -> None:
@@ -134,6 +140,7 @@ def test_model_shapes_gradients_and_an_unseen_item() -> None:
     q = torch.zeros(2, 6)
     q[0, 0] = q[1, [3, 4]] = 1.0
     scores = model.complement_scores(h, q)
+    assert torch.allclose(scores, model.complement_scores(h, q.to_sparse()), atol=1e-6)  # baskets as sparse rows
     assert scores.shape == (2, 6) and torch.isfinite(scores).all()
     ab = model.complement_scores(h, torch.eye(6))
     assert not torch.allclose(ab, ab.T)  # complementarity is asymmetric

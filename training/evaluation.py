@@ -1,89 +1,98 @@
 """``bundlegnn evaluate``: every method on the same time split, with the same queries.
 
-Methods: ``popularity``, ``cooccurrence`` (item-kNN cosine), ``ease``
-(EASE^R, λ tuned on validation), ``text`` (cosine of text embeddings) and
-``gnn`` (:class:`~training.models.BundleGNN`, early-stopped on validation,
-trained on the orders before the validation window and run inductively on
-the full training graph, scoring through its closed-form decoder). Two
-ablations show where the GNN's score comes from: ``text_ease`` (the same
-decoder with text side information only, i.e. no GNN; tuned on the same grid)
-and ``gnn_head`` (the GNN's own cosine head, no decoder). ``cold_start``
-repeats the metrics on the queries whose hidden item had no training order;
-``held_out_items`` on a leave-items-out split (see :mod:`training.protocol`).
-Over several seeds, :func:`summarise` adds bootstrap intervals for the gains
-that matter (``COMPARISONS``): a mean over 256 queries moves by a few points
-between seeds, so a gain needs its interval to be read.
+Methods: ``popularity``, ``cooccurrence`` (item-kNN cosine), ``user_history``
+(the query's user's own recency-weighted purchases), ``text`` (cosine of text
+embeddings), ``ease`` (EASE^R, λ tuned on validation; catalogs up to
+:data:`~training.baselines.EASE_MAX_ITEMS` items), ``sansa`` (SANSA's sparse
+approximate inverse, when the ``sansa`` package is installed) and ``gnn``:
+the model a shop is served, :class:`~training.models.BundleGNN` early-stopped
+on validation, run inductively on the full training graph and scoring
+through its closed-form decoder with the GNN's embeddings as side
+information, plus the tuned weight of a known user's history. Two ablations
+show where its score comes from: ``text_ease`` (the same pipeline without
+the GNN's embeddings: the decoder point validation liked best with GNN
+weight 0) and ``gnn_head`` (the GNN's own cosine head, no decoder).
+
+Slices: the whole test split (``methods``), ``cold_start`` (queries whose
+hidden item had no training order) and ``held_out_items`` (a second split
+with a share of items left out of training entirely; see
+:mod:`training.protocol`). Every method is scored in chunks of queries
+(:func:`~training.protocol.rank_queries`), so a large catalog never needs a
+queries × items matrix. Over several seeds :func:`summarise` adds bootstrap
+intervals for ``gnn`` against every other method on every slice: a mean
+over a few hundred queries moves by a few points between seeds, so a gain
+needs its interval to be read.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from graph.events import ItemUpserted, Order
 from graph.store import GraphConfig, GraphStore
 from training import baselines
 from training.encoder import TextEncoder
-from training.protocol import Queries, Split, evaluate_scores, per_query, ranks, relative_gain, time_split
-from training.train import Graph, TrainConfig, id_table, score_queries, select_device, train
+from training.protocol import Events, ScoreFn, Split, per_query, rank_queries, relative_gain, time_split
+from training.train import (Graph, TrainConfig, decoder_for, head_scores, id_table, pipeline_scores, select_device,
+                            side_views, train)
 
 EASE_LAMBDAS = (5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0)
-# (method, baseline) pairs whose relative gain gets a bootstrap interval, per slice
-COMPARISONS = {
-    "methods": [("gnn", "ease"), ("gnn", "text_ease"), ("text_ease", "ease")],
-    "held_out_items": [("gnn", "text"), ("gnn", "text_ease")],
-}
+SLICES = ("methods", "cold_start", "held_out_items")
 
 
 def _texts(encoder: TextEncoder, store: GraphStore) -> np.ndarray:
     return encoder.encode([item.text for item in store.catalog])
 
 
-def _linear(fn: Callable[[GraphStore], tuple[torch.Tensor, torch.Tensor]], store: GraphStore, q: Queries) -> torch.Tensor:
-    s, b = fn(store)
-    return q.matrix(store.num_items) @ s + b
-
-
-def _methods(split: Split, encoder: TextEncoder, train_cfg: TrainConfig, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every method's ``(Q, num_items)`` test scores on ``split``, and what was tuned or timed."""
+def _methods(split: Split, encoder: TextEncoder, train_cfg: TrainConfig, seed: int,
+             peers: bool) -> tuple[dict[str, ScoreFn], dict]:
+    """Every method's scorer of ``split``'s test queries, and what was tuned or timed (``peers``: SANSA too)."""
     n_fit, n = split.fit.num_items, split.train.num_items
     text_fit, text_train = _texts(encoder, split.fit), _texts(encoder, split.train)
-    methods: dict[str, torch.Tensor] = {}
+    methods: dict[str, ScoreFn] = {}
+    tuned: dict = {}
     started = time.perf_counter()
-    methods["popularity"] = _linear(baselines.popularity, split.train, split.test)
-    methods["cooccurrence"] = _linear(baselines.cooccurrence, split.train, split.test)
-    val_ndcg = {lam: evaluate_scores(_linear(lambda s: baselines.ease(s, lam), split.fit, split.val), split.val, n_fit)["ndcg@10"]
-                for lam in EASE_LAMBDAS}
-    lam = max(val_ndcg, key=val_ndcg.get)
-    methods["ease"] = _linear(lambda s: baselines.ease(s, lam), split.train, split.test)
-    methods["text"] = split.test.matrix(n) @ baselines.text_similarity(text_train)[0]
+    methods["popularity"] = baselines.popularity(split.train)
+    methods["cooccurrence"] = baselines.cooccurrence(split.train)
+    methods["user_history"] = baselines.user_history(split.train)
+    methods["text"] = baselines.text_similarity(text_train)
+    if n <= baselines.EASE_MAX_ITEMS:
+        val_ndcg = {lam: rank_queries(baselines.ease(split.fit, lam), split.val, n_fit).metrics(n_fit)["ndcg@10"]
+                    for lam in EASE_LAMBDAS}
+        tuned["ease_lambda"] = lam = max(val_ndcg, key=val_ndcg.get)
+        methods["ease"] = baselines.ease(split.train, lam)
+    if peers and (sansa := baselines.sansa(split.train)) is not None:
+        methods["sansa"] = sansa
     baselines_s = time.perf_counter() - started
 
     started = time.perf_counter()
     result = train(split.fit, text_fit, train_cfg.model_copy(update={"seed": seed}), val=split.val)
-    graph = Graph.build(split.train, text_train, select_device(train_cfg.device), id_items=id_table(split.fit))
-    methods["gnn"] = score_queries(result.model, graph, split.test, result.decoder)
+    graph = Graph.build(split.train, text_train, select_device(train_cfg.device), id_items=id_table(split.fit),
+                        co_per_item=train_cfg.co_edges_per_item, ui_per_user=train_cfg.ui_edges_per_user)
+    views, near = side_views(result.model, graph), {}
+    if result.decoder is not None:
+        methods["gnn"] = pipeline_scores(decoder_for(result.decoder, graph, views, near), graph, result.user_weight)
     gnn_s = time.perf_counter() - started
-    methods["gnn_head"] = score_queries(result.model, graph, split.test)
+    methods["gnn_head"] = head_scores(result.model, graph)
     text_only = {d: v for d, v in result.decoder_val.items() if d.gnn_weight == 0}
     best = max(text_only, key=text_only.get) if text_only else None
     if best is not None:
-        methods["text_ease"] = _linear(
-            lambda s: baselines.text_ease(s, text_train, best.lam, best.text_weight, best.cold_weight), split.train, split.test)
-    tuned = {"ease_lambda": lam, "gnn_best_epoch": result.best_epoch, "gnn_epochs_run": len(result.history),
-             "gnn_decoder": result.decoder.model_dump() if result.decoder else None,
-             "text_ease": best.model_dump() if best else None,
-             "timings": {"baselines_s": round(baselines_s, 1), "gnn_train_s": round(gnn_s, 1)}}
+        methods["text_ease"] = pipeline_scores(decoder_for(best, graph, views, near), graph, result.user_weight)
+    tuned.update({"gnn_best_epoch": result.best_epoch, "gnn_epochs_run": len(result.history),
+                  "gnn_decoder": result.decoder.model_dump() if result.decoder else None,
+                  "gnn_weight": result.gnn_weight, "user_weight": result.user_weight,
+                  "user_weight_val_ndcg@10": {str(k): v for k, v in result.user_val.items()},
+                  "text_ease": best.model_dump() if best else None,
+                  "timings": {"baselines_s": round(baselines_s, 1), "gnn_train_s": round(gnn_s, 1)}})
     return methods, tuned
 
 
-def evaluate(events: list[ItemUpserted | Order], graph_cfg: GraphConfig, train_cfg: TrainConfig,
+def evaluate(events: Events, graph_cfg: GraphConfig, train_cfg: TrainConfig,
              encoder: TextEncoder, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1,
-             held_out: float = 0.1) -> dict:
+             held_out: float = 0.1, peers: bool = True) -> dict:
     """Run the protocol once; return ``{"methods", "cold_start", "held_out_items", "protocol", "timings",
     "ranks"}`` (``ranks``: each method's rank of every query's hidden item, per slice, for the intervals).
 
@@ -91,23 +100,29 @@ def evaluate(events: list[ItemUpserted | Order], graph_cfg: GraphConfig, train_c
     items left out of training entirely, every method retrained, on the queries that hide one of them.
     """
     split = time_split(events, graph_cfg, seed=seed, test_frac=test_frac, val_frac=val_frac)
-    methods, tuned = _methods(split, encoder, train_cfg, seed)
+    methods, tuned = _methods(split, encoder, train_cfg, seed, peers)
     n = split.train.num_items
-    report: dict = {"methods": {}, "cold_start": {}, "held_out_items": {}, "timings": tuned.pop("timings"),
-                    "ranks": {"methods": {}, "held_out_items": {}}}
+    report: dict = {part: {} for part in SLICES}
+    report["timings"] = tuned.pop("timings")
+    report["ranks"] = {part: {} for part in SLICES}
     cold = split.test.cold
-    for name, scores in methods.items():
-        report["methods"][name] = evaluate_scores(scores, split.test, n)
-        report["cold_start"][name] = evaluate_scores(scores[cold], split.test.subset(cold), n)
-        report["ranks"]["methods"][name] = ranks(scores, split.test).tolist()
+    for name, score in methods.items():
+        started = time.perf_counter()
+        ranked = rank_queries(score, split.test, n)
+        report["timings"][f"{name}_rank_s"] = round(time.perf_counter() - started, 1)
+        for part, got in (("methods", ranked), ("cold_start", ranked.subset(cold))):
+            report[part][name] = got.metrics(n)
+            report["ranks"][part][name] = got.rank.tolist()
     report["protocol"] = {**split.protocol, **tuned}
     if held_out:
         split = time_split(events, graph_cfg, seed=seed, test_frac=test_frac, val_frac=val_frac, held_out=held_out)
-        methods, tuned = _methods(split, encoder, train_cfg, seed)
+        methods, tuned = _methods(split, encoder, train_cfg, seed, peers)
         held = split.held_out_queries()
-        for name, scores in methods.items():
-            report["held_out_items"][name] = evaluate_scores(scores[held], split.test.subset(held), split.train.num_items)
-            report["ranks"]["held_out_items"][name] = ranks(scores[held], split.test.subset(held)).tolist()
+        queries = split.test.subset(held)
+        for name, score in methods.items():
+            got = rank_queries(score, queries, split.train.num_items)
+            report["held_out_items"][name] = got.metrics(split.train.num_items)
+            report["ranks"]["held_out_items"][name] = got.rank.tolist()
         report["protocol"].update({k: split.protocol[k] for k in ("held_out", "held_out_items", "held_out_test_queries")})
         report["protocol"]["held_out_split"] = tuned
     return report
@@ -119,7 +134,7 @@ def summarise(runs: list[dict]) -> dict:
     relative gain over every seed's queries with its 95 % bootstrap interval and each seed's gain
     (see :func:`compare`)."""
     out: dict = {"seeds": [r["protocol"]["seed"] for r in runs], "runs": runs}
-    for part in ("methods", "cold_start", "held_out_items"):
+    for part in SLICES:
         if not runs[0].get(part):
             continue
         out[part] = {}
@@ -137,13 +152,18 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def compare(runs: list[dict]) -> dict:
-    """The relative gain of each pair in ``COMPARISONS`` on HR@10 and NDCG@10 over every run's queries,
-    with its 95 % interval and each run's gain (see :func:`training.protocol.relative_gain`)."""
+    """The relative gain of ``gnn`` over every other method on HR@10 and NDCG@10, per slice, over every run's
+    queries, with its 95 % interval and each run's gain (see :func:`training.protocol.relative_gain`); and
+    ``text_ease`` (the pipeline without the GNN) over ``ease`` where both ran."""
     out: dict = {}
-    for part, pairs in COMPARISONS.items():
+    for part in SLICES:
         found = [r.get("ranks", {}).get(part, {}) for r in runs]
+        if not all(found):
+            continue
+        names = [m for m in found[0] if all(m in f for f in found)]
+        pairs = [("gnn", m) for m in names if m != "gnn"] + [("text_ease", "ease")]
         for a, b in pairs:
-            if not all(a in f and b in f for f in found):
+            if a not in names or b not in names or not all(len(f[a]) for f in found):
                 continue
             each_a = [per_query(torch.tensor(f[a])) for f in found]
             each_b = [per_query(torch.tensor(f[b])) for f in found]
@@ -157,7 +177,7 @@ def markdown(summary: dict) -> str:
     """The summary as markdown tables: every slice's metrics (mean ± std over seeds), then the gains."""
     seeds = summary["seeds"]
     lines = []
-    for part in ("methods", "cold_start", "held_out_items"):
+    for part in SLICES:
         if part not in summary:
             continue
         queries = round(next(iter(summary[part].values()))["queries"])

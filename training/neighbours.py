@@ -86,6 +86,19 @@ class VectorIndex:
             self.row_of = rows
             self.index.add(np.ascontiguousarray(vectors, np.float32))
 
+    def search_many(self, vectors: np.ndarray, k: int) -> np.ndarray:
+        """Rows of the ``k`` nearest vectors of each of ``vectors`` (one search for all), ``-1`` padded."""
+        if not len(self) or k <= 0:
+            return np.full((len(vectors), max(k, 0)), -1, np.int64)
+        ask = min(self.index.ntotal, int(k * (1 + 2 * self.dead / len(self.row_of))) + 8)
+        _, labels = self.index.search(np.ascontiguousarray(vectors, np.float32), ask)
+        rows = np.where(labels >= 0, self.row_of[np.maximum(labels, 0)], -1)
+        out = np.full((len(vectors), k), -1, np.int64)
+        for q in range(len(rows)):  # dead labels are rare: drop them row by row
+            live = rows[q][rows[q] >= 0][:k]
+            out[q, : len(live)] = live
+        return out
+
     def search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the ``k`` nearest vectors (approximately) and their inner products, best first."""
         if not len(self) or k <= 0:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from training.artifact import Artifact
 from training.encoder import TextEncoder
 from training.job import Candidate, live_metrics, window_metrics
+from training.train import TrainConfig
 
 
 class PromotionConfig(BaseModel):
@@ -68,8 +69,10 @@ def decide(candidate: dict[str, float], live: dict[str, float] | None, live_vers
                   + (f" by the required {cfg.min_gain:.1%}" if cfg.min_gain else ""))
 
 
-def judge(cand: Candidate, live: Artifact | None, encoder: TextEncoder, device: str, cfg: PromotionConfig) -> Decision:
+def judge(cand: Candidate, live: Artifact | None, encoder: TextEncoder, train_cfg: TrainConfig, device: str,
+          cfg: PromotionConfig) -> Decision:
     """Score the candidate and the live model on the candidate's window, then :func:`decide`."""
-    new = window_metrics(cand.result.model, cand.id_items, cand.result.decoder, cand, device)
-    old = live_metrics(live, cand, encoder, device) if live is not None else None
+    new = window_metrics(cand.result.model, cand.id_items, cand.result.decoder, cand.result.user_weight, cand,
+                         train_cfg, device)
+    old = live_metrics(live, cand, encoder, train_cfg, device) if live is not None else None
     return decide(new, old, live.version if live is not None else None, cfg)

@@ -17,12 +17,14 @@ of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
-from graph.events import Interaction, ItemUpserted, Order
+from graph.events import Interaction, ItemUpserted, Order, OrderFacts
 from graph.store import GraphConfig, GraphStore
 
 Event = ItemUpserted | Interaction | Order
@@ -41,14 +43,22 @@ class Queries:
         return len(self.hidden)
 
     def matrix(self, num_items: int) -> torch.Tensor:
-        """``(Q, num_items)``: 1/|query| on each query's items."""
-        q = torch.zeros(len(self), num_items)
-        for k, rows in enumerate(self.items):
-            q[k, torch.from_numpy(rows)] = 1.0 / len(rows)
-        return q
+        """``(Q, num_items)``: 1/|query| on each query's items (dense: for small catalogs and tests)."""
+        return torch.from_numpy(self.csr(num_items).toarray().astype(np.float32))
+
+    def csr(self, num_items: int, start: int = 0, stop: int | None = None) -> sp.csr_matrix:
+        """Queries ``start .. stop-1`` as a sparse ``(Q, num_items)`` matrix, 1/|query| on each query's items."""
+        items = self.items[start:stop]
+        lengths = np.fromiter((len(r) for r in items), np.int64, len(items))
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        index = np.concatenate(items) if items else np.zeros(0, np.int64)
+        return sp.csr_matrix((np.repeat(1.0 / np.maximum(lengths, 1), lengths), index, indptr),
+                             shape=(len(items), num_items))
 
     def subset(self, mask: np.ndarray) -> "Queries":
-        return Queries([r for r, m in zip(self.items, mask) if m], self.hidden[mask], self.users[mask], self.cold[mask])
+        """The queries where ``mask`` is True (or at the positions ``mask`` lists)."""
+        pick = np.flatnonzero(mask) if np.asarray(mask).dtype == bool else np.asarray(mask)
+        return Queries([self.items[k] for k in pick.tolist()], self.hidden[pick], self.users[pick], self.cold[pick])
 
 
 @dataclass
@@ -68,26 +78,21 @@ class Split:
         return np.array([ids[h] in self.held_out for h in self.test.hidden], bool)
 
 
-def _store(events: list[Event], catalog: list[ItemUpserted], config: GraphConfig) -> GraphStore:
-    store = GraphStore(config.model_copy(update={"order_window_days": None}))  # training reads every order
-    store.apply_all(events)
-    for event in catalog:  # items the shop lists later: known text, no edges yet
-        if event.item_id not in store.items:
-            store.apply(event)
-    return store
+def _training_store(config: GraphConfig) -> GraphStore:
+    return GraphStore(config.model_copy(update={"order_window_days": None}))  # training reads every order
 
 
-def _without(event: Event, held: frozenset[str]) -> Event | None:
+def _without(event: Event | OrderFacts, held: frozenset[str]) -> Event | OrderFacts | None:
     """``event`` with the held-out items removed (None when nothing is left)."""
-    if isinstance(event, Order):
-        lines = [line for line in event.items if line.item_id not in held]
-        return None if not lines else event if len(lines) == len(event.items) else event.model_copy(update={"items": lines})
+    if isinstance(event, OrderFacts):
+        kept = tuple(i for i in event.item_ids if i not in held)
+        return None if not kept else event if len(kept) == len(event.item_ids) else event._replace(item_ids=kept)
     if isinstance(event, Interaction) and event.item_id in held:
         return None
     return event
 
 
-def _queries(orders: list[Order], store: GraphStore, rng: np.random.Generator,
+def _queries(orders: list[OrderFacts], store: GraphStore, rng: np.random.Generator,
              prefer: frozenset[str] = frozenset()) -> Queries:
     """One query per basket of two or more known items; the hidden item is drawn among ``prefer`` when the
     basket holds any."""
@@ -107,50 +112,136 @@ def _queries(orders: list[Order], store: GraphStore, rng: np.random.Generator,
     return Queries(items, np.array(hidden, np.int64), np.array(users, np.int64), np.array(cold, bool))
 
 
+Events = Sequence[Event] | Callable[[], Iterable[Event]]
+"""Events in time order: a list, or a function that reads them afresh (a file too large to hold)."""
+
+
+def _facts(events: Events) -> Iterator[Event | OrderFacts]:
+    for event in events() if callable(events) else events:
+        yield event.facts() if isinstance(event, Order) else event
+
+
 def time_split(
-    events: list[Event], config: GraphConfig, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1,
-    held_out: float = 0.0,
+    events: Events, config: GraphConfig, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1,
+    held_out: float = 0.0, batch: int = 20_000,
 ) -> Split:
     """Split ``events`` (in time order) by placed orders; ``held_out``: the share of items left out of
-    training entirely (see the module docstring)."""
+    training entirely (see the module docstring).
+
+    Two passes over the events, so a file need not fit in memory: the first finds the placed orders' positions
+    (the cuts) and the catalog, the second applies each event to the stores it belongs to and keeps only the
+    validation and test orders.
+    """
     placed: list[int] = []
     seen: set[str] = set()
-    for pos, e in enumerate(events):
-        if isinstance(e, Order) and e.status == "placed" and e.order_id not in seen:
+    catalog: dict[str, ItemUpserted] = {}  # the newest upsert of every item: the shop lists it, text known
+    bought: set[str] = set()
+    times: list[float] = []
+    last = -np.inf
+    for pos, e in enumerate(_facts(events)):
+        if e.epoch < last:
+            raise ValueError(f"event {pos} is dated before the one before it: time_split needs events in time order")
+        last = e.epoch
+        if isinstance(e, OrderFacts) and e.status == "placed" and e.order_id not in seen:
             seen.add(e.order_id)
             placed.append(pos)
+            times.append(e.epoch)
+        elif isinstance(e, ItemUpserted):
+            catalog[e.item_id] = e
+    del seen
+    total = pos + 1 if placed or catalog else 0
     cut = int(len(placed) * (1 - test_frac))
-    test_start = placed[cut] if cut < len(placed) else len(events)  # test_frac=0: no test window
+    test_start = placed[cut] if cut < len(placed) else total  # test_frac=0: no test window
     train_placed = [p for p in placed if p < test_start]
-    val_start = train_placed[int(len(train_placed) * (1 - val_frac))]
-    catalog = [e for e in events if isinstance(e, ItemUpserted)]
+    val_at = int(len(train_placed) * (1 - val_frac))
+    val_start = train_placed[val_at]
     held: frozenset[str] = frozenset()
     if held_out:
-        known = sorted({e.item_id for e in catalog} | {i for p in train_placed for i in events[p].item_ids})
+        for e in _facts(events):  # items of training orders, beside the catalog's
+            if isinstance(e, OrderFacts) and e.status == "placed":
+                bought.update(e.item_ids)
+        known = sorted(set(catalog) | bought)
         pick = np.random.default_rng([seed, 1]).choice(len(known), round(held_out * len(known)), replace=False)
         held = frozenset(known[i] for i in pick)
+    fit, train = _training_store(config), _training_store(config)
+    placed_at = set(placed)
+    val_orders: list[OrderFacts] = []
+    test_orders: list[OrderFacts] = []
+    chunk: list[Event | OrderFacts] = []
+    fit_upto = 0  # events [0, fit_upto) of the current chunk also go to the fit store
 
-    def past(stop: int) -> list[Event]:  # the events before ``stop``, without the held-out items
-        return [x for e in events[:stop] if (x := _without(e, held)) is not None] if held else events[:stop]
+    def flush() -> None:
+        fit.apply_many(chunk[:fit_upto])
+        train.apply_many(chunk)
+        chunk.clear()
 
-    fit = _store(past(val_start), catalog, config)
-    train = _store(past(test_start), catalog, config)
+    for pos, e in enumerate(_facts(events)):
+        if pos >= test_start:
+            if pos in placed_at:
+                test_orders.append(e)
+            continue
+        if pos in placed_at and pos >= val_start and (x := _without(e, held)) is not None:
+            val_orders.append(x)
+        x = _without(e, held) if held else e
+        if x is None:
+            continue
+        chunk.append(x)
+        if pos < val_start:
+            fit_upto = len(chunk)
+        if len(chunk) >= batch:
+            flush()
+            fit_upto = 0
+    flush()
+    for store in (fit, train):  # items the shop lists later: known text, no edges yet
+        store.apply_many([e for item, e in catalog.items() if item not in store.items])
     rng = np.random.default_rng(seed)
-    val_orders = [x for p in placed if val_start <= p < test_start if (x := _without(events[p], held)) is not None]
-    test_orders = [events[p] for p in placed if p >= test_start]
     val, test = _queries(val_orders, fit, rng), _queries(test_orders, train, rng, prefer=held)
+    iso = lambda k: datetime.fromtimestamp(times[k], timezone.utc).isoformat()  # noqa: E731
     protocol = {
         "seed": seed, "test_frac": test_frac, "val_frac": val_frac,
         "train_orders": len(train_placed), "val_queries": len(val), "test_queries": len(test),
         "cold_start_test_queries": int(test.cold.sum()), "catalog_items": train.num_items,
-        "test_from": events[test_start].ts.isoformat() if test_start < len(events) else None,
-        "val_from": events[val_start].ts.isoformat(),
+        "test_from": iso(cut) if cut < len(placed) else None,
+        "val_from": iso(val_at),
     }
     split = Split(fit, train, val, test, protocol, held)
     if held_out:
         protocol.update({"held_out": held_out, "held_out_items": len(held),
                          "held_out_test_queries": int(split.held_out_queries().sum())})
     return split
+
+
+ScoreFn = Callable[[Queries, int, int], torch.Tensor]
+"""Scores of every item for queries ``start .. stop-1``: a ``(stop - start, num_items)`` tensor."""
+
+
+@dataclass
+class Ranked:
+    """Where each query's hidden item ranked (0 = best; ties count half), and each query's top 10."""
+
+    rank: np.ndarray
+    top10: np.ndarray
+
+    def metrics(self, num_items: int) -> dict[str, float]:
+        return metrics(torch.from_numpy(self.rank), torch.from_numpy(self.top10), num_items)
+
+    def subset(self, mask: np.ndarray) -> "Ranked":
+        return Ranked(self.rank[mask], self.top10[mask])
+
+
+def rank_queries(score: ScoreFn, queries: Queries, num_items: int, chunk: int = 512) -> Ranked:
+    """Rank every query's hidden item among the items not in its query, ``chunk`` queries at a time: the full
+    ``(queries × items)`` score matrix of a large catalog would not fit in memory."""
+    rank, top10 = np.zeros(len(queries)), np.zeros((len(queries), min(10, num_items)), np.int64)
+    for start in range(0, len(queries), chunk):
+        stop = min(start + chunk, len(queries))
+        scores = score(queries, start, stop).float().clone()
+        part = queries.subset(np.arange(len(queries))[start:stop])
+        rank[start:stop] = ranks(scores, part).numpy()
+        for k, rows in enumerate(part.items):
+            scores[k, torch.from_numpy(rows)] = -torch.inf
+        top10[start:stop] = scores.topk(top10.shape[1], dim=1).indices.numpy()
+    return Ranked(rank, top10)
 
 
 def ranks(scores: torch.Tensor, queries: Queries) -> torch.Tensor:
@@ -221,8 +312,4 @@ def relative_gain(a: Sequence[np.ndarray], b: Sequence[np.ndarray], resamples: i
 
 def evaluate_scores(scores: torch.Tensor, queries: Queries, num_items: int) -> dict[str, float]:
     """All metrics of a ``(Q, num_items)`` score matrix."""
-    rank = ranks(scores, queries)
-    masked = scores.clone()
-    for k, rows in enumerate(queries.items):
-        masked[k, torch.from_numpy(rows)] = -torch.inf
-    return metrics(rank, masked.topk(min(10, num_items), dim=1).indices, num_items)
+    return rank_queries(lambda q, a, b: scores[a:b], queries, num_items).metrics(num_items)

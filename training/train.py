@@ -1,19 +1,24 @@
-"""Full-graph training of :class:`~training.models.BundleGNN` on basket completion.
+"""Full-graph training of :class:`~training.models.BundleGNN` on basket completion, and the model it serves.
 
 Every training order with two or more items gives one example per item:
 that item hidden, the rest the query, the hidden item the positive against
 sampled negatives (softmax cross-entropy). An epoch draws up to
-``examples_per_epoch`` of them; one full-graph forward serves ``batch_size``. Co-purchase edges are
+``examples_per_epoch`` of them; one full-graph forward serves ``batch_size``.
+Baskets are sparse rows and logits cover only the positives and the sampled
+negatives, so nothing in a step has the size of batch × catalog. Message
+passing uses each item's ``co_edges_per_item`` heaviest co-purchase edges
+(sparse CSR products: no pyg-lib needed on the CPU); co-purchase edges are
 randomly dropped each step (DropEdge, Rong et al., ICLR 2020) so the model
 cannot rely on the very edge it is asked to predict. Early stopping on the
 validation queries' NDCG@10. Same code on CPU and CUDA.
 
-The trained GNN then scores through a closed-form decoder
+The model a shop is served then scores through a closed-form decoder
 (:mod:`training.models.decoder`): item–item weights fitted on the training
-orders with the text and GNN item embeddings as side information. Its ridge
-λ and side weights are picked on the same validation queries from a small
-grid (``decoder_*`` settings); ``decoder: false`` scores with the GNN's own
-cosine head instead.
+orders with the text and GNN item embeddings as side information, exactly
+(dense) up to ``decoder_dense_max_items`` items and neighbourhood-restricted
+(sparse) above. A query with a known user adds ``user_weight`` times the
+user's own history (recency-weighted purchases, scaled to at most 1). λ,
+the side weights and the user weight are picked on the validation queries.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -36,16 +43,15 @@ from tqdm import tqdm
 
 from graph.export import CO, IU, UI, to_heterodata
 from graph.store import GraphStore
-from training.baselines import basket_matrix
-from training.models import BundleGNN, DecoderConfig, decoder_weights, side_view
-from training.protocol import Queries, evaluate_scores
-
+from training.baselines import item_gram
+from training.models import BundleGNN, Decoder, DecoderConfig, fit_decoder, side_view
+from training.protocol import Queries, ScoreFn, rank_queries
 
 log = logging.getLogger(__name__)
 
 
 class TrainConfig(BaseModel):
-    """Knobs of GNN training (the ``training:`` section of a config file)."""
+    """Knobs of GNN training and of the decoder (the ``training:`` section of a config file)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -56,10 +62,15 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-5, ge=0)
     epochs: int = Field(60, ge=1)
     patience: int = Field(8, ge=1)
+    early_stop_queries: int = Field(2000, ge=1, description="validation queries (a seeded sample) ranked after "
+                                    "each epoch for early stopping; the decoder is tuned on all of them")
     batch_size: int = Field(2048, ge=1, description="examples per full-graph step")
     examples_per_epoch: int = Field(20_000, ge=1, description="(basket, hidden item) pairs drawn per epoch")
     negatives: int = Field(4096, ge=1, description="sampled negatives; all items when the catalog is smaller")
     drop_edge: float = Field(0.3, ge=0, lt=1)
+    co_edges_per_item: int | None = Field(32, ge=1, description="message passing keeps each item's heaviest "
+                                          "co-purchase edges (null: all of them)")
+    ui_edges_per_user: int | None = Field(128, ge=1, description="and each user's heaviest items")
     id_embeddings: bool = True
     cold_share: float = Field(0.2, ge=0, lt=1, description="share of items made to look new in each step")
     temperature: float = Field(0.1, gt=0)
@@ -73,15 +84,27 @@ class TrainConfig(BaseModel):
     decoder_text_weights: list[float] = Field([30.0, 100.0], min_length=1, description="text side-information grid")
     decoder_gnn_weights: list[float] = Field([0.0, 10.0, 50.0], min_length=1,
                                              description="GNN-embedding side-information grid")
-    decoder_max_items: int = Field(10_000, ge=2, description="larger catalogs use the cosine head (O(n^3) fit)")
+    decoder_dense_max_items: int = Field(
+        6_000, ge=2, description="catalogs up to this size get the exact dense decoder, larger ones the "
+                                 "neighbourhood fit (see docs/decisions.md for the measured crossover)")
+    decoder_k_co: int = Field(64, ge=1, description="neighbourhood fit: most co-purchased items per item")
+    decoder_k_side: int = Field(16, ge=1, description="neighbourhood fit: nearest items per kind of side information")
     decoder_top_k: int = Field(200, ge=1, description="complements per item the artifact keeps from the decoder")
     decoder_cold_weight: float = Field(0.03, ge=0, description="text cosine towards items without orders (fixed, "
                                        "not tuned: validation holds too few such items)")
+    user_weights: list[float] = Field([0.0, 0.05, 0.2, 0.5], min_length=1,
+                                      description="grid of the weight of a known user's own history")
 
-    def decoder_grid(self) -> list[DecoderConfig]:
-        return [DecoderConfig(lam=lam, text_weight=t, gnn_weight=g, cold_weight=self.decoder_cold_weight)
-                for lam in self.decoder_lambdas
-                for t in self.decoder_text_weights for g in self.decoder_gnn_weights]
+    def decoder_method(self, num_items: int) -> Literal["dense", "neighbourhood"]:
+        return "dense" if num_items <= self.decoder_dense_max_items else "neighbourhood"
+
+    def decoder_grid(self, num_items: int) -> list[DecoderConfig]:
+        """Every (λ, text, GNN) point; above the dense size, λ and text first, then the GNN weights at the best
+        of those (see :func:`tune_decoder`)."""
+        common = {"cold_weight": self.decoder_cold_weight, "method": self.decoder_method(num_items),
+                  "k_co": self.decoder_k_co, "k_side": self.decoder_k_side}
+        return [DecoderConfig(lam=lam, text_weight=t, gnn_weight=g, **common)
+                for lam in self.decoder_lambdas for t in self.decoder_text_weights for g in self.decoder_gnn_weights]
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -133,29 +156,51 @@ def item_features(store: GraphStore, text: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x - x.mean(0, keepdims=True))
 
 
+def user_history(store: GraphStore) -> sp.csr_matrix:
+    """users × items: each user's recency-weighted purchases and interactions, scaled to at most 1 per user."""
+    r = store.user_item_matrix().tocsr()
+    top = np.maximum(r.max(axis=1).toarray().ravel(), 1e-12)
+    return (sp.diags(1.0 / top) @ r).tocsr().astype(np.float32)
+
+
 @dataclass
 class Graph:
-    """A store's edges as tensors on one device, weights normalised per target node."""
+    """A store's edges as tensors on one device, weights normalised per target node, and what the decoder and
+    the user term read."""
 
     x: torch.Tensor
     num_users: int
     edge_index: dict[tuple[str, str, str], torch.Tensor]
     edge_weight: dict[tuple[str, str, str], torch.Tensor]
     id_index: torch.Tensor  # row of each item in the model's ID table, -1 for none
-    baskets: sp.csr_matrix  # placed orders × items, for the decoder
+    store: GraphStore  # read for the decoder's Gram matrix and the user term, when first asked
 
     @classmethod
-    def build(cls, store: GraphStore, text: np.ndarray, device: torch.device,
-              id_items: list[str] | None = None) -> "Graph":
+    def build(cls, store: GraphStore, text: np.ndarray, device: torch.device, id_items: list[str] | None = None,
+              co_per_item: int | None = 32, ui_per_user: int | None = 128) -> "Graph":
         """``id_items``: the item ids of the model's ID table (default: items with orders in ``store``)."""
-        data = to_heterodata(store)
+        data = to_heterodata(store, co_per_item=co_per_item, ui_per_user=ui_per_user)
         index = {rel: data[rel].edge_index.to(device) for rel in (CO, UI, IU)}
         weight = {rel: data[rel].edge_weight.to(device) for rel in (CO, UI, IU)}
         table = {k: r for r, k in enumerate(id_items if id_items is not None else id_table(store))}
         ids = torch.tensor([table.get(k, -1) for k in store.items.ids], dtype=torch.long, device=device)
-        graph = cls(item_features(store, text).to(device), store.num_users, index, weight, ids, basket_matrix(store))
+        graph = cls(item_features(store, text).to(device), store.num_users, index, weight, ids, store)
         graph.edge_weight = graph.normalised(weight)
         return graph
+
+    @cached_property
+    def gram(self) -> sp.csr_matrix:
+        """XᵀX of the placed orders, for the decoder."""
+        return item_gram(self.store)
+
+    @cached_property
+    def history(self) -> sp.csr_matrix:
+        """users × items, for the user term (:func:`user_history`)."""
+        return user_history(self.store)
+
+    @property
+    def num_items(self) -> int:
+        return self.x.size(0)
 
     def normalised(self, weight: dict[tuple[str, str, str], torch.Tensor]) -> dict[tuple[str, str, str], torch.Tensor]:
         sizes = {"item": self.x.size(0), "user": self.num_users}
@@ -189,6 +234,14 @@ class Graph:
         weight[IU] = weight[IU] * ~cold_items[self.edge_index[IU][0]]
         return self.normalised(weight), self.id_index.masked_fill(cold_items, -1)
 
+    def user_scores(self, users: np.ndarray) -> torch.Tensor:
+        """``(len(users), n)``: each known user's scaled history, zeros for unknown users (-1)."""
+        out = np.zeros((len(users), self.num_items), np.float32)
+        known = users >= 0
+        if known.any():
+            out[known] = self.history[users[known]].toarray()
+        return torch.from_numpy(out)
+
 
 def id_table(store: GraphStore) -> list[str]:
     """Items that get a learned ID embedding: those in at least one placed order."""
@@ -196,35 +249,100 @@ def id_table(store: GraphStore) -> list[str]:
     return [k for k, c in zip(store.items.ids, counts) if c > 0]
 
 
+def sparse_rows(q: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    """A scipy CSR matrix as a torch sparse COO tensor on ``device``."""
+    coo = q.tocoo()
+    index = torch.from_numpy(np.stack([coo.row, coo.col]).astype(np.int64))
+    return torch.sparse_coo_tensor(index, torch.from_numpy(coo.data.astype(np.float32)), coo.shape).to(device)
+
+
 @torch.no_grad()
-def decoder_matrix(model: BundleGNN, graph: Graph, cfg: DecoderConfig, h_item: torch.Tensor | None = None) -> torch.Tensor:
-    """The decoder's item × item weights over ``graph``, with the model's item embeddings as side information."""
+def head_scores(model: BundleGNN, graph: Graph, h: dict[str, torch.Tensor] | None = None) -> ScoreFn:
+    """The GNN's own cosine head as a scorer of queries over ``graph``'s items."""
+    h = h if h is not None else graph.embed(model.eval())
+    device = graph.x.device
+    return lambda q, a, b: model.complement_scores(h, sparse_rows(q.csr(graph.num_items, a, b), device)).cpu()
+
+
+def side_views(model: BundleGNN, graph: Graph, h_item: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The decoder's side information: text (the item features without price) and the GNN's item embeddings."""
     if h_item is None:
-        h_item = graph.embed(model.eval())["item"]
-    text = side_view(graph.x[:, :-1])
-    sides = [(cfg.text_weight, text), (cfg.gnn_weight, side_view(h_item))]
-    return decoder_weights(graph.baskets, sides, cfg.lam, graph.x.device, cold=(cfg.cold_weight, text))
+        with torch.no_grad():
+            h_item = graph.embed(model.eval())["item"]
+    return [("text", side_view(graph.x[:, :-1].cpu())), ("gnn", side_view(h_item.cpu()))]
 
 
-@torch.no_grad()
-def score_queries(model: BundleGNN, graph: Graph, queries: Queries, decoder: DecoderConfig | None = None) -> torch.Tensor:
-    """``(Q, num_items)`` complement scores of the queries' baskets (on CPU): through ``decoder``
-    when given, else the GNN's cosine head."""
-    model.eval()
-    q = queries.matrix(graph.x.size(0)).to(graph.x.device)
-    if decoder is not None:
-        return (q @ decoder_matrix(model, graph, decoder)).cpu()
-    return model.complement_scores(graph.embed(model), q).cpu()
+def decoder_for(cfg: DecoderConfig, graph: Graph, views: list[tuple[str, torch.Tensor]],
+                near: dict[str, np.ndarray] | None = None) -> Decoder:
+    """The decoder ``cfg`` over ``graph``'s orders with the given side views."""
+    weights = {"text": cfg.text_weight, "gnn": cfg.gnn_weight}
+    return fit_decoder(graph.gram, [(name, weights[name], view) for name, view in views], cfg, "cpu", near)
+
+
+def pipeline_scores(base: ScoreFn | Decoder, graph: Graph, user_weight: float = 0.0) -> ScoreFn:
+    """A decoder's (or another scorer's) scores plus ``user_weight`` times the query's user's history."""
+    n = graph.num_items
+    score = (lambda q, a, b: base.scores(q.csr(n, a, b))) if isinstance(base, Decoder) else base
+    if not user_weight:
+        return score
+    return lambda q, a, b: score(q, a, b) + user_weight * graph.user_scores(q.users[a:b])
+
+
+def score_queries(model: BundleGNN, graph: Graph, queries: Queries, decoder: DecoderConfig | Decoder | None = None,
+                  user_weight: float = 0.0) -> torch.Tensor:
+    """``(Q, num_items)`` scores of the queries (small catalogs and tests: everything at once): through the
+    decoder (a config is fitted over ``graph`` first), or the cosine head when there is none."""
+    if isinstance(decoder, DecoderConfig):
+        decoder = decoder_for(decoder, graph, side_views(model, graph))
+    base = decoder if decoder is not None else head_scores(model, graph)
+    return pipeline_scores(base, graph, user_weight)(queries, 0, len(queries))
+
+
+def ndcg(score: ScoreFn, queries: Queries, num_items: int) -> float:
+    return rank_queries(score, queries, num_items).metrics(num_items)["ndcg@10"]
 
 
 def tune_decoder(model: BundleGNN, graph: Graph, val: Queries, cfg: TrainConfig) -> dict[DecoderConfig, float]:
-    """Validation NDCG@10 of every point of the decoder grid."""
-    model.eval()
-    h_item = graph.embed(model)["item"]
-    q = val.matrix(graph.x.size(0)).to(graph.x.device)
-    n = graph.x.size(0)
-    return {d: evaluate_scores((q @ decoder_matrix(model, graph, d, h_item)).cpu(), val, n)["ndcg@10"]
-            for d in tqdm(cfg.decoder_grid(), desc="decoder", leave=False, disable=None)}
+    """Validation NDCG@10 of the decoder grid. A dense fit is cheap: every point. A neighbourhood fit takes
+    a minute on a large catalog: λ and the text weight first (no GNN), then the GNN weights at the best."""
+    views = side_views(model, graph)
+    n, near = graph.num_items, {}
+    grid = cfg.decoder_grid(n)
+    if grid[0].method == "neighbourhood":
+        base = [d for d in grid if d.gnn_weight == 0] or grid
+        seen = {d: ndcg(pipeline_scores(decoder_for(d, graph, views, near), graph), val, n)
+                for d in tqdm(base, desc="decoder", leave=False, disable=None)}
+        best = max(seen, key=seen.get)
+        rest = [d for d in grid if d.lam == best.lam and d.text_weight == best.text_weight and d not in seen]
+        seen.update({d: ndcg(pipeline_scores(decoder_for(d, graph, views, near), graph), val, n)
+                     for d in tqdm(rest, desc="decoder (gnn)", leave=False, disable=None)})
+        return seen
+    return {d: ndcg(pipeline_scores(decoder_for(d, graph, views, near), graph), val, n)
+            for d in tqdm(grid, desc="decoder", leave=False, disable=None)}
+
+
+def tune_user_weight(base: ScoreFn | Decoder, graph: Graph, val: Queries, cfg: TrainConfig) -> dict[float, float]:
+    """Validation NDCG@10 of each user weight on top of ``base`` (queries without a user are unaffected)."""
+    if not (val.users >= 0).any():
+        return {0.0: float("nan")}
+    return {w: ndcg(pipeline_scores(base, graph, w), val, graph.num_items) for w in cfg.user_weights}
+
+
+class Phases:
+    """Seconds each phase of a job took and the process's peak RSS (GB) when it ended, in order."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str, **counts: int) -> None:
+        import resource
+
+        now = time.perf_counter()
+        self.seconds[f"{name}_s"] = round(now - self._last, 1)
+        self.seconds[f"{name}_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+        self.seconds.update({f"{name}_{k}": v for k, v in counts.items()})
+        self._last = now
 
 
 @dataclass
@@ -234,37 +352,69 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     decoder: DecoderConfig | None = None  # None: score with the cosine head
     decoder_val: dict[DecoderConfig, float] = field(default_factory=dict)  # the grid's validation NDCG@10
+    user_weight: float = 0.0
+    user_val: dict[float, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds and peak RSS (GB) per phase
+
+    @property
+    def gnn_weight(self) -> float:
+        """The weight validation gave the GNN's embeddings in the decoder (0: the GNN plays no part in it)."""
+        return self.decoder.gnn_weight if self.decoder is not None else 1.0
 
 
-def _baskets(store: GraphStore) -> list[tuple[tuple[int, ...], int]]:
+def _examples(store: GraphStore) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training baskets of two or more items as ``(indptr, items, users)``, and every (basket, position) example."""
     _, users, indptr, items = store.placed_orders()
-    rows = items.tolist()
-    return [(tuple(rows[a:b]), u) for a, b, u in zip(indptr[:-1].tolist(), indptr[1:].tolist(), users.tolist())
-            if b - a >= 2]
+    sizes = np.diff(indptr)
+    keep = np.flatnonzero(sizes >= 2)
+    take = np.concatenate([np.arange(indptr[k], indptr[k + 1]) for k in keep.tolist()]) if len(keep) else \
+        np.zeros(0, np.int64)
+    sizes = sizes[keep]
+    indptr = np.concatenate([[0], np.cumsum(sizes)])
+    examples = np.stack([np.repeat(np.arange(len(keep)), sizes), np.concatenate([np.arange(s) for s in sizes])
+                         if len(sizes) else np.zeros(0, np.int64)], 1)
+    return indptr, items[take], users[keep], examples
+
+
+def _batch(indptr: np.ndarray, items: np.ndarray, batch: np.ndarray, n: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The batch's queries (each basket without its hidden item, 1/|query| on its items) and hidden items."""
+    baskets, positions = batch[:, 0], batch[:, 1]
+    starts, sizes = indptr[baskets], indptr[baskets + 1] - indptr[baskets]
+    hidden = items[starts + positions]
+    rows = np.repeat(np.arange(len(batch)), sizes - 1)
+    offsets = np.concatenate([np.arange(s) for s in sizes.tolist()])
+    rest = offsets[offsets != np.repeat(positions, sizes)]  # each basket's positions except the hidden one
+    cols = items[np.repeat(starts, sizes - 1) + rest]
+    q = sp.csr_matrix((np.repeat(1.0 / (sizes - 1), sizes - 1), (rows, cols)), shape=(len(batch), n))
+    return q, hidden
 
 
 def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | None = None,
           val_graph: Graph | None = None, progress: bool = True) -> TrainResult:
-    """Train on ``store``'s orders; early-stop on ``val`` queries when given."""
+    """Train on ``store``'s orders; early-stop on ``val`` queries when given; tune the decoder and user weight."""
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
-    graph = Graph.build(store, text, device)
+    phases = Phases()
+    graph = Graph.build(store, text, device, co_per_item=cfg.co_edges_per_item, ui_per_user=cfg.ui_edges_per_user)
+    phases.done("graph")
     val_graph = val_graph or graph
     n = store.num_items
     num_ids = int((graph.id_index >= 0).sum()) if cfg.id_embeddings else 0
     model = BundleGNN(graph.x.size(1), cfg.hidden, cfg.layers, cfg.dropout, num_ids, cfg.temperature).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    baskets = _baskets(store)
-    if not baskets:
+    indptr, items, users, examples = _examples(store)
+    if not len(examples):
         raise ValueError("no training orders with two or more items")
-    # every (basket, hidden item) pair is one example
-    examples = np.array([(b, pos) for b, (items, _) in enumerate(baskets) for pos in range(len(items))], np.int64)
     # Items the catalog lists only after the last training event are never positives;
     # as negatives they would teach the model that new items never sell.
     last_order = float(store.placed_orders()[0].max())
     known = torch.tensor([it.updated <= last_order for it in store.catalog], device=device)
     known_rows = known.nonzero().squeeze(1)
     rng = np.random.default_rng(cfg.seed)
+    stop_on = None
+    if val is not None and len(val):
+        stop_on = val if len(val) <= cfg.early_stop_queries else \
+            val.subset(np.sort(np.random.default_rng([cfg.seed, 2]).choice(len(val), cfg.early_stop_queries, False)))
     best, best_state, best_epoch, bad = -math.inf, copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit=" epoch", disable=None if progress else True)
@@ -274,35 +424,40 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
         total = 0.0
         for start in range(0, len(epoch_examples), cfg.batch_size):
             batch = epoch_examples[start : start + cfg.batch_size]
-            hidden = torch.tensor([baskets[b][0][pos] for b, pos in batch], device=device)
-            rows = [(k, i) for k, (b, pos) in enumerate(batch) for j, i in enumerate(baskets[b][0]) if j != pos]
-            q = torch.zeros(len(batch), n, device=device)
-            q[tuple(torch.tensor(rows, device=device).T)] = 1.0
-            q = q / q.sum(1, keepdim=True)
+            q_csr, hidden_np = _batch(indptr, items, batch, n)
+            hidden = torch.from_numpy(hidden_np).to(device)
             if cfg.negatives >= len(known_rows):
                 cand = known_rows
             else:
                 sampled = known_rows[torch.randint(len(known_rows), (cfg.negatives,), device=device)]
                 cand = torch.unique(torch.cat([hidden, sampled]))
             target = torch.searchsorted(cand, hidden)
-            in_query = q[:, cand] > 0
+            # a query's own items among the candidates are not answers
+            qc = q_csr.tocoo()
+            cand_np = cand.cpu().numpy()
+            at = np.minimum(np.searchsorted(cand_np, qc.col), len(cand_np) - 1)
+            hit = cand_np[at] == qc.col
+            in_query = torch.zeros(len(batch), len(cand_np), dtype=torch.bool)
+            in_query[torch.from_numpy(qc.row[hit].astype(np.int64)), torch.from_numpy(at[hit].astype(np.int64))] = True
+            in_query = in_query.to(device)
             h = graph.embed(model, *graph.training_view(cfg.drop_edge, cfg.cold_share))
-            users = torch.tensor([baskets[b][1] for b, _ in batch], device=device)
-            has_user = users >= 0
+            batch_users = torch.from_numpy(users[batch[:, 0]]).to(device)
+            has_user = batch_users >= 0
             with autocast(cfg.precision, device):
-                logits = model.complement_scores(h, q, cand).masked_fill(in_query, -torch.inf)
+                logits = model.complement_scores(h, sparse_rows(q_csr, device), cand).masked_fill(in_query, -torch.inf)
                 loss = torch.nn.functional.cross_entropy(logits, target)
                 if cfg.user_loss_weight and bool(has_user.any()):
-                    ulogits = model.user_scores(h, users[has_user], cand)
+                    ulogits = model.user_scores(h, batch_users[has_user], cand)
                     loss = loss + cfg.user_loss_weight * torch.nn.functional.cross_entropy(ulogits, target[has_user])
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(batch)
         row = {"epoch": epoch, "loss": total / len(epoch_examples)}
-        if val is not None and len(val):
-            row.update({f"val_{k}": v for k, v in evaluate_scores(score_queries(model, val_graph, val), val, n).items()
-                        if k in ("hr@10", "ndcg@10")})
+        if stop_on is not None:
+            model.eval()
+            metrics = rank_queries(head_scores(model, val_graph), stop_on, n).metrics(n)
+            row.update({f"val_{k}": v for k, v in metrics.items() if k in ("hr@10", "ndcg@10")})
             if row["val_ndcg@10"] > best:
                 best, best_state, best_epoch, bad = row["val_ndcg@10"], copy.deepcopy(model.state_dict()), epoch, 0
             else:
@@ -315,13 +470,21 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             break
     model.load_state_dict(best_state)
     model.eval()
-    result = TrainResult(model, best_epoch, history)
-    if cfg.decoder and n > cfg.decoder_max_items:
-        log.warning("%d items exceed decoder_max_items=%d: scoring with the GNN's cosine head", n, cfg.decoder_max_items)
-    elif cfg.decoder:
-        if val is not None and len(val):
-            result.decoder_val = tune_decoder(model, val_graph, val, cfg)
-            result.decoder = max(result.decoder_val, key=result.decoder_val.get)  # ties: the first grid point
-        else:
-            result.decoder = cfg.decoder_grid()[0]
+    phases.done("gnn_epochs", epochs=len(history))
+    result = TrainResult(model, best_epoch, history, phases=phases.seconds)
+    if not cfg.decoder:
+        return result
+    if val is not None and len(val):
+        result.decoder_val = tune_decoder(model, val_graph, val, cfg)
+        result.decoder = max(result.decoder_val, key=result.decoder_val.get)  # ties: the first grid point
+        phases.done("decoder_tuning", fits=len(result.decoder_val))
+        chosen = decoder_for(result.decoder, val_graph, side_views(model, val_graph))
+        result.user_val = tune_user_weight(chosen, val_graph, val, cfg)
+        result.user_weight = max(result.user_val, key=lambda w: (result.user_val[w], -w))  # ties: the smaller
+        phases.done("user_weight")
+    else:
+        result.decoder = cfg.decoder_grid(n)[0]
+    if result.decoder.gnn_weight == 0:
+        log.warning("validation gave the GNN's embeddings weight 0 in the decoder: this model scores with the "
+                    "co-purchase counts and text alone (the GNN still gives views to items the decoder has no row for)")
     return result

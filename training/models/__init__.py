@@ -1,6 +1,8 @@
 """Models, one per file: the GNN and the closed-form decoder that scores with its embeddings."""
 
 from training.models.bundle_gnn import BundleGNN
-from training.models.decoder import DecoderConfig, decoder_weights, side_view, top_rows
+from training.models.decoder import Decoder, DecoderConfig, decoder_weights, fit_decoder, side_view, top_rows
+from training.models.neighbourhood import gram, neighbourhood_weights
 
-__all__ = ["BundleGNN", "DecoderConfig", "decoder_weights", "side_view", "top_rows"]
+__all__ = ["BundleGNN", "Decoder", "DecoderConfig", "decoder_weights", "fit_decoder", "gram", "neighbourhood_weights",
+           "side_view", "top_rows"]

@@ -1,8 +1,14 @@
-"""A closed-form item–item decoder over co-purchases, with node embeddings as side information."""
+"""A closed-form item–item decoder over co-purchases, with node embeddings as side information.
+
+Two fits of the same model: exact (a dense inversion, :func:`decoder_weights`) for small catalogs and
+neighbourhood-restricted (sparse, :mod:`training.models.neighbourhood`) for large ones. Which one a
+catalog gets is decided by its size against a measured crossover and recorded in the artifact.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -10,9 +16,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from training.models.neighbourhood import neighbourhood_weights
+
 
 class DecoderConfig(BaseModel):
-    """The decoder's ridge strength and the weight of each kind of side information."""
+    """The decoder's ridge strength, the weight of each kind of side information, and how it is fitted."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -20,6 +28,11 @@ class DecoderConfig(BaseModel):
     text_weight: float = Field(0.0, ge=0, description="α of the text embeddings' Gram matrix")
     gnn_weight: float = Field(0.0, ge=0, description="α of the GNN item embeddings' Gram matrix")
     cold_weight: float = Field(0.03, ge=0, description="γ of the text cosine added towards items without orders")
+    method: Literal["dense", "neighbourhood"] = Field(
+        "dense", description="dense: exact inversion (O(n^3)); neighbourhood: each item regressed on its "
+                             "neighbours only (sparse, linear in items)")
+    k_co: int = Field(64, ge=1, description="neighbourhood: most co-purchased items per item")
+    k_side: int = Field(16, ge=1, description="neighbourhood: nearest items per kind of side information")
 
 
 def side_view(embeddings: np.ndarray | Tensor) -> Tensor:
@@ -33,16 +46,18 @@ def side_view(embeddings: np.ndarray | Tensor) -> Tensor:
     return e / e.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def decoder_weights(baskets: sp.csr_matrix, sides: Sequence[tuple[float, Tensor]], lam: float,
+def decoder_weights(g: sp.spmatrix, sides: Sequence[tuple[float, Tensor]], lam: float,
                     device: torch.device | str = "cpu", cold: tuple[float, Tensor] | None = None) -> Tensor:
     r"""The item × item weights :math:`\mathbf{B}` (float32, on ``device``); a basket ``q`` scores items as ``q @ B``.
 
+    ``g`` is :math:`\mathbf{X}^\top\mathbf{X}` of the order × item matrix
+    :math:`\mathbf{X}` (:func:`~training.models.neighbourhood.gram`).
     EASE^R (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data",
     WWW 2019) fits :math:`\mathbf{B}` in closed form by ridge regression of
-    each item's column of the order × item matrix :math:`\mathbf{X}` on the
-    other items, with a zero diagonal. Side information enters the Gram
-    matrix as extra pseudo-observations, as in collective EASE (Jeunen, Van
-    Balen & Goethals, "Closed-Form Models for Collaborative Filtering with
+    each item's column of :math:`\mathbf{X}` on the other items, with a zero
+    diagonal. Side information enters the Gram matrix as extra
+    pseudo-observations, as in collective EASE (Jeunen, Van Balen &
+    Goethals, "Closed-Form Models for Collaborative Filtering with
     Side-Information", RecSys 2020):
 
     .. math::
@@ -65,9 +80,8 @@ def decoder_weights(baskets: sp.csr_matrix, sides: Sequence[tuple[float, Tensor]
     γ = 0.03 with the full test set unchanged; γ = 0.1 lifts held-out items
     further but costs 20 % on the full test set.
     """
-    n = baskets.shape[1]
-    x = baskets.tocsc().astype(np.float64)
-    gram = torch.from_numpy((x.T @ x).toarray()).to(device)
+    n = g.shape[0]
+    gram = torch.from_numpy(np.asarray(g.todense() if sp.issparse(g) else g, np.float64)).to(device)
     for weight, e in sides:
         if weight:
             e = e.to(device, torch.float64)
@@ -76,15 +90,62 @@ def decoder_weights(baskets: sp.csr_matrix, sides: Sequence[tuple[float, Tensor]
     p = torch.linalg.inv(gram)
     b = -p / torch.diagonal(p)[None, :]
     if cold is not None and cold[0]:
-        unsold = torch.from_numpy(np.asarray(x.sum(0)).ravel() == 0).to(device)
+        diag = np.asarray(g.diagonal() if sp.issparse(g) else np.diagonal(g))
+        unsold = torch.from_numpy(diag == 0).to(device)
         t = cold[1].to(device, torch.float64)
         b[:, unsold] += cold[0] * (t @ t[unsold].T).clamp(min=0)
     b.fill_diagonal_(0.0)
     return b.float()
 
 
-def top_rows(weights: Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``k`` largest weights, best first: ``(indices int32, values float32)``, both ``n × k``."""
-    k = min(k, weights.size(1) - 1)
-    values, indices = weights.topk(k, dim=1)
-    return indices.int().cpu().numpy(), values.cpu().numpy()
+def top_rows(weights: Tensor | sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` largest weights, best first: ``(indices int32, values float32)``, both ``n × k``
+    (rows with fewer stored weights are padded with index 0 and weight 0)."""
+    if not sp.issparse(weights):
+        k = min(k, weights.size(1) - 1)
+        values, indices = weights.topk(k, dim=1)
+        return indices.int().cpu().numpy(), values.cpu().numpy()
+    w = weights.tocsr()
+    n = w.shape[0]
+    k = min(k, w.shape[1] - 1)
+    index, value = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
+    for a in range(n):
+        cols, vals = w.indices[w.indptr[a] : w.indptr[a + 1]], w.data[w.indptr[a] : w.indptr[a + 1]]
+        if len(cols) > k:
+            top = np.argpartition(-vals, k - 1)[:k]
+            cols, vals = cols[top], vals[top]
+        order = np.argsort(-vals, kind="stable")
+        index[a, : len(order)], value[a, : len(order)] = cols[order], vals[order]
+    return index, value
+
+
+@dataclass
+class Decoder:
+    """Fitted item → item weights, dense (exact) or sparse (neighbourhood-restricted)."""
+
+    weights: Tensor | sp.csr_matrix
+    config: DecoderConfig
+
+    def scores(self, q: sp.csr_matrix) -> Tensor:
+        """``(Q, n)`` scores of the baskets ``q`` (rows of 1/|basket|)."""
+        if sp.issparse(self.weights):
+            return torch.from_numpy((q @ self.weights).toarray().astype(np.float32))
+        w = self.weights
+        return torch.from_numpy(q.toarray().astype(np.float32)).to(w.device) @ w
+
+    def top_rows(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return top_rows(self.weights, k)
+
+
+def fit_decoder(g: sp.csr_matrix, sides: Sequence[tuple[str, float, Tensor]], cfg: DecoderConfig,
+                device: torch.device | str = "cpu", near: dict[str, np.ndarray] | None = None) -> Decoder:
+    """The decoder ``cfg`` names over ``g`` = XᵀX; ``sides``: ``(name, α, unit-row view)``, the cold-item term
+    from the side named ``text``; ``near``: nearest-neighbour lists shared by a grid of neighbourhood fits."""
+    text = next((view for name, _, view in sides if name == "text"), None)
+    cold = (cfg.cold_weight, text) if text is not None and cfg.cold_weight else None
+    if cfg.method == "dense":
+        return Decoder(decoder_weights(g, [(alpha, view) for _, alpha, view in sides], cfg.lam, device, cold), cfg)
+    weights = neighbourhood_weights(g, [(name, alpha, view.cpu().numpy()) for name, alpha, view in sides], cfg.lam,
+                                    (cfg.cold_weight, "text") if cold is not None else None, cfg.k_co, cfg.k_side,
+                                    near=near)
+    return Decoder(weights, cfg)
