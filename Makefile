@@ -27,6 +27,8 @@ bench: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/decoder.py
+	$(BIN)/python bench/model_scale.py
 	$(BIN)/python bench/worker_throughput.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/train_devices.py

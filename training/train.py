@@ -86,7 +86,7 @@ class TrainConfig(BaseModel):
                                              description="GNN-embedding side-information grid")
     decoder_dense_max_items: int = Field(
         6_000, ge=2, description="catalogs up to this size get the exact dense decoder, larger ones the "
-                                 "neighbourhood fit (see docs/decisions.md for the measured crossover)")
+                                 "neighbourhood fit (bench/results/decoder.md measures both)")
     decoder_k_co: int = Field(64, ge=1, description="neighbourhood fit: most co-purchased items per item")
     decoder_k_side: int = Field(16, ge=1, description="neighbourhood fit: nearest items per kind of side information")
     decoder_top_k: int = Field(200, ge=1, description="complements per item the artifact keeps from the decoder")
