@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -333,7 +334,8 @@ def worker(
     path = latest_artifact(settings.paths.model_store) if model == "latest" else None if model == "none" else Path(model)
     spec = ScorerSpec(settings.stream, settings.graph, settings.scoring, bootstrap,
                       settings.encoder if settings.stream.encode_text else None, settings.paths.text_cache,
-                      settings.training.device, path, snapshot, dict_config(settings.log))
+                      settings.training.device, path, snapshot, dict_config(settings.log),
+                      settings.paths.model_store)
     try:
         scorer = ScorerLink.start(spec)
     except RuntimeError as exc:
@@ -360,6 +362,10 @@ def broker(
     except BrokerError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
+    def terminated(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (docker stop, systemd, kill) stops tansu too, as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         create_topics(embedded.bootstrap, _topics(settings))
         addr.write_text(embedded.bootstrap)
@@ -437,14 +443,14 @@ def serve(
         gc.freeze()
 
     feed = ViewFeed(view, bootstrap, FeedTopics(t.catalog, t.bundle_updates, t.orders, t.interactions),
-                    on_ready=settle, fetch_max_wait=settings.stream.fetch_max_wait)
+                    on_ready=settle, fetch_max_wait=settings.stream.fetch_max_wait, stale_after=cfg.stale_after)
 
     def health() -> tuple[bool, str | None]:
         if feed.error is not None:
             return False, f"view feed stopped: {feed.error!r}"
-        return feed.ready.is_set(), None if feed.alive else "view feed stopped"
+        return feed.ready.is_set(), "view feed stopped" if not feed.alive else feed.stale()
 
-    api = create_app(view, cfg.rules, health, cfg.cache_size, info)
+    api = create_app(view, cfg.rules, health, cfg.cache_size, info, cfg.cache_bytes, cfg.body_limit)
     age = api.state.metrics.update_age
     feed.on_update = lambda update, now: age.observe(now - update.source_ts) if update.source_ts else None
     feed.start()

@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 NonEmpty = Annotated[str, Field(min_length=1, max_length=256)]
 
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)  # the Unix epoch: catalog files without times use it
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
@@ -28,9 +31,10 @@ class _Event(BaseModel):
     @field_validator("ts")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        if value < EARLIEST:  # the upper bound is the graph store's (graph.max_future_days after its clock)
+            raise ValueError(f"{value.isoformat()} is before {EARLIEST.date().isoformat()}, the earliest time accepted")
+        return value
 
     @property
     def epoch(self) -> float:
@@ -143,14 +147,23 @@ def _reason(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_event(raw: bytes | str, expected: str | None = None) -> AnyEvent | Rejected:
+MAX_EVENT_BYTES = 1 << 20  # an event is a few hundred bytes; an order of 1,000 lines about 60 KB
+
+
+def parse_event(raw: bytes | str | None, expected: str | None = None) -> AnyEvent | Rejected:
     """Parse one JSON event (a Kafka message, a line of a JSON-lines file); never raises on bad input.
 
     ``expected`` (an event ``type``) is what the topic carries: with it the
     ``type`` field may be left out, and a different ``type`` is rejected.
-    Without it, ``type`` decides the schema.
+    Without it, ``type`` decides the schema. A null value (a Kafka
+    tombstone), more than :data:`MAX_EVENT_BYTES` or JSON nested too deeply
+    to parse are rejected with that reason.
     """
-    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if raw is None:
+        return Rejected("a null message value (a tombstone): no event", b"")
+    data = raw.encode(errors="surrogateescape") if isinstance(raw, str) else bytes(raw)
+    if len(data) > MAX_EVENT_BYTES:
+        return Rejected(f"{len(data):,} bytes: an event is at most {MAX_EVENT_BYTES:,} bytes", data[:1024])
     if expected is not None:
         try:  # the common case, parsed and validated in one pass (half the time of json.loads + validate)
             return EVENT_TYPES[expected].model_validate_json(data)
@@ -160,6 +173,8 @@ def parse_event(raw: bytes | str, expected: str | None = None) -> AnyEvent | Rej
         obj = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return Rejected(f"not JSON: {exc}", data)
+    except RecursionError:
+        return Rejected("JSON nested too deeply to be an event", data[:1024])
     if not isinstance(obj, dict):
         return Rejected(f"not a JSON object but {type(obj).__name__}", data)
     try:

@@ -9,12 +9,14 @@ next request while repeated lookups cost a few dictionary reads.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,7 +70,8 @@ class CartRequest(BaseModel):
     user_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     k: int = Field(3, ge=1, le=20, description="bundles to return")
     size: int = Field(2, ge=1, le=4, description="items each bundle adds to the cart")
-    max_price: float | None = Field(None, gt=0, description="cap on the total price of the added items")
+    max_price: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                    description="cap on the total price of the added items")
 
 
 class CartResponse(BaseModel):
@@ -147,9 +150,69 @@ class _Timing:
             self.histogram.labels(route, str(status[0])).observe(time.perf_counter() - started)
 
 
+class _BodyLimit:
+    """Refuses a request body over ``limit`` bytes with 413 before it is parsed: by its declared length, or,
+    sent without one (chunked), by reading at most ``limit`` bytes of it first."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.limit:
+                await self._refuse(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._refuse(send)
+                return
+        replayed = [False]
+
+        async def replay() -> Message:
+            if replayed[0]:
+                return await receive()
+            replayed[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse({"detail": f"request body over {self.limit:,} bytes"}, status_code=413)
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+def _json_safe(value: object) -> object:
+    """Validation error details with non-finite numbers as strings (JSON has no NaN: the 422 would be a 500)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
 def create_app(view: BundleView, rules: BundleRules | None = None, health: Callable[[], tuple[bool, str | None]] |
-               None = None, cache_size: int = 100_000, model: ModelInfo | None = None) -> FastAPI:
-    """The API over ``view``; ``health`` says (ready, error) for /healthz (default: always ready)."""
+               None = None, cache_size: int = 100_000, model: ModelInfo | None = None,
+               cache_bytes: int = 64 << 20, body_limit: int = 64 << 10) -> FastAPI:
+    """The API over ``view``; ``health`` says (ready, error) for /healthz (default: always ready).
+
+    Built responses are cached up to ``cache_size`` entries and ``cache_bytes`` bytes (oldest out first), so
+    memory stays bounded whatever the requests; request bodies over ``body_limit`` bytes get 413.
+    """
     rules = rules or BundleRules()
     app = FastAPI(title="bundlegnn", version="0.1.0",
                   description="Frequently-bought-together bundles, kept fresh from Kafka.")
@@ -158,7 +221,14 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
     cache: dict[tuple, tuple[tuple[tuple[str, int], ...], bytes]] = {}
     seen_model: list[str | None] = [None]
 
+    app.add_middleware(_BodyLimit, limit=body_limit)
     app.add_middleware(_Timing, histogram=metrics.latency)
+    cached_bytes = [0]
+    app.state.cache, app.state.cached_bytes = cache, cached_bytes  # for /metrics and tests
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _json_safe(exc.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -179,9 +249,11 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
             return Response(hit[1], media_type="application/json")
         before = deps(anchors)
         body = build().model_dump_json().encode()
-        if cache_size:
-            if len(cache) >= cache_size:
-                cache.pop(next(iter(cache)))
+        if cache_size and len(body) <= cache_bytes:
+            old = cache.pop(key, None)
+            cached_bytes[0] += len(body) - (len(old[1]) if old else 0)
+            while cache and (len(cache) >= cache_size or cached_bytes[0] > cache_bytes):
+                cached_bytes[0] -= len(cache.pop(next(iter(cache)))[1])
             cache[key] = (before, body)
         return Response(body, media_type="application/json")
 

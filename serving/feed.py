@@ -6,6 +6,13 @@ follows them. It is *ready* once it has read up to the end offsets it saw at
 start-up. Messages it cannot parse are counted and logged, never applied:
 the stream worker already dead-letters bad events, and a bad bundle update
 must not replace a good list.
+
+Staleness (:meth:`ViewFeed.stale`, on ``/healthz``): every few seconds the
+feed compares its positions with the topics' end offsets. It is stale when
+it is behind and has not advanced for ``stale_after`` seconds, when an end
+offset went below its position (a broker that came back without its data),
+when the broker has been unreachable that long, or when its loop has not
+polled that long (a handler stuck).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 from pydantic import ValidationError
 
 from graph.events import Interaction, ItemUpserted, Order
@@ -38,8 +46,18 @@ class ViewFeed:
 
     def __init__(self, view: BundleView, bootstrap: str, topics: FeedTopics,
                  on_update: Callable[[BundleUpdate, float], None] | None = None,
-                 on_ready: Callable[[], None] | None = None, fetch_max_wait: float = 0.05) -> None:
+                 on_ready: Callable[[], None] | None = None, fetch_max_wait: float = 0.05,
+                 stale_after: float = 60.0, check_every: float = 5.0) -> None:
         self.view, self.bootstrap, self.topics = view, bootstrap, topics
+        self.stale_after, self.check_every = stale_after, check_every
+        now = time.time()
+        self.beat = now  # the loop's last poll
+        self.fresh_at = now  # the last check that found the view caught up or advancing
+        self.checked_at = 0.0
+        self.behind = 0  # messages on the topics after the view's positions, at the last check
+        self.went_back: str | None = None  # a partition whose end offset fell below the view's position
+        self.unreachable_since: float | None = None
+        self._positions: dict = {}
         self.fetch_max_wait_ms = int(fetch_max_wait * 1000)  # see StreamConfig.fetch_max_wait
         self.on_update, self.on_ready = on_update, on_ready
         self.ready = threading.Event()
@@ -64,6 +82,40 @@ class ViewFeed:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def stale(self, now: float | None = None) -> str | None:
+        """Why the view is not keeping up with its topics (None: it is, or it is still starting)."""
+        if not self.ready.is_set():
+            return None
+        now = time.time() if now is None else now
+        if now - self.beat > self.stale_after:
+            return f"view feed stuck: no poll for {now - self.beat:.0f} s"
+        if self.went_back is not None:
+            return f"{self.went_back}: the broker's end offset is below the view's position (it lost its data?)"
+        if self.unreachable_since is not None and now - self.unreachable_since > self.stale_after:
+            return f"broker unreachable for {now - self.unreachable_since:.0f} s"
+        if self.behind and now - self.fresh_at > self.stale_after:
+            return f"view {self.behind} messages behind its topics, not advancing for {now - self.fresh_at:.0f} s"
+        return None
+
+    def check(self, consumer: KafkaConsumer, parts: list[TopicPartition], now: float) -> None:
+        """Compare positions with end offsets (see :meth:`stale`)."""
+        self.checked_at = now
+        try:
+            ends = consumer.end_offsets(parts)
+        except KafkaError as exc:
+            if self.unreachable_since is None:
+                self.unreachable_since = now
+                log.warning("view feed cannot read end offsets: %s", exc)
+            return
+        self.unreachable_since = None
+        positions = {tp: consumer.position(tp) for tp in parts}
+        back = [tp for tp in parts if ends.get(tp, 0) < positions[tp]]
+        self.went_back = f"{back[0].topic}[{back[0].partition}]" if back else None
+        self.behind = sum(max(0, ends.get(tp, 0) - positions[tp]) for tp in parts)
+        if not self.behind or positions != self._positions:
+            self.fresh_at = now
+        self._positions = positions
 
     # ---- message handlers ----------------------------------------------------
     def _reject(self, topic: str, exc: Exception) -> None:
@@ -114,6 +166,9 @@ class ViewFeed:
             consumer.seek_to_beginning(*parts)
             target = {tp: end for tp, end in consumer.end_offsets(parts).items() if end > 0}
             while not self._stop.is_set():
+                self.beat = now = time.time()
+                if self.ready.is_set() and now - self.checked_at >= self.check_every:
+                    self.check(consumer, parts, now)
                 for tp, records in consumer.poll(timeout_ms=200, max_records=5000).items():
                     handle = self._handlers[tp.topic]
                     for record in records:

@@ -16,5 +16,9 @@ class ServingConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port (printed at start)")
     rules: BundleRules = Field(default_factory=BundleRules)
     cache_size: int = Field(100_000, ge=0, description="built responses kept (revalidated on every hit)")
+    cache_bytes: int = Field(64 << 20, ge=0, description="and at most this many bytes of them (oldest out first)")
+    stale_after: float = Field(60.0, gt=0, description="/healthz fails when the view has been behind its topics "
+                                                       "without advancing (or its broker unreachable) this long")
+    body_limit: int = Field(64 << 10, ge=1024, description="request bodies over this many bytes get 413")
     max_users: int = Field(100_000, ge=0, description="users whose recent purchases are kept for personalisation")
     seed_top_k: int = Field(20, ge=1, description="model complements per item seeded from the artifact at start")

@@ -40,6 +40,8 @@ class WorkerMetrics:
         self.items = Gauge("bundlegnn_worker_items", "Items in the worker's graph", registry=r)
         self.co_edges = Gauge("bundlegnn_worker_co_purchase_edges", "Co-purchase pairs in the worker's graph",
                               registry=r)
+        self.models_refused = Counter("bundlegnn_worker_models_refused", "model-updates announcements refused "
+                                      "(the live model stayed)", registry=r)
         self.model_loaded = Gauge("bundlegnn_worker_model_loaded_timestamp", "Unix time the current model was loaded "
                                   "(0: no model, scoring from co-purchase statistics and text)", registry=r)
 

@@ -42,7 +42,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
 
-from graph.events import Interaction, ItemUpserted, Order, OrderFacts
+from graph.events import MAX_EVENT_BYTES, Interaction, ItemUpserted, Order, OrderFacts
 from graph.snapshot import save as save_snapshot
 from graph.store import GraphConfig, GraphEvent, GraphStore, tune_gc
 from streaming.codec import decode
@@ -62,7 +62,7 @@ class Record(NamedTuple):
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone (dead-lettered)
     timestamp: float | None
 
 
@@ -144,8 +144,13 @@ class WorkerState:
     def load_model(self, path: str | Path) -> None:
         """Load an artifact and score with it from now on (the hot swap)."""
         artifact = load_artifact(path)
+        try:
+            self._install(artifact)
+        except Exception:
+            if self.artifact is not None:  # put the live model's views back: a half-installed one never serves
+                self._install(self.artifact)
+            raise
         self.artifact = artifact
-        self._install(artifact)
         ids = self.store.items.ids
         self.pending.update({ids[r]: time.time() for r in np.flatnonzero(self.store.item_order_counts()).tolist()})
         self.metrics.model_loaded.set(time.time())
@@ -206,6 +211,7 @@ class ScorerSpec:
     model: Path | None = None  # artifact to load at start
     snapshot: Path | None = None  # where to write the graph on a clean stop
     logging: dict[str, Any] | None = None  # a logging.config.dictConfig mapping
+    model_store: Path | None = None  # announced models must lie under it (None: anywhere)
 
 
 class Scorer:
@@ -294,10 +300,14 @@ class Scorer:
         """Publish a message on ``dead-letters`` with the reason and where it came from (and log it)."""
         headers = [("reason", reason.encode()), ("topic", record.topic.encode()),
                    ("partition", str(record.partition).encode()), ("offset", str(record.offset).encode())]
+        value = record.value
+        if value is not None and len(value) > MAX_EVENT_BYTES:  # the broker may refuse it: keep its start
+            headers.append(("truncated_from", str(len(value)).encode()))
+            value = value[:1024]
         self.state.metrics.dead_letters.labels(record.topic).inc()
         if logged:
             log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
-        await self.out.send(self.names.dead_letters, key=record.key, value=record.value, headers=headers)
+        await self.out.send(self.names.dead_letters, key=record.key, value=value, headers=headers)
 
     def rebuild(self, recorded: dict[str, list[tuple[int, bytes]]]) -> None:
         """Start over from the recorded ``(source partition, event)`` pairs (per kind, in the order of their
@@ -399,12 +409,23 @@ class Scorer:
         finally:
             await consumer.stop()
 
-    def _swap(self, value: bytes) -> None:
+    def _swap(self, value: bytes | None) -> None:
+        """Load an announced model, or refuse it (a log line and a metric) and keep serving the live one.
+
+        Anything can be on the topic: not JSON, a path outside the model store, missing files, arrays of the
+        wrong shape, a pickle carrying code (``weights_only`` loading refuses it). Every failure is caught here
+        by design: no announcement may stop the worker.
+        """
         try:
-            path = json.loads(value)["path"]
+            path = Path(json.loads(value or b"null")["path"]).resolve()
+            store = self.spec.model_store
+            if store is not None and not path.is_relative_to(Path(store).resolve()):
+                raise ValueError(f"{path} is outside the model store {Path(store).resolve()}")
             self.state.load_model(path)
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            log.error("model-updates message refused (%s): %r", exc, value[:200])
+        except Exception as exc:  # noqa: BLE001 — see the docstring; logged and counted, never silent
+            self.state.metrics.models_refused.inc()
+            log.error("model-updates message refused, the live model stays (%s: %s): %r", type(exc).__name__, exc,
+                      (value or b"")[:200])
 
 
 def _read_commands(conn: Connection, queue: asyncio.Queue[tuple], loop: asyncio.AbstractEventLoop) -> None:

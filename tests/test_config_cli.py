@@ -78,3 +78,32 @@ def test_the_api_socket_accepts_before_the_server_runs() -> None:
             pass  # refused (ConnectionRefusedError) if the socket were only bound
     finally:
         sock.close()
+
+
+def test_sigterm_stops_the_broker_command_and_its_tansu(tmp_path: Path) -> None:
+    """`bundlegnn broker` under SIGTERM (docker stop, systemd) stops tansu too instead of orphaning it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "BUNDLEGNN_PATHS__STATE_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "bundlegnn.cli", "broker"], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        addr, deadline = tmp_path / "broker.addr", time.time() + 60
+        while not addr.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert addr.exists(), proc.stderr.read() if proc.poll() is not None else "no broker address in 60 s"
+        children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        assert children  # tansu
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        for child in children:
+            assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+        assert not addr.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

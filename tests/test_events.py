@@ -60,3 +60,30 @@ def test_bad_events_are_values_with_reasons(raw: bytes, expected: str | None, re
     assert isinstance(result, Rejected)
     assert reason in result.reason
     assert result.raw == raw
+
+
+@pytest.mark.parametrize("expected", [None, "order"])
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "a null message value (a tombstone)"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "nested too deeply"),
+        (json.dumps({**GOOD_ORDER, "note": "x" * (2 << 20)}).encode(), "at most 1,048,576 bytes"),
+        (json.dumps({**GOOD_ORDER, "ts": "9999-12-31T00:00:00"}).encode()[:-1] + b"\x00", "not JSON"),
+    ],
+)
+def test_hostile_messages_are_rejected_not_raised(raw: bytes | None, reason: str, expected: str | None) -> None:
+    """What a broken or hostile producer can put on a topic: each is a dead letter with its reason, and the
+    good event after it still parses (the parser keeps no state that a bad one could break)."""
+    result = decode(raw, expected=expected)
+    assert isinstance(result, Rejected) and reason in result.reason, result
+    assert len(result.raw) <= max(len(raw or b""), 1024) and (raw is None or len(raw) <= 1 << 20
+                                                              or len(result.raw) == 1024)
+    assert isinstance(decode(json.dumps(GOOD_ORDER).encode(), expected=expected), Order)
+
+
+def test_times_before_the_unix_epoch_are_rejected() -> None:
+    assert isinstance(decode(json.dumps({**GOOD_ORDER, "ts": "1970-01-01T00:00:00Z"}).encode()), Order)
+    result = decode(json.dumps({**GOOD_ORDER, "ts": "0001-01-02T00:00:00"}).encode())
+    assert isinstance(result, Rejected) and "before 1970-01-01, the earliest time accepted" in result.reason

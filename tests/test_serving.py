@@ -146,6 +146,38 @@ def test_bad_input_gets_4xx_with_a_json_body(client: TestClient) -> None:
     assert r.status_code == 404 and "none of the cart's items is known" in r.json()["detail"]
 
 
+def test_hostile_clients_get_4xx_and_memory_stays_bounded(view: BundleView) -> None:
+    """Non-finite numbers are 422 (JSON has no NaN: the error body must still serialise), bodies over the
+    limit are 413 before they are parsed, and the response cache stays inside its byte budget."""
+    app = create_app(view, BundleRules(), cache_bytes=4000, body_limit=1000)
+    client = TestClient(app, raise_server_exceptions=False)
+    for raw in (b'{"items": ["A"], "max_price": NaN}', b'{"items": ["A"], "max_price": Infinity}',
+                b'{"items": ["A"], "k": -Infinity}'):
+        r = client.post("/bundles/complete", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"], raw
+    assert client.get("/items/A/bundles", params={"max_price": "nan"}).status_code == 422
+    r = client.post("/bundles/complete", content=b'{"items": ["' + b"A" * 5000 + b'"]}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over 1,000 bytes" in r.json()["detail"]
+
+    def chunks():
+        yield b'{"items": ["A"], "user_id": "'
+        for _ in range(20):
+            yield b"u" * 100
+        yield b'"}'
+
+    r = client.post("/bundles/complete", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413  # streamed without a length: counted as it arrives
+    built = 0
+    for price in range(1, 200):  # every price a new cache key
+        r = client.get("/items/A/bundles", params={"max_price": price})
+        assert r.status_code == 200
+        built += len(r.content)
+    held = sum(len(body) for _, body in app.state.cache.values())
+    assert held == app.state.cached_bytes[0] <= 4000 < built and len(app.state.cache) >= 1
+    assert client.post("/bundles/complete", json={"items": ["A"]}).status_code == 200  # still serving
+
+
 def test_cart_completion_endpoint(client: TestClient) -> None:
     r = client.post("/bundles/complete", json={"items": ["B", "C", "zzz"], "k": 2, "size": 1})
     assert r.status_code == 200
@@ -213,3 +245,56 @@ def test_user_history_personalizes_and_unknown_users_do_not(client: TestClient, 
     assert body["personalized"] is True
     f = [m for b in body["bundles"] for m in b["items"] if m["item_id"] == "F"]
     assert f and "you bought it before" in f[0]["why"]
+
+
+def test_the_feed_is_stale_when_behind_and_not_advancing_or_when_offsets_go_back() -> None:
+    """What /healthz reports (serving.feed.ViewFeed.stale), from the feed's periodic look at end offsets."""
+    from kafka import TopicPartition
+    from kafka.errors import KafkaConnectionError
+
+    from serving.feed import FeedTopics, ViewFeed
+
+    tp = TopicPartition("catalog", 0)
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.end, self.at, self.down = 10, 10, False
+
+        def end_offsets(self, parts):
+            if self.down:
+                raise KafkaConnectionError("no broker")
+            return {tp: self.end}
+
+        def position(self, part):
+            return self.at
+
+    feed = ViewFeed(BundleView(), "unused", FeedTopics("catalog", "updates"), stale_after=60)
+    feed.ready.set()
+    consumer, t = Consumer(), 1000.0
+    feed.check(consumer, [tp], t)
+    feed.beat = t + 100
+    assert feed.stale(t + 100) is None  # caught up: fine however long nothing happens
+    consumer.end = 50
+    feed.check(consumer, [tp], t + 101)
+    consumer.at = 20
+    feed.check(consumer, [tp], t + 150)  # behind but advancing
+    feed.beat = t + 200
+    assert feed.stale(t + 200) is None
+    feed.check(consumer, [tp], t + 200)  # not advancing since t + 150
+    feed.beat = t + 211
+    assert feed.stale(t + 211) == "view 30 messages behind its topics, not advancing for 61 s"
+    consumer.end = 5  # the broker came back empty
+    feed.check(consumer, [tp], t + 212)
+    assert "catalog[0]: the broker's end offset is below the view's position" in feed.stale(t + 212)
+    consumer.end = consumer.at = 30  # the view started over
+    feed.check(consumer, [tp], t + 213)
+    assert feed.stale(t + 213) is None
+    consumer.down = True
+    feed.check(consumer, [tp], t + 220)
+    feed.beat = t + 281
+    assert feed.stale(t + 281) == "broker unreachable for 61 s"
+    assert feed.stale(t + 400) == "view feed stuck: no poll for 119 s"
+    consumer.down = False
+    feed.check(consumer, [tp], t + 401)
+    feed.beat = t + 401
+    assert feed.stale(t + 401) is None

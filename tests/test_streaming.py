@@ -293,3 +293,58 @@ def test_model_update_is_hot_swapped_and_new_items_get_model_views(broker: str, 
     finally:
         updates.close()
         worker.stop()
+
+
+def test_a_bad_model_announcement_is_refused_and_the_live_model_stays(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Whatever is on `model-updates` (not JSON, null, a path outside the model store, a missing or lying
+    artifact, a pickle carrying code, a manifest that would block a read) is refused with a log line and a
+    metric; the worker keeps the model it had and still loads a good one afterwards."""
+    import os
+    import pickle
+    import shutil
+
+    import numpy as np
+
+    from graph.store import GraphConfig
+    from streaming.scorer import Scorer, ScorerSpec
+    from streaming.settings import StreamConfig
+    from training.artifact import load_artifact
+    from training.complements import ScorerConfig
+
+    store = tiny_artifact.parent
+    work = Scorer(ScorerSpec(StreamConfig(), GraphConfig(), ScorerConfig(), "unused", model=tiny_artifact,
+                             model_store=store))
+    live = work.state.artifact.version
+
+    def copy(name: str) -> Path:
+        target = store / name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(tiny_artifact, target)
+        return target
+
+    lying = copy("lying")
+    np.save(lying / "item_src.npy", np.load(lying / "item_src.npy")[:-1])
+
+    class Code:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /dev/null",))
+
+    evil = copy("evil")
+    (evil / "model.pt").write_bytes(pickle.dumps(Code()))
+    blocking = copy("blocking")
+    (blocking / "manifest.json").unlink()
+    os.mkfifo(blocking / "manifest.json")
+    outside = tmp_path / "outside"
+    shutil.copytree(tiny_artifact, outside)
+    announcements = [b"{not json", None, b"[1]", json.dumps({"path": str(outside)}).encode(),
+                     json.dumps({"path": str(store / "missing")}).encode(),
+                     json.dumps({"path": str(store / "x" / ".." / ".." / "outside")}).encode()]
+    announcements += [json.dumps({"path": str(p)}).encode() for p in (lying, evil, blocking)]
+    for value in announcements:
+        work._swap(value)
+        assert work.state.artifact.version == live, value
+    assert work.state.metrics.value("bundlegnn_worker_models_refused_total") == len(announcements)
+    good = copy("good")
+    work._swap(json.dumps({"path": str(good)}).encode())
+    assert work.state.artifact.path == good.resolve() and work.state.artifact.version == load_artifact(good).version
+    assert work.state.metrics.value("bundlegnn_worker_models_refused_total") == len(announcements)

@@ -105,6 +105,10 @@ def latest_artifact(store_dir: str | os.PathLike[str]) -> Path | None:
 def load_artifact(path: str | os.PathLike[str]) -> Artifact:
     """Read a model directory written by :func:`save_artifact`."""
     path = Path(path)
+    names = ["manifest.json", "model.pt", "item_src.npy", "item_dst.npy", "item_prior.npy"]
+    odd = [name for name in names if not (path / name).is_file()]  # missing, or a FIFO/device a read would block on
+    if odd:
+        raise ValueError(f"{path}: not a model artifact ({', '.join(odd)} missing or not a regular file)")
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -117,5 +121,12 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
     model.eval()
     rows = (np.load(path / "decoder_index.npy"), np.load(path / "decoder_weight.npy")) if manifest.get("decoder") \
         else (None, None)
-    return Artifact(path, manifest, model, manifest["item_ids"], np.load(path / "item_src.npy"),
-                    np.load(path / "item_dst.npy"), np.load(path / "item_prior.npy"), *rows)
+    src, dst, prior = (np.load(path / f"item_{name}.npy") for name in ("src", "dst", "prior"))
+    n = len(manifest["item_ids"])
+    shapes = {"item_src": src.shape, "item_dst": dst.shape, "item_prior": prior.shape}
+    if rows[0] is not None:
+        shapes.update(decoder_index=rows[0].shape, decoder_weight=rows[1].shape)
+    if any(shape[0] != n for shape in shapes.values()) or src.shape != dst.shape or \
+            (rows[0] is not None and rows[0].shape != rows[1].shape):
+        raise ValueError(f"{path}: the manifest lists {n} items but the arrays have shapes {shapes}")
+    return Artifact(path, manifest, model, manifest["item_ids"], src, dst, prior, *rows)
