@@ -9,8 +9,8 @@ must not replace a good list.
 
 Staleness (:meth:`ViewFeed.stale`, on ``/healthz``): every few seconds the
 feed compares its positions with the topics' end offsets. It is stale when
-it is behind and has not advanced for ``stale_after`` seconds, when an end
-offset went below its position (a broker that came back without its data),
+it is behind and has not advanced for ``stale_after`` seconds, once an end
+offset went below one seen before (a broker that came back without its data),
 when the broker has been unreachable that long, or when its loop has not
 polled that long (a handler stuck).
 """
@@ -58,6 +58,7 @@ class ViewFeed:
         self.went_back: str | None = None  # a partition whose end offset fell below the view's position
         self.unreachable_since: float | None = None
         self._positions: dict = {}
+        self._ends: dict = {}  # the highest end offset seen per partition
         self.fetch_max_wait_ms = int(fetch_max_wait * 1000)  # see StreamConfig.fetch_max_wait
         self.on_update, self.on_ready = on_update, on_ready
         self.ready = threading.Event()
@@ -91,7 +92,7 @@ class ViewFeed:
         if now - self.beat > self.stale_after:
             return f"view feed stuck: no poll for {now - self.beat:.0f} s"
         if self.went_back is not None:
-            return f"{self.went_back}: the broker's end offset is below the view's position (it lost its data?)"
+            return f"{self.went_back}: the broker's end offset went back (it lost its data?); restart the API"
         if self.unreachable_since is not None and now - self.unreachable_since > self.stale_after:
             return f"broker unreachable for {now - self.unreachable_since:.0f} s"
         if self.behind and now - self.fresh_at > self.stale_after:
@@ -110,8 +111,12 @@ class ViewFeed:
             return
         self.unreachable_since = None
         positions = {tp: consumer.position(tp) for tp in parts}
-        back = [tp for tp in parts if ends.get(tp, 0) < positions[tp]]
-        self.went_back = f"{back[0].topic}[{back[0].partition}]" if back else None
+        # an end offset below the last one seen: the broker lost records (not "below our position": tansu
+        # reports ends a record short after multi-record batches)
+        back = [tp for tp in parts if ends.get(tp, 0) < self._ends.get(tp, 0)]
+        if back:
+            self.went_back = f"{back[0].topic}[{back[0].partition}]"
+        self._ends = {tp: max(ends.get(tp, 0), self._ends.get(tp, 0)) for tp in parts}
         self.behind = sum(max(0, ends.get(tp, 0) - positions[tp]) for tp in parts)
         if not self.behind or positions != self._positions:
             self.fresh_at = now

@@ -267,6 +267,7 @@ def test_model_update_is_hot_swapped_and_new_items_get_model_views(broker: str, 
     from tests.conftest import retail_events
 
     env = stream_env(broker, tmp_path / "state")
+    env["BUNDLEGNN_PATHS__MODEL_STORE"] = str(tiny_artifact.parent)  # announced models must lie in the store
     worker = WorkerProcess(env, tmp_path / "worker.log", "--model", "none").start()
     updates = Reader(broker, topic(env, "bundle_updates"))
     version = load_artifact(tiny_artifact).version
@@ -311,16 +312,15 @@ def test_a_bad_model_announcement_is_refused_and_the_live_model_stays(tiny_artif
     from training.artifact import load_artifact
     from training.complements import ScorerConfig
 
-    store = tiny_artifact.parent
-    work = Scorer(ScorerSpec(StreamConfig(), GraphConfig(), ScorerConfig(), "unused", model=tiny_artifact,
-                             model_store=store))
-    live = work.state.artifact.version
+    store = tmp_path / "models"
 
     def copy(name: str) -> Path:
-        target = store / name
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(tiny_artifact, target)
-        return target
+        shutil.copytree(tiny_artifact, store / name)
+        return store / name
+
+    work = Scorer(ScorerSpec(StreamConfig(), GraphConfig(), ScorerConfig(), "unused", model=copy("live"),
+                             model_store=store))
+    live = work.state.artifact.version
 
     lying = copy("lying")
     np.save(lying / "item_src.npy", np.load(lying / "item_src.npy")[:-1])
