@@ -85,7 +85,7 @@ class TrainConfig(BaseModel):
     decoder_gnn_weights: list[float] = Field([0.0, 10.0, 50.0], min_length=1,
                                              description="GNN-embedding side-information grid")
     decoder_dense_max_items: int = Field(
-        6_000, ge=2, description="catalogs up to this size get the exact dense decoder, larger ones the "
+        12_000, ge=2, description="catalogs up to this size get the exact dense decoder, larger ones the "
                                  "neighbourhood fit (bench/results/decoder.md measures both)")
     decoder_k_co: int = Field(64, ge=1, description="neighbourhood fit: most co-purchased items per item")
     decoder_k_side: int = Field(16, ge=1, description="neighbourhood fit: nearest items per kind of side information")
