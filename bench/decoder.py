@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from scale import OUT, machine  # noqa: E402
+from scale import OUT, machine, table  # noqa: E402
 
 from bundlegnn.config import load_settings  # noqa: E402
 from training.datasets import in_time_order, read_events  # noqa: E402
@@ -132,16 +132,13 @@ def main() -> int:
     cols = list(rows[0])
     lines = ["# Decoder: dense against neighbourhood", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['cpu']}. `python bench/decoder.py` on "
-             f"{data.name}, seed {args.seed}, {len(split.test)} test orders (text side information, no GNN).", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+             f"{data.name}, seed {args.seed}, {len(split.test)} test orders (text side information, no GNN).", ""]
+    lines += table(cols, rows)
     lines += ["", f"Neighbourhood / dense: HR@10 {ratios['hr@10']}, NDCG@10 {ratios['ndcg@10']}.", "",
-              "Neighbourhood fit at the chosen λ and text weight, by co-purchase neighbours per item:", "",
-              "| k_co | fit_s | hr@10 | ndcg@10 |", "|---|---|---|---|"]
-    lines += [f"| {r['k_co']} | {r['fit_s']} | {r['hr@10']} | {r['ndcg@10']} |" for r in sweep]
-    lines += ["", "One fit by catalog size (K copies of the shop, each fit in its own process):", "",
-              "| items | method | fit_s | peak_rss_gb |", "|---|---|---|---|"]
-    lines += [f"| {r['items']} | {r['method']} | {r['fit_s']} | {r['peak_rss_gb']} |" for r in sizes]
+              "Neighbourhood fit at the chosen λ and text weight, by co-purchase neighbours per item:", ""]
+    lines += table(list(sweep[0]), sweep)
+    lines += ["", "One fit by catalog size (K copies of the shop, each fit in its own process):", ""]
+    lines += table(list(sizes[0]), sizes)
     (OUT / "decoder.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from scale import CJ_CONFIG, OUT, WORK, _time_v, machine, write_copies  # noqa: E402
+from scale import CJ_CONFIG, OUT, WORK, _time_v, machine, table, write_copies  # noqa: E402
 
 PHASES = ["split", "encode", "graph", "gnn_epochs", "decoder_tuning", "user_weight", "final_decoder"]
 
@@ -52,12 +52,10 @@ def markdown(report: dict) -> str:
             "s_per_epoch", "decoder_fits"] + [f"{p}_s" for p in PHASES]
     lines = ["# Model scale: `bundlegnn train` per shop", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}. "
-             "`python bench/model_scale.py`.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in report["shops"]]
-    rss = [f"{p}_rss_gb" for p in PHASES]
-    lines += ["", "Peak RSS (GB) when each phase ended:", "", "| shop | " + " | ".join(rss) + " |",
-              "|" + "---|" * (len(rss) + 1)]
-    lines += ["| " + r["shop"] + " | " + " | ".join(str(r.get(c, "")) for c in rss) + " |" for r in report["shops"]]
+             "`python bench/model_scale.py`.", ""]
+    lines += table(cols, report["shops"])
+    lines += ["", "Peak RSS (GB) when each phase ended:", ""]
+    lines += table(["shop"] + [f"{p}_rss_gb" for p in PHASES], report["shops"])
     lines += ["", "orii_K: K copies of Online Retail II full (time order); cj: The Complete Journey. train_s and "
               "peak_rss_gb: `/usr/bin/time -v` of `bundlegnn train`; phases from its summary.", ""]
     return "\n".join(lines)

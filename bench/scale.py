@@ -324,18 +324,22 @@ WORKER = ["shop", "worker_replay_s", "worker_drain_s", "worker_bundle_updates", 
           "worker_equals_build_graph"]
 
 
+def table(cols: list[str], rows: list[dict]) -> list[str]:
+    """A markdown table's lines: one column per key, one row per dict (missing values blank)."""
+    return (["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows])
+
+
 def markdown(report: dict) -> str:
     rows = report["shops"]
     lines = ["# Scale: import, graph store, snapshot, refresh, API view", "",
              f"{report['machine']['date']}, commit {report['machine']['commit']}, {report['machine']['cpus']} cores, "
-             f"{report['machine']['ram_gb']} GB RAM, {report['machine']['cpu']}. `python bench/scale.py`.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(f"{r.get(c, '')}" for c in COLUMNS) + " |" for r in rows]
+             f"{report['machine']['ram_gb']} GB RAM, {report['machine']['cpu']}. `python bench/scale.py`.", ""]
+    lines += table(COLUMNS, rows)
     through = [r for r in rows if "worker_replay_s" in r]
     if through:
-        lines += ["", "Through Kafka (embedded broker) and one worker, compared pair by pair with build-graph:", "",
-                  "| " + " | ".join(WORKER) + " |", "|" + "---|" * len(WORKER)]
-        lines += ["| " + " | ".join(f"{r.get(c, '')}" for c in WORKER) + " |" for r in through]
+        lines += ["", "Through Kafka (embedded broker) and one worker, compared pair by pair with build-graph:", ""]
+        lines += table(WORKER, through)
     lines += ["", "Growth exponents over the Online Retail II scale-ups (d log metric / d log items; 1 = linear):", "",
               "| metric | exponent |", "|---|---|"]
     lines += [f"| {m} | {e} |" for m, e in report["growth"].items()]
