@@ -36,7 +36,7 @@ FULL = ROOT.parent / "shared" / "data" / "online_retail_ii_full"
 
 def fit(g, text, cfg: DecoderConfig, near: dict) -> tuple[object, float]:
     started = time.perf_counter()
-    decoder = fit_decoder(g, [("text", cfg.text_weight, text)], cfg, "cpu", near)
+    decoder = fit_decoder(g, [("text", text)], cfg, "cpu", near)
     return decoder, time.perf_counter() - started
 
 

@@ -125,6 +125,7 @@ class Applied:
     items: tuple[str, ...] = ()
     note: str = ""
     rejected: bool = False
+    ahead: bool = False  # a cancellation recorded before its order, which may still come (then it is ignored)
 
 
 class IdMap:
@@ -463,7 +464,7 @@ class GraphStore:
             self.stats.cancellations_unmatched += 1
             return Applied(False, (), f"cancels unknown order {e.order_id} (never seen, or placed more than "
                                       f"{_days(log.window or 0)} before the newest order): recorded, a late "
-                                      "placement of it will be ignored", rejected=True)
+                                      "placement of it will be ignored", rejected=True, ahead=True)
         log.seen(e.epoch, stream)
         if log.status[slot] == CANCELLED:
             self.stats.duplicates += 1

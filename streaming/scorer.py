@@ -44,7 +44,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from graph.events import MAX_EVENT_BYTES, Interaction, ItemUpserted, Order, OrderFacts
 from graph.snapshot import save as save_snapshot
-from graph.store import GraphConfig, GraphEvent, GraphStore, tune_gc
+from graph.store import Applied, GraphConfig, GraphEvent, GraphStore, tune_gc
 from streaming.codec import decode
 from streaming.metrics import WorkerMetrics
 from streaming.settings import StreamConfig
@@ -97,20 +97,20 @@ class WorkerState:
 
     def apply(self, event: GraphEvent, source_ts: float | None) -> str | None:
         """Apply one event; return a dead-letter reason when the store refuses it."""
-        return self.apply_many([event], [source_ts])[0]
+        result = self.apply_many([event], [source_ts])[0]
+        return result.note if result.rejected else None
 
     def apply_many(self, events: list[GraphEvent], source_ts: list[float | None],
-                   partitions: list[int] | None = None) -> list[str | None]:
-        """Apply events in order (one bulk graph update); per event, a dead-letter reason or None.
+                   partitions: list[int] | None = None) -> list[Applied]:
+        """Apply events in order (one bulk graph update); return each one's outcome (``rejected``: a dead letter).
 
         ``partitions``: each event's source partition, the stream whose time an order's window follows."""
-        reasons: list[str | None] = []
         now = time.time()
         pending, kinds = self.pending, Counter(event.type for event in events)
-        for event, result, ts in zip(events, self.store.apply_many(events, partitions), source_ts):
+        results = self.store.apply_many(events, partitions)
+        for event, result, ts in zip(events, results, source_ts):
             if isinstance(event, ItemUpserted) and result.changed:
                 self.new_text.add(event.item_id)
-            reasons.append(result.note if result.rejected else None)
             if result.changed:
                 ts = ts if ts is not None else now
                 for item in result.items:
@@ -118,7 +118,7 @@ class WorkerState:
                         pending[item] = ts
         for kind, count in kinds.items():
             self.metrics.events.labels(kind).inc(count)
-        return reasons
+        return results
 
     # ---- text and model --------------------------------------------------------
     def text_job(self) -> tuple[np.ndarray, list[str]] | None:
@@ -229,6 +229,7 @@ class Scorer:
         self.names = spec.stream.topics
         self.queue: asyncio.Queue[tuple] = asyncio.Queue()  # commands read from the pipe, not yet applied
         self.backlog = 0  # events on the broker the Faust app had not forwarded yet, as of its last batch
+        self.held: dict[str, tuple[Record, str, float]] = {}  # order id → its early cancellation, reason, deadline
 
     async def run(self, conn: Connection) -> None:
         """Serve until the Faust app says stop (or is gone); a failing task ends the process with its error."""
@@ -237,7 +238,7 @@ class Scorer:
         threading.Thread(target=_read_commands, args=(conn, queue, loop), name="commands", daemon=True).start()
         positioned = asyncio.Event()
         tasks = [asyncio.create_task(coro) for coro in (self.refresher(), self.embedder(), self.measure(),
-                                                         self.model_updates(positioned))]
+                                                         self.holder(), self.model_updates(positioned))]
         ready = asyncio.create_task(positioned.wait())
         await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
@@ -256,6 +257,7 @@ class Scorer:
             for task in (ready, *tasks):
                 task.cancel()
             await asyncio.gather(ready, *tasks, return_exceptions=True)  # cancelled: their errors were raised above
+            await self.release_held(everything=True)
             await self.out.stop()  # flushes what is buffered
         if self.spec.snapshot is not None:
             save_snapshot(self.state.store, self.spec.snapshot)
@@ -287,11 +289,22 @@ class Scorer:
         ``backlog``: events the Faust app had not yet forwarded when it sent these (it paces refreshes).
         """
         self.backlog = backlog
-        reasons = self.state.apply_many(events, [r.timestamp for r in records], [r.partition for r in records])
-        dead = [(record, reason) for record, reason in zip(records, reasons) if reason]
+        results = self.state.apply_many(events, [r.timestamp for r in records], [r.partition for r in records])
+        dead, held, hold = [], self.held, self.spec.stream.cancel_hold
+        for record, event, result in zip(records, events, results):
+            if result.ahead and hold:  # its order may still come: wait for it before calling this a dead letter
+                held[event.order_id] = (record, result.note, time.monotonic() + hold)
+            elif result.rejected:
+                dead.append((record, result.note))
+            elif held and isinstance(event, OrderFacts) and event.status == "placed" and event.order_id in held:
+                held.pop(event.order_id)  # the order came: the cancellation took it back (neither counts)
+        await self.dead_letters(dead)
+
+    async def dead_letters(self, dead: list[tuple[Record, str]]) -> None:
+        """Publish a batch of dead letters with one log line: a backlog of stray cancellations would be thousands."""
         for record, reason in dead:
             await self.dead_letter(record, reason, logged=False)
-        if dead:  # one line per batch: a backlog of stray cancellations would be thousands
+        if dead:
             (record, reason), more = dead[0], len(dead) - 1
             log.warning("dead letter from %s[%d]@%d: %s%s", record.topic, record.partition, record.offset, reason,
                         f" (and {more} more in this batch, each on dead-letters with its reason)" if more else "")
@@ -308,6 +321,23 @@ class Scorer:
         if logged:
             log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         await self.out.send(self.names.dead_letters, key=record.key, value=value, headers=headers)
+
+    async def release_held(self, everything: bool = False) -> None:
+        """Cancellations whose order did not come within ``stream.cancel_hold`` go to dead-letters
+        (``everything``: all still held, as the process stops)."""
+        now, dead = time.monotonic(), []
+        for order_id, (record, reason, deadline) in list(self.held.items()):
+            if everything or deadline <= now:
+                del self.held[order_id]
+                dead.append((record, f"{reason}; its order did not come within {self.spec.stream.cancel_hold:g} s "
+                                     "(stream.cancel_hold)"))
+        await self.dead_letters(dead)
+
+    async def holder(self) -> None:
+        """Release held cancellations as they expire."""
+        while True:
+            await asyncio.sleep(min(1.0, max(0.05, self.spec.stream.cancel_hold / 4)))
+            await self.release_held()
 
     def rebuild(self, recorded: dict[str, list[tuple[int, bytes]]]) -> None:
         """Start over from the recorded ``(source partition, event)`` pairs (per kind, in the order of their

@@ -56,4 +56,7 @@ class StreamConfig(BaseModel):
         512 * 1024, ge=1024, le=900_000, description="largest changelog record the worker writes (JSON bytes): a "
         "micro-batch's events are split over several records, and an event bigger than this goes to dead-letters. "
         "Kafka refuses records over max.request.size (1 MB by default), which would stop the worker")
+    cancel_hold: float = Field(60.0, ge=0, description="seconds a cancellation of an order not yet seen waits "
+                               "for that order before it goes to dead-letters (the graph records it at once: the "
+                               "late order is ignored either way); 0: at once")
     encode_text: bool = Field(True, description="embed new items' text in the worker (loads the encoder)")

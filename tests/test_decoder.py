@@ -12,7 +12,7 @@ from graph.events import ItemUpserted
 from tests.conftest import at
 from tests.test_training_parts import _queries, _tiny_store
 from training import baselines
-from training.models import DecoderConfig, decoder_weights, fit_decoder, gram, neighbourhood_weights, side_view, top_rows
+from training.models import DecoderConfig, decoder_weights, fit_decoder, fit_decoders, gram, neighbourhood_weights, side_view, top_rows
 from training.train import Graph, TrainConfig, decoder_for, score_queries, side_views, train
 
 
@@ -78,8 +78,16 @@ def test_a_neighbourhood_holding_every_item_gives_the_dense_weights() -> None:
                                    k_co=10, k_side=10)
     assert sp.issparse(sparse) and np.allclose(sparse.toarray(), dense.numpy(), atol=1e-5)
     cfg = DecoderConfig(lam=1.5, text_weight=3.0, cold_weight=0.2, method="neighbourhood", k_co=10, k_side=10)
-    fitted = fit_decoder(g, [(n, cfg.text_weight if n == "text" else 0.0, v) for n, _, v in sides], cfg)
+    fitted = fit_decoder(g, [(n, v) for n, _, v in sides], cfg)
     assert fitted.config.method == "neighbourhood" and sp.issparse(fitted.weights)
+    # a grid in one pass gives each point's own fit
+    grid = [cfg, cfg.model_copy(update={"lam": 4.0, "gnn_weight": 2.0})]
+    together = list(fit_decoders(g, [(n, v) for n, _, v in sides], grid))
+    assert [d.config for d in together] == grid
+    assert np.allclose(together[0].weights.toarray(), fitted.weights.toarray())
+    alone = fit_decoder(g, [(n, v) for n, _, v in sides], grid[1])
+    assert np.allclose(together[1].weights.toarray(), alone.weights.toarray())
+    assert not np.allclose(together[1].weights.toarray(), fitted.weights.toarray())
 
 
 def test_small_neighbourhoods_rank_held_out_orders_as_well_as_the_dense_fit() -> None:
@@ -129,7 +137,7 @@ def test_training_picks_the_decoder_on_validation_and_scores_through_it() -> Non
     assert off.decoder is None and off.decoder_val == {}
     large = train(store, text, cfg.model_copy(update={"decoder_dense_max_items": 4}), val=q, progress=False)
     assert large.decoder.method == "neighbourhood"  # too many items for a dense inversion: the sparse fit
-    assert len(large.decoder_val) == 5  # 2 λ × 2 text weights without the GNN, then GNN weight 5 at the best
+    assert len(large.decoder_val) == 8  # the whole grid, in one pass
 
 
 @pytest.mark.parametrize("cfg", [DecoderConfig(lam=3.0, text_weight=2.0, gnn_weight=0.0),

@@ -100,7 +100,8 @@ def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(brok
                                                                             tmp_path: Path) -> None:
     port = free_port()
     worker_env = {**worker_env, "BUNDLEGNN_STREAM__METRICS_PORT": str(port),
-                  "BUNDLEGNN_STREAM__METRICS_INTERVAL": "0.5", "BUNDLEGNN_STREAM__CHANGELOG_RECORD_BYTES": "1024"}
+                  "BUNDLEGNN_STREAM__METRICS_INTERVAL": "0.5", "BUNDLEGNN_STREAM__CHANGELOG_RECORD_BYTES": "1024",
+                  "BUNDLEGNN_STREAM__CANCEL_HOLD": "0.5"}  # c9's order never comes: a dead letter after 0.5 s
     worker = WorkerProcess(worker_env, tmp_path / "worker.log", "--model", "none").start()
     updates = Reader(broker, topic(worker_env, "bundle_updates"))
     dead = Reader(broker, topic(worker_env, "dead_letters"))

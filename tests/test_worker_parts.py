@@ -123,7 +123,7 @@ def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() 
                 ("lag", {"orders": 3}), forwarded((2, later), (3, placed)), ("stop", "test")]
 
     async def run() -> Scorer:
-        work = scorer()
+        work = scorer(cancel_hold=0)  # a stray cancellation is a dead letter at once
         for command in commands:
             work.queue.put_nowait(command)
         await work.commands(work.queue)
@@ -141,6 +141,31 @@ def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() 
     assert metrics.value("bundlegnn_worker_dead_letters_total", {"topic": "orders"}) == 2
     assert metrics.value("bundlegnn_worker_consumer_lag", {"topic": "orders"}) == 3
     assert metrics.value("bundlegnn_worker_events_total", {"kind": "order"}) == 4
+
+
+def test_a_cancellation_ahead_of_its_order_is_held_then_dead_lettered() -> None:
+    """A cancellation that comes before its order waits ``stream.cancel_hold`` for it: if the order comes it
+    is no dead letter (the two take each other back), if not it goes to dead-letters with the reason."""
+    early = Order(order_id="o1", items=[{"item_id": "A"}], status="cancelled", ts=at(1))
+    placed = Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))
+    stray = Order(order_id="o9", items=[{"item_id": "A"}], status="cancelled", ts=at(2))
+
+    async def run() -> tuple[Scorer, list, list]:
+        work = scorer(cancel_hold=0.3)
+        await work.apply(*forwarded((0, early), (1, stray))[1:])
+        await work.release_held()
+        first = list(work.out.producer.sent)  # nothing yet: both are held
+        await work.apply(*forwarded((2, placed))[1:])
+        await asyncio.sleep(0.35)
+        await work.release_held()
+        return work, first, list(work.out.producer.sent)
+
+    work, first, letters = asyncio.run(run())
+    assert first == [] and work.held == {}
+    assert [(dict(h)["offset"], value) for _, _, value, h in letters] == [(b"1", encode(stray))]  # o9 only
+    reason = dict(letters[0][3])["reason"].decode()
+    assert reason.startswith("cancels unknown order o9") and "within 0.3 s (stream.cancel_hold)" in reason
+    assert work.state.store.co_purchase("A", "B") is None  # o1 placed after its cancellation: ignored
 
 
 def test_a_rebuild_starts_over_from_the_recorded_events() -> None:
@@ -218,7 +243,7 @@ def test_the_fetcher_looks_again_within_50_ms_not_after_faust_s_second(monkeypat
 
 def test_a_batch_of_dead_letters_is_one_log_line_and_every_letter(caplog: pytest.LogCaptureFixture) -> None:
     strays = [(k, Order(order_id=f"c{k}", items=[{"item_id": "A"}], status="cancelled", ts=at(k))) for k in range(3)]
-    work = scorer()
+    work = scorer(cancel_hold=0)
     with caplog.at_level(logging.WARNING, logger="streaming.scorer"):
         asyncio.run(work.apply(*forwarded(*strays)[1:]))
     assert [dict(h)["offset"] for *_, h in work.out.producer.sent] == [b"0", b"1", b"2"]

@@ -36,7 +36,7 @@ from graph.store import GraphConfig, GraphStore
 from training import baselines
 from training.encoder import TextEncoder
 from training.protocol import Events, ScoreFn, Split, per_query, rank_queries, relative_gain, time_split
-from training.train import (Graph, TrainConfig, decoder_for, head_scores, id_table, pipeline_scores, select_device,
+from training.train import (Graph, TrainConfig, decoders_for, head_scores, id_table, pipeline_scores, select_device,
                             side_views, train)
 
 EASE_LAMBDAS = (5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0)
@@ -72,15 +72,15 @@ def _methods(split: Split, encoder: TextEncoder, train_cfg: TrainConfig, seed: i
     result = train(split.fit, text_fit, train_cfg.model_copy(update={"seed": seed}), val=split.val)
     graph = Graph.build(split.train, text_train, select_device(train_cfg.device), id_items=id_table(split.fit),
                         co_per_item=train_cfg.co_edges_per_item, ui_per_user=train_cfg.ui_edges_per_user)
-    views, near = side_views(result.model, graph), {}
-    if result.decoder is not None:
-        methods["gnn"] = pipeline_scores(decoder_for(result.decoder, graph, views, near), graph, result.user_weight)
-    gnn_s = time.perf_counter() - started
-    methods["gnn_head"] = head_scores(result.model, graph)
     text_only = {d: v for d, v in result.decoder_val.items() if d.gnn_weight == 0}
     best = max(text_only, key=text_only.get) if text_only else None
-    if best is not None:
-        methods["text_ease"] = pipeline_scores(decoder_for(best, graph, views, near), graph, result.user_weight)
+    fits = decoders_for([d for d in (result.decoder, best) if d is not None], graph, side_views(result.model, graph))
+    if result.decoder is not None:
+        methods["gnn"] = pipeline_scores(next(fits), graph, result.user_weight)
+    gnn_s = time.perf_counter() - started
+    methods["gnn_head"] = head_scores(result.model, graph)
+    if best is not None:  # the same pipeline without the GNN's embeddings
+        methods["text_ease"] = pipeline_scores(next(fits), graph, result.user_weight)
     tuned.update({"gnn_best_epoch": result.best_epoch, "gnn_epochs_run": len(result.history),
                   "gnn_decoder": result.decoder.model_dump() if result.decoder else None,
                   "gnn_weight": result.gnn_weight, "user_weight": result.user_weight,

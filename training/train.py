@@ -32,7 +32,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -44,7 +44,7 @@ from tqdm import tqdm
 from graph.export import CO, IU, UI, to_heterodata
 from graph.store import GraphStore
 from training.baselines import item_gram
-from training.models import BundleGNN, Decoder, DecoderConfig, fit_decoder, side_view
+from training.models import BundleGNN, Decoder, DecoderConfig, fit_decoders, side_view
 from training.protocol import Queries, ScoreFn, rank_queries
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,7 @@ class TrainConfig(BaseModel):
         return "dense" if num_items <= self.decoder_dense_max_items else "neighbourhood"
 
     def decoder_grid(self, num_items: int) -> list[DecoderConfig]:
-        """Every (λ, text, GNN) point; above the dense size, λ and text first, then the GNN weights at the best
-        of those (see :func:`tune_decoder`)."""
+        """Every (λ, text, GNN) point, fitted by the method the catalog's size calls for."""
         common = {"cold_weight": self.decoder_cold_weight, "method": self.decoder_method(num_items),
                   "k_co": self.decoder_k_co, "k_side": self.decoder_k_side}
         return [DecoderConfig(lam=lam, text_weight=t, gnn_weight=g, **common)
@@ -272,11 +271,16 @@ def side_views(model: BundleGNN, graph: Graph, h_item: torch.Tensor | None = Non
     return [("text", side_view(graph.x[:, :-1].cpu())), ("gnn", side_view(h_item.cpu()))]
 
 
+def decoders_for(cfgs: list[DecoderConfig], graph: Graph, views: list[tuple[str, torch.Tensor]],
+                 near: dict[str, np.ndarray] | None = None) -> Iterator[Decoder]:
+    """The decoders ``cfgs`` over ``graph``'s orders with the given side views (a neighbourhood grid in one pass)."""
+    return fit_decoders(graph.gram, views, cfgs, "cpu", near)
+
+
 def decoder_for(cfg: DecoderConfig, graph: Graph, views: list[tuple[str, torch.Tensor]],
                 near: dict[str, np.ndarray] | None = None) -> Decoder:
     """The decoder ``cfg`` over ``graph``'s orders with the given side views."""
-    weights = {"text": cfg.text_weight, "gnn": cfg.gnn_weight}
-    return fit_decoder(graph.gram, [(name, weights[name], view) for name, view in views], cfg, "cpu", near)
+    return next(decoders_for([cfg], graph, views, near))
 
 
 def pipeline_scores(base: ScoreFn | Decoder, graph: Graph, user_weight: float = 0.0) -> ScoreFn:
@@ -303,22 +307,11 @@ def ndcg(score: ScoreFn, queries: Queries, num_items: int) -> float:
 
 
 def tune_decoder(model: BundleGNN, graph: Graph, val: Queries, cfg: TrainConfig) -> dict[DecoderConfig, float]:
-    """Validation NDCG@10 of the decoder grid. A dense fit is cheap: every point. A neighbourhood fit takes
-    a minute on a large catalog: λ and the text weight first (no GNN), then the GNN weights at the best."""
-    views = side_views(model, graph)
-    n, near = graph.num_items, {}
-    grid = cfg.decoder_grid(n)
-    if grid[0].method == "neighbourhood":
-        base = [d for d in grid if d.gnn_weight == 0] or grid
-        seen = {d: ndcg(pipeline_scores(decoder_for(d, graph, views, near), graph), val, n)
-                for d in tqdm(base, desc="decoder", leave=False, disable=None)}
-        best = max(seen, key=seen.get)
-        rest = [d for d in grid if d.lam == best.lam and d.text_weight == best.text_weight and d not in seen]
-        seen.update({d: ndcg(pipeline_scores(decoder_for(d, graph, views, near), graph), val, n)
-                     for d in tqdm(rest, desc="decoder (gnn)", leave=False, disable=None)})
-        return seen
-    return {d: ndcg(pipeline_scores(decoder_for(d, graph, views, near), graph), val, n)
-            for d in tqdm(grid, desc="decoder", leave=False, disable=None)}
+    """Validation NDCG@10 of every point of the decoder grid (neighbourhood fits: all in one pass)."""
+    grid = cfg.decoder_grid(graph.num_items)
+    fits = decoders_for(grid, graph, side_views(model, graph))
+    return {d.config: ndcg(pipeline_scores(d, graph), val, graph.num_items)
+            for d in tqdm(fits, total=len(grid), desc="decoder", leave=False, disable=None)}
 
 
 def tune_user_weight(base: ScoreFn | Decoder, graph: Graph, val: Queries, cfg: TrainConfig) -> dict[float, float]:

@@ -8,7 +8,7 @@ catalog gets is decided by its size against a measured crossover and recorded in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from training.models.neighbourhood import neighbourhood_weights
+from training.models.neighbourhood import neighbourhood_fits
 
 
 class DecoderConfig(BaseModel):
@@ -137,15 +137,37 @@ class Decoder:
         return top_rows(self.weights, k)
 
 
-def fit_decoder(g: sp.csr_matrix, sides: Sequence[tuple[str, float, Tensor]], cfg: DecoderConfig,
+def fit_decoders(g: sp.csr_matrix, sides: Sequence[tuple[str, Tensor]], cfgs: Sequence[DecoderConfig],
+                 device: torch.device | str = "cpu", near: dict[str, np.ndarray] | None = None) -> Iterator[Decoder]:
+    """The decoders ``cfgs`` name over ``g`` = XᵀX, in order; ``sides``: ``(name, unit-row view)`` with names
+    ``text`` and ``gnn`` (weighted by each config's ``text_weight`` and ``gnn_weight``; the cold-item term
+    from ``text``); ``near``: nearest-neighbour lists to reuse.
+
+    Dense fits are made one at a time as they are asked for (each holds an n × n matrix). Neighbourhood fits
+    with the same method settings are made in one pass (:func:`~training.models.neighbourhood.neighbourhood_fits`:
+    the neighbourhoods and their Gram blocks are shared, only the solves are per config).
+    """
+    views = dict(sides)
+    text = views.get("text")
+    if any(c.method == "neighbourhood" for c in cfgs):
+        shared = {(c.k_co, c.k_side, c.cold_weight) for c in cfgs}
+        if len(shared) > 1 or any(c.method != "neighbourhood" for c in cfgs):
+            raise ValueError("a grid of neighbourhood fits shares k_co, k_side and cold_weight")
+        c = cfgs[0]
+        cold = (c.cold_weight, "text") if text is not None and c.cold_weight else None
+        points = [(c.lam, {"text": c.text_weight, "gnn": c.gnn_weight}) for c in cfgs]
+        fits = neighbourhood_fits(g, [(name, v.cpu().numpy()) for name, v in sides], points, cold, c.k_co,
+                                  c.k_side, near=near)
+        yield from (Decoder(w, c) for w, c in zip(fits, cfgs))
+        return
+    for c in cfgs:
+        weights = [(c.text_weight if name == "text" else c.gnn_weight if name == "gnn" else 0.0, v)
+                   for name, v in sides]
+        cold = (c.cold_weight, text) if text is not None and c.cold_weight else None
+        yield Decoder(decoder_weights(g, weights, c.lam, device, cold), c)
+
+
+def fit_decoder(g: sp.csr_matrix, sides: Sequence[tuple[str, Tensor]], cfg: DecoderConfig,
                 device: torch.device | str = "cpu", near: dict[str, np.ndarray] | None = None) -> Decoder:
-    """The decoder ``cfg`` names over ``g`` = XᵀX; ``sides``: ``(name, α, unit-row view)``, the cold-item term
-    from the side named ``text``; ``near``: nearest-neighbour lists shared by a grid of neighbourhood fits."""
-    text = next((view for name, _, view in sides if name == "text"), None)
-    cold = (cfg.cold_weight, text) if text is not None and cfg.cold_weight else None
-    if cfg.method == "dense":
-        return Decoder(decoder_weights(g, [(alpha, view) for _, alpha, view in sides], cfg.lam, device, cold), cfg)
-    weights = neighbourhood_weights(g, [(name, alpha, view.cpu().numpy()) for name, alpha, view in sides], cfg.lam,
-                                    (cfg.cold_weight, "text") if cold is not None else None, cfg.k_co, cfg.k_side,
-                                    near=near)
-    return Decoder(weights, cfg)
+    """The one decoder ``cfg`` names (:func:`fit_decoders`)."""
+    return next(fit_decoders(g, sides, [cfg], device, near))

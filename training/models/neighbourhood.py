@@ -27,6 +27,7 @@ such item's ``k_side`` nearest items by text.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -41,32 +42,66 @@ def gram(co: sp.csr_matrix, item_counts: np.ndarray) -> sp.csr_matrix:
     return (co + sp.diags(item_counts.astype(np.float64))).tocsr()
 
 
-def _keys(g: sp.csr_matrix) -> np.ndarray:
-    """``row · n + column`` of every stored entry: sorted, since rows are and each row's columns are."""
-    g.sort_indices()
-    rows = np.repeat(np.arange(g.shape[0], dtype=np.int64), np.diff(g.indptr))
-    return rows * g.shape[1] + g.indices
-
-
-def _lookup(g: sp.csr_matrix, keys: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``g[a, b]`` elementwise (0 where not stored), by binary search of the sorted keys."""
-    want = a.astype(np.int64) * g.shape[1] + b
-    at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
-    return np.where(keys[at] == want, g.data[at], 0.0) if len(keys) else np.zeros(len(want))
-
-
-def _top_co(g: sp.csr_matrix, k: int) -> list[np.ndarray]:
-    """Each item's ``k`` largest off-diagonal entries' columns."""
-    out = []
+def _top_co(g: sp.csr_matrix, k: int) -> np.ndarray:
+    """Each item's ``k`` largest off-diagonal entries' columns, ``-1`` padded: ``(n, k)``."""
+    out = np.full((g.shape[0], k), -1, np.int64)
     for b in range(g.shape[0]):
         cols, vals = g.indices[g.indptr[b] : g.indptr[b + 1]], g.data[g.indptr[b] : g.indptr[b + 1]]
         keep = cols != b
         cols, vals = cols[keep], vals[keep]
         if len(cols) > k:
-            top = np.argpartition(-vals, k - 1)[:k]
-            cols = cols[top]
-        out.append(cols.astype(np.int64))
+            cols = cols[np.argpartition(-vals, k - 1)[:k]]
+        out[b, : len(cols)] = cols
     return out
+
+
+class _Lookup:
+    """``g[a, b]`` elementwise for a symmetric ``g``, fast where it is slow in CSR.
+
+    A binary search in a popular item's long row misses the cache at every
+    step, and most of a neighbourhood's pairs are pairs of popular items. So
+    the ``dense`` most connected items' block is held dense (pairs of them
+    are read directly), every other pair is searched in the shorter of its
+    two rows, in two halves on threads (scipy releases the GIL).
+    """
+
+    def __init__(self, g: sp.csr_matrix, dense: int = 4096) -> None:
+        self.g, self.row_len = g, np.diff(g.indptr)
+        top = np.argsort(-self.row_len, kind="stable")[: min(dense, g.shape[0])]
+        self.slot = np.full(g.shape[0], -1, np.int64)
+        self.slot[top] = np.arange(len(top))
+        self.block = g[top][:, top].toarray()
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        sa, sb = self.slot[a], self.slot[b]
+        both = (sa >= 0) & (sb >= 0)
+        out = np.empty(len(a))
+        out[both] = self.block[sa[both], sb[both]]
+        a, b = a[~both], b[~both]
+        swap = self.row_len[a] > self.row_len[b]
+        a, b = np.where(swap, b, a), np.where(swap, a, b)
+        if len(a):
+            half = len(a) // 2
+            with ThreadPoolExecutor(2) as pool:
+                parts = list(pool.map(lambda s: np.asarray(self.g[a[s], b[s]], np.float64).ravel(),
+                                      [s for s in (slice(0, half), slice(half, None)) if s.stop != 0]))
+            out[~both] = np.concatenate(parts)
+        return out
+
+
+def _hoods(targets: np.ndarray, candidates: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each target's neighbourhood: the union of its candidate rows without itself, ``(index, mask)``, both
+    ``(len(targets), width)``, valid entries first."""
+    cand = np.concatenate(candidates, 1) if candidates else np.full((len(targets), 0), -1, np.int64)
+    cand = np.where(cand == targets[:, None], -1, cand)
+    cand.sort(axis=1)
+    cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1  # duplicates (sorted: next to each other)
+    valid = cand >= 0
+    order = np.argsort(~valid, axis=1, kind="stable")
+    idx, mask = np.take_along_axis(cand, order, 1), np.take_along_axis(valid, order, 1)
+    width = int(mask.sum(1).max()) if len(mask) else 0
+    idx, mask = idx[:, :width], mask[:, :width]
+    return np.where(mask, idx, 0), mask
 
 
 def nearest(side: np.ndarray, k: int) -> np.ndarray:
@@ -82,76 +117,93 @@ def nearest(side: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def neighbourhood_weights(g: sp.csr_matrix, sides: Sequence[tuple[str, float, np.ndarray]], lam: float,
-                          cold: tuple[float, str] | None = None, k_co: int = 64, k_side: int = 16,
-                          chunk: int = 512, near: dict[str, np.ndarray] | None = None) -> sp.csr_matrix:
-    r"""The sparse item × item weights :math:`\mathbf{B}` (``a`` row → ``b`` column); a basket ``q`` scores
-    items as ``q @ B``.
+def neighbourhood_fits(g: sp.csr_matrix, sides: Sequence[tuple[str, np.ndarray]],
+                      points: Sequence[tuple[float, dict[str, float]]], cold: tuple[float, str] | None = None,
+                      k_co: int = 64, k_side: int = 16, chunk: int = 512,
+                      near: dict[str, np.ndarray] | None = None) -> list[sp.csr_matrix]:
+    r"""The sparse item × item weights :math:`\mathbf{B}` (``a`` row → ``b`` column) of each point
+    ``(λ, {side name: α})`` of a grid, in one pass; a basket ``q`` scores items as ``q @ B``.
 
-    ``g``: :func:`gram`; ``sides``: ``(name, α, E)`` with unit rows
-    (:func:`~training.models.decoder.side_view`); ``cold``: ``(γ, name)``, the weight of the named side's
-    cosine towards items without orders; ``near``: each side's :func:`nearest` by name, filled in when
-    missing (a grid of fits over the same sides shares them).
+    ``g``: :func:`gram`; ``sides``: ``(name, E)`` with unit rows (:func:`~training.models.decoder.side_view`);
+    ``cold``: ``(γ, name)``, the weight of the named side's cosine towards items without orders; ``near``:
+    each side's :func:`nearest` by name, filled in when missing. Every item's neighbourhood is its ``k_co``
+    most co-purchased items and its ``k_side`` nearest in *every* side given, weighted or not, so all points
+    share the neighbourhoods, the co-purchase Gram blocks and the side products, and a point fitted alone
+    equals the same point fitted in a grid. Only the K × K solves are per point.
     """
     n = g.shape[0]
-    keys = _keys(g)
+    g = g.tocsr()
+    g.sort_indices()
     counts = g.diagonal()
     near = {} if near is None else near
-    for name, alpha, e in sides:
-        if name not in near and (alpha or (cold is not None and cold[1] == name)):
+    for name, e in sides:
+        if name not in near:
             near[name] = nearest(e, k_side)
-    active = [(name, alpha, np.asarray(e, np.float64)) for name, alpha, e in sides if alpha]
-    co = _top_co(g, k_co)
-    rows_out, cols_out, vals_out = [], [], []
+    views = {name: torch.from_numpy(np.asarray(e, np.float64)) for name, e in sides}
+    top = _top_co(g, k_co)
+    lookup = _Lookup(g)
+    rows_out, cols_out = [], []
+    vals_out: list[list[np.ndarray]] = [[] for _ in points]
     for start in range(0, n, chunk):
         targets = np.arange(start, min(start + chunk, n))
-        hoods = []
-        for b in targets.tolist():
-            parts = [co[b]] + [near[name][b][near[name][b] >= 0] for name, _, _ in active]
-            hood = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-            hoods.append(hood[hood != b])
-        width = max((len(h) for h in hoods), default=0)
+        idx, mask = _hoods(targets, [top[targets]] + [near[name][targets] for name, _ in sides])
+        t, width = idx.shape
         if width == 0:
             continue
-        t = len(targets)
-        idx = np.zeros((t, width), np.int64)
-        mask = np.zeros((t, width), bool)
-        for r, hood in enumerate(hoods):
-            idx[r, : len(hood)], mask[r, : len(hood)] = hood, True
-        # G over each neighbourhood (co-purchases looked up; side information as inner products), and G's column b
-        a = np.repeat(idx, width, axis=1).ravel()
-        c = np.tile(idx, (1, width)).ravel()
-        g_nn = _lookup(g, keys, a, c).reshape(t, width, width)
-        g_nb = _lookup(g, keys, idx.ravel(), np.repeat(targets, width)).reshape(t, width)
-        for _, alpha, e in active:
-            en, eb = e[idx], e[targets]
-            g_nn += alpha * np.einsum("tkd,tjd->tkj", en, en)
-            g_nb += alpha * np.einsum("tkd,td->tk", en, eb)
-        pad = ~mask
-        g_nn[pad] = 0.0
-        g_nn.transpose(0, 2, 1)[pad] = 0.0
-        g_nb[pad] = 0.0
-        g_nn += lam * np.eye(width)[None]
-        w = torch.linalg.solve(torch.from_numpy(g_nn), torch.from_numpy(g_nb).unsqueeze(-1)).squeeze(-1).numpy()
+        # G over each neighbourhood: co-purchase counts looked up once per unordered pair (G is symmetric)
+        iu, ju = np.triu_indices(width, 1)
+        pair = mask[:, iu] & mask[:, ju]
+        upper = np.zeros((t, len(iu)))
+        upper[pair] = lookup(idx[:, iu][pair], idx[:, ju][pair])
+        g_co = np.zeros((t, width, width))
+        g_co[:, iu, ju] = upper
+        g_co[:, ju, iu] = upper
+        # the padding's diagonal is 1 (with a zero right-hand side, it solves to 0)
+        g_co[:, np.arange(width), np.arange(width)] = np.where(mask, counts[idx], 1.0)
+        b_co = np.where(mask, lookup(idx.ravel(), np.repeat(targets, width)).reshape(t, width), 0)
+        base, b_co = torch.from_numpy(g_co), torch.from_numpy(b_co)
+        side_nn, side_nb = {}, {}
+        m = torch.from_numpy(mask).to(torch.float64)
+        for name, e in views.items():  # inner products, zero on the padding
+            en = e[torch.from_numpy(idx)] * m[..., None]
+            side_nn[name] = en @ en.transpose(1, 2)
+            side_nb[name] = (en @ e[torch.from_numpy(targets)][..., None]).squeeze(-1)
+        for p, (lam, alphas) in enumerate(points):
+            g_nn, g_nb = base.clone(), b_co.clone()
+            for name, alpha in alphas.items():
+                if alpha:
+                    g_nn.add_(side_nn[name], alpha=alpha)
+                    g_nb.add_(side_nb[name], alpha=alpha)
+            g_nn.diagonal(dim1=1, dim2=2).add_(m * lam)
+            vals_out[p].append(torch.linalg.solve(g_nn, g_nb.unsqueeze(-1)).squeeze(-1).numpy()[mask])
         rows_out.append(idx[mask])
         cols_out.append(np.repeat(targets, mask.sum(1)))
-        vals_out.append(w[mask])
     b_rows = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
     b_cols = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int64)
-    b_vals = np.concatenate(vals_out) if vals_out else np.zeros(0)
-    if cold is not None and cold[0]:
-        gamma = cold[0]
-        text = np.asarray(next(e for name, _, e in sides if name == cold[1]), np.float64)
+    if cold is not None and cold[0]:  # γ max(0, cos) towards each unsold item from its nearest items by text
+        text = views[cold[1]].numpy()
         unsold = np.flatnonzero(counts == 0)
         close = near[cold[1]][unsold]
         ok = close >= 0
-        a = close[ok]
-        bcol = np.repeat(unsold, ok.sum(1))
-        cos = np.einsum("kd,kd->k", text[a], text[bcol])
-        b_rows, b_cols = np.concatenate([b_rows, a]), np.concatenate([b_cols, bcol])
-        b_vals = np.concatenate([b_vals, gamma * np.maximum(cos, 0.0)])
-    weights = sp.coo_matrix((b_vals.astype(np.float32), (b_rows, b_cols)), shape=(n, n)).tocsr()
-    weights.sum_duplicates()
-    weights.setdiag(0)
-    weights.eliminate_zeros()
-    return weights
+        cold_rows, cold_cols = close[ok], np.repeat(unsold, ok.sum(1))
+        cold_vals = cold[0] * np.maximum(np.einsum("kd,kd->k", text[cold_rows], text[cold_cols]), 0.0)
+    else:
+        cold_rows = cold_cols = np.zeros(0, np.int64)
+        cold_vals = np.zeros(0)
+    rows, cols = np.concatenate([b_rows, cold_rows]), np.concatenate([b_cols, cold_cols])
+    out = []
+    for vals in vals_out:
+        v = np.concatenate(vals + [cold_vals]).astype(np.float32)
+        weights = sp.coo_matrix((v, (rows, cols)), shape=(n, n)).tocsr()  # sums duplicates
+        weights.setdiag(0)
+        weights.eliminate_zeros()
+        out.append(weights)
+    return out
+
+
+def neighbourhood_weights(g: sp.csr_matrix, sides: Sequence[tuple[str, float, np.ndarray]], lam: float,
+                          cold: tuple[float, str] | None = None, k_co: int = 64, k_side: int = 16,
+                          chunk: int = 512, near: dict[str, np.ndarray] | None = None) -> sp.csr_matrix:
+    """One point of :func:`neighbourhood_fits`: ``sides`` as ``(name, α, E)``."""
+    return neighbourhood_fits(g, [(name, e) for name, _, e in sides], [(lam, {name: a for name, a, _ in sides})],
+                              cold, k_co, k_side, chunk, near)[0]
