@@ -233,3 +233,18 @@ def test_bf16_scoring_heads_train_close_to_fp32() -> None:
     losses = [(a["loss"], b["loss"]) for a, b in zip(fp32.history, bf16.history)]
     assert all(math.isfinite(b) and abs(a - b) < 0.05 * abs(a) for a, b in losses), losses
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # weights stay fp32
+
+
+def test_the_user_term_adds_a_known_user_s_history_only() -> None:
+    """pipeline_scores: ``base + w · history`` for a query with a known user; unknown users (-1) get the base."""
+    from training.train import pipeline_scores, user_history
+
+    store = _tiny_store()
+    graph = Graph.build(store, np.zeros((store.num_items, 4), np.float32), torch.device("cpu"))
+    base = torch.arange(10, dtype=torch.float32).reshape(2, 5)
+    q = Queries([np.array([0]), np.array([3])], np.array([2, 4]), np.array([1, -1]), np.zeros(2, bool))
+    got = pipeline_scores(lambda qq, a, b: base[a:b], graph, 0.5)(q, 0, 2)
+    history = user_history(store).toarray()
+    assert history[1].max() == pytest.approx(1.0) and (history[1] > 0).sum() == 5  # u1 bought i0..i4
+    assert torch.allclose(got[0], base[0] + 0.5 * torch.from_numpy(history[1]))
+    assert torch.equal(got[1], base[1]) and torch.equal(base, torch.arange(10.0).reshape(2, 5))  # base untouched

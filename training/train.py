@@ -233,13 +233,15 @@ class Graph:
         weight[IU] = weight[IU] * ~cold_items[self.edge_index[IU][0]]
         return self.normalised(weight), self.id_index.masked_fill(cold_items, -1)
 
-    def user_scores(self, users: np.ndarray) -> torch.Tensor:
-        """``(len(users), n)``: each known user's scaled history, zeros for unknown users (-1)."""
-        out = np.zeros((len(users), self.num_items), np.float32)
-        known = users >= 0
-        if known.any():
-            out[known] = self.history[users[known]].toarray()
-        return torch.from_numpy(out)
+    def add_user_scores(self, scores: torch.Tensor, users: np.ndarray, weight: float) -> torch.Tensor:
+        """``scores`` (``(len(users), n)``) plus ``weight`` times each known user's scaled history (unknown
+        users: -1), in place: the history is sparse, a dense copy of it would be as large as the scores."""
+        known = np.flatnonzero(users >= 0)
+        if len(known):
+            h = self.history[users[known]].tocoo()
+            rows, cols = torch.from_numpy(known[h.row]), torch.from_numpy(h.col.astype(np.int64))
+            scores.index_put_((rows, cols), torch.from_numpy(weight * h.data).to(scores.dtype), accumulate=True)
+        return scores
 
 
 def id_table(store: GraphStore) -> list[str]:
@@ -289,7 +291,7 @@ def pipeline_scores(base: ScoreFn | Decoder, graph: Graph, user_weight: float = 
     score = (lambda q, a, b: base.scores(q.csr(n, a, b))) if isinstance(base, Decoder) else base
     if not user_weight:
         return score
-    return lambda q, a, b: score(q, a, b) + user_weight * graph.user_scores(q.users[a:b])
+    return lambda q, a, b: graph.add_user_scores(score(q, a, b).float().clone(), q.users[a:b], user_weight)
 
 
 def score_queries(model: BundleGNN, graph: Graph, queries: Queries, decoder: DecoderConfig | Decoder | None = None,
@@ -303,7 +305,7 @@ def score_queries(model: BundleGNN, graph: Graph, queries: Queries, decoder: Dec
 
 
 def ndcg(score: ScoreFn, queries: Queries, num_items: int) -> float:
-    return rank_queries(score, queries, num_items).metrics(num_items)["ndcg@10"]
+    return rank_queries(score, queries, num_items, top=False).metrics(num_items)["ndcg@10"]
 
 
 def tune_decoder(model: BundleGNN, graph: Graph, val: Queries, cfg: TrainConfig) -> dict[DecoderConfig, float]:
@@ -314,11 +316,14 @@ def tune_decoder(model: BundleGNN, graph: Graph, val: Queries, cfg: TrainConfig)
             for d in tqdm(fits, total=len(grid), desc="decoder", leave=False, disable=None)}
 
 
-def tune_user_weight(base: ScoreFn | Decoder, graph: Graph, val: Queries, cfg: TrainConfig) -> dict[float, float]:
-    """Validation NDCG@10 of each user weight on top of ``base`` (queries without a user are unaffected)."""
+def tune_user_weight(base: ScoreFn | Decoder, graph: Graph, val: Queries, cfg: TrainConfig,
+                     without: float | None = None) -> dict[float, float]:
+    """Validation NDCG@10 of each user weight on top of ``base`` (queries without a user are unaffected);
+    ``without``: ``base``'s own, when already measured (weight 0 is not ranked again)."""
     if not (val.users >= 0).any():
         return {0.0: float("nan")}
-    return {w: ndcg(pipeline_scores(base, graph, w), val, graph.num_items) for w in cfg.user_weights}
+    return {w: without if w == 0 and without is not None else ndcg(pipeline_scores(base, graph, w), val,
+                                                                    graph.num_items) for w in cfg.user_weights}
 
 
 class Phases:
@@ -472,7 +477,7 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
         result.decoder = max(result.decoder_val, key=result.decoder_val.get)  # ties: the first grid point
         phases.done("decoder_tuning", fits=len(result.decoder_val))
         chosen = decoder_for(result.decoder, val_graph, side_views(model, val_graph))
-        result.user_val = tune_user_weight(chosen, val_graph, val, cfg)
+        result.user_val = tune_user_weight(chosen, val_graph, val, cfg, result.decoder_val[result.decoder])
         result.user_weight = max(result.user_val, key=lambda w: (result.user_val[w], -w))  # ties: the smaller
         phases.done("user_weight")
     else:

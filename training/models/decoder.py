@@ -128,8 +128,8 @@ class Decoder:
 
     def scores(self, q: sp.csr_matrix) -> Tensor:
         """``(Q, n)`` scores of the baskets ``q`` (rows of 1/|basket|)."""
-        if sp.issparse(self.weights):
-            return torch.from_numpy((q @ self.weights).toarray().astype(np.float32))
+        if sp.issparse(self.weights):  # float32 throughout: a chunk of a large catalog's scores is 100s of MB
+            return torch.from_numpy((q.astype(np.float32) @ self.weights).toarray())
         w = self.weights
         return torch.from_numpy(q.toarray().astype(np.float32)).to(w.device) @ w
 
