@@ -443,7 +443,8 @@ def serve(
         gc.freeze()
 
     feed = ViewFeed(view, bootstrap, FeedTopics(t.catalog, t.bundle_updates, t.orders, t.interactions),
-                    on_ready=settle, fetch_max_wait=settings.stream.fetch_max_wait, stale_after=cfg.stale_after)
+                    on_ready=settle, fetch_max_wait=settings.stream.fetch_max_wait, stale_after=cfg.stale_after,
+                    signing_key=(key.get_secret_value().encode() if (key := settings.stream.signing_key) else None))
 
     def health() -> tuple[bool, str | None]:
         if feed.error is not None:

@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from pydantic import ValidationError
 
 from graph.events import Interaction, ItemUpserted, Order
 from serving.view import BundleView
-from training.complements import BundleUpdate
+from training.complements import BundleUpdate, signed
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class ViewFeed:
     def __init__(self, view: BundleView, bootstrap: str, topics: FeedTopics,
                  on_update: Callable[[BundleUpdate, float], None] | None = None,
                  on_ready: Callable[[], None] | None = None, fetch_max_wait: float = 0.05,
-                 stale_after: float = 60.0, check_every: float = 5.0) -> None:
+                 stale_after: float = 60.0, check_every: float = 5.0, signing_key: bytes | None = None) -> None:
         self.view, self.bootstrap, self.topics = view, bootstrap, topics
+        self.signing_key = signing_key  # set: bundle updates without the worker's signature are not served
         self.stale_after, self.check_every = stale_after, check_every
         now = time.time()
         self.beat = now  # the loop's last poll
@@ -65,7 +67,7 @@ class ViewFeed:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="view-feed", daemon=True)
-        self._handlers: dict[str, Callable[[bytes], None]] = {topics.catalog: self._catalog,
+        self._handlers: dict[str, Callable[[ConsumerRecord], None]] = {topics.catalog: self._catalog,
                                                               topics.bundle_updates: self._update}
         if topics.orders:
             self._handlers[topics.orders] = self._order
@@ -127,23 +129,26 @@ class ViewFeed:
         self.view.counters["rejected"] += 1
         log.warning("skipped a message on %s: %s", topic, str(exc).splitlines()[0])
 
-    def _catalog(self, value: bytes) -> None:
-        self.view.upsert_item(ItemUpserted.model_validate_json(value))
+    def _catalog(self, record: ConsumerRecord) -> None:
+        self.view.upsert_item(ItemUpserted.model_validate_json(record.value))
 
-    def _update(self, value: bytes) -> None:
-        update = BundleUpdate.model_validate_json(value)
+    def _update(self, record: ConsumerRecord) -> None:
+        if self.signing_key is not None and not signed(self.signing_key, record.key, record.value,
+                                                       dict(record.headers or ()).get("signature")):
+            raise ValueError(f"bundle update for key {record.key!r} without a valid signature (stream.signing_key)")
+        update = BundleUpdate.model_validate_json(record.value)
         now = time.time()
         self.view.apply_update(update, now)
         if self.on_update is not None:
             self.on_update(update, now)
 
-    def _order(self, value: bytes) -> None:
-        order = Order.model_validate_json(value)
+    def _order(self, record: ConsumerRecord) -> None:
+        order = Order.model_validate_json(record.value)
         if order.user_id and order.status == "placed":
             self.view.add_user_items(order.user_id, order.item_ids)
 
-    def _interaction(self, value: bytes) -> None:
-        event = Interaction.model_validate_json(value)
+    def _interaction(self, record: ConsumerRecord) -> None:
+        event = Interaction.model_validate_json(record.value)
         if event.kind in ("cart", "purchase"):
             self.view.add_user_items(event.user_id, [event.item_id])
 
@@ -178,7 +183,7 @@ class ViewFeed:
                     handle = self._handlers[tp.topic]
                     for record in records:
                         try:
-                            handle(record.value)
+                            handle(record)
                         except (ValidationError, ValueError) as exc:
                             self._reject(tp.topic, exc)
                 if not self.ready.is_set():

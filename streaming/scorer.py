@@ -49,7 +49,7 @@ from streaming.codec import decode
 from streaming.metrics import WorkerMetrics
 from streaming.settings import StreamConfig
 from training.artifact import Artifact, load_artifact
-from training.complements import ComplementScorer, ScorerConfig
+from training.complements import ComplementScorer, ScorerConfig, update_signature
 from training.encoder import EncoderConfig, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -390,8 +390,12 @@ class Scorer:
         started = time.perf_counter()
         pending, state.pending = state.pending, {}
         m = state.metrics
+        secret = self.spec.stream.signing_key
+        secret = secret.get_secret_value().encode() if secret is not None else None
         for item, ts in pending.items():  # in one go (no commands in between): its time paces the next
-            await self.out.send(self.names.bundle_updates, key=item.encode(), value=state.scorer.update_json(item, ts or None))
+            key, value = item.encode(), state.scorer.update_json(item, ts or None)
+            headers = [("signature", update_signature(secret, key, value))] if secret is not None else None
+            await self.out.send(self.names.bundle_updates, key=key, value=value, headers=headers)
             if ts:
                 m.event_to_update.observe(time.time() - ts)
         m.updates.inc(len(pending))
@@ -579,7 +583,8 @@ class _Publisher:
         try:
             delivery = await self.producer.send(topic, key=key, value=value, headers=headers)
         except MessageSizeTooLargeError as exc:
-            if headers is None or value is None:  # not a dead letter: nothing to fall back on
+            if value is None or not any(name == "reason" for name, _ in headers or ()):  # not a dead letter:
+                # nothing to fall back on
                 self._failed(topic, key, exc)
                 return
             log.error("dead letter of %d bytes too big to publish; sent without its value", len(value))

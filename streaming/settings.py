@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class Topics(BaseModel):
@@ -59,4 +59,14 @@ class StreamConfig(BaseModel):
     cancel_hold: float = Field(60.0, ge=0, description="seconds a cancellation of an order not yet seen waits "
                                "for that order before it goes to dead-letters (the graph records it at once: the "
                                "late order is ignored either way); 0: at once")
+    signing_key: SecretStr | None = Field(
+        None, description="shared secret the worker signs bundle-updates records with (HMAC-SHA256, header "
+        "'signature') and the API checks: records without a valid signature are not served. Set it from the "
+        "environment (BUNDLEGNN_STREAM__SIGNING_KEY), not in a file; unset, anyone who can write to the topic "
+        "decides what the API serves")
     encode_text: bool = Field(True, description="embed new items' text in the worker (loads the encoder)")
+
+    @field_validator("signing_key")
+    @classmethod
+    def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None  # "" (an unset variable): unsigned

@@ -249,3 +249,35 @@ def test_a_batch_of_dead_letters_is_one_log_line_and_every_letter(caplog: pytest
     assert [dict(h)["offset"] for *_, h in work.out.producer.sent] == [b"0", b"1", b"2"]
     lines = [r.getMessage() for r in caplog.records if "dead letter" in r.getMessage()]
     assert len(lines) == 1 and "cancels unknown order c0" in lines[0] and "and 2 more in this batch" in lines[0]
+
+
+def test_bundle_updates_are_signed_and_the_api_serves_only_signed_ones() -> None:
+    """With ``stream.signing_key`` the worker signs each bundle update (key and value) and the API's feed
+    refuses a record without the signature, with a forged one, or one moved to another item's key."""
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    from serving.feed import FeedTopics, ViewFeed
+    from serving.view import BundleView
+
+    work = scorer(signing_key="s3cret")
+    placed = Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))
+    asyncio.run(work.apply(*forwarded((0, placed))[1:]))
+    asyncio.run(work.refresh())
+    sent = {key: (value, dict(headers)) for topic, key, value, headers in work.out.producer.sent}
+    assert set(sent) == {b"A", b"B"} and all(len(h["signature"]) == 64 for _, h in sent.values())
+
+    def record(key: bytes, value: bytes, headers: dict) -> ConsumerRecord:
+        return ConsumerRecord("updates", 0, None, 0, 0, 0, key, value, list(headers.items()), None, 0, 0, 0)
+
+    feed = ViewFeed(BundleView(), "unused", FeedTopics("catalog", "updates"), signing_key=b"s3cret")
+    value, headers = sent[b"A"]
+    feed._handlers["updates"](record(b"A", value, headers))
+    assert [c.item_id for c in feed.view.entries["A"].complements] == ["B"]
+    forged = value.replace(b'"B"', b'"X"')
+    for bad in (record(b"A", forged, headers), record(b"B", value, headers), record(b"A", value, {}),
+                record(b"A", value, {"signature": b"0" * 64})):
+        with pytest.raises(ValueError, match="without a valid signature"):
+            feed._handlers["updates"](bad)
+    unsigned = ViewFeed(BundleView(), "unused", FeedTopics("catalog", "updates"))  # no key: served as is
+    unsigned._handlers["updates"](record(b"A", forged, {}))
+    assert [c.item_id for c in unsigned.view.entries["A"].complements] == ["X"]

@@ -21,6 +21,8 @@ builds bundles from. Sources, always quoted so a ``why`` can be written:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
@@ -57,6 +59,20 @@ class BundleUpdate(BaseModel):
     source_ts: float | None = Field(None, description="produce time (epoch s) of the newest event that caused it")
     substitutes: list[str] = Field(default_factory=list,
                                    description="near-identical items by text that were never bought with it")
+
+
+def update_signature(secret: bytes, key: bytes, value: bytes) -> bytes:
+    """The ``signature`` header of a ``bundle-updates`` record: HMAC-SHA256 of its key and value under the
+    worker's and the API's shared ``stream.signing_key`` (a record cannot be forged or moved to another item
+    by whoever can write to the topic without the key)."""
+    return hmac.new(secret, len(key).to_bytes(4, "big") + key + value, hashlib.sha256).hexdigest().encode()
+
+
+def signed(secret: bytes, key: bytes | None, value: bytes | None, signature: bytes | None) -> bool:
+    """Whether a record carries the signature :func:`update_signature` gives it."""
+    if key is None or value is None or signature is None:
+        return False
+    return hmac.compare_digest(update_signature(secret, key, value), signature)
 
 
 #: A complement as plain values, in :class:`Complement`'s field order (the scorer's hot path builds no objects).
