@@ -61,6 +61,8 @@ class Interaction(_Event):
     user_id: NonEmpty
     item_id: NonEmpty
     kind: Literal["view", "cart", "purchase"]
+    event_id: NonEmpty | None = Field(None, description="the producer's id of this interaction: sent twice inside "
+                                      "the order window it counts once (without one, every copy counts)")
 
 
 class OrderLine(BaseModel):

@@ -106,8 +106,9 @@ def save(store: GraphStore, path: str | os.PathLike[str]) -> str:
     writer.write("item_in_stock", [np.array([it.in_stock for it in catalog], bool)], bool)
     writer.write("item_has_text", [np.array([it.has_text for it in catalog], bool)], bool)
     writer.write("item_updated", [np.array([it.updated for it in catalog], np.float64)], np.float64)
-    for key, array in store.orders.arrays().items():
-        writer.write("order_" + key, [array], array.dtype)
+    for prefix, log in (("order_", store.orders), ("interaction_", store.interaction_ids)):
+        for key, array in log.arrays().items():
+            writer.write(prefix + key, [array], array.dtype)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -213,6 +214,9 @@ def load(path: str | os.PathLike[str]) -> GraphStore:
         table.load(Rows(np.array(a[prefix + "indptr"]), a[prefix + "index"], a[prefix + "count"],
                         a[prefix + "weight"]))
     store.orders = OrderLog.from_arrays(store.orders.window, {k[6:]: v for k, v in a.items() if k.startswith("order_")})
+    seen = {k[12:]: v for k, v in a.items() if k.startswith("interaction_")}
+    if seen:  # (snapshots before interaction ids have none)
+        store.interaction_ids = OrderLog.from_arrays(store.interaction_ids.window, seen)
     return store
 
 

@@ -246,11 +246,15 @@ class GraphStore:
     _interactions: list[tuple[int, int, float]] = field(default_factory=list, init=False, repr=False)
     _found: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # order id → slot, this batch
     _new: dict[str, None] = field(default_factory=dict, init=False, repr=False)  # order ids recorded in this batch
+    _found_i: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # the same for interaction ids
+    _new_i: dict[str, None] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.clock = DecayClock(self.config.half_life_days * DAY)
         window = self.config.order_window_days
         self.orders = OrderLog(None if window is None else window * DAY)
+        # interactions sent with an event_id, remembered for the same window (no item rows): a repeat is ignored
+        self.interaction_ids = OrderLog(None if window is None else window * DAY)
 
     @property
     def half_life(self) -> float:
@@ -291,6 +295,10 @@ class GraphStore:
         keys, slots = self.orders.lookup(ids)
         self._found = dict(zip(ids, slots))
         key_of = dict(zip(ids, keys.tolist()))
+        iids = [e.event_id for e in events if isinstance(e, Interaction) and e.event_id]
+        ikeys, islots = self.interaction_ids.lookup(iids)
+        self._found_i = dict(zip(iids, islots))
+        ikey_of = dict(zip(iids, ikeys.tolist()))
         results = []
         try:
             for event, stream in zip(events, streams):
@@ -299,8 +307,12 @@ class GraphStore:
             new, self._new = list(self._new), {}
             self.orders.index(new, [key_of[i] for i in new], [self._found[i] for i in new])
             self._found = {}
+            new, self._new_i = list(self._new_i), {}
+            self.interaction_ids.index(new, [ikey_of[i] for i in new], [self._found_i[i] for i in new])
+            self._found_i = {}
             self._flush()
             self.orders.reclaim()
+            self.interaction_ids.reclaim()
         return results
 
     def apply_all(self, events: Iterable[GraphEvent], batch: int = 5000) -> int:
@@ -325,7 +337,7 @@ class GraphStore:
         elif isinstance(event, ItemUpserted):
             result = self._upsert(event)
         elif isinstance(event, Interaction):
-            result = self._interact(event)
+            result = self._interact(event, stream)
         else:
             raise TypeError(f"not a graph event: {type(event).__name__}")
         if result.changed:
@@ -402,10 +414,23 @@ class GraphStore:
         self.catalog[row] = new
         return Applied(True, (e.item_id,))
 
-    def _interact(self, e: Interaction) -> Applied:
+    def _interact(self, e: Interaction, stream: int = 0) -> Applied:
         amount = self.config.interaction_weights.get(e.kind)
         if amount is None:
             raise ValueError(f"no interaction weight configured for kind {e.kind!r}")
+        if e.event_id:  # idempotent on its id inside the window, as orders are on theirs
+            log, slot = self.interaction_ids, self._found_i.get(e.event_id, -1)
+            if log.visible(slot):
+                self.stats.duplicates += 1
+                return Applied(False, (), f"interaction {e.event_id} already applied")
+            if e.epoch < log.horizon(stream):
+                self.stats.outside_window += 1
+                return Applied(False, (), f"interaction {e.event_id} is dated {_days(log.newest[stream] - e.epoch)} "
+                                          f"before the newest one, outside the {_days(log.window or 0)} window in "
+                                          "which the store can tell a repeat (graph.order_window_days)", rejected=True)
+            log.seen(e.epoch, stream)
+            self._new_i[e.event_id] = None
+            self._found_i[e.event_id] = log.append(e.event_id, e.epoch, -1, (), PLACED, stream)
         user, item = self._user(e.user_id), self._item(e.item_id)
         amount *= self._factor(e.epoch)  # before the append: moving the clock flushes the queue
         self._interactions.append((user, item, amount))
@@ -555,5 +580,6 @@ class GraphStore:
     @property
     def nbytes(self) -> int:
         """Bytes of the store's arrays (edges, order log, item tallies): not its id maps and catalog strings."""
-        return (self.co.nbytes + self.ui.nbytes + self.orders.nbytes + self.item_orders.count.nbytes
+        return (self.co.nbytes + self.ui.nbytes + self.orders.nbytes + self.interaction_ids.nbytes
+                + self.item_orders.count.nbytes
                 + self.item_orders.weight.nbytes)

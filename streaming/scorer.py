@@ -344,11 +344,10 @@ class Scorer:
         changelog keys)."""
         state = self.state
         state.reset()
-        events: list[ItemUpserted | Interaction | Order] = []
-        for kind in ("item_upserted", "interaction"):
-            events += [decode(raw, kind) for _, raw in recorded[kind]]
-        events.sort(key=lambda e: e.epoch)  # stable: ties keep their arrival order within a partition
-        partitions = [0] * len(events)
+        timed = [(decode(raw, kind), p) for kind in ("item_upserted", "interaction") for p, raw in recorded[kind]]
+        timed.sort(key=lambda ep: ep[0].epoch)  # stable: ties keep their arrival order within a partition
+        events: list[ItemUpserted | Interaction | Order] = [e for e, _ in timed]
+        partitions = [p for _, p in timed]  # the stream an interaction id's window follows, as when it came
         events += [decode(raw, "order") for _, raw in recorded["order"]]  # per partition, in arrival order:
         partitions += [p for p, _ in recorded["order"]]  # cancellations keep their meaning
         state.apply_many(events, [None] * len(events), partitions)

@@ -207,3 +207,27 @@ def test_the_window_follows_each_stream_so_a_partition_read_ahead_pushes_no_othe
     assert not any(r.rejected for r in results) and results[-1].changed
     assert two.co_purchase("A", "B").count == 2 and two.co_purchase("A", "C").count == 1
     assert two.stats.outside_window == 0 and len(two.orders) == 3  # a2, b1 (cancelled), b2: a1 left partition 0's
+
+
+def test_interactions_with_an_event_id_count_once_and_stay_so_after_a_snapshot(tmp_path) -> None:
+    """An interaction sent twice with its ``event_id`` (a producer retry, a replay after a crash) counts once
+    inside the order window, in one batch or two, and after a snapshot round trip; without an id every copy
+    counts; an id dated before the window is refused (it could not be checked)."""
+    from graph.snapshot import load, save
+
+    def cart(event_id: str | None, day: float = 0) -> Interaction:
+        return Interaction(user_id="u", item_id="A", kind="cart", ts=at(day), event_id=event_id)
+
+    store = GraphStore(GraphConfig(order_window_days=30))
+    results = store.apply_many([cart("e1"), cart("e1"), cart("e2")])
+    assert [r.changed for r in results] == [True, False, True] and "e1 already applied" in results[1].note
+    assert not store.apply(cart("e2")).changed
+    assert store.user_item_matrix(counts=True).toarray().sum() == 2
+    assert all(store.apply(cart(None)).changed for _ in range(2))  # no id: each copy counts
+    assert store.user_item_matrix(counts=True).toarray().sum() == 4
+    save(store, tmp_path / "snap")
+    loaded = load(tmp_path / "snap")
+    assert not loaded.apply(cart("e1", day=1)).changed and loaded.apply(cart("e3", day=40)).changed
+    old = loaded.apply(cart("e4", day=5))  # 35 days before the newest: outside the window
+    assert old.rejected and "outside the 30.0 days window" in old.note
+    assert loaded.user_item_matrix(counts=True).toarray().sum() == 5
