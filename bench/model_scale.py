@@ -33,7 +33,7 @@ def train(name: str, args: list[str], env: dict[str, str]) -> dict:
     done, wall, rss = _time_v([sys.executable, "-m", "bundlegnn.cli", "train", *args], run_env)
     summary = json.loads(done.stdout[done.stdout.index("{\n"):])
     phases = summary["phases"]
-    row = {"shop": name, "items": summary["items"], "train_s": round(wall, 1), "peak_rss_gb": round(rss, 2),
+    row = {"shop": name, "commit": machine()["commit"], "items": summary["items"], "train_s": round(wall, 1), "peak_rss_gb": round(rss, 2),
            "decoder": (summary.get("decoder") or {}).get("method"), "gnn_weight": summary.get("gnn_weight"),
            "user_weight": summary.get("user_weight"), "epochs": phases.get("gnn_epochs_epochs"),
            "s_per_epoch": round(phases["gnn_epochs_s"] / max(1, phases.get("gnn_epochs_epochs", 1)), 1),
@@ -48,7 +48,7 @@ def train(name: str, args: list[str], env: dict[str, str]) -> dict:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    cols = ["shop", "items", "train_s", "peak_rss_gb", "decoder", "gnn_weight", "user_weight", "epochs",
+    cols = ["shop", "commit", "items", "train_s", "peak_rss_gb", "decoder", "gnn_weight", "user_weight", "epochs",
             "s_per_epoch", "decoder_fits"] + [f"{p}_s" for p in PHASES]
     lines = ["# Model scale: `bundlegnn train` per shop", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}. "
@@ -80,6 +80,10 @@ def main() -> int:
             data.unlink(missing_ok=True)
     if not args.no_cj:
         rows.append(train("cj", ["--config", str(CJ_CONFIG)], env))
+    path = OUT / "model_scale.json"
+    if path.exists():  # a run of some shops keeps the others' rows (each row names its commit)
+        done = {r["shop"] for r in rows}
+        rows = [r for r in json.loads(path.read_text())["shops"] if r["shop"] not in done] + rows
     report = {"machine": machine(), "shops": rows}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "model_scale.json").write_text(json.dumps(report, indent=2))

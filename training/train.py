@@ -63,7 +63,7 @@ class TrainConfig(BaseModel):
     epochs: int = Field(60, ge=1)
     patience: int = Field(8, ge=1)
     early_stop_queries: int = Field(2000, ge=1, description="validation queries (a seeded sample) ranked after "
-                                    "each epoch for early stopping; the decoder is tuned on all of them")
+                                    "each epoch for early stopping")
     batch_size: int = Field(2048, ge=1, description="examples per full-graph step")
     examples_per_epoch: int = Field(20_000, ge=1, description="(basket, hidden item) pairs drawn per epoch")
     negatives: int = Field(4096, ge=1, description="sampled negatives; all items when the catalog is smaller")
@@ -89,6 +89,8 @@ class TrainConfig(BaseModel):
                                  "neighbourhood fit (bench/results/decoder.md measures both)")
     decoder_k_co: int = Field(64, ge=1, description="neighbourhood fit: most co-purchased items per item")
     decoder_k_side: int = Field(16, ge=1, description="neighbourhood fit: nearest items per kind of side information")
+    decoder_tune_queries: int = Field(20_000, ge=1, description="validation queries (a seeded sample) the decoder "
+                                      "grid and the user weight are tuned on: ranking is per query and catalog item")
     decoder_top_k: int = Field(200, ge=1, description="complements per item the artifact keeps from the decoder")
     decoder_cold_weight: float = Field(0.03, ge=0, description="text cosine towards items without orders (fixed, "
                                        "not tuned: validation holds too few such items)")
@@ -473,6 +475,9 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
     if not cfg.decoder:
         return result
     if val is not None and len(val):
+        if len(val) > cfg.decoder_tune_queries:
+            val = val.subset(np.sort(np.random.default_rng([cfg.seed, 3]).choice(len(val), cfg.decoder_tune_queries,
+                                                                                False)))
         result.decoder_val = tune_decoder(model, val_graph, val, cfg)
         result.decoder = max(result.decoder_val, key=result.decoder_val.get)  # ties: the first grid point
         phases.done("decoder_tuning", fits=len(result.decoder_val))
