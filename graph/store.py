@@ -423,11 +423,8 @@ class GraphStore:
             if log.visible(slot):
                 self.stats.duplicates += 1
                 return Applied(False, (), f"interaction {e.event_id} already applied")
-            if e.epoch < log.horizon(stream):
-                self.stats.outside_window += 1
-                return Applied(False, (), f"interaction {e.event_id} is dated {_days(log.newest[stream] - e.epoch)} "
-                                          f"before the newest one, outside the {_days(log.window or 0)} window in "
-                                          "which the store can tell a repeat (graph.order_window_days)", rejected=True)
+            if (refused := self._outside(log, f"interaction {e.event_id}", e.epoch, stream, "tell a repeat")):
+                return refused
             log.seen(e.epoch, stream)
             self._new_i[e.event_id] = None
             self._found_i[e.event_id] = log.append(e.event_id, e.epoch, -1, (), PLACED, stream)
@@ -444,15 +441,17 @@ class GraphStore:
         unit = self._factor(ts)  # before the append: moving the clock flushes the queue
         self._orders.append((rows, user, sign, unit, pairs))
 
-    def _outside(self, e: OrderFacts, stream: int) -> Applied | None:
-        """The refusal of an order dated before its stream's window, if it is."""
-        log = self.orders
-        if e.epoch >= log.horizon(stream):
+    def _outside(self, log: OrderLog, what: str, epoch: float, stream: int,
+                 can: str = "tell a repeat or take it back") -> Applied | None:
+        """The refusal of an event (``what``: "order <id>") dated before its stream's window in ``log``, if it is;
+        ``can``: what the store can do inside the window."""
+        if epoch >= log.horizon(stream):
             return None
         self.stats.outside_window += 1
-        return Applied(False, (), f"order {e.order_id} is dated {_days(log.newest[stream] - e.epoch)} before the "
-                                  f"newest order, outside the {_days(log.window or 0)} window in which the store can tell a "
-                                  "repeat or take it back (graph.order_window_days)", rejected=True)
+        noun = what.split()[0]
+        return Applied(False, (), f"{what} is dated {_days(log.newest[stream] - epoch)} before the newest {noun}, "
+                                  f"outside the {_days(log.window or 0)} window in which the store can {can} "
+                                  "(graph.order_window_days)", rejected=True)
 
     def _place(self, e: OrderFacts, stream: int) -> Applied:
         log, slot = self.orders, self._found.get(e.order_id, -1)
@@ -460,7 +459,7 @@ class GraphStore:
             self.stats.duplicates += 1
             done = "cancelled" if log.status[slot] == CANCELLED else "applied"
             return Applied(False, (), f"order {e.order_id} already {done}")
-        if (refused := self._outside(e, stream)) is not None:
+        if (refused := self._outside(self.orders, f"order {e.order_id}", e.epoch, stream)) is not None:
             return refused
         log.seen(e.epoch, stream)
         ids = e.item_ids
@@ -481,7 +480,7 @@ class GraphStore:
     def _cancel(self, e: OrderFacts, stream: int) -> Applied:
         log, slot = self.orders, self._found.get(e.order_id, -1)
         if not log.visible(slot):
-            if (refused := self._outside(e, stream)) is not None:
+            if (refused := self._outside(self.orders, f"order {e.order_id}", e.epoch, stream)) is not None:
                 return refused
             log.seen(e.epoch, stream)
             # Remember it, so a late "placed" event for this order is ignored too.
