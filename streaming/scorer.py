@@ -95,11 +95,6 @@ class WorkerState:
         if self.artifact is not None:
             self._install(self.artifact)
 
-    def apply(self, event: GraphEvent, source_ts: float | None) -> str | None:
-        """Apply one event; return a dead-letter reason when the store refuses it."""
-        result = self.apply_many([event], [source_ts])[0]
-        return result.note if result.rejected else None
-
     def apply_many(self, events: list[GraphEvent], source_ts: list[float | None],
                    partitions: list[int] | None = None) -> list[Applied]:
         """Apply events in order (one bulk graph update); return each one's outcome (``rejected``: a dead letter).
@@ -230,6 +225,8 @@ class Scorer:
         self.queue: asyncio.Queue[tuple] = asyncio.Queue()  # commands read from the pipe, not yet applied
         self.backlog = 0  # events on the broker the Faust app had not forwarded yet, as of its last batch
         self.held: dict[str, tuple[Record, str, float]] = {}  # order id → its early cancellation, reason, deadline
+        key = spec.stream.signing_key
+        self.secret = key.get_secret_value().encode() if key is not None else None  # signs bundle updates
 
     async def run(self, conn: Connection) -> None:
         """Serve until the Faust app says stop (or is gone); a failing task ends the process with its error."""
@@ -320,7 +317,7 @@ class Scorer:
         self.state.metrics.dead_letters.labels(record.topic).inc()
         if logged:
             log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
-        await self.out.send(self.names.dead_letters, key=record.key, value=value, headers=headers)
+        await self.out.send(self.names.dead_letters, key=record.key, value=value, headers=headers, droppable=True)
 
     async def release_held(self, everything: bool = False) -> None:
         """Cancellations whose order did not come within ``stream.cancel_hold`` go to dead-letters
@@ -389,8 +386,7 @@ class Scorer:
         started = time.perf_counter()
         pending, state.pending = state.pending, {}
         m = state.metrics
-        secret = self.spec.stream.signing_key
-        secret = secret.get_secret_value().encode() if secret is not None else None
+        secret = self.secret
         for item, ts in pending.items():  # in one go (no commands in between): its time paces the next
             key, value = item.encode(), state.scorer.update_json(item, ts or None)
             headers = [("signature", update_signature(secret, key, value))] if secret is not None else None
@@ -572,7 +568,9 @@ class _Publisher:
         self.producer: AIOKafkaProducer | None = producer
         self.lock = asyncio.Lock()
 
-    async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None) -> None:
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None,
+                   droppable: bool = False) -> None:
+        """``droppable``: the value may be left out when too big (a dead letter: its headers say where it is)."""
         if self.producer is None:
             async with self.lock:
                 if self.producer is None:
@@ -582,12 +580,12 @@ class _Publisher:
         try:
             delivery = await self.producer.send(topic, key=key, value=value, headers=headers)
         except MessageSizeTooLargeError as exc:
-            if value is None or not any(name == "reason" for name, _ in headers or ()):  # not a dead letter:
-                # nothing to fall back on
+            if not droppable or value is None:  # nothing to fall back on
                 self._failed(topic, key, exc)
                 return
             log.error("dead letter of %d bytes too big to publish; sent without its value", len(value))
-            headers = [*headers, ("value-dropped", f"{len(value)} bytes, over the producer's request size".encode())]
+            dropped = f"{len(value)} bytes, over the producer's request size".encode()
+            headers = [*(headers or []), ("value-dropped", dropped)]
             delivery = await self.producer.send(topic, key=key, value=None, headers=headers)
         delivery.add_done_callback(lambda done: self._answered(topic, key, done))
 

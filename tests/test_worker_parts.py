@@ -89,7 +89,7 @@ def test_a_dead_letter_too_big_for_a_request_goes_out_without_its_value() -> Non
     async def run() -> FakeProducer:
         producer = FakeProducer(max_value=100)
         publisher = _Publisher("unused", WorkerMetrics(), producer)
-        await publisher.send("dead-letters", b"k", b"x" * 500, headers=[("reason", b"not JSON")])
+        await publisher.send("dead-letters", b"k", b"x" * 500, headers=[("reason", b"not JSON")], droppable=True)
         return producer
 
     (topic, key, value, headers), = asyncio.run(run()).sent
