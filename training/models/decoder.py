@@ -155,16 +155,20 @@ def fit_decoders(g: sp.csr_matrix, sides: Sequence[tuple[str, Tensor]], cfgs: Se
             raise ValueError("a grid of neighbourhood fits shares k_co, k_side and cold_weight")
         c = cfgs[0]
         cold = (c.cold_weight, "text") if text is not None and c.cold_weight else None
-        points = [(c.lam, {"text": c.text_weight, "gnn": c.gnn_weight}) for c in cfgs]
+        points = [(c.lam, _alphas(c)) for c in cfgs]
         fits = neighbourhood_fits(g, [(name, v.cpu().numpy()) for name, v in sides], points, cold, c.k_co,
                                   c.k_side, near=near)
         yield from (Decoder(w, c) for w, c in zip(fits, cfgs))
         return
     for c in cfgs:
-        weights = [(c.text_weight if name == "text" else c.gnn_weight if name == "gnn" else 0.0, v)
-                   for name, v in sides]
+        alphas = _alphas(c)
         cold = (c.cold_weight, text) if text is not None and c.cold_weight else None
-        yield Decoder(decoder_weights(g, weights, c.lam, device, cold), c)
+        yield Decoder(decoder_weights(g, [(alphas.get(name, 0.0), v) for name, v in sides], c.lam, device, cold), c)
+
+
+def _alphas(cfg: DecoderConfig) -> dict[str, float]:
+    """Each side's weight by name."""
+    return {"text": cfg.text_weight, "gnn": cfg.gnn_weight}
 
 
 def fit_decoder(g: sp.csr_matrix, sides: Sequence[tuple[str, Tensor]], cfg: DecoderConfig,
