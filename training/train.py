@@ -310,12 +310,27 @@ def ndcg(score: ScoreFn, queries: Queries, num_items: int) -> float:
     return rank_queries(score, queries, num_items, top=False).metrics(num_items)["ndcg@10"]
 
 
-def tune_decoder(model: BundleGNN, graph: Graph, val: Queries, cfg: TrainConfig) -> dict[DecoderConfig, float]:
-    """Validation NDCG@10 of every point of the decoder grid (neighbourhood fits: all in one pass)."""
+def tune_decoder(model: BundleGNN, graph: Graph, val: Queries,
+                 cfg: TrainConfig) -> tuple[dict[DecoderConfig, float], Decoder]:
+    """Validation NDCG@10 of every point of the decoder grid (neighbourhood fits: all in one pass), and the best
+    fitted decoder (ties: the first grid point)."""
     grid = cfg.decoder_grid(graph.num_items)
-    fits = decoders_for(grid, graph, side_views(model, graph))
-    return {d.config: ndcg(pipeline_scores(d, graph), val, graph.num_items)
-            for d in tqdm(fits, total=len(grid), desc="decoder", leave=False, disable=None)}
+    seen: dict[DecoderConfig, float] = {}
+    best: Decoder | None = None
+    for d in tqdm(decoders_for(grid, graph, side_views(model, graph)), total=len(grid), desc="decoder", leave=False,
+                  disable=None):
+        seen[d.config] = ndcg(pipeline_scores(d, graph), val, graph.num_items)
+        if best is None or seen[d.config] > seen[best.config]:
+            best = d
+    assert best is not None  # the grid is never empty (its lists have min_length 1)
+    return seen, best
+
+
+def sample(queries: Queries, at_most: int, seed: list[int]) -> Queries:
+    """``queries``, or a seeded sample of ``at_most`` of them in their order."""
+    if len(queries) <= at_most:
+        return queries
+    return queries.subset(np.sort(np.random.default_rng(seed).choice(len(queries), at_most, False)))
 
 
 def tune_user_weight(base: ScoreFn | Decoder, graph: Graph, val: Queries, cfg: TrainConfig,
@@ -413,8 +428,7 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
     rng = np.random.default_rng(cfg.seed)
     stop_on = None
     if val is not None and len(val):
-        stop_on = val if len(val) <= cfg.early_stop_queries else \
-            val.subset(np.sort(np.random.default_rng([cfg.seed, 2]).choice(len(val), cfg.early_stop_queries, False)))
+        stop_on = sample(val, cfg.early_stop_queries, [cfg.seed, 2])
     best, best_state, best_epoch, bad = -math.inf, copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit=" epoch", disable=None if progress else True)
@@ -475,13 +489,10 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
     if not cfg.decoder:
         return result
     if val is not None and len(val):
-        if len(val) > cfg.decoder_tune_queries:
-            val = val.subset(np.sort(np.random.default_rng([cfg.seed, 3]).choice(len(val), cfg.decoder_tune_queries,
-                                                                                False)))
-        result.decoder_val = tune_decoder(model, val_graph, val, cfg)
-        result.decoder = max(result.decoder_val, key=result.decoder_val.get)  # ties: the first grid point
+        val = sample(val, cfg.decoder_tune_queries, [cfg.seed, 3])
+        result.decoder_val, chosen = tune_decoder(model, val_graph, val, cfg)
+        result.decoder = chosen.config
         phases.done("decoder_tuning", fits=len(result.decoder_val))
-        chosen = decoder_for(result.decoder, val_graph, side_views(model, val_graph))
         result.user_val = tune_user_weight(chosen, val_graph, val, cfg, result.decoder_val[result.decoder])
         result.user_weight = max(result.user_val, key=lambda w: (result.user_val[w], -w))  # ties: the smaller
         phases.done("user_weight")
