@@ -19,7 +19,6 @@ order inside the cancellation window its item rows and a few numbers
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Iterable, Sequence
@@ -30,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from graph.events import Interaction, ItemUpserted, Order, OrderFacts
 from graph.orders import CANCELLED, PLACED, OrderLog
-from graph.tallies import THREADS, EdgeTable, Rows, Tallies, Tally
+from graph.tallies import THREADS, EdgeTable, Rows, Tallies, Tally, on_threads
 
 __all__ = ["Applied", "DecayClock", "GraphConfig", "GraphEvent", "GraphStore", "IdMap", "Item", "Stats", "Tally",
            "tune_gc"]
@@ -188,11 +187,7 @@ def _pair_changes(x: sp.csr_matrix) -> Rows:
         block.sort_indices()
         return block
 
-    if THREADS > 1:
-        with ThreadPoolExecutor(THREADS, thread_name_prefix="pairs") as pool:
-            parts = list(pool.map(rows, range(THREADS)))
-    else:
-        parts = [rows(0)]
+    parts = on_threads(rows, range(THREADS), "pairs")
     product = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
     del parts
     row_of = np.repeat(np.arange(n_items, dtype=np.int32), np.diff(product.indptr))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,8 +37,19 @@ import scipy.sparse as sp
 if TYPE_CHECKING:
     from graph.store import DecayClock
 
+T, R = TypeVar("T"), TypeVar("R")
+
 
 THREADS = min(4, os.cpu_count() or 1)  # threads that merge blocks and multiply a batch's halves (graph.store)
+
+
+def on_threads(fn: Callable[[T], R], jobs: Sequence[T], name: str) -> list[R]:
+    """``[fn(job) for job in jobs]`` on up to :data:`THREADS` threads (for work that releases the GIL: scipy's
+    and numpy's compiled loops); a job's exception is raised here."""
+    if THREADS == 1 or len(jobs) < 2:
+        return [fn(job) for job in jobs]
+    with ThreadPoolExecutor(min(THREADS, len(jobs)), thread_name_prefix=name) as pool:
+        return list(pool.map(fn, jobs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,12 +354,7 @@ class EdgeTable:
             k, part = job
             self.blocks[k] = _union(self.blocks[k], part, self.COUNT, self.WEIGHT, "gone")
 
-        if THREADS > 1 and len(todo) > 1:
-            with ThreadPoolExecutor(THREADS, thread_name_prefix="compact") as pool:
-                list(pool.map(merge, todo))  # list(): raises a merge's exception here
-        else:
-            for job in todo:
-                merge(job)
+        on_threads(merge, todo, "compact")
 
     def rescale(self, factor: float) -> None:
         """Multiply every weight (the decay clock moved its reference time)."""

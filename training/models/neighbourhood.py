@@ -27,13 +27,13 @@ such item's ``k_side`` nearest items by text.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from graph.tallies import THREADS, on_threads
 from training.neighbours import VectorIndex
 
 
@@ -62,7 +62,7 @@ class _Lookup:
     step, and most of a neighbourhood's pairs are pairs of popular items. So
     the ``dense`` most connected items' block is held dense (pairs of them
     are read directly), every other pair is searched in the shorter of its
-    two rows, in two halves on threads (scipy releases the GIL).
+    two rows, in parts on threads (scipy releases the GIL).
     """
 
     def __init__(self, g: sp.csr_matrix, dense: int = 4096) -> None:
@@ -81,10 +81,9 @@ class _Lookup:
         swap = self.row_len[a] > self.row_len[b]
         a, b = np.where(swap, b, a), np.where(swap, a, b)
         if len(a):
-            half = len(a) // 2
-            with ThreadPoolExecutor(2) as pool:
-                parts = list(pool.map(lambda s: np.asarray(self.g[a[s], b[s]], np.float64).ravel(),
-                                      [s for s in (slice(0, half), slice(half, None)) if s.stop != 0]))
+            cuts = np.linspace(0, len(a), THREADS + 1).astype(np.int64).tolist()
+            spans = [slice(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]  # g[[], []] is not an array
+            parts = on_threads(lambda s: np.asarray(self.g[a[s], b[s]], np.float64).ravel(), spans, "lookup")
             out[~both] = np.concatenate(parts)
         return out
 
