@@ -444,7 +444,7 @@ def serve(
 
     feed = ViewFeed(view, bootstrap, FeedTopics(t.catalog, t.bundle_updates, t.orders, t.interactions),
                     on_ready=settle, fetch_max_wait=settings.stream.fetch_max_wait, stale_after=cfg.stale_after,
-                    signing_key=(key.get_secret_value().encode() if (key := settings.stream.signing_key) else None))
+                    signing_key=settings.stream.signing_secret())
 
     def health() -> tuple[bool, str | None]:
         if feed.error is not None:

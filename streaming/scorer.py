@@ -225,8 +225,7 @@ class Scorer:
         self.queue: asyncio.Queue[tuple] = asyncio.Queue()  # commands read from the pipe, not yet applied
         self.backlog = 0  # events on the broker the Faust app had not forwarded yet, as of its last batch
         self.held: dict[str, tuple[Record, str, float]] = {}  # order id → its early cancellation, reason, deadline
-        key = spec.stream.signing_key
-        self.secret = key.get_secret_value().encode() if key is not None else None  # signs bundle updates
+        self.secret = spec.stream.signing_secret()  # signs bundle updates
 
     async def run(self, conn: Connection) -> None:
         """Serve until the Faust app says stop (or is gone); a failing task ends the process with its error."""

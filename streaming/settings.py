@@ -66,6 +66,10 @@ class StreamConfig(BaseModel):
         "decides what the API serves")
     encode_text: bool = Field(True, description="embed new items' text in the worker (loads the encoder)")
 
+    def signing_secret(self) -> bytes | None:
+        """The signing key's bytes (None: bundle updates are not signed)."""
+        return self.signing_key.get_secret_value().encode() if self.signing_key is not None else None
+
     @field_validator("signing_key")
     @classmethod
     def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
