@@ -44,7 +44,7 @@ from tqdm import tqdm
 from graph.export import CO, IU, UI, to_heterodata
 from graph.store import GraphStore
 from training.baselines import item_gram
-from training.models import BundleGNN, Decoder, DecoderConfig, fit_decoders, side_view
+from training.models import Adjacency, BundleGNN, Decoder, DecoderConfig, fit_decoders, side_view
 from training.protocol import Queries, ScoreFn, rank_queries
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,16 @@ class Graph:
             out[rel] = w / total[dst].clamp(min=1e-12)
         return out
 
+    @cached_property
+    def adjacency(self) -> dict[tuple[str, str, str], Adjacency]:
+        """Each relation's CSR structure, computed once (training steps change only the weights)."""
+        sizes = {"item": self.x.size(0), "user": self.num_users}
+        return {rel: Adjacency(index, sizes[rel[2]], sizes[rel[0]]) for rel, index in self.edge_index.items()}
+
     def embed(self, model: BundleGNN, weight: dict | None = None, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return model(self.x, self.num_users, self.edge_index, weight or self.edge_weight,
-                     self.id_index if ids is None else ids)
+        weight = weight or self.edge_weight
+        adj_t = {rel: structure(weight[rel]) for rel, structure in self.adjacency.items()}
+        return model(self.x, adj_t, self.id_index if ids is None else ids)
 
     def training_view(self, drop_edge: float, cold: float) -> tuple[dict, torch.Tensor]:
         """Edge weights and ID rows for one training step.

@@ -7,24 +7,39 @@ import warnings
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import GraphConv, HeteroConv
-from torch_geometric.utils import scatter
+from torch_geometric.utils import spmm
 
 CO = ("item", "co_purchased", "item")
 UI = ("user", "interacted", "item")
 IU = ("item", "rev_interacted", "user")
 
 
-def adjacency(edge_index: Tensor, edge_weight: Tensor, num_dst: int, num_src: int) -> Tensor:
-    """The weighted, transposed adjacency (``num_dst × num_src``, sparse CSR) of a relation.
+class Adjacency:
+    """The weighted, transposed adjacency (``num_dst × num_src``, sparse CSR) of one relation, with its
+    structure computed once: a training step changes only the weights (DropEdge, cold items), so it builds
+    the CSR tensor from the cached row pointers and column order instead of sorting the edges again.
 
     Message passing as one sparse-dense product instead of a gather over edges:
     the same sums, without an edges × channels tensor per layer (about 9× less
     time per layer on the 840 k co-purchase edges of Online Retail II).
     """
-    with warnings.catch_warnings():  # torch flags sparse CSR as beta; PyG's spmm supports it
-        warnings.simplefilter("ignore", UserWarning)
-        adj = torch.sparse_coo_tensor(edge_index.flip(0), edge_weight.detach(), (num_dst, num_src))
-        return adj.coalesce().to_sparse_csr()
+
+    def __init__(self, edge_index: Tensor, num_dst: int, num_src: int) -> None:
+        src, dst = edge_index
+        key = dst * num_src + src
+        self.order = torch.argsort(key)
+        if bool((key[self.order][1:] == key[self.order][:-1]).any()):
+            raise ValueError("duplicate edges: a relation lists each (source, target) pair once")
+        self.col = src[self.order]
+        self.crow = torch.zeros(num_dst + 1, dtype=torch.long, device=edge_index.device)
+        self.crow[1:] = torch.cumsum(torch.bincount(dst, minlength=num_dst), 0)
+        self.size = (num_dst, num_src)
+
+    def __call__(self, edge_weight: Tensor) -> Tensor:
+        """The CSR tensor with ``edge_weight`` (one per edge, in ``edge_index`` order) as its values."""
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta; PyG's spmm supports it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow, self.col, edge_weight.detach()[self.order], self.size)
 
 
 class BundleGNN(nn.Module):
@@ -102,18 +117,14 @@ class BundleGNN(nn.Module):
         self.user = nn.Linear(hidden_channels, hidden_channels, bias=False)
         self.prior = nn.Linear(hidden_channels, 1)
 
-    def forward(
-        self, x_item: Tensor, num_users: int, edge_index_dict: dict[tuple[str, str, str], Tensor],
-        edge_weight_dict: dict[tuple[str, str, str], Tensor], id_index: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """Embeddings of all items and users. Edge weights must be normalised per target;
-        ``id_index`` gives each item's row in the ID table, -1 for none."""
-        ui = edge_index_dict[UI]
-        x_user = scatter(x_item[ui[1]] * edge_weight_dict[IU].unsqueeze(-1), ui[0], 0, dim_size=num_users, reduce="sum")
-        h = {"item": self.item_in(x_item), "user": self.user_in(x_user)}
-        sizes = {"item": x_item.size(0), "user": num_users}
-        adj_t = {rel: adjacency(edge_index_dict[rel], edge_weight_dict[rel], sizes[rel[2]], sizes[rel[0]])
-                 for rel in (CO, UI, IU)}
+    def forward(self, x_item: Tensor, adj_t: dict[tuple[str, str, str], Tensor],
+                id_index: Tensor | None = None) -> dict[str, Tensor]:
+        """Embeddings of all items and users. ``adj_t``: each relation's transposed adjacency (targets ×
+        sources, sparse, weights normalised per target, see :class:`Adjacency`); ``id_index`` gives each
+        item's row in the ID table, -1 for none."""
+        # A user's input is the weighted mean of its items' inputs; the projection is linear without a bias,
+        # so it is applied first and the mean taken of hidden-size rows instead of text-size rows.
+        h = {"item": self.item_in(x_item), "user": spmm(adj_t[IU], self.user_in(x_item), reduce="sum")}
         for conv, gate in zip(self.convs, self.gates):
             out = conv(h, adj_t)
             h = {k: h[k] + gate * nn.functional.dropout(torch.relu(out[k]), self.dropout, self.training) for k in h}
