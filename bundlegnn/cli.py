@@ -335,13 +335,14 @@ def worker(
     spec = ScorerSpec(settings.stream, settings.graph, settings.scoring, bootstrap,
                       settings.encoder if settings.stream.encode_text else None, settings.paths.text_cache,
                       settings.training.device, path, snapshot, dict_config(settings.log),
-                      settings.paths.model_store)
+                      settings.paths.model_store, settings.paths.checkpoints)
     try:
         scorer = ScorerLink.start(spec)
     except RuntimeError as exc:
         logging.getLogger("bundlegnn").error("%s", exc)
         raise typer.Exit(1) from exc
-    faust_app = build_app(settings.stream, scorer, bootstrap, settings.paths.state_dir / "faust")
+    faust_app = build_app(settings.stream, scorer, bootstrap, settings.paths.state_dir / "faust",
+                          settings.paths.checkpoints)
     Worker(faust_app, loglevel=settings.log.level, logging_config=dict_config(settings.log)).execute_from_commandline()
 
 

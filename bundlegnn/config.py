@@ -44,6 +44,12 @@ class PathsConfig(BaseModel):
         return self.state_dir / "import-dead-letters.jsonl"
 
     @property
+    def checkpoints(self) -> Path:
+        """The stream worker's checkpoints (see :mod:`streaming.checkpoint`): one directory per worker, on a
+        volume that outlives it; it belongs to the topics it was read from."""
+        return self.state_dir / "checkpoint"
+
+    @property
     def text_cache(self) -> Path:
         return self.state_dir / "cache" / "text"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,9 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
 
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     broker = EmbeddedBroker(log_path=logs / "broker.log")
+    # the broker keeps its topics in memory: a worker checkpoint of an earlier demo's topics would skip the
+    # offsets it holds on the new, empty ones
+    shutil.rmtree(settings.paths.checkpoints, ignore_errors=True)
     try:
         _say("1/6 embedded Kafka broker (tansu, memory storage)")
         broker.start()

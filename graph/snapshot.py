@@ -5,7 +5,7 @@ config, counters, ids and catalog strings), written beside the live one and
 made current atomically::
 
     <path>/CURRENT          names the live snapshot (replaced by rename)
-    <path>/snap-<n>/        meta.json, co_index.npy, co_count.npy, ...
+    <path>/snap-<n>/        meta.json, extra.json, co_index.npy, co_count.npy, ...
 
 Writing: the new directory is written and fsynced, then ``CURRENT`` is
 replaced by a rename and older directories are removed, so a crash at any
@@ -88,8 +88,11 @@ def _table(writer: _Writer, prefix: str, table: EdgeTable) -> None:
         writer.write(prefix + column, [getattr(b, column) for b in table.blocks], dtype)
 
 
-def save(store: GraphStore, path: str | os.PathLike[str]) -> str:
-    """Write ``store`` as the current snapshot under directory ``path``; return the snapshot id."""
+def save(store: GraphStore, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> str:
+    """Write ``store`` as the current snapshot under directory ``path``; return the snapshot id.
+
+    ``extra``: JSON-able facts written in the same atomic step (a stream worker's checkpoint keeps the input
+    offsets the graph reflects there); :func:`load_with_extra` reads them back."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     name = f"snap-{time.time_ns()}"
@@ -129,6 +132,8 @@ def save(store: GraphStore, path: str | os.PathLike[str]) -> str:
     meta["id"] = writer.digest.hexdigest()[:16]
     (tmp / "meta.json").write_text(json.dumps(meta))
     _fsync(tmp / "meta.json")
+    (tmp / "extra.json").write_text(json.dumps(extra or {}))  # apart from meta: cheap to read, not in the id
+    _fsync(tmp / "extra.json")
     _fsync(tmp)
     os.rename(tmp, path / name)
     current = path / "CURRENT.tmp"
@@ -197,9 +202,26 @@ def _catalog(meta: dict, price: np.ndarray, in_stock: np.ndarray, has_text: np.n
 def load(path: str | os.PathLike[str]) -> GraphStore:
     """Read the current snapshot under ``path`` (or a format 1/2 ``.npz`` file)."""
     path = Path(path)
-    if path.is_file():
-        return _load_npz(path)
-    directory = _current(path)
+    return _load_npz(path) if path.is_file() else load_with_extra(path)[0]
+
+
+def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``extra`` facts of the current snapshot under ``path`` (without reading the snapshot itself)."""
+    return _extra(_current(Path(path)))
+
+
+def _extra(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / "extra.json").read_text())
+    except FileNotFoundError:  # written before extra facts existed
+        return {}
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{directory}: unreadable extra.json ({exc})") from exc
+
+
+def load_with_extra(path: str | os.PathLike[str]) -> tuple[GraphStore, dict[str, Any]]:
+    """The current snapshot under directory ``path`` and the ``extra`` facts written with it."""
+    directory = _current(Path(path))
     meta = _meta(directory)
     try:
         a = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in meta["arrays"]}
@@ -217,7 +239,7 @@ def load(path: str | os.PathLike[str]) -> GraphStore:
     seen = {k[12:]: v for k, v in a.items() if k.startswith("interaction_")}
     if seen:  # (snapshots before interaction ids have none)
         store.interaction_ids = OrderLog.from_arrays(store.interaction_ids.window, seen)
-    return store
+    return store, _extra(directory)
 
 
 def _load_npz(path: Path) -> GraphStore:

@@ -37,6 +37,9 @@ class WorkerMetrics:
         self.event_to_update = Histogram("bundlegnn_worker_event_to_update_seconds",
                                          "Event produced to its item's list published", buckets=LATENCY_BUCKETS,
                                          registry=r)
+        self.checkpoint_seconds = Histogram("bundlegnn_worker_checkpoint_seconds", "Time to write a checkpoint "
+                                            "(flush the producer, write and fsync the state, rename)",
+                                            buckets=LATENCY_BUCKETS, registry=r)
         self.items = Gauge("bundlegnn_worker_items", "Items in the worker's graph", registry=r)
         self.co_edges = Gauge("bundlegnn_worker_co_purchase_edges", "Co-purchase pairs in the worker's graph",
                               registry=r)

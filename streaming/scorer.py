@@ -6,19 +6,20 @@ that again: in one process the worker was bound by one core at 2,700
 orders/s while the machine's second core sat idle. So ``bundlegnn worker``
 is two processes:
 
-* the Faust app (:mod:`streaming.worker`) consumes, validates and records
-  events in its changelogged tables, and forwards the valid ones here, in
-  arrival order;
+* the Faust app (:mod:`streaming.worker`) consumes and validates events and
+  forwards them here, in arrival order (the invalid ones as dead letters);
 * this one applies them to the graph (:class:`WorkerState`, the code path
   of the batch replay), refreshes the complement lists of touched items and
   publishes them on ``bundle-updates``, sends dead letters, loads models
-  from ``model-updates``, embeds new items and serves the Prometheus metrics.
+  from ``model-updates``, embeds new items, writes the worker's checkpoints
+  and serves the Prometheus metrics.
 
-The changelog stays the worker's only durable state: whenever the Faust app
-is (re)assigned its partitions it replays the recorded events here
-(``rebuild``), and this process applies exactly those. A full pipe holds the
-Faust app back, so neither side runs away from the other. When this process
-dies the Faust app stops too (see :meth:`ScorerLink.check`).
+The worker's durable state is its checkpoint (:mod:`streaming.checkpoint`):
+this process starts from the current one, skips records it already holds
+(by offset) and writes a new one every ``stream.checkpoint_interval``
+seconds or ``stream.checkpoint_events`` events, and on a clean stop. A full
+pipe holds the Faust app back, so neither side runs away from the other.
+When this process dies the Faust app stops too (see :meth:`ScorerLink.check`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
 
-from graph.events import MAX_EVENT_BYTES, Interaction, ItemUpserted, Order, OrderFacts
+from graph.events import MAX_EVENT_BYTES, ItemUpserted, OrderFacts
 from graph.snapshot import save as save_snapshot
 from graph.store import Applied, GraphConfig, GraphEvent, GraphStore, tune_gc
-from streaming.codec import decode
+from streaming import checkpoint
+from streaming.checkpoint import Checkpoint, Held
 from streaming.metrics import WorkerMetrics
 from streaming.settings import StreamConfig
 from training.artifact import Artifact, load_artifact
@@ -86,12 +88,13 @@ class WorkerState:
     def __post_init__(self) -> None:
         self.reset()
 
-    def reset(self) -> None:
-        """An empty graph; items touched in the old one no longer await a refresh (a rebuild republishes its own)."""
-        self.store = GraphStore(self.graph_config)
+    def reset(self, store: GraphStore | None = None, pending: dict[str, float] | None = None) -> None:
+        """Start from ``store`` (default: an empty graph) with ``pending`` items awaiting a refresh; the text of
+        its items is embedded again (from the text cache) by the next :meth:`embed_text`."""
+        self.store = store if store is not None else GraphStore(self.graph_config)
         self.scorer = ComplementScorer(self.store, self.scorer_config)
-        self.pending.clear()
-        self.new_text.clear()
+        self.pending = dict(pending or {})
+        self.new_text = {k for k, it in zip(self.store.items.ids, self.store.catalog) if it.has_text}
         if self.artifact is not None:
             self._install(self.artifact)
 
@@ -207,6 +210,7 @@ class ScorerSpec:
     snapshot: Path | None = None  # where to write the graph on a clean stop
     logging: dict[str, Any] | None = None  # a logging.config.dictConfig mapping
     model_store: Path | None = None  # announced models must lie under it (None: anywhere)
+    checkpoints: Path | None = None  # the worker's checkpoint directory (None: nothing survives a restart)
 
 
 class Scorer:
@@ -216,16 +220,41 @@ class Scorer:
         self.spec = spec
         encoder = spec.encoder.build(spec.text_cache) if spec.encoder is not None else None
         self.state = WorkerState(spec.graph, spec.scoring, encoder, spec.device)
+        self.offsets: dict[checkpoint.Position, int] = {}  # per source partition: the next record to apply
+        self.held: dict[str, tuple[Record, str, float]] = {}  # order id → its early cancellation, reason, deadline
+        restored = None
+        self.letters_from: dict[int, int] = {}  # dead-letters partition → its end as of the last checkpoint
+        self.published: set[tuple[str, int, int]] = set()  # sources of dead letters sent after the last checkpoint
+        if spec.checkpoints is not None:
+            self.owner = checkpoint.own(spec.checkpoints)  # held for this process's life
+            began = time.perf_counter()
+            restored = checkpoint.read(spec.checkpoints)
+            took = time.perf_counter() - began
+        if restored is not None:
+            store, saved = restored
+            self.state.reset(store, saved.pending)
+            self.offsets = dict(saved.offsets)
+            self.letters_from = dict(saved.letters_from)
+            now = time.monotonic()
+            self.held = {order_id: (Record(h.topic, h.partition, h.offset, h.key, h.value, h.timestamp), h.reason,
+                                    now + h.seconds_left) for order_id, h in saved.held.items()}
+            log.info("started from the checkpoint in %s (read in %.2f s): %d items, %d co-purchase pairs, offsets %s",
+                     spec.checkpoints, took, store.num_items, store.num_co_edges(), _positions(self.offsets))
         if spec.model is not None:
             self.state.load_model(spec.model)
         else:
             log.warning("no model artifact: scoring from co-purchase statistics and text")
+        self.state.embed_text()
         self.out = _Publisher(spec.bootstrap, self.state.metrics)
         self.names = spec.stream.topics
         self.queue: asyncio.Queue[tuple] = asyncio.Queue()  # commands read from the pipe, not yet applied
         self.backlog = 0  # events on the broker the Faust app had not forwarded yet, as of its last batch
-        self.held: dict[str, tuple[Record, str, float]] = {}  # order id → its early cancellation, reason, deadline
         self.secret = spec.stream.signing_secret()  # signs bundle updates
+        # Applying, publishing and checkpointing take turns: a checkpoint must hold no event whose dead letter or
+        # refreshed list is not delivered yet.
+        self.turn = asyncio.Lock()
+        self.unsaved = 0  # records taken since the last checkpoint
+        self.next_checkpoint = time.monotonic() + spec.stream.checkpoint_interval
 
     async def run(self, conn: Connection) -> None:
         """Serve until the Faust app says stop (or is gone); a failing task ends the process with its error."""
@@ -234,7 +263,10 @@ class Scorer:
         threading.Thread(target=_read_commands, args=(conn, queue, loop), name="commands", daemon=True).start()
         positioned = asyncio.Event()
         tasks = [asyncio.create_task(coro) for coro in (self.refresher(), self.embedder(), self.measure(),
-                                                         self.holder(), self.model_updates(positioned))]
+                                                         self.holder(), self.checkpointer(),
+                                                         self.model_updates(positioned))]
+        if self.spec.checkpoints is not None:
+            await self.letters_since_checkpoint()
         ready = asyncio.create_task(positioned.wait())
         await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
@@ -253,31 +285,48 @@ class Scorer:
             for task in (ready, *tasks):
                 task.cancel()
             await asyncio.gather(ready, *tasks, return_exceptions=True)  # cancelled: their errors were raised above
-            await self.release_held(everything=True)
+            if self.spec.checkpoints is None:  # nothing keeps them: out they go
+                await self.release_held(everything=True)
             await self.out.stop()  # flushes what is buffered
         if self.spec.snapshot is not None:
             save_snapshot(self.state.store, self.spec.snapshot)
             log.info("graph snapshot written to %s", self.spec.snapshot)
 
     async def commands(self, queue: asyncio.Queue[tuple]) -> None:
-        """Apply the Faust app's commands in the order it sent them; return on ``stop``."""
+        """Apply the Faust app's commands in the order it sent them; return on ``stop`` (after a checkpoint)."""
         while True:
             command, *args = await queue.get()
             if command == "events":
-                await self.apply(*args)
+                async with self.turn:
+                    await self.apply(*args)
             elif command == "dead":
-                await self.dead_letter(*args)
-            elif command == "rebuild":
-                self.rebuild(*args)
+                async with self.turn:
+                    if self.take(args[0]):
+                        await self.dead_letter(*args)
             elif command == "lag":
                 for topic_name, count in args[0].items():
                     self.state.metrics.lag.labels(topic_name).set(count)
             elif command == "stop":
                 log.info("scoring process stopping: %s", args[0])
+                await self.checkpoint()
                 return
             else:
                 raise ValueError(f"unknown command from the Faust app: {command!r}")
+            if self.unsaved >= self.spec.stream.checkpoint_events:
+                await self.checkpoint()
             await asyncio.sleep(0)  # a queue with commands waiting never suspends get(): let refreshes run
+
+    def take(self, record: Record) -> bool:
+        """Whether ``record`` is new to the state (then it counts as taken: the next checkpoint covers it).
+
+        After a restart the consumer may hand over records the checkpoint already holds (its committed
+        offsets can lag the checkpoint's); they are skipped here, so none is applied twice."""
+        position = (record.topic, record.partition)
+        if record.offset < self.offsets.get(position, 0):
+            return False
+        self.offsets[position] = record.offset + 1
+        self.unsaved += 1
+        return True
 
     async def apply(self, records: list[Record], events: list[GraphEvent], backlog: int = 0) -> None:
         """Apply a micro-batch of validated events (one per record); those that reference nothing go to dead-letters.
@@ -285,6 +334,9 @@ class Scorer:
         ``backlog``: events the Faust app had not yet forwarded when it sent these (it paces refreshes).
         """
         self.backlog = backlog
+        new = [k for k, record in enumerate(records) if self.take(record)]
+        if len(new) < len(records):
+            records, events = [records[k] for k in new], [events[k] for k in new]
         results = self.state.apply_many(events, [r.timestamp for r in records], [r.partition for r in records])
         dead, held, hold = [], self.held, self.spec.stream.cancel_hold
         for record, event, result in zip(records, events, results):
@@ -313,10 +365,47 @@ class Scorer:
         if value is not None and len(value) > MAX_EVENT_BYTES:  # the broker may refuse it: keep its start
             headers.append(("truncated_from", str(len(value)).encode()))
             value = value[:1024]
+        if self.published and (record.topic, record.partition, record.offset) in self.published:
+            self.published.discard((record.topic, record.partition, record.offset))  # sent before a crash
+            return
         self.state.metrics.dead_letters.labels(record.topic).inc()
         if logged:
             log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         await self.out.send(self.names.dead_letters, key=record.key, value=value, headers=headers, droppable=True)
+
+    async def letters_since_checkpoint(self) -> None:
+        """Read the dead letters published after the checkpoint (from the ends it saved): their records come
+        again and are not dead-lettered twice. Without saved ends (a first start), note the topic's ends."""
+        topic = self.names.dead_letters
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.spec.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            for tp in tps:
+                if tp.partition in self.letters_from:
+                    consumer.seek(tp, self.letters_from[tp.partition])
+                else:
+                    self.letters_from[tp.partition] = ends[tp]
+                    consumer.seek(tp, ends[tp])
+            quiet_until = None
+            while True:  # to the ends, then a while longer: tansu reports ends short after multi-record batches
+                batch = await consumer.getmany(timeout_ms=200)
+                for records in batch.values():
+                    for r in records:
+                        h = dict(r.headers)  # (a held cancellation's letter too: the checkpoint holds it again)
+                        self.published.add((h["topic"].decode(), int(h["partition"]), int(h["offset"])))
+                at_end = all([await consumer.position(tp) >= ends[tp] for tp in tps])
+                if at_end and not batch:
+                    quiet_until = quiet_until or time.monotonic() + 0.5
+                    if time.monotonic() >= quiet_until:
+                        break
+        finally:
+            await consumer.stop()
+        if self.published:
+            log.info("%d dead letters were published after the checkpoint; their records are not dead-lettered "
+                     "again", len(self.published))
 
     async def release_held(self, everything: bool = False) -> None:
         """Cancellations whose order did not come within ``stream.cancel_hold`` go to dead-letters
@@ -333,24 +422,39 @@ class Scorer:
         """Release held cancellations as they expire."""
         while True:
             await asyncio.sleep(min(1.0, max(0.05, self.spec.stream.cancel_hold / 4)))
-            await self.release_held()
+            async with self.turn:
+                await self.release_held()
 
-    def rebuild(self, recorded: dict[str, list[tuple[int, bytes]]]) -> None:
-        """Start over from the recorded ``(source partition, event)`` pairs (per kind, in the order of their
-        changelog keys)."""
-        state = self.state
-        state.reset()
-        timed = [(decode(raw, kind), p) for kind in ("item_upserted", "interaction") for p, raw in recorded[kind]]
-        timed.sort(key=lambda ep: ep[0].epoch)  # stable: ties keep their arrival order within a partition
-        events: list[ItemUpserted | Interaction | Order] = [e for e, _ in timed]
-        partitions = [p for _, p in timed]  # the stream an interaction id's window follows, as when it came
-        events += [decode(raw, "order") for _, raw in recorded["order"]]  # per partition, in arrival order:
-        partitions += [p for p, _ in recorded["order"]]  # cancellations keep their meaning
-        state.apply_many(events, [None] * len(events), partitions)
-        state.embed_text()
-        state.pending = {k: 0.0 for k in state.pending}  # publish the rebuilt lists, no latency to report
-        log.info("graph rebuilt from changelogs: %d events, %d items, %d co-purchase edges",
-                 len(events), state.store.num_items, state.store.num_co_edges())
+    async def checkpointer(self) -> None:
+        """A checkpoint every ``stream.checkpoint_interval`` seconds while records come in (and
+        ``stream.checkpoint_events`` records, see :meth:`commands`)."""
+        while True:
+            await asyncio.sleep(max(0.0, self.next_checkpoint - time.monotonic()))
+            if self.unsaved:
+                await self.checkpoint()
+            else:
+                self.next_checkpoint = time.monotonic() + self.spec.stream.checkpoint_interval
+
+    async def checkpoint(self) -> None:
+        """Deliver everything sent so far, then write the state and the offsets it reflects (see
+        :mod:`streaming.checkpoint`); the Faust app commits offsets from it."""
+        path = self.spec.checkpoints
+        if path is None:
+            return
+        async with self.turn:
+            await self.out.flush()
+            now = time.monotonic()
+            held = {order_id: Held(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp, reason,
+                                   max(0.0, deadline - now)) for order_id, (r, reason, deadline) in self.held.items()}
+            letters = self.names.dead_letters
+            self.letters_from.update({p: o for (t, p), o in self.out.delivered.items() if t == letters})
+            took = checkpoint.write(path, self.state.store, Checkpoint(self.offsets, held, self.state.pending,
+                                                                        self.letters_from))
+            self.state.metrics.checkpoint_seconds.observe(took)
+            log.info("checkpoint written in %.2f s (%d records since the last): offsets %s", took, self.unsaved,
+                     _positions(self.offsets))
+            self.unsaved = 0
+            self.next_checkpoint = time.monotonic() + self.spec.stream.checkpoint_interval
 
     async def refresher(self) -> None:
         """Refresh, pause, repeat: the pause is ``refresh_interval``, longer while events wait and refreshes take long.
@@ -382,6 +486,11 @@ class Scorer:
             state.set_text(job[0], vectors)
         if not state.pending:
             return
+        async with self.turn:  # no checkpoint between taking the items and handing their lists to the producer
+            await self._publish()
+
+    async def _publish(self) -> None:
+        state = self.state
         started = time.perf_counter()
         pending, state.pending = state.pending, {}
         m = state.metrics
@@ -412,7 +521,7 @@ class Scorer:
         """Graph size on the metrics, every ``metrics_interval`` (consumer lag comes from the Faust app)."""
         metrics, store = self.state.metrics, self.state.store
         while True:
-            store = self.state.store  # a rebuild replaces it
+            store = self.state.store
             metrics.items.set(store.num_items)
             metrics.co_edges.set(store.num_co_edges())
             await asyncio.sleep(self.spec.stream.metrics_interval)
@@ -566,6 +675,7 @@ class _Publisher:
         self.metrics = metrics
         self.producer: AIOKafkaProducer | None = producer
         self.lock = asyncio.Lock()
+        self.delivered: dict[tuple[str, int], int] = {}  # (topic, partition) → offset after the last delivered
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None,
                    droppable: bool = False) -> None:
@@ -591,15 +701,32 @@ class _Publisher:
     def _answered(self, topic: str, key: bytes | None, delivery: asyncio.Future) -> None:
         if not delivery.cancelled() and delivery.exception() is not None:
             self._failed(topic, key, delivery.exception())
+        elif not delivery.cancelled():
+            meta = delivery.result()
+            at = (meta.topic, meta.partition)
+            self.delivered[at] = max(self.delivered.get(at, 0), meta.offset + 1)
 
     def _failed(self, topic: str, key: bytes | None, exc: BaseException) -> None:
         self.metrics.publish_failures.labels(topic).inc()
         log.error("publishing to %s (key %r) failed: %r", topic, key, exc)
 
+    async def flush(self) -> None:
+        """Wait until every record sent so far is delivered (or has failed, and was logged and counted)."""
+        if self.producer is not None:
+            await self.producer.flush()
+
     async def stop(self) -> None:
         if self.producer is not None:
             await self.producer.stop()  # flushes what is buffered
             self.producer = None
+
+
+def _positions(offsets: dict[checkpoint.Position, int]) -> str:
+    """Offsets per topic for a log line: ``orders 0:120 1:98 …``."""
+    topics: dict[str, list[str]] = {}
+    for (topic, partition), offset in sorted(offsets.items()):
+        topics.setdefault(topic, []).append(f"{partition}:{offset}")
+    return "; ".join(f"{topic} {' '.join(parts)}" for topic, parts in topics.items()) or "none"
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:

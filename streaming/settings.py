@@ -31,7 +31,7 @@ class StreamConfig(BaseModel):
     bootstrap_servers: str = Field("embedded", description="host:port[,host:port] of Kafka, or 'embedded'")
     topics: Topics = Field(default_factory=Topics)
     partitions: int = Field(4, ge=1, description="partitions of the event and bundle-updates topics")
-    app_id: str = Field("bundlegnn", description="Faust app id: consumer group and changelog topic prefix")
+    app_id: str = Field("bundlegnn", description="Faust app id: the consumer group")
     batch_size: int = Field(2000, ge=1, description="events per micro-batch (stream.take)")
     batch_within: float = Field(0.05, gt=0, description="seconds a micro-batch waits to fill")
     fetch_max_wait: float = Field(0.05, gt=0, le=30, description="longest a consumer fetch waits for data (s): "
@@ -49,13 +49,9 @@ class StreamConfig(BaseModel):
     web_port: int = Field(0, ge=0, le=65535, description="Faust's own web port; 0 disables it")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics of the worker; 0 disables it")
     metrics_interval: float = Field(5.0, gt=0, description="seconds between consumer-lag measurements")
-    producer_max_batch_size: int | None = Field(
-        None, ge=1, description="bytes per producer batch; 1 on the embedded tansu broker, which reports end "
-        "offsets one short after multi-record batches and so breaks table recovery")
-    changelog_record_bytes: int = Field(
-        512 * 1024, ge=1024, le=900_000, description="largest changelog record the worker writes (JSON bytes): a "
-        "micro-batch's events are split over several records, and an event bigger than this goes to dead-letters. "
-        "Kafka refuses records over max.request.size (1 MB by default), which would stop the worker")
+    checkpoint_interval: float = Field(10.0, gt=0, description="seconds between two checkpoints of the worker's "
+                                       "state while events come in: what a crash re-reads from the topics")
+    checkpoint_events: int = Field(500_000, ge=1, description="records taken that call for a checkpoint sooner")
     cancel_hold: float = Field(60.0, ge=0, description="seconds a cancellation of an order not yet seen waits "
                                "for that order before it goes to dead-letters (the graph records it at once: the "
                                "late order is ignored either way); 0: at once")

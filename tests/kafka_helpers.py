@@ -23,7 +23,6 @@ def stream_env(bootstrap: str, state_dir: Path, app_id: str | None = None) -> di
     env = {**os.environ, "BUNDLEGNN_STREAM__BOOTSTRAP_SERVERS": bootstrap, "BUNDLEGNN_STREAM__APP_ID": tag,
            "BUNDLEGNN_STREAM__SESSION_TIMEOUT": "3", "BUNDLEGNN_STREAM__HEARTBEAT_INTERVAL": "0.5",
            "BUNDLEGNN_STREAM__REBALANCE_TIMEOUT": "3", "BUNDLEGNN_STREAM__PARTITIONS": "2",
-           "BUNDLEGNN_STREAM__PRODUCER_MAX_BATCH_SIZE": "1",
            "BUNDLEGNN_PATHS__STATE_DIR": str(state_dir), "BUNDLEGNN_PATHS__MODEL_STORE": str(state_dir / "models"),
            "BUNDLEGNN_TRAINING__DEVICE": "cpu",
            # the Online Retail II files are two workbook sheets one after the other, replayed in file order

@@ -1,12 +1,14 @@
-"""Parts of the stream worker that need no broker: changelog records, publishing, the scoring process's commands
-and refresh pacing."""
+"""Parts of the stream worker that need no broker: publishing, the scoring process's commands, checkpoints,
+commits and seeks from them, and refresh pacing."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,40 +18,17 @@ from faust.types import TP
 from graph.events import ItemUpserted, Order
 from graph.store import GraphConfig
 from streaming.codec import encode, graph_input
-from streaming import transport
+from streaming import checkpoint, transport
 from streaming.metrics import WorkerMetrics
 from streaming.scorer import Record, Scorer, ScorerSpec, _Publisher
 from streaming.settings import StreamConfig
 from tests.conftest import at
 from training.complements import ScorerConfig
-from streaming.worker import changelog_chunks, record_size
 
 
-def test_records_keep_partition_order_and_stay_under_the_limit() -> None:
-    raws = [json.dumps({"order_id": f"o{n}", "note": "é" * (n % 5)}) for n in range(40)]
-    events = [(n % 3, 100 + n, raw, record_size(raw.encode())) for n, raw in enumerate(raws)]
-    chunks = changelog_chunks(events, limit=200)
-    # every event once, and each partition's events in arrival order across its records
-    for partition in range(3):
-        got = [raw for p, key, values in sorted(chunks, key=lambda c: c[1]) if p == partition for raw in values]
-        assert got == [raw for p, _, raw, _ in events if p == partition]
-    for partition, key, values in chunks:
-        assert len(json.dumps(values)) <= 200  # what Faust's JSON encoder writes, at most
-        first = next(o for p, o, raw, _ in events if raw == values[0])
-        assert key == f"{partition}:{first:020d}"
-    assert len(chunks) > 3  # the limit forced several records per partition
-
-
-def test_one_record_per_partition_when_the_batch_fits() -> None:
-    events = [(1, 7, '{"a":1}', 11), (0, 3, '{"b":2}', 11), (1, 8, '{"c":3}', 11)]
-    assert changelog_chunks(events, limit=1000) == [(1, "1:00000000000000000007", ['{"a":1}', '{"c":3}']),
-                                                    (0, "0:00000000000000000003", ['{"b":2}'])]
-
-
-def test_record_size_counts_escaping() -> None:
-    raw = '{"title": "5\\" plate", "x": "é"}'.encode()
-    assert record_size(raw) == len(json.dumps(raw.decode())) + 2 > len(raw)
-    assert changelog_chunks([], 1024) == []
+def delivered(topic: str, offset: int) -> SimpleNamespace:
+    """aiokafka's RecordMetadata, as far as the publisher reads it."""
+    return SimpleNamespace(topic=topic, partition=0, offset=offset)
 
 
 class FakeProducer:
@@ -66,6 +45,11 @@ class FakeProducer:
         self.deliveries.append(delivery)
         return delivery
 
+    async def flush(self) -> None:
+        for n, delivery in enumerate(self.deliveries):
+            if not delivery.done():
+                delivery.set_result(delivered(self.sent[n][0], n))
+
 
 def test_a_refused_record_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
     async def run() -> WorkerMetrics:
@@ -74,7 +58,7 @@ def test_a_refused_record_is_logged_and_counted(caplog: pytest.LogCaptureFixture
         publisher = _Publisher("unused", metrics, producer)
         await publisher.send("bundle-updates", b"A", b"{}")
         await publisher.send("bundle-updates", b"B", b"{}")
-        producer.deliveries[0].set_result(None)
+        producer.deliveries[0].set_result(delivered("bundle-updates", 0))
         producer.deliveries[1].set_exception(KafkaTimeoutError("no answer"))
         await asyncio.sleep(0)  # done-callbacks run on the next loop pass
         return metrics
@@ -97,9 +81,9 @@ def test_a_dead_letter_too_big_for_a_request_goes_out_without_its_value() -> Non
     assert dict(headers)["reason"] == b"not JSON" and dict(headers)["value-dropped"].startswith(b"500 bytes")
 
 
-def scorer(**stream: object) -> Scorer:
+def scorer(checkpoints: Path | None = None, **stream: object) -> Scorer:
     """A scoring process's work without its process: no broker, sends go to a FakeProducer."""
-    spec = ScorerSpec(StreamConfig(**stream), GraphConfig(), ScorerConfig(), "unused")
+    spec = ScorerSpec(StreamConfig(**stream), GraphConfig(), ScorerConfig(), "unused", checkpoints=checkpoints)
     work = Scorer(spec)
     work.out = _Publisher("unused", work.state.metrics, FakeProducer(max_value=10_000))
     return work
@@ -118,7 +102,7 @@ def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() 
     placed = Order(order_id="o1", user_id="u", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))
     stray = Order(order_id="o9", items=[{"item_id": "A"}], status="cancelled", ts=at(2))
     later = Order(order_id="o2", items=[{"item_id": "A"}, {"item_id": "C"}], ts=at(3))
-    bad = Record("orders", 0, 7, b"k", b"{not json", None)
+    bad = Record("orders", 0, 1, b"k", b"{not json", None)  # partition 0 holds offsets 0, 1 (this), 2
     commands = [forwarded((0, placed), (1, stray), backlog=5), ("dead", bad, "not JSON: ..."),
                 ("lag", {"orders": 3}), forwarded((2, later), (3, placed)), ("stop", "test")]
 
@@ -136,7 +120,7 @@ def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() 
     assert set(work.state.pending) == {"A", "B", "C"} and work.state.pending["C"] == 1_002.0  # the producer's time
     letters = [(key, value, dict(headers)) for topic, key, value, headers in work.out.producer.sent]
     assert [(h["reason"].split(b" (")[0].split(b":")[0], h["offset"]) for _, _, h in letters] == [
-        (b"cancels unknown order o9", b"1"), (b"not JSON", b"7")]
+        (b"cancels unknown order o9", b"1"), (b"not JSON", b"1")]
     assert letters[0][1] == encode(stray) and letters[1][1] == b"{not json"  # the original bytes
     assert metrics.value("bundlegnn_worker_dead_letters_total", {"topic": "orders"}) == 2
     assert metrics.value("bundlegnn_worker_consumer_lag", {"topic": "orders"}) == 3
@@ -168,19 +152,85 @@ def test_a_cancellation_ahead_of_its_order_is_held_then_dead_lettered() -> None:
     assert work.state.store.co_purchase("A", "B") is None  # o1 placed after its cancellation: ignored
 
 
-def test_a_rebuild_starts_over_from_the_recorded_events() -> None:
-    work = scorer()
-    first = Order(order_id="x", items=[{"item_id": "X"}, {"item_id": "Y"}], ts=at(1))
-    asyncio.run(work.apply(*forwarded((0, first))[1:]))
-    recorded = {"item_upserted": [(0, encode(ItemUpserted(item_id="A", title="a mug", ts=at(5))).decode())],
-                "interaction": [],
-                "order": [(1, encode(Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1)))
-                           .decode())]}
-    work.rebuild(recorded)
-    store = work.state.store
-    assert sorted(store.items.ids) == ["A", "B"] and store.co_purchase("A", "B").count == 1
-    assert store.catalog[store.items.index["A"]].title == "a mug"
-    assert work.state.pending == {"A": 0.0, "B": 0.0}  # republished, no latency to report
+def test_a_restart_resumes_from_the_checkpoint_and_skips_what_it_holds(tmp_path: Path) -> None:
+    """The stop writes a checkpoint (graph, offsets, held cancellation, lists not yet published); a new scoring
+    process starts from it, skips the records it holds when the consumer hands them over again, applies the
+    rest once."""
+    o1 = Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))
+    early = Order(order_id="o7", items=[{"item_id": "A"}], status="cancelled", ts=at(2))
+    o2 = Order(order_id="o2", items=[{"item_id": "A"}, {"item_id": "C"}], ts=at(3))
+    o7 = Order(order_id="o7", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(2))
+
+    async def first() -> Scorer:
+        work = scorer(tmp_path, cancel_hold=60)
+        for command in (forwarded((0, o1), (1, early)), ("dead", Record("orders", 0, 2, b"k", b"{", None), "not JSON"),
+                        ("stop", "test")):
+            work.queue.put_nowait(command)
+        await work.commands(work.queue)
+        return work
+
+    before = asyncio.run(first())
+    os.close(before.owner)  # the process would end here: its lock on the checkpoint directory goes with it
+    assert checkpoint.offsets(tmp_path) == {("orders", 0): 3, ("orders", 1): 2}
+    assert set(before.held) == {"o7"} and len(before.out.producer.sent) == 1  # the bad JSON only
+
+    async def second() -> Scorer:
+        work = scorer(tmp_path, cancel_hold=60)
+        assert set(work.held) == {"o7"} and set(work.state.pending) == {"A", "B"}  # as the first one left them
+        # the consumer's committed offsets lagged: it hands over everything again, then what is new
+        for command in (forwarded((0, o1), (1, early)), ("dead", Record("orders", 0, 2, b"k", b"{", None), "not JSON"),
+                        forwarded((3, o2), (4, o7)), ("stop", "test")):
+            work.queue.put_nowait(command)
+        await work.commands(work.queue)
+        return work
+
+    after = asyncio.run(second())
+    store = after.state.store
+    assert store.co_purchase("A", "B").count == 1 and store.co_purchase("A", "C").count == 1  # o1 once, o7 never
+    assert (store.stats.events, store.stats.orders_placed) == (4, 2)  # o1, early, o2, o7: each once
+    assert after.out.producer.sent == []  # nothing dead-lettered twice
+    assert after.held == {} and checkpoint.offsets(tmp_path) == {("orders", 0): 5, ("orders", 1): 4}
+    assert checkpoint.read(tmp_path)[0].co_purchase("A", "C").count == 1
+
+
+def test_commits_and_seeks_follow_the_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever Faust acknowledged, the consumer commits the checkpoint's offsets of its assigned partitions;
+    on assignment it seeks to them, and to the beginning of partitions the checkpoint has not seen."""
+    held = {("orders", 0): 120, ("orders", 1): 80, ("catalog", 3): 9}
+    commits: list[dict] = []
+
+    class Thread:
+        async def commit(self, offsets: dict) -> bool:
+            commits.append(offsets)
+            return True
+
+    consumer = transport.Consumer.__new__(transport.Consumer)
+    consumer.app, consumer._thread = SimpleNamespace(checkpoint_offsets=lambda: held), Thread()
+    monkeypatch.setattr(transport.Consumer, "assignment", lambda self: {TP("orders", 0), TP("orders", 1), TP("orders", 2)})
+    assert asyncio.run(consumer._commit({TP("orders", 0): 500, TP("orders", 2): 7}))
+    assert commits == [{TP("orders", 0): 120, TP("orders", 1): 80}]
+
+    class Kafka:  # aiokafka's consumer, as far as seeking goes
+        def __init__(self) -> None:
+            self.at: dict = {}
+
+        def assignment(self) -> set:
+            return {TP("orders", 0), TP("orders", 2)}
+
+        def seek(self, tp: TP, offset: int) -> None:
+            self.at[tp] = offset
+
+        async def seek_to_beginning(self, tp: TP) -> None:
+            self.at[tp] = 4  # retention removed 0..3
+
+        async def position(self, tp: TP) -> int:
+            return self.at[tp]
+
+    thread = transport.ConsumerThread.__new__(transport.ConsumerThread)
+    kafka = Kafka()
+    thread._ensure_consumer = lambda: kafka
+    assert asyncio.run(thread._seek_to_checkpoint(held)) == {TP("orders", 0): 120, TP("orders", 2): 4}
+    assert kafka.at == {TP("orders", 0): 120, TP("orders", 2): 4}
 
 
 def test_an_unknown_command_stops_the_scoring_process() -> None:

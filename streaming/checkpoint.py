@@ -1,0 +1,148 @@
+"""Checkpoints: the stream worker's durable state, and the input offsets it reflects.
+
+A checkpoint is a graph snapshot (:mod:`graph.snapshot`: arrays written,
+fsynced and made current by one rename) whose ``extra`` facts say what it
+holds, as a Kafka Streams task's checkpoint file does beside its state store:
+
+* ``offsets``: per event-topic partition, the next offset to apply — every
+  record before it is in the graph (or went to dead-letters), none after;
+* ``held``: early cancellations still waiting for their order
+  (``stream.cancel_hold``), with the seconds they had left;
+* ``pending``: items whose fresh complement list was not yet published;
+* ``letters_from``: where the dead-letters topic ended (after the records
+  this process delivered): a restart reads the dead letters published since
+  and does not publish them again when their records come again.
+
+The worker writes one every ``stream.checkpoint_interval`` seconds or
+``stream.checkpoint_events`` events, after its producer has delivered
+everything it sent, and on a clean stop. Its consumer commits offsets only
+from the current checkpoint, and on (re)assignment seeks to the checkpoint's
+offsets (:mod:`streaming.transport`); records the scoring process receives
+again are skipped by offset. So a crash at any point resumes from the last
+checkpoint: nothing lost, nothing applied twice, and recovery reads one
+snapshot plus what came after it, not the whole history.
+
+One scoring process at a time owns a checkpoint directory (:func:`own`, an
+exclusive ``flock``): when the Faust process is killed, its scoring process
+still applies what it was handed and writes a last checkpoint, and the
+restarted worker waits for that instead of starting from an older one while
+its consumer seeks to the newer one's offsets.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graph.snapshot import SnapshotError, load_with_extra, read_extra, save
+from graph.store import GraphStore
+
+log = logging.getLogger(__name__)
+
+Position = tuple[str, int]  # (topic, partition)
+
+
+@dataclass
+class Held:
+    """A cancellation waiting for its order: where it came from, its raw value, why it waits, seconds left."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: float | None
+    reason: str
+    seconds_left: float
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds besides the graph."""
+
+    offsets: dict[Position, int] = field(default_factory=dict)
+    held: dict[str, Held] = field(default_factory=dict)  # order id → its early cancellation
+    pending: dict[str, float] = field(default_factory=dict)  # item → newest source timestamp of its changes
+    letters_from: dict[int, int] = field(default_factory=dict)  # dead-letters partition → its end when written
+
+    def covers(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether the record at this position is already in the state (applied or dead-lettered)."""
+        return offset < self.offsets.get((topic, partition), 0)
+
+
+def own(path: Path, timeout: float = 120.0) -> int:
+    """Lock ``path`` for this process (created if need be) and return the lock's file descriptor (the lock lasts
+    as long as it is open, or the process lives); waits up to ``timeout`` seconds for another owner to finish."""
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    deadline, said = time.monotonic() + timeout, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise TimeoutError(f"{path} stayed locked by another scoring process for {timeout:.0f} s") from None
+            if not said:
+                log.info("waiting for the scoring process that owns %s to finish its checkpoint", path)
+                said = True
+            time.sleep(0.1)
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+def write(path: Path, store: GraphStore, state: Checkpoint) -> float:
+    """Write a checkpoint of ``store`` and ``state`` under ``path`` atomically; return the seconds it took."""
+    started = time.perf_counter()
+    extra = {
+        "offsets": [[topic, partition, offset] for (topic, partition), offset in sorted(state.offsets.items())],
+        "held": {order_id: {**h.__dict__, "key": _b64(h.key), "value": _b64(h.value)}
+                 for order_id, h in state.held.items()},
+        "pending": state.pending,
+        "letters_from": {str(p): o for p, o in state.letters_from.items()},
+        "written_at": time.time(),
+        "pid": os.getpid(),
+    }
+    save(store, path, extra)
+    return time.perf_counter() - started
+
+
+def read(path: Path) -> tuple[GraphStore, Checkpoint] | None:
+    """The current checkpoint under ``path``, or None when there is none yet."""
+    if not (path / "CURRENT").exists():
+        return None
+    store, extra = load_with_extra(path)
+    return store, _state(extra)
+
+
+def offsets(path: Path) -> dict[Position, int]:
+    """The current checkpoint's offsets (empty when there is none): what the consumer may commit and seeks to."""
+    try:
+        return _offsets(read_extra(path))
+    except SnapshotError:
+        if (path / "CURRENT").exists():
+            raise
+        return {}
+
+
+def _offsets(extra: dict) -> dict[Position, int]:
+    return {(str(topic), int(partition)): int(offset) for topic, partition, offset in extra.get("offsets", [])}
+
+
+def _state(extra: dict) -> Checkpoint:
+    held = {order_id: Held(**{**h, "key": _unb64(h["key"]), "value": _unb64(h["value"])})
+            for order_id, h in extra.get("held", {}).items()}
+    return Checkpoint(_offsets(extra), held, {str(k): float(v) for k, v in extra.get("pending", {}).items()},
+                      {int(p): int(o) for p, o in extra.get("letters_from", {}).items()})

@@ -1,0 +1,144 @@
+"""Faults on the real broker: kill -9 of the worker's processes at random points while events stream in.
+
+Every run ends with the worker's graph equal to the batch build of the same events (orders, co-purchase pairs
+and their weights, interactions, catalog) and every dead letter published once. The short run is part of
+``make test``; the long one (``-m slow``) kills 20 times.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from graph.events import Interaction, ItemUpserted, Order
+from graph.snapshot import load
+from graph.store import GraphConfig, GraphStore
+from tests.conftest import DATA, retail_events
+from tests.kafka_helpers import Reader, WorkerProcess, stream_env, topic
+from tests.test_streaming import children, edges, producer_for, user_edges
+
+pytestmark = pytest.mark.broker
+SAMPLE = DATA / "online_retail_ii_sample.csv.gz"  # the first 4,000 rows of online_retail_ii
+BAD = [b"{not json", b'{"type": "order", "order_id": "x", "items": [], "ts": "2010-01-01T00:00:00Z"}', b"[]"]
+
+
+def stream_of_events() -> list[ItemUpserted | Order | Interaction]:
+    """The sample's catalog and orders, and an interaction with an event id after every fifth order (a tenth of
+    them sent twice: the copy counts once)."""
+    out: list = []
+    for n, event in enumerate(retail_events(SAMPLE)):
+        out.append(event)
+        if isinstance(event, Order) and event.user_id and n % 5 == 0:
+            seen = Interaction(user_id=event.user_id, item_id=event.items[0].item_id, kind="view", ts=event.ts,
+                               event_id=f"view-{n}")
+            out += [seen, seen] if n % 50 == 0 else [seen]
+    return out
+
+
+def kill(worker: WorkerProcess, target: str) -> None:
+    """SIGKILL the Faust process, its scoring process or both; wait until the worker is gone."""
+    assert worker.process is not None
+    scoring = [pid for pid in children(worker.process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    if target in ("scoring", "both"):
+        for pid in scoring:
+            os.kill(pid, signal.SIGKILL)
+    if target in ("faust", "both"):
+        worker.process.kill()
+    worker.process.wait(60)
+
+
+def fault_run(broker: str, tmp_path: Path, kills: int, seed: int, pause: int | None = None) -> None:
+    """``kills`` kills at random points of a stream of the sample's events; ``pause``: the broker's pid, stopped
+    (SIGSTOP) for 30 s halfway through."""
+    rng = random.Random(seed)
+    env = stream_env(broker, tmp_path / "state")
+    env.update({"BUNDLEGNN_STREAM__ENCODE_TEXT": "false", "BUNDLEGNN_STREAM__CHECKPOINT_INTERVAL": "0.5",
+                "BUNDLEGNN_STREAM__BATCH_SIZE": "50", "BUNDLEGNN_STREAM__CANCEL_HOLD": "0"})
+    events = stream_of_events()
+    expected = GraphStore(GraphConfig(order_window_days=400))
+    expected.apply_all(events)
+    log = tmp_path / "worker.log"
+    worker = WorkerProcess(env, log, "--model", "none").start()
+    targets = ["faust", "scoring", "both"]
+    bursts = range(0, len(events), 20)
+    pace = (9.0 * kills + 3.0) / len(bursts)  # the stream goes on through every kill and restart (~6 s each)
+    sent_bad: list[int] = []
+
+    stop = threading.Event()  # the test failed: stop sending
+
+    def produce() -> None:
+        with producer_for(env, broker) as producer:
+            for start in bursts:
+                if stop.is_set():
+                    return
+                for event in events[start : start + 20]:
+                    producer.send(event)
+                if start % 60 == 0:
+                    producer.send_raw(topic(env, "orders"), BAD[len(sent_bad) % len(BAD)], key=f"bad-{start}".encode())
+                    sent_bad.append(start)
+                producer.flush()
+                time.sleep(pace)
+
+    sender = threading.Thread(target=produce, name="producer", daemon=True)
+    sender.start()
+    try:
+        for k in range(kills):
+            time.sleep(rng.uniform(0.2, 2.0))
+            kill(worker, targets[k] if k < 3 else rng.choice(targets))
+            worker.start()
+            if pause is not None and k == kills // 2:
+                os.kill(pause, signal.SIGSTOP)
+                time.sleep(30)
+                os.kill(pause, signal.SIGCONT)
+        sender.join(600)
+        assert not sender.is_alive()
+        # once every placed order is in, stop cleanly: the stop writes the graph for the comparison
+        placed = expected.stats.orders_placed
+        deadline = time.monotonic() + 120
+        while placed_in(tmp_path / "state" / "checkpoint") < placed and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        code = worker.stop()
+    assert code == 0
+    got = load(tmp_path / "state" / "checkpoint")  # the stop wrote its last checkpoint
+    assert got.stats.orders_placed == placed and got.stats.orders_cancelled == expected.stats.orders_cancelled
+    for ours, batch in ((edges(got), edges(expected)), (user_edges(got), user_edges(expected))):
+        assert {k: c for k, (c, _) in ours.items()} == {k: c for k, (c, _) in batch.items()}
+        assert {k: w for k, (_, w) in ours.items()} == pytest.approx({k: w for k, (_, w) in batch.items()})
+    assert len(edges(expected)) > 1000 and len(user_edges(expected)) > 100
+    assert {k: got.catalog[r] for k, r in got.items.index.items()} == \
+        {k: expected.catalog[r] for k, r in expected.items.index.items()}
+    dead = Reader(broker, topic(env, "dead_letters"))
+    try:
+        letters = [(dict(r.headers)["partition"], dict(r.headers)["offset"]) for r in dead.drain(3.0)]
+    finally:
+        dead.close()
+    expected_letters = len(sent_bad) + expected.stats.cancellations_unmatched  # the bad messages and stray cancellations
+    assert len(set(letters)) == expected_letters, "a dead letter was lost"
+    assert len(letters) == expected_letters, "a dead letter was published twice"
+
+
+def placed_in(path: Path) -> int:
+    """Placed orders in the current checkpoint under ``path`` (0 before the first)."""
+    return load(path).stats.orders_placed if (path / "CURRENT").exists() else 0
+
+
+def test_kill_9_of_either_process_or_both_loses_and_doubles_nothing(broker: str, tmp_path: Path) -> None:
+    fault_run(broker, tmp_path, kills=3, seed=0)
+
+
+@pytest.mark.slow
+def test_twenty_random_kills_and_a_paused_broker_lose_and_double_nothing(tmp_path: Path) -> None:
+    from streaming.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as own:  # its own broker: the pause must not reach other tests
+        assert own.process is not None
+        fault_run(own.bootstrap, tmp_path, kills=20, seed=1, pause=own.process.pid)
+
