@@ -205,8 +205,9 @@ class OrderLog:
         self.ts, self.user, self.status = (np.array(a[k]) for k in ("ts", "user", "status"))
         self.stream = np.array(a["stream"], np.int32)
         self.length, self.id_length = np.array(a["length"], np.int32), np.array(a["id_length"], np.int32)
-        self.start = np.concatenate([[0], np.cumsum(self.length, dtype=np.int64)[:-1]]).astype(np.int64)
-        self.id_start = np.concatenate([[0], np.cumsum(self.id_length, dtype=np.int64)[:-1]]).astype(np.int64)
+        # each record's first position: the lengths before it (as long as the other columns, also when empty)
+        self.start = np.cumsum(self.length, dtype=np.int64) - self.length
+        self.id_start = np.cumsum(self.id_length, dtype=np.int64) - self.id_length
         self.items, self.used_items = np.array(a["items"], np.int32), len(a["items"])
         self.ids = bytearray(np.asarray(a["ids"], np.uint8).tobytes())
         self.index_all()
