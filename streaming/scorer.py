@@ -249,6 +249,7 @@ class Scorer:
         self.names = spec.stream.topics
         self.queue: asyncio.Queue[tuple] = asyncio.Queue()  # commands read from the pipe, not yet applied
         self.backlog = 0  # events on the broker the Faust app had not forwarded yet, as of its last batch
+        self.backlog_at = 0.0  # when that batch came (monotonic)
         self.secret = spec.stream.signing_secret()  # signs bundle updates
         # Applying, publishing and checkpointing take turns: a checkpoint must hold no event whose dead letter or
         # refreshed list is not delivered yet.
@@ -333,7 +334,7 @@ class Scorer:
 
         ``backlog``: events the Faust app had not yet forwarded when it sent these (it paces refreshes).
         """
-        self.backlog = backlog
+        self.backlog, self.backlog_at = backlog, time.monotonic()
         new = [k for k, record in enumerate(records) if self.take(record)]
         if len(new) < len(records):
             records, events = [records[k] for k in new], [events[k] for k in new]
@@ -474,8 +475,15 @@ class Scorer:
             took = time.perf_counter() - started
             await asyncio.sleep(stream.refresh_interval)
             deadline = time.perf_counter() + took * (1 - share) / share - stream.refresh_interval
-            while (self.queue.qsize() or self.backlog) and (left := deadline - time.perf_counter()) > 0:
+            while self.events_wait() and (left := deadline - time.perf_counter()) > 0:
                 await asyncio.sleep(min(left, stream.refresh_interval))
+
+    def events_wait(self) -> bool:
+        """Whether events wait here or on the broker. The broker's count comes with each batch: once no batch
+        has come for a while (the fetcher looks again within 50 ms) it is stale — the last batch of a backlog
+        may report a few events still to come that were in it — and the next refresh must not wait on it."""
+        fresh = time.monotonic() - self.backlog_at < max(0.25, 4 * self.spec.stream.fetch_max_wait)
+        return bool(self.queue.qsize() or (self.backlog and fresh))
 
     async def refresh(self) -> None:
         """Publish fresh complement lists of the items touched since the last refresh."""

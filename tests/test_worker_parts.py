@@ -243,11 +243,14 @@ def test_an_unknown_command_stops_the_scoring_process() -> None:
         asyncio.run(run())
 
 
-@pytest.mark.parametrize("backlog, at_most, at_least", [(100, 4, 1), (0, 60, 7)])
-def test_refreshes_pause_for_their_share_only_while_events_wait(backlog: int, at_most: int, at_least: int) -> None:
-    """A refresh that takes 40 ms at a 20 % share: 160 ms pauses while events wait, 10 ms ones when none do."""
+@pytest.mark.parametrize("backlog, batches_come, at_most, at_least", [(100, True, 4, 1), (0, True, 60, 7),
+                                                                       (100, False, 60, 6)])
+def test_refreshes_pause_for_their_share_only_while_events_wait(backlog: int, batches_come: bool, at_most: int,
+                                                                at_least: int) -> None:
+    """A refresh that takes 40 ms at a 20 % share: 160 ms pauses while events wait, 10 ms ones when none do. A
+    backlog the last batch reported goes stale when no batch follows (after 0.25 s): the lists go out then."""
     work = scorer(refresh_interval=0.01, refresh_share=0.2)
-    work.backlog = backlog
+    work.backlog, work.backlog_at = backlog, time.monotonic()
     calls: list[float] = []
 
     async def slow_refresh() -> None:
@@ -256,10 +259,16 @@ def test_refreshes_pause_for_their_share_only_while_events_wait(backlog: int, at
 
     work.refresh = slow_refresh  # type: ignore[method-assign]
 
+    async def batches() -> None:
+        while batches_come:
+            work.backlog_at = time.monotonic()
+            await asyncio.sleep(0.05)
+
     async def run() -> None:
-        task = asyncio.create_task(work.refresher())
+        tasks = [asyncio.create_task(work.refresher()), asyncio.create_task(batches())]
         await asyncio.sleep(0.6)
-        task.cancel()
+        for task in tasks:
+            task.cancel()
 
     asyncio.run(run())
     assert at_least <= len(calls) <= at_most
