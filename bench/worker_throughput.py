@@ -3,8 +3,8 @@
 Starts the embedded broker and one ``bundlegnn worker`` (no model, no text
 encoding: the stream path alone), loads the catalog, then for 1× and 10× the
 real data (the 10× copy repeats every order with new order and user ids,
-shifted in time by the data's span, so basket sizes and item popularity keep
-their statistics):
+each copy shifted in time by the data's span, so basket sizes and item
+popularity keep their statistics):
 
 * throughput: the worker is stopped, all orders are produced into the
   topic (a backlog, so the producer's speed does not count), the worker is
@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -55,13 +56,15 @@ SCALES = [int(x) for x in sys.argv[1:]] or [1, 10]
 DATA = ROOT.parent / "shared" / "data" / "online_retail_ii" / "online_retail_ii.csv.gz"
 
 
-def scaled(orders: list[Order], times: int, tag: str) -> list[Order]:
-    """``times`` copies of the orders with fresh ids, each shifted by the data's span."""
+def scaled(orders: list[Order], times: int, tag: str, first: int = 0) -> list[Order]:
+    """``times`` copies of the orders with fresh ids, one after the other in time: copy k shifted by
+    ``first + k`` times the data's span (the store refuses orders dated more than a day ahead of its clock, and
+    orders dated before its window)."""
     span = orders[-1].ts - orders[0].ts
     out = []
     for k in range(times):
         for o in orders:
-            out.append(o.model_copy(update={"order_id": f"{o.order_id}-{tag}{k}", "ts": o.ts + k * span,
+            out.append(o.model_copy(update={"order_id": f"{o.order_id}-{tag}{k}", "ts": o.ts + (first + k) * span,
                                             "user_id": f"{o.user_id}-{tag}{k}" if o.user_id else None}))
     return out
 
@@ -111,20 +114,24 @@ def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap:
 
         # throughput: a backlog produced while the worker is stopped, drained by the restarted worker
         assert worker.stop() == 0
-        batch = scaled(orders, scale, "t")
-        for o in batch[:-1]:
+        batch = scaled(orders, scale, "t", first=1 - scale)  # ends where the data ends
+        produced = time.time() - 0.002  # record timestamps (whole ms) of the backlog are at least this
+        once = Counter(o.order_id for o in batch)  # a stray cancellation or a repeated order id changes nothing
+        last_placed = max(k for k, o in enumerate(batch) if o.status == "placed" and once[o.order_id] == 1)
+        for k, o in enumerate(batch):
+            if k == last_placed:
+                sent_last = time.time() - 0.002  # its record timestamp (whole ms) is at least this
             producer.send(o)
-        sent_last = time.time() - 0.002  # the last order's record timestamp (whole ms) is at least this
-        producer.send(batch[-1])
         producer.flush()
         worker.start()
         assert worker.process is not None
         idle_cpu = cpu_seconds(worker.process.pid)  # started, checkpoint loaded, nothing applied yet (about)
         settle(updates)
         drain_cpu = cpu_seconds(worker.process.pid) - idle_cpu
-        assert any((json.loads(r.value)["source_ts"] or 0) >= sent_last for r in updates.records), "drain incomplete"
+        newest = max((json.loads(r.value)["source_ts"] or 0) for r in updates.records)
+        assert newest >= sent_last, f"drain incomplete: newest source time {newest}, last order sent at {sent_last}"
         seen = [(r.timestamp / 1000, u["graph_version"]) for r in updates.records
-                if (u := json.loads(r.value))["source_ts"] is not None and u["source_ts"] >= batch[0].ts - 1]
+                if (u := json.loads(r.value))["source_ts"] is not None and u["source_ts"] >= produced]
         first, last = min(seen), max(seen, key=lambda s: (s[1], s[0]))
         drained, elapsed = last[1] - first[1], last[0] - first[0]
 
@@ -133,7 +140,7 @@ def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap:
         size = sum(f.stat().st_size for f in (state / "checkpoint").rglob("*") if f.is_file())
 
         # latency at a fixed rate
-        paced = scaled(orders, max(1, scale // 5), "l")[: int(rate * 20)]
+        paced = scaled(orders, 1, "l", first=1)[: int(rate * 20)]  # after the backlog, inside its window
         mark = len(updates.records)
         t0 = time.time()
         for n, o in enumerate(paced):
