@@ -22,6 +22,13 @@ again are skipped by offset. So a crash at any point resumes from the last
 checkpoint: nothing lost, nothing applied twice, and recovery reads one
 snapshot plus what came after it, not the whole history.
 
+A record whose application raises (a bug the fuzz tests did not find) must
+not put the worker in a crash loop: the failing batch's positions are noted
+beside the checkpoint (:func:`note_suspects`) before the process exits;
+after the restart that batch is applied one record at a time, and the record
+that fails again is noted as poison: the next start dead-letters it with the
+error instead of applying it. Two restarts, then the stream goes on.
+
 One scoring process at a time owns a checkpoint directory (:func:`own`, an
 exclusive ``flock``): when the Faust process is killed, its scoring process
 still applies what it was handed and writes a last checkpoint, and the
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import json
 import logging
 import os
 import time
@@ -45,6 +53,8 @@ from graph.store import GraphStore
 log = logging.getLogger(__name__)
 
 Position = tuple[str, int]  # (topic, partition)
+Source = tuple[str, int, int]  # (topic, partition, offset) of one record
+SUSPECTS = "suspects.json"
 
 
 @dataclass
@@ -146,3 +156,26 @@ def _state(extra: dict) -> Checkpoint:
             for order_id, h in extra.get("held", {}).items()}
     return Checkpoint(_offsets(extra), held, {str(k): float(v) for k, v in extra.get("pending", {}).items()},
                       {int(p): int(o) for p, o in extra.get("letters_from", {}).items()})
+
+
+def suspects(path: Path) -> tuple[set[Source], dict[Source, str]]:
+    """The records of a batch that failed to apply, and the records that failed alone (with the error)."""
+    try:
+        noted = json.loads((path / SUSPECTS).read_text())
+    except FileNotFoundError:
+        return set(), {}
+    return ({(str(t), int(p), int(o)) for t, p, o in noted["batch"]},
+            {(str(t), int(p), int(o)): str(reason) for t, p, o, reason in noted["poison"]})
+
+
+def note_suspects(path: Path, batch: set[Source], poison: dict[Source, str]) -> None:
+    """Write (or, when both are empty, remove) the suspects file atomically."""
+    target = path / SUSPECTS
+    if not batch and not poison:
+        target.unlink(missing_ok=True)
+        return
+    tmp = path / f"{SUSPECTS}.tmp"
+    tmp.write_text(json.dumps({"batch": sorted(batch), "poison": [[*k, v] for k, v in sorted(poison.items())]}))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)

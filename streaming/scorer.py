@@ -225,8 +225,11 @@ class Scorer:
         restored = None
         self.letters_from: dict[int, int] = {}  # dead-letters partition → its end as of the last checkpoint
         self.published: set[tuple[str, int, int]] = set()  # sources of dead letters sent after the last checkpoint
+        self.suspects: set[checkpoint.Source] = set()  # records of a batch that failed to apply
+        self.poison: dict[checkpoint.Source, str] = {}  # records that failed alone, with the error
         if spec.checkpoints is not None:
             self.owner = checkpoint.own(spec.checkpoints)  # held for this process's life
+            self.suspects, self.poison = checkpoint.suspects(spec.checkpoints)
             began = time.perf_counter()
             restored = checkpoint.read(spec.checkpoints)
             took = time.perf_counter() - began
@@ -338,8 +341,17 @@ class Scorer:
         new = [k for k, record in enumerate(records) if self.take(record)]
         if len(new) < len(records):
             records, events = [records[k] for k in new], [events[k] for k in new]
-        results = self.state.apply_many(events, [r.timestamp for r in records], [r.partition for r in records])
-        dead, held, hold = [], self.held, self.spec.stream.cancel_hold
+        dead: list[tuple[Record, str]] = []
+        if self.poison:  # records that failed alone before: dead letters, not applied again
+            dead += [(r, f"applying it failed ({self.poison[_source(r)]}); the worker skips it")
+                     for r in records if _source(r) in self.poison]
+            keep = [k for k, r in enumerate(records) if _source(r) not in self.poison]
+            records, events = [records[k] for k in keep], [events[k] for k in keep]
+        if self.suspects and any(_source(r) in self.suspects for r in records):  # one at a time: find the one
+            results = [result for r, e in zip(records, events) for result in self._apply([r], [e])]
+        else:
+            results = self._apply(records, events)
+        held, hold = self.held, self.spec.stream.cancel_hold
         for record, event, result in zip(records, events, results):
             if result.ahead and hold:  # its order may still come: wait for it before calling this a dead letter
                 held[event.order_id] = (record, result.note, time.monotonic() + hold)
@@ -348,6 +360,24 @@ class Scorer:
             elif held and isinstance(event, OrderFacts) and event.status == "placed" and event.order_id in held:
                 held.pop(event.order_id)  # the order came: the cancellation took it back (neither counts)
         await self.dead_letters(dead)
+
+    def _apply(self, records: list[Record], events: list[GraphEvent]) -> list[Applied]:
+        """Apply events; when that raises, note the records beside the checkpoint (the batch, or the one record
+        as poison) and raise: the process exits and its restart, from the last checkpoint, goes around them."""
+        try:
+            return self.state.apply_many(events, [r.timestamp for r in records], [r.partition for r in records])
+        except Exception as exc:
+            path = self.spec.checkpoints
+            if path is not None:
+                if len(records) == 1:
+                    self.poison[_source(records[0])] = f"{type(exc).__name__}: {exc}"[:500]
+                else:
+                    self.suspects |= {_source(r) for r in records}
+                checkpoint.note_suspects(path, self.suspects, self.poison)
+                log.critical("applying %d records from %s[%d]@%d failed; restarting from the last checkpoint, %s",
+                             len(records), records[0].topic, records[0].partition, records[0].offset,
+                             "that record will be dead-lettered" if len(records) == 1 else "one at a time")
+            raise
 
     async def dead_letters(self, dead: list[tuple[Record, str]]) -> None:
         """Publish a batch of dead letters with one log line: a backlog of stray cancellations would be thousands."""
@@ -452,10 +482,18 @@ class Scorer:
             took = checkpoint.write(path, self.state.store, Checkpoint(self.offsets, held, self.state.pending,
                                                                         self.letters_from))
             self.state.metrics.checkpoint_seconds.observe(took)
+            if self.suspects or self.poison:  # what the checkpoint holds needs no going around any more
+                covered = self._covered
+                self.suspects = {s for s in self.suspects if not covered(s)}
+                self.poison = {s: reason for s, reason in self.poison.items() if not covered(s)}
+                checkpoint.note_suspects(path, self.suspects, self.poison)
             log.info("checkpoint written in %.2f s (%d records since the last): offsets %s", took, self.unsaved,
                      _positions(self.offsets))
             self.unsaved = 0
             self.next_checkpoint = time.monotonic() + self.spec.stream.checkpoint_interval
+
+    def _covered(self, source: checkpoint.Source) -> bool:
+        return source[2] < self.offsets.get(source[:2], 0)
 
     async def refresher(self) -> None:
         """Refresh, pause, repeat: the pause is ``refresh_interval``, longer while events wait and refreshes take long.
@@ -727,6 +765,10 @@ class _Publisher:
         if self.producer is not None:
             await self.producer.stop()  # flushes what is buffered
             self.producer = None
+
+
+def _source(record: Record) -> checkpoint.Source:
+    return record.topic, record.partition, record.offset
 
 
 def _positions(offsets: dict[checkpoint.Position, int]) -> str:

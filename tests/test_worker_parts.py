@@ -4,6 +4,7 @@ commits and seeks from them, and refresh pacing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -191,6 +192,43 @@ def test_a_restart_resumes_from_the_checkpoint_and_skips_what_it_holds(tmp_path:
     assert after.out.producer.sent == []  # nothing dead-lettered twice
     assert after.held == {} and checkpoint.offsets(tmp_path) == {("orders", 0): 5, ("orders", 1): 4}
     assert checkpoint.read(tmp_path)[0].co_purchase("A", "C").count == 1
+
+
+def test_a_record_that_fails_to_apply_is_found_and_dead_lettered_not_a_crash_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose application raises ends the process with its records noted; the restart applies them one
+    at a time and notes the one that fails again; the next start dead-letters it and applies the rest."""
+    from graph.store import GraphStore
+
+    apply_many = GraphStore.apply_many
+
+    def failing(self, events, partitions=None):  # a bug that only this order meets
+        if any(getattr(e, "order_id", "") == "boom" for e in events):
+            raise OverflowError("math range error")
+        return apply_many(self, events, partitions)
+
+    monkeypatch.setattr(GraphStore, "apply_many", failing)
+    batch = forwarded((0, Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))),
+                      (1, Order(order_id="boom", items=[{"item_id": "A"}, {"item_id": "C"}], ts=at(2))),
+                      (2, Order(order_id="o2", items=[{"item_id": "B"}, {"item_id": "C"}], ts=at(3))))
+
+    def start() -> Scorer:
+        work = scorer(tmp_path, cancel_hold=0)
+        with pytest.raises(OverflowError) if work.poison == {} else contextlib.nullcontext():
+            asyncio.run(work.apply(*batch[1:]))
+        os.close(work.owner)  # the process ends (exits, or is stopped): its lock goes with it
+        return work
+
+    first = start()
+    assert first.suspects == {("orders", 0, 0), ("orders", 1, 1), ("orders", 0, 2)} and first.poison == {}
+    second = start()  # one at a time: o1 applies, boom fails alone
+    assert set(second.poison) == {("orders", 1, 1)} and "OverflowError: math range error" in second.poison[("orders", 1, 1)]
+    third = start()  # boom is a dead letter; o1 and o2 apply
+    store = third.state.store
+    assert store.co_purchase("A", "B").count == 1 and store.co_purchase("B", "C").count == 1
+    assert store.co_purchase("A", "C") is None
+    (topic, key, value, headers), = third.out.producer.sent
+    assert dict(headers)["offset"] == b"1" and b"OverflowError: math range error" in dict(headers)["reason"]
 
 
 def test_commits_and_seeks_follow_the_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
