@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -159,6 +160,18 @@ def test_training_runs_and_is_deterministic_under_a_seed() -> None:
     assert len(a.history) == 3 and all(math.isfinite(r["loss"]) for r in a.history)
     graph = Graph.build(store, text, torch.device("cpu"))
     assert torch.equal(score_queries(a.model, graph, q), score_queries(b.model, graph, q))
+
+
+def test_gnn_epochs_stop_at_their_time_budget_and_keep_the_best_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    store = _tiny_store()
+    text = np.random.default_rng(0).normal(size=(store.num_items, 16)).astype(np.float32)
+    cfg = TrainConfig(hidden=8, epochs=50, patience=50, negatives=4, batch_size=4, device="cpu", gnn_budget_s=1e-6)
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        result = train(store, text, cfg, val=_queries([[0], [3]], [2, 4]), progress=False)
+    assert len(result.history) == 1 and result.best_epoch == 1
+    assert result.phases["gnn_epochs_stopped_by_budget"] == 1 and "over training.gnn_budget_s" in caplog.text
+    unlimited = train(store, text, cfg.model_copy(update={"gnn_budget_s": None, "epochs": 3}), progress=False)
+    assert len(unlimited.history) == 3 and unlimited.phases["gnn_epochs_stopped_by_budget"] == 0
 
 
 def test_training_on_real_data_repeats_to_the_last_digit() -> None:

@@ -62,6 +62,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-5, ge=0)
     epochs: int = Field(60, ge=1)
     patience: int = Field(8, ge=1)
+    gnn_budget_s: float | None = Field(900.0, gt=0, description="seconds the GNN epochs may take: after the epoch "
+                                       "that passes it training keeps the best epoch so far (a retraining job has "
+                                       "a time slot; null: no limit)")
     early_stop_queries: int = Field(2000, ge=1, description="validation queries (a seeded sample) ranked after "
                                     "each epoch for early stopping")
     batch_size: int = Field(2048, ge=1, description="examples per full-graph step")
@@ -439,6 +442,7 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
     best, best_state, best_epoch, bad = -math.inf, copy.deepcopy(model.state_dict()), 0, 0
     history: list[dict[str, float]] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit=" epoch", disable=None if progress else True)
+    began, over_budget = time.perf_counter(), False
     for epoch in bar:
         model.train()
         epoch_examples = examples[rng.permutation(len(examples))[: cfg.examples_per_epoch]]
@@ -489,9 +493,15 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
         bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
         if bad >= cfg.patience:
             break
+        if cfg.gnn_budget_s is not None and time.perf_counter() - began > cfg.gnn_budget_s and epoch < cfg.epochs:
+            over_budget = True
+            log.warning("GNN epochs stopped after %d of at most %d: they took %.0f s, over training.gnn_budget_s="
+                        "%g; the best epoch so far (%d) is kept", epoch, cfg.epochs, time.perf_counter() - began,
+                        cfg.gnn_budget_s, best_epoch)
+            break
     model.load_state_dict(best_state)
     model.eval()
-    phases.done("gnn_epochs", epochs=len(history))
+    phases.done("gnn_epochs", epochs=len(history), stopped_by_budget=int(over_budget))
     result = TrainResult(model, best_epoch, history, phases=phases.seconds)
     if not cfg.decoder:
         return result
