@@ -207,14 +207,22 @@ def load(path: str | os.PathLike[str]) -> GraphStore:
 
 def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``extra`` facts of the current snapshot under ``path`` (without reading the snapshot itself)."""
-    return _extra(_current(Path(path)))
+    for _ in range(10):  # a writer may make a newer one current, and remove this one, between the two reads
+        directory = _current(Path(path))
+        try:
+            return _extra(directory)
+        except FileNotFoundError:
+            continue
+    raise SnapshotError(f"{path}: the current snapshot kept changing while its extra facts were read")
 
 
 def _extra(directory: Path) -> dict[str, Any]:
     try:
         return json.loads((directory / "extra.json").read_text())
-    except FileNotFoundError:  # written before extra facts existed
-        return {}
+    except FileNotFoundError:
+        if directory.is_dir():  # written before extra facts existed
+            return {}
+        raise  # replaced and removed meanwhile
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{directory}: unreadable extra.json ({exc})") from exc
 

@@ -80,10 +80,6 @@ class Checkpoint:
     pending: dict[str, float] = field(default_factory=dict)  # item → newest source timestamp of its changes
     letters_from: dict[int, int] = field(default_factory=dict)  # dead-letters partition → its end when written
 
-    def covers(self, topic: str, partition: int, offset: int) -> bool:
-        """Whether the record at this position is already in the state (applied or dead-lettered)."""
-        return offset < self.offsets.get((topic, partition), 0)
-
 
 def own(path: Path, timeout: float = 120.0) -> int:
     """Lock ``path`` for this process (created if need be) and return the lock's file descriptor (the lock lasts
