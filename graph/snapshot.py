@@ -228,13 +228,25 @@ def _extra(directory: Path) -> dict[str, Any]:
 
 
 def load_with_extra(path: str | os.PathLike[str]) -> tuple[GraphStore, dict[str, Any]]:
-    """The current snapshot under directory ``path`` and the ``extra`` facts written with it."""
-    directory = _current(Path(path))
-    meta = _meta(directory)
-    try:
-        a = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in meta["arrays"]}
-    except (OSError, ValueError) as exc:
-        raise SnapshotError(f"{directory}: unreadable array ({exc})") from exc
+    """The current snapshot under directory ``path`` and the ``extra`` facts written with it (read again when a
+    writer made a newer one current, and removed this one, while it was read)."""
+    for _ in range(10):
+        directory = _current(Path(path))
+        try:
+            meta, extra = _meta(directory), _extra(directory)
+            a = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                 for name in meta["arrays"]}  # mapped: the arrays stay readable if the files are removed now
+            return _from_arrays(meta, a), extra
+        except (OSError, ValueError) as exc:
+            if not directory.is_dir():
+                continue  # replaced and removed meanwhile
+            if isinstance(exc, SnapshotError):
+                raise
+            raise SnapshotError(f"{directory}: unreadable array ({exc})") from exc
+    raise SnapshotError(f"{path}: the current snapshot kept changing while it was read")
+
+
+def _from_arrays(meta: dict, a: dict[str, np.ndarray]) -> GraphStore:
     store = _store(meta)
     store.clock.ref = meta["decay_ref"]
     n = store.num_items
@@ -247,7 +259,7 @@ def load_with_extra(path: str | os.PathLike[str]) -> tuple[GraphStore, dict[str,
     seen = {k[12:]: v for k, v in a.items() if k.startswith("interaction_")}
     if seen:  # (snapshots before interaction ids have none)
         store.interaction_ids = OrderLog.from_arrays(store.interaction_ids.window, seen)
-    return store, _extra(directory)
+    return store
 
 
 def _load_npz(path: Path) -> GraphStore:

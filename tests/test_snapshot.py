@@ -97,6 +97,23 @@ def test_a_snapshot_without_orders_takes_orders_after_loading(tmp_path: Path) ->
     assert len(orders) > 10 and _state(loaded) == _state(store)
 
 
+def test_a_reader_racing_a_writer_reads_the_newer_snapshot(retail_replay, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker writes checkpoints while others read them: the directory CURRENT named may be gone by the time
+    its files are read, and the reader then reads the one that replaced it."""
+    import graph.snapshot as snapshot
+
+    store, _ = retail_replay
+    save(store, tmp_path / "g", {"n": 1})
+    gone = snapshot._current(tmp_path / "g")
+    save(store, tmp_path / "g", {"n": 2})  # removes the first
+    current, calls = snapshot._current, []
+    monkeypatch.setattr(snapshot, "_current", lambda path: gone if not calls.append(1) and len(calls) == 1
+                        else current(path))
+    loaded, extra = snapshot.load_with_extra(tmp_path / "g")
+    assert not gone.exists() and extra == {"n": 2} and loaded.num_co_edges() == store.num_co_edges()
+
+
 def _format_2(store: GraphStore, path: Path, version: int = 2) -> None:
     """What bundlegnn wrote before snapshots were directories: one .npz of edge lists, every order kept."""
     ids = store.items.ids
