@@ -30,7 +30,6 @@ Writes ``bench/results/streaming.json`` and ``streaming.md``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -46,7 +45,8 @@ from graph.events import ItemUpserted, Order  # noqa: E402
 from streaming.broker import EmbeddedBroker  # noqa: E402
 from streaming.producer import EventProducer  # noqa: E402
 from streaming.settings import Topics  # noqa: E402
-from tests.kafka_helpers import Reader, WorkerProcess, settle, stream_env, topic  # noqa: E402
+from tests.kafka_helpers import (Reader, WorkerProcess, children, cpu_seconds, settle, stream_env,  # noqa: E402
+                                 topic)
 
 sys.path.insert(0, str(ROOT / "bench"))
 from scale import machine, table  # noqa: E402
@@ -69,18 +69,9 @@ def scaled(orders: list[Order], times: int, tag: str, first: int = 0) -> list[Or
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children so far (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat.parent.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+def worker_cpu(pid: int) -> float:
+    """CPU seconds so far of the worker's process and its children (the scoring process)."""
+    return sum(cpu_seconds(p) for p in [pid, *children(pid)])
 
 
 def restart(worker: WorkerProcess) -> tuple[float, float]:
@@ -125,9 +116,9 @@ def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap:
         producer.flush()
         worker.start()
         assert worker.process is not None
-        idle_cpu = cpu_seconds(worker.process.pid)  # started, checkpoint loaded, nothing applied yet (about)
+        idle_cpu = worker_cpu(worker.process.pid)  # started, checkpoint loaded, nothing applied yet (about)
         settle(updates)
-        drain_cpu = cpu_seconds(worker.process.pid) - idle_cpu
+        drain_cpu = worker_cpu(worker.process.pid) - idle_cpu
         newest = max((json.loads(r.value)["source_ts"] or 0) for r in updates.records)
         assert newest >= sent_last, f"drain incomplete: newest source time {newest}, last order sent at {sent_last}"
         seen = [(r.timestamp / 1000, u["graph_version"]) for r in updates.records

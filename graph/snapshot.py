@@ -27,13 +27,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from graph.orders import OrderLog
 from graph.store import GraphConfig, GraphStore, IdMap, Item, Stats
 from graph.tallies import EdgeTable, Rows
+
+T = TypeVar("T")
 
 FORMAT = "bundlegnn-graph"
 FORMAT_VERSION = 3  # 3: a directory of arrays (2: one .npz, weights at the decay clock's reference time; 1: at each
@@ -207,13 +209,35 @@ def load(path: str | os.PathLike[str]) -> GraphStore:
 
 def read_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``extra`` facts of the current snapshot under ``path`` (without reading the snapshot itself)."""
-    for _ in range(10):  # a writer may make a newer one current, and remove this one, between the two reads
-        directory = _current(Path(path))
+    return _read_current(Path(path), _extra)
+
+
+def load_with_extra(path: str | os.PathLike[str]) -> tuple[GraphStore, dict[str, Any]]:
+    """The current snapshot under directory ``path`` and the ``extra`` facts written with it."""
+
+    def read(directory: Path) -> tuple[GraphStore, dict[str, Any]]:
+        meta, extra = _meta(directory), _extra(directory)
+        a = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+             for name in meta["arrays"]}  # mapped: the arrays stay readable if the files are removed now
+        return _from_arrays(meta, a), extra
+
+    return _read_current(Path(path), read)
+
+
+def _read_current(path: Path, read: Callable[[Path], T]) -> T:
+    """``read`` of the current snapshot's directory, again when a writer made a newer one current and removed this
+    one while it was read (a worker writes checkpoints while others read them)."""
+    for _ in range(10):
+        directory = _current(path)
         try:
-            return _extra(directory)
-        except FileNotFoundError:
-            continue
-    raise SnapshotError(f"{path}: the current snapshot kept changing while its extra facts were read")
+            return read(directory)
+        except (OSError, ValueError) as exc:
+            if not directory.is_dir():
+                continue  # replaced and removed meanwhile
+            if isinstance(exc, SnapshotError):
+                raise
+            raise SnapshotError(f"{directory}: unreadable ({exc})") from exc
+    raise SnapshotError(f"{path}: the current snapshot kept changing while it was read")
 
 
 def _extra(directory: Path) -> dict[str, Any]:
@@ -222,28 +246,7 @@ def _extra(directory: Path) -> dict[str, Any]:
     except FileNotFoundError:
         if directory.is_dir():  # written before extra facts existed
             return {}
-        raise  # replaced and removed meanwhile
-    except (OSError, ValueError) as exc:
-        raise SnapshotError(f"{directory}: unreadable extra.json ({exc})") from exc
-
-
-def load_with_extra(path: str | os.PathLike[str]) -> tuple[GraphStore, dict[str, Any]]:
-    """The current snapshot under directory ``path`` and the ``extra`` facts written with it (read again when a
-    writer made a newer one current, and removed this one, while it was read)."""
-    for _ in range(10):
-        directory = _current(Path(path))
-        try:
-            meta, extra = _meta(directory), _extra(directory)
-            a = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                 for name in meta["arrays"]}  # mapped: the arrays stay readable if the files are removed now
-            return _from_arrays(meta, a), extra
-        except (OSError, ValueError) as exc:
-            if not directory.is_dir():
-                continue  # replaced and removed meanwhile
-            if isinstance(exc, SnapshotError):
-                raise
-            raise SnapshotError(f"{directory}: unreadable array ({exc})") from exc
-    raise SnapshotError(f"{path}: the current snapshot kept changing while it was read")
+        raise  # replaced and removed meanwhile: read again
 
 
 def _from_arrays(meta: dict, a: dict[str, np.ndarray]) -> GraphStore:

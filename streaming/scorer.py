@@ -224,7 +224,7 @@ class Scorer:
         self.held: dict[str, tuple[Record, str, float]] = {}  # order id → its early cancellation, reason, deadline
         restored = None
         self.letters_from: dict[int, int] = {}  # dead-letters partition → its end as of the last checkpoint
-        self.published: set[tuple[str, int, int]] = set()  # sources of dead letters sent after the last checkpoint
+        self.published: set[checkpoint.Source] = set()  # sources of dead letters sent after the last checkpoint
         self.suspects: set[checkpoint.Source] = set()  # records of a batch that failed to apply
         self.poison: dict[checkpoint.Source, str] = {}  # records that failed alone, with the error
         if spec.checkpoints is not None:
@@ -325,10 +325,9 @@ class Scorer:
 
         After a restart the consumer may hand over records the checkpoint already holds (its committed
         offsets can lag the checkpoint's); they are skipped here, so none is applied twice."""
-        position = (record.topic, record.partition)
-        if record.offset < self.offsets.get(position, 0):
+        if self._covered(_source(record)):
             return False
-        self.offsets[position] = record.offset + 1
+        self.offsets[(record.topic, record.partition)] = record.offset + 1
         self.unsaved += 1
         return True
 
@@ -396,8 +395,8 @@ class Scorer:
         if value is not None and len(value) > MAX_EVENT_BYTES:  # the broker may refuse it: keep its start
             headers.append(("truncated_from", str(len(value)).encode()))
             value = value[:1024]
-        if self.published and (record.topic, record.partition, record.offset) in self.published:
-            self.published.discard((record.topic, record.partition, record.offset))  # sent before a crash
+        if _source(record) in self.published:  # sent before a crash
+            self.published.discard(_source(record))
             return
         self.state.metrics.dead_letters.labels(record.topic).inc()
         if logged:
@@ -493,6 +492,7 @@ class Scorer:
             self.next_checkpoint = time.monotonic() + self.spec.stream.checkpoint_interval
 
     def _covered(self, source: checkpoint.Source) -> bool:
+        """Whether the record at ``source`` is in the state already (applied or dead-lettered)."""
         return source[2] < self.offsets.get(source[:2], 0)
 
     async def refresher(self) -> None:
@@ -567,7 +567,6 @@ class Scorer:
         """Graph size on the metrics, every ``metrics_interval`` (consumer lag comes from the Faust app)."""
         metrics, store = self.state.metrics, self.state.store
         while True:
-            store = self.state.store
             metrics.items.set(store.num_items)
             metrics.co_edges.set(store.num_co_edges())
             await asyncio.sleep(self.spec.stream.metrics_interval)

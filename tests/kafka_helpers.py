@@ -97,6 +97,33 @@ class WorkerProcess(CliProcess):
     def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
         super().__init__(env, log, "worker", *args, ready="Worker]: Ready")
 
+    def scoring_processes(self) -> list[int]:
+        """The pid of the worker's scoring process (a ``spawn`` child of the Faust process), in a list."""
+        assert self.process is not None
+        return [pid for pid in children(self.process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of a process (Linux /proc; 0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 class Reader:
     """Reads a topic from the beginning without a consumer group."""

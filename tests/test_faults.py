@@ -21,7 +21,7 @@ from graph.snapshot import load
 from graph.store import GraphConfig, GraphStore
 from tests.conftest import DATA, retail_events
 from tests.kafka_helpers import Reader, WorkerProcess, stream_env, topic
-from tests.test_streaming import children, edges, producer_for, user_edges
+from tests.test_streaming import edges, producer_for, user_edges
 
 pytestmark = pytest.mark.broker
 SAMPLE = DATA / "online_retail_ii_sample.csv.gz"  # the first 4,000 rows of online_retail_ii
@@ -44,7 +44,7 @@ def stream_of_events() -> list[ItemUpserted | Order | Interaction]:
 def kill(worker: WorkerProcess, target: str) -> None:
     """SIGKILL the Faust process, its scoring process or both; wait until the worker is gone."""
     assert worker.process is not None
-    scoring = [pid for pid in children(worker.process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    scoring = worker.scoring_processes()
     if target in ("scoring", "both"):
         for pid in scoring:
             os.kill(pid, signal.SIGKILL)

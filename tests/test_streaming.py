@@ -190,7 +190,7 @@ def test_the_worker_stops_when_its_scoring_process_dies(broker: str, worker_env:
     """Events the Faust side recorded would otherwise be acknowledged with no list ever published for them."""
     worker = WorkerProcess(worker_env, tmp_path / "worker.log", "--model", "none").start()
     assert worker.process is not None
-    scoring = [pid for pid in children(worker.process.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    scoring = worker.scoring_processes()
     assert len(scoring) == 1
     os.kill(scoring[0], signal.SIGKILL)
     try:
@@ -198,19 +198,6 @@ def test_the_worker_stops_when_its_scoring_process_dies(broker: str, worker_env:
     finally:
         worker.stop()
     assert code != 0 and "the scoring process exited with -9" in worker.output()
-
-
-def children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def wait_for_metric(port: int, sample: tuple, timeout: float = 15.0) -> float:
