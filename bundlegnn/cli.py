@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from tqdm import tqdm
 
 from bundlegnn.config import ConfigError, Settings, load_settings
 from bundlegnn.logs import dict_config, setup_logging
@@ -22,7 +21,6 @@ if TYPE_CHECKING:
     import socket
     from typing import Iterator, TextIO
 
-    from graph.store import GraphStore
     from training.datasets import DataConfig, ImportReport, Sourced
     from training.protocol import Events
 
@@ -82,16 +80,6 @@ def _read(settings: Settings, data: Optional[Path]) -> tuple["Events", dict]:
         return (lambda: read_events(cfg)), report.summary()
     logging.getLogger("bundlegnn").info("%s is not in time order: sorting it in memory", cfg.path)
     return in_time_order(read_events(cfg)), report.summary()
-
-
-def _apply(settings: Settings, events: "Events") -> "GraphStore":
-    """A fresh store with ``events`` applied, through the one event → graph code path, keeping every order: the
-    snapshot a model names is all the data it was trained on."""
-    from graph.store import GraphStore
-
-    store = GraphStore(settings.graph.model_copy(update={"order_window_days": None}))
-    store.apply_all(tqdm(events() if callable(events) else events, desc="apply", unit=" events", disable=None))
-    return store
 
 
 DataOpt = typer.Option(None, "--data", help="dataset file (default: data.path from the config)")
@@ -189,11 +177,11 @@ def train(
     if not any(isinstance(e, Order) for e in (events() if callable(events) else events)):
         typer.echo("no orders to train on", err=True)
         raise typer.Exit(2)
-    store = _apply(settings, events)
-    snapshot_id = save_snapshot(store, settings.paths.snapshot)
     encoder = settings.encoder.build(settings.paths.text_cache)
     gate = settings.promotion
     cand = job.fit(events, settings.training, settings.graph, encoder, gate.val_frac, gate.window_frac if promote else 0.0)
+    store = job.full_store(cand, events, settings.graph)
+    snapshot_id = save_snapshot(store, settings.paths.snapshot)
     extra: dict = {"source": source}
     if promote:
         live_path = latest_artifact(settings.paths.model_store)
@@ -205,8 +193,7 @@ def train(
         if not decision.promoted:
             typer.echo(json.dumps({"promoted": False, **extra}, indent=2))
             raise typer.Exit(3)
-    path, summary = job.save(cand, events, settings.graph, settings.training, encoder, settings.paths.model_store,
-                             snapshot_id, extra)
+    path, summary = job.save(cand, store, settings.training, encoder, settings.paths.model_store, snapshot_id, extra)
     if publish:
         from kafka.errors import KafkaError
 

@@ -12,11 +12,10 @@ import torch
 
 from graph.events import ItemUpserted, Order, OrderLine
 from graph.store import GraphConfig, GraphStore
-from tests.conftest import RETAIL_II, at
+from tests.conftest import RETAIL_II, at, retail_events
 from training import baselines
-from tests.conftest import retail_events
 from training.models import BundleGNN
-from training.protocol import Queries, metrics, per_query, ranks, relative_gain, time_split
+from training.protocol import Queries, metrics, per_query, rank_queries, ranks, relative_gain, time_split
 from training.train import Graph, TrainConfig, score_queries, train
 
 
@@ -126,6 +125,20 @@ def test_baselines_on_a_tiny_store() -> None:
     assert int(history[1].argmax()) == 2  # no user: popularity breaks the tie
     text = baselines.text_similarity(np.eye(5, dtype=np.float32))(q, 0, 2)
     assert text[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0] and text[1, 3] == text[1, 4] == 0.5
+
+
+@pytest.mark.skipif(not baselines.sansa_installed(), reason="the sansa peer is installed by `make bench` "
+                    "(it needs SuiteSparse), not by `make test`")
+def test_sansa_comes_near_ease_on_real_orders_and_never_predicts_an_item_without_orders() -> None:
+    split = time_split(retail_events(), GraphConfig(), seed=0)
+    n = split.train.num_items
+    got = {name: rank_queries(score, split.test, n).metrics(n)["hr@10"]
+           for name, score in (("sansa", baselines.sansa(split.train, l2=20.0)),
+                               ("ease", baselines.ease(split.train, 50.0)),
+                               ("cooccurrence", baselines.cooccurrence(split.train)))}
+    assert got["sansa"] >= 0.85 * got["ease"] and got["sansa"] >= got["cooccurrence"], got
+    never = np.flatnonzero(split.train.item_order_counts() == 0)
+    assert len(never) and float(baselines.sansa(split.train)(split.test, 0, 4)[:, never].max()) < -1e29
 
 
 def test_model_shapes_gradients_and_an_unseen_item() -> None:

@@ -89,16 +89,25 @@ def text_ease(store: GraphStore, text: np.ndarray, lam: float, alpha: float, col
     return decoder_weights(item_gram(store), [(alpha, view)], lam, cold=(cold, view))
 
 
-def sansa(store: GraphStore, density: float = 100.0) -> ScoreFn | None:
-    """SANSA (Spišák et al., "Scalable Approximate NonSymmetric Autoencoder for Collaborative Filtering",
-    RecSys 2023): EASE^R through a sparse approximate inverse, from the ``sansa`` package; None when it is not
-    installed (it needs SuiteSparse: ``make bench`` installs it)."""
+def sansa_installed() -> bool:
+    """Whether the ``sansa`` package (and SuiteSparse under it) imports: ``make bench`` installs it."""
     try:
-        from sansa import ICFGramianFactorizerConfig, SANSA, SANSAConfig, UMRUnitLowerTriangleInverterConfig
+        import sansa  # noqa: F401
     except ImportError:
-        return None
-    x = basket_matrix(store).astype(np.float32)
-    config = SANSAConfig(l2=20.0, weight_matrix_density=density / max(1, x.shape[1]),
+        return False
+    return True
+
+
+def sansa(store: GraphStore, l2: float = 20.0, density: float = 100.0) -> ScoreFn:
+    """SANSA (Spišák et al., "Scalable Approximate NonSymmetric Autoencoder for Collaborative Filtering",
+    RecSys 2023): EASE^R through a sparse approximate inverse of the Gram matrix, ``density`` weights per item
+    on average, from the ``sansa`` package (see :func:`sansa_installed`)."""
+    from sansa import ICFGramianFactorizerConfig, SANSA, SANSAConfig, UMRUnitLowerTriangleInverterConfig
+
+    x = basket_matrix(store).astype(np.float32).tocsc()
+    bought = np.flatnonzero(np.diff(x.indptr))  # SANSA's scaling fails on an item without orders
+    x = x[:, bought].tocsr()
+    config = SANSAConfig(l2=l2, weight_matrix_density=density / max(1, x.shape[1]),
                          gramian_factorizer_config=ICFGramianFactorizerConfig(factorization_shift_step=1e-3,
                                                                               factorization_shift_multiplier=2.0),
                          lower_triangle_inverter_config=UMRUnitLowerTriangleInverterConfig(scans=1,
@@ -107,4 +116,10 @@ def sansa(store: GraphStore, density: float = 100.0) -> ScoreFn | None:
     model.fit(x)
     w1, w2 = model.weights
     n = store.num_items
-    return lambda q, a, b: _dense((q.csr(n, a, b) @ w1) @ w2)
+
+    def score(q: Queries, a: int, b: int) -> torch.Tensor:
+        out = torch.full((b - a, n), -1e30)  # an item without training orders is never predicted
+        out[:, torch.from_numpy(bought)] = _dense((q.csr(n, a, b)[:, bought] @ w1) @ w2)
+        return out
+
+    return score

@@ -4,7 +4,7 @@ Methods: ``popularity``, ``cooccurrence`` (item-kNN cosine), ``user_history``
 (the query's user's own recency-weighted purchases), ``text`` (cosine of text
 embeddings), ``ease`` (EASE^R, λ tuned on validation; catalogs up to
 :data:`~training.baselines.EASE_MAX_ITEMS` items), ``sansa`` (SANSA's sparse
-approximate inverse, when the ``sansa`` package is installed) and ``gnn``:
+approximate inverse, its L2 tuned on validation, when the ``sansa`` package is installed: ``make bench``) and ``gnn``:
 the model a shop is served, :class:`~training.models.BundleGNN` early-stopped
 on validation, run inductively on the full training graph and scoring
 through its closed-form decoder with the GNN's embeddings as side
@@ -40,6 +40,7 @@ from training.train import (Graph, TrainConfig, decoders_for, head_scores, id_ta
                             side_views, train)
 
 EASE_LAMBDAS = (5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0)
+SANSA_LAMBDAS = (5.0, 20.0, 100.0, 500.0)
 SLICES = ("methods", "cold_start", "held_out_items")
 
 
@@ -64,8 +65,11 @@ def _methods(split: Split, encoder: TextEncoder, train_cfg: TrainConfig, seed: i
                     for lam in EASE_LAMBDAS}
         tuned["ease_lambda"] = lam = max(val_ndcg, key=val_ndcg.get)
         methods["ease"] = baselines.ease(split.train, lam)
-    if peers and (sansa := baselines.sansa(split.train)) is not None:
-        methods["sansa"] = sansa
+    if peers and baselines.sansa_installed():
+        val_ndcg = {lam: rank_queries(baselines.sansa(split.fit, lam), split.val, n_fit).metrics(n_fit)["ndcg@10"]
+                    for lam in SANSA_LAMBDAS}
+        tuned["sansa_l2"] = lam = max(val_ndcg, key=val_ndcg.get)
+        methods["sansa"] = baselines.sansa(split.train, lam)
     baselines_s = time.perf_counter() - started
 
     started = time.perf_counter()

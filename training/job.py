@@ -77,17 +77,22 @@ def live_metrics(live: Artifact, cand: Candidate, encoder: TextEncoder, train_cf
                           live.manifest.get("user_weight", 0.0), cand, train_cfg, device)
 
 
-def save(cand: Candidate, events: Events, graph_cfg: GraphConfig, train_cfg: TrainConfig,
-         encoder: TextEncoder, model_store: Path, snapshot_id: str, extra: dict | None = None) -> tuple[Path, dict]:
-    """Embed every item over the full graph and write the artifact; return its path and summary."""
+def full_store(cand: Candidate, events: Events, graph_cfg: GraphConfig) -> GraphStore:
+    """The store of every event, every order kept: the candidate's training store when no window was held out
+    (the split already applied every event: no second build), else a fresh one."""
+    if cand.split.protocol["test_frac"] == 0:
+        return cand.split.train
+    store = GraphStore(graph_cfg.model_copy(update={"order_window_days": None}))  # the decoder reads every order
+    store.apply_all(events() if callable(events) else events)
+    return store
+
+
+def save(cand: Candidate, store: GraphStore, train_cfg: TrainConfig, encoder: TextEncoder, model_store: Path,
+         snapshot_id: str, extra: dict | None = None) -> tuple[Path, dict]:
+    """Embed every item of ``store`` (:func:`full_store`) and write the artifact; return its path and summary."""
     started = time.perf_counter()
     phases = Phases()
-    if cand.split.protocol["test_frac"] > 0:  # a window was held out: the views must see it too
-        store = GraphStore(graph_cfg.model_copy(update={"order_window_days": None}))  # the decoder reads every order
-        store.apply_all(events() if callable(events) else events)
-        text = encoder.encode([it.text for it in store.catalog])
-    else:
-        store, text = cand.split.train, cand.text_train
+    text = cand.text_train if store is cand.split.train else encoder.encode([it.text for it in store.catalog])
     model, decoder = cand.result.model, cand.result.decoder
     graph = Graph.build(store, text, select_device(train_cfg.device), id_items=cand.id_items,
                         co_per_item=train_cfg.co_edges_per_item, ui_per_user=train_cfg.ui_edges_per_user)
@@ -101,7 +106,7 @@ def save(cand: Candidate, events: Events, graph_cfg: GraphConfig, train_cfg: Tra
     summary = {
         "snapshot_id": snapshot_id,
         "encoder": encoder.model_id,
-        "graph": graph_cfg.model_dump(),
+        "graph": store.config.model_dump(),
         "training": train_cfg.model_dump(),
         "metrics": {k: v for k, v in best.items() if k.startswith("val_")},
         "decoder": decoder.model_dump() if decoder else None,
@@ -126,4 +131,4 @@ def train_job(events: Events, graph_cfg: GraphConfig, train_cfg: TrainConfig,
               encoder: TextEncoder, model_store: Path, snapshot_id: str, val_frac: float = 0.1) -> tuple[Path, dict]:
     """Train on everything (no comparison window), then save under ``model_store``."""
     cand = fit(events, train_cfg, graph_cfg, encoder, val_frac)
-    return save(cand, events, graph_cfg, train_cfg, encoder, model_store, snapshot_id)
+    return save(cand, full_store(cand, events, graph_cfg), train_cfg, encoder, model_store, snapshot_id)
