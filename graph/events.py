@@ -120,6 +120,39 @@ class OrderFacts(NamedTuple):
     def type(self) -> str:
         return "order"
 
+    def anchors(self) -> list[AnchorFacts]:
+        """This order's change split by item (see :class:`AnchorFacts`): one record per distinct item."""
+        sign = -1 if self.status == "cancelled" else 1
+        items = self.item_ids
+        return [AnchorFacts(a, items[:k] + items[k + 1:], self.order_id, self.user_id, self.epoch, sign)
+                for k, a in enumerate(items)]
+
+
+class AnchorFacts(NamedTuple):
+    """One item's share of an order's change to the graph: what the order → item repartition carries.
+
+    The graph is partitioned by item: the owner of ``anchor`` keeps its row
+    of co-purchases, its order count and its user–item edges, so the rows
+    of all owners together are the graph one store builds. An order placed
+    (``sign`` +1) or taken back (-1) becomes one of these per distinct item;
+    the owner adds ``anchor``–``b`` for every ``b`` in ``others`` to
+    ``anchor``'s row only. Which changes happen (duplicates, cancellations,
+    windows) is decided before the split, by the store that sees the order
+    (:attr:`graph.store.Applied.change`); ``epoch`` is the placed order's
+    time, also when it is taken back.
+    """
+
+    anchor: str
+    others: tuple[str, ...]
+    order_id: str
+    user_id: str | None
+    epoch: float
+    sign: int  # +1 placed, -1 taken back
+
+    @property
+    def type(self) -> str:
+        return "anchor"
+
 
 Event = Annotated[Union[ItemUpserted, Interaction, Order], Field(discriminator="type")]
 EVENT_TYPES: dict[str, type[_Event]] = {

@@ -21,13 +21,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
-from graph.events import Interaction, ItemUpserted, Order, OrderFacts
+from graph.events import AnchorFacts, Interaction, ItemUpserted, Order, OrderFacts
 from graph.orders import CANCELLED, PLACED, OrderLog
 from graph.tallies import THREADS, EdgeTable, Rows, Tallies, Tally, on_threads
 
@@ -117,7 +117,9 @@ class Applied:
     """The outcome of one event: did the graph change, which items did it touch, and was it refused.
 
     ``rejected``: the event cannot be applied as it stands (``note`` says why); the stream worker and the
-    importers send it to dead letters.
+    importers send it to dead letters. ``change``: what an order event changed, as the order's facts (a
+    cancellation: the placed order's items, user and time, status "cancelled"), which the worker splits by
+    item for the stores that own them (:meth:`~graph.events.OrderFacts.anchors`).
     """
 
     changed: bool
@@ -125,6 +127,7 @@ class Applied:
     note: str = ""
     rejected: bool = False
     ahead: bool = False  # a cancellation recorded before its order, which may still come (then it is ignored)
+    change: OrderFacts | None = None
 
 
 class IdMap:
@@ -172,14 +175,19 @@ class Stats:
         return dict(vars(self))
 
 
-def _pair_changes(x: sp.csr_matrix) -> Rows:
-    """Off-diagonal entries of ``onesᵀ x`` (``x``: orders × items, complex changes) as sorted rows.
+def _pair_changes(x: sp.csr_matrix, rows_of: np.ndarray | None = None) -> Rows:
+    """Off-diagonal entries of ``onesᵀ x`` (``x``: orders × items, complex changes) as sorted rows;
+    ``rows_of``: which entries of ``x`` give their item a row of pairs (default all; see ``GraphStore.owner``).
 
     The product is computed in ranges of rows on :data:`~graph.tallies.THREADS` threads: scipy's product
     and sort release the GIL (on 2 cores, twice as fast as one product).
     """
     n_items = x.shape[1]
-    ones_t = sp.csr_matrix((np.ones(x.nnz, np.float32), x.indices, x.indptr), shape=x.shape).T.tocsr()
+    if rows_of is None:
+        ones_t = sp.csr_matrix((np.ones(x.nnz, np.float32), x.indices, x.indptr), shape=x.shape).T.tocsr()
+    else:
+        lines = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[rows_of]
+        ones_t = sp.csr_matrix((np.ones(len(lines), np.float32), (x.indices[rows_of], lines)), shape=x.shape[::-1])
     cuts = np.linspace(0, n_items, THREADS + 1).astype(np.int64)
 
     def rows(k: int) -> sp.csr_matrix:
@@ -211,8 +219,9 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-GraphEvent = ItemUpserted | Interaction | Order | OrderFacts
-"""What :meth:`GraphStore.apply_many` takes: an event, or an order as :class:`~graph.events.OrderFacts`."""
+GraphEvent = ItemUpserted | Interaction | Order | OrderFacts | AnchorFacts
+"""What :meth:`GraphStore.apply_many` takes: an event, an order as :class:`~graph.events.OrderFacts`, or one
+item's share of an order's change (:class:`~graph.events.AnchorFacts`)."""
 
 
 def _days(seconds: float) -> str:
@@ -221,9 +230,17 @@ def _days(seconds: float) -> str:
 
 @dataclass
 class GraphStore:
-    """Items, users, co-purchase (item–item) and interaction (user–item) edges."""
+    """Items, users, co-purchase (item–item) and interaction (user–item) edges.
+
+    ``owner`` (default: every item) says which items this store keeps the state of: their rows of
+    co-purchases, their order counts and their user–item edges. A store of one item partition owns the items
+    whose key falls in it; orders reach it split by item (:class:`~graph.events.AnchorFacts`), and the
+    partitions' stores together hold what one store of every item holds. Catalog, ids and the order log are
+    kept whatever the owner.
+    """
 
     config: GraphConfig = field(default_factory=GraphConfig)
+    owner: Callable[[str], bool] | None = None
     items: IdMap = field(default_factory=IdMap)
     users: IdMap = field(default_factory=IdMap)
     catalog: list[Item] = field(default_factory=list)
@@ -235,8 +252,10 @@ class GraphStore:
     last_ts: float = 0.0
     version: int = 0
     clock: DecayClock = field(init=False)
-    # edge changes waiting for the batch's bulk update: (item rows, user row, sign, clock factor, adds pairs)
-    _orders: list[tuple[tuple[int, ...] | np.ndarray, int, int, float, bool]] = field(
+    _owned: np.ndarray = field(default_factory=lambda: np.ones(0, bool), init=False, repr=False)  # by item row
+    # edge changes waiting for the batch's bulk update: (item rows, user row, sign, clock factor, adds pairs,
+    # the first row only: one item's share of an order)
+    _orders: list[tuple[tuple[int, ...] | np.ndarray, int, int, float, bool, bool]] = field(
         default_factory=list, init=False, repr=False)
     _interactions: list[tuple[int, int, float]] = field(default_factory=list, init=False, repr=False)
     _found: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # order id → slot, this batch
@@ -250,6 +269,19 @@ class GraphStore:
         self.orders = OrderLog(None if window is None else window * DAY)
         # interactions sent with an event_id, remembered for the same window (no item rows): a repeat is ignored
         self.interaction_ids = OrderLog(None if window is None else window * DAY)
+        self.own(self.owner)
+
+    def own(self, owner: Callable[[str], bool] | None) -> None:
+        """Keep the state of the items ``owner`` accepts from now on (None: every item); for a store just read
+        from a snapshot of one partition."""
+        self._flush()
+        self.owner = owner
+        self._owned = np.array([owner(i) for i in self.items.ids] if owner else [True] * len(self.items), bool)
+
+    def owns(self, item_id: str) -> bool:
+        """Whether this store keeps ``item_id``'s rows."""
+        row = self.items.get(item_id)
+        return bool(self._owned[row]) if row is not None else self.owner is None or self.owner(item_id)
 
     @property
     def half_life(self) -> float:
@@ -329,6 +361,8 @@ class GraphStore:
                            rejected=True)
         if isinstance(event, OrderFacts):
             result = self._cancel(event, stream) if event.status == "cancelled" else self._place(event, stream)
+        elif isinstance(event, AnchorFacts):
+            result = self._anchored(event)
         elif isinstance(event, ItemUpserted):
             result = self._upsert(event)
         elif isinstance(event, Interaction):
@@ -348,7 +382,9 @@ class GraphStore:
         taken back) as the complex number ``s + i·s·factor``, the entries of
         ``Xᵀ diag(s) X`` off the diagonal are every pair's count change (real
         part) and weight change (imaginary part), summed over the batch by
-        scipy's compiled product instead of one array entry per pair.
+        scipy's compiled product instead of one array entry per pair. Only
+        the lines of items this store owns give rows (``_pair_changes``'s
+        ``rows_of``), and of an item's share of an order only its own line.
         """
         orders, self._orders = self._orders, []
         interactions, self._interactions = self._interactions, []
@@ -359,21 +395,35 @@ class GraphStore:
             rows = np.fromiter(chain.from_iterable(o[0] for o in orders), np.int64, int(sizes.sum()))
             sign = np.fromiter((o[2] for o in orders), np.float64, len(orders))
             unit = np.fromiter((o[3] for o in orders), np.float64, len(orders))
-            self.item_orders.add(rows, np.repeat(sign, sizes).astype(np.int64), np.repeat(sign * unit, sizes))
+            indptr = np.concatenate([[0], np.cumsum(sizes)])
+            kept = None  # the lines whose item gets the change: every line unless some are not ours
+            share = np.fromiter((o[5] for o in orders), bool, len(orders))
+            if share.any() or self.owner is not None:
+                kept = self._owned[rows].copy()
+                if share.any():
+                    first = np.zeros(len(rows), bool)
+                    first[indptr[:-1]] = True
+                    kept &= first | ~np.repeat(share, sizes)
+            mine = slice(None) if kept is None else kept
+            self.item_orders.add(rows[mine], np.repeat(sign, sizes).astype(np.int64)[mine],
+                                 np.repeat(sign * unit, sizes)[mine])
             # complex64: exact counts up to 2**24 per pair and batch, float32 weights as the tables keep them
             per_line = np.repeat((sign + 1j * sign * unit).astype(np.complex64), sizes)
-            indptr = np.concatenate([[0], np.cumsum(sizes)])
             pairs = np.fromiter((o[4] for o in orders), bool, len(orders)) & (sizes > 1)
             if pairs.any():
                 take = np.repeat(pairs, sizes)
                 x = sp.csr_matrix((per_line[take], rows[take], np.concatenate([[0], np.cumsum(sizes[pairs])])),
                                   shape=(int(pairs.sum()), n_items))
-                self.co.add(_pair_changes(x))
+                self.co.add(_pair_changes(x, None if kept is None else kept[take]))
             users = np.fromiter((o[1] for o in orders), np.int64, len(orders))
             by_user = np.repeat(users >= 0, sizes)
+            if kept is not None:
+                by_user &= kept
             purchase = self.config.interaction_weights["purchase"]
             ui.append((np.repeat(users, sizes)[by_user], rows[by_user],
                        per_line[by_user].real + 1j * purchase * per_line[by_user].imag.astype(np.float64)))
+        if interactions and self.owner is not None:
+            interactions = [x for x in interactions if self._owned[x[1]]]
         if interactions:
             user, item, amount = (np.array(col) for col in zip(*interactions))
             ui.append((user.astype(np.int64), item.astype(np.int64), 1 + 1j * amount))
@@ -385,6 +435,9 @@ class GraphStore:
         row = self.items.add(item_id)
         if row == len(self.catalog):
             self.catalog.append(Item(title=item_id))
+            if len(self._owned) <= row:
+                self._owned = np.concatenate([self._owned, np.zeros(max(1024, len(self._owned)), bool)])
+            self._owned[row] = self.owner is None or self.owner(item_id)
             self.item_orders.resize(row + 1)
             self.co.grow(row + 1)
             self.stats.placeholder_items += 1
@@ -428,13 +481,14 @@ class GraphStore:
         self._interactions.append((user, item, amount))
         return Applied(True, (e.item_id,))
 
-    def _queue(self, rows: tuple[int, ...] | np.ndarray, user: int, sign: int, ts: float) -> None:
+    def _queue(self, rows: tuple[int, ...] | np.ndarray, user: int, sign: int, ts: float, share: bool = False) -> None:
+        """Queue an order's change (``share``: only the first row's share of it) for the batch's bulk update."""
         limit = self.config.max_order_items
         pairs = not limit or len(rows) <= limit
-        if not pairs and sign > 0:
+        if not pairs and sign > 0 and not share:
             self.stats.oversized_orders += 1
         unit = self._factor(ts)  # before the append: moving the clock flushes the queue
-        self._orders.append((rows, user, sign, unit, pairs))
+        self._orders.append((rows, user, sign, unit, pairs, share))
 
     def _outside(self, log: OrderLog, what: str, epoch: float, stream: int,
                  can: str = "tell a repeat or take it back") -> Applied | None:
@@ -465,7 +519,7 @@ class GraphStore:
         self._record(e.order_id, log.append(e.order_id, e.epoch, user, rows, PLACED, stream))
         self._queue(rows, user, +1, e.epoch)
         self.stats.orders_placed += 1
-        return Applied(True, ids)
+        return Applied(True, ids, change=e)
 
     def _record(self, order_id: str, slot: int) -> None:
         """A record appended in this batch: found from now on, indexed when the batch ends."""
@@ -490,9 +544,18 @@ class GraphStore:
             return Applied(False, (), f"order {e.order_id} already cancelled")
         log.status[slot] = CANCELLED
         rows = log.items_of(slot).copy()
-        self._queue(rows, int(log.user[slot]), -1, float(log.ts[slot]))
+        user, placed = int(log.user[slot]), float(log.ts[slot])
+        self._queue(rows, user, -1, placed)
         self.stats.orders_cancelled += 1
-        return Applied(True, tuple(self.items.ids[r] for r in rows.tolist()))
+        items = tuple(self.items.ids[r] for r in rows.tolist())
+        return Applied(True, items, change=OrderFacts(e.order_id, self.users.ids[user] if user >= 0 else None, placed,
+                                                      items, "cancelled"))
+
+    def _anchored(self, e: AnchorFacts) -> Applied:
+        """One item's share of an order's change, decided where the order was seen: applied as it is."""
+        rows = tuple(self._item(i) for i in (e.anchor, *e.others))
+        self._queue(rows, self._user(e.user_id) if e.user_id else -1, e.sign, e.epoch, share=True)
+        return Applied(True, (e.anchor,))
 
     # ---- reading ---------------------------------------------------------
     @property

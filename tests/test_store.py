@@ -231,3 +231,69 @@ def test_interactions_with_an_event_id_count_once_and_stay_so_after_a_snapshot(t
     old = loaded.apply(cart("e4", day=5))  # 35 days before the newest: outside the window
     assert old.rejected and "outside the 30.0 days window" in old.note
     assert loaded.user_item_matrix(counts=True).toarray().sum() == 5
+
+
+def _by_item(store: GraphStore, now: float) -> dict[str, tuple]:
+    """Every owned item's co-purchase row, order count and user edges, by ids, weights seen at ``now``."""
+    out = {}
+    u, i, count, weight = store.ui.edges()
+    ui: dict[int, list] = {}
+    for user, item, c, w in zip(u.tolist(), i.tolist(), count.tolist(), store.decayed(weight, now).tolist()):
+        ui.setdefault(item, []).append((store.users.ids[user], c, round(w, 3)))
+    for row, item_id in enumerate(store.items.ids):
+        if not store.owns(item_id):
+            continue
+        index, counts, weights = store.co.neighbours(row)
+        pairs = sorted((store.items.ids[b], int(c), round(float(w), 3))
+                       for b, c, w in zip(index, counts, store.decayed(weights, now)))
+        out[item_id] = (pairs, int(store.item_orders.count[row]), sorted(ui.get(row, [])))
+    return out
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_item_partitioned_stores_fed_the_split_changes_hold_exactly_the_graph_of_one_store(parts: int) -> None:
+    """The order → item repartition: a store that owns no item decides each order's change (duplicates,
+    cancellations, windows), the change split by item goes to the store owning each item, and the owners' rows
+    together equal the graph one store builds from the same events."""
+    import zlib
+
+    from tests.conftest import retail_events
+
+    events = retail_events()
+    orders = [e for e in events if isinstance(e, Order)]
+    extra = [orders[5], orders[40].model_copy(update={"status": "cancelled"}), orders[40]]  # a repeat, a take-back
+    users = sorted({o.user_id for o in orders if o.user_id})[:20]
+    clicks = [Interaction(user_id=users[k % 20], item_id=orders[k].items[0].item_id, kind="cart", ts=orders[k].ts,
+                          event_id=f"c{k % 50}") for k in range(120)]  # every id twice or more: counted once
+    stream = sorted(events + extra + clicks, key=lambda e: e.ts)
+    whole = GraphStore(GraphConfig())
+    whole.apply_all(stream)
+    owner = lambda p: (lambda item: zlib.crc32(item.encode()) % parts == p)  # noqa: E731
+    router, shards = GraphStore(GraphConfig(), owner=lambda _: False), [GraphStore(GraphConfig(), owner=owner(p))
+                                                                       for p in range(parts)]
+    for start in range(0, len(stream), 700):
+        batch = stream[start:start + 700]
+        routed: list[list] = [[] for _ in range(parts)]
+        for event, applied in zip(batch, router.apply_many(batch)):
+            if isinstance(event, ItemUpserted):
+                for r in routed:
+                    r.append(event)
+            elif applied.change is not None:
+                for share in applied.change.anchors():
+                    routed[zlib.crc32(share.anchor.encode()) % parts].append(share)
+            elif applied.changed:  # an interaction, once
+                routed[zlib.crc32(event.item_id.encode()) % parts].append(event)
+        for shard, r in zip(shards, routed):
+            shard.apply_many(r)
+    assert router.co.stored == 0 and router.ui.stored == 0 and int(router.item_orders.count.sum()) == 0
+    now = whole.last_ts
+    union: dict[str, tuple] = {}
+    for shard in shards:
+        mine = _by_item(shard, now)
+        assert not set(mine) & set(union)
+        union.update(mine)
+    expected = _by_item(whole, now)
+    assert union == expected
+    assert sum(len(v[0]) for v in expected.values()) == 2 * whole.num_co_edges() > 0
+    assert sum(len(v[2]) for v in expected.values()) == whole.num_ui_edges() > 0
+    assert whole.stats.orders_cancelled > 0 and whole.stats.duplicates > 0
