@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Literal, NamedTuple, Union
+from typing import Annotated, Iterable, Literal, NamedTuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -120,38 +120,38 @@ class OrderFacts(NamedTuple):
     def type(self) -> str:
         return "order"
 
-    def anchors(self) -> list[AnchorFacts]:
-        """This order's change split by item (see :class:`AnchorFacts`): one record per distinct item."""
+    def shares(self, partitions: Iterable[int]) -> list[OrderShare]:
+        """This order's change for the items of each of ``partitions`` (see :class:`OrderShare`)."""
         sign = -1 if self.status == "cancelled" else 1
-        items = self.item_ids
-        return [AnchorFacts(a, items[:k] + items[k + 1:], self.order_id, self.user_id, self.epoch, sign)
-                for k, a in enumerate(items)]
+        return [OrderShare(self.order_id, self.user_id, self.epoch, self.item_ids, sign, p) for p in partitions]
 
 
-class AnchorFacts(NamedTuple):
-    """One item's share of an order's change to the graph: what the order → item repartition carries.
+class OrderShare(NamedTuple):
+    """An order's change to the graph for the items of one partition: what the order → item repartition carries.
 
-    The graph is partitioned by item: the owner of ``anchor`` keeps its row
-    of co-purchases, its order count and its user–item edges, so the rows
-    of all owners together are the graph one store builds. An order placed
-    (``sign`` +1) or taken back (-1) becomes one of these per distinct item;
-    the owner adds ``anchor``–``b`` for every ``b`` in ``others`` to
-    ``anchor``'s row only. Which changes happen (duplicates, cancellations,
-    windows) is decided before the split, by the store that sees the order
-    (:attr:`graph.store.Applied.change`); ``epoch`` is the placed order's
-    time, also when it is taken back.
+    The graph's state is partitioned by item (the stream worker's item
+    partitions): a partition's store keeps its items' rows of co-purchases,
+    their order counts and their user–item edges, so all partitions'
+    stores together hold the graph one store builds. The store that sees an
+    order (its order partition's) decides what it changes — a placement,
+    a take-back, nothing for a repeat — applies that to its own items and
+    sends each other partition holding some of the order's items one of
+    these (:attr:`graph.store.Applied.change`): the owner adds, for each of
+    its items ``a`` in ``item_ids``, ``a``–``b`` for every other ``b`` to
+    ``a``'s row only. ``epoch`` is the placed order's time, also when it is
+    taken back (``sign`` -1).
     """
 
-    anchor: str
-    others: tuple[str, ...]
     order_id: str
     user_id: str | None
     epoch: float
+    item_ids: tuple[str, ...]
     sign: int  # +1 placed, -1 taken back
+    partition: int  # the items whose rows change: those of this partition
 
     @property
     def type(self) -> str:
-        return "anchor"
+        return "order_share"
 
 
 Event = Annotated[Union[ItemUpserted, Interaction, Order], Field(discriminator="type")]

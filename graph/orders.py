@@ -227,6 +227,32 @@ class OrderLog:
                 self.collisions[order_id] = slot
         self._reclaim_at = max(1024, 2 * self.size)
 
+    # ---- partitions ----------------------------------------------------------
+    def of_stream(self, stream: int) -> OrderLog:
+        """A log of this one's records of ``stream`` (a stream worker's checkpoint of one partition)."""
+        out = OrderLog(self.window)
+        keep = np.flatnonzero(self._inside() & (self.stream[: self.size] == stream))
+        out._fill(self._arrays(keep), {s: t for s, t in self.newest.items() if s == stream})
+        return out
+
+    def drop_stream(self, stream: int) -> None:
+        """Forget the records of ``stream`` (its partition went to another worker)."""
+        keep = np.flatnonzero(self._inside() & (self.stream[: self.size] != stream))
+        self._fill(self._arrays(keep), {s: t for s, t in self.newest.items() if s != stream})
+
+    def merge(self, other: OrderLog, items: np.ndarray, users: np.ndarray) -> None:
+        """Take in ``other``'s records (another store's; ``items`` and ``users``: its rows → ours)."""
+        mine = self._arrays(np.flatnonzero(self._inside()))
+        theirs = other._arrays(np.flatnonzero(other._inside()))
+        theirs["items"] = items[theirs["items"]].astype(np.int32)
+        user = np.asarray(theirs["user"], np.int64)
+        theirs["user"] = np.full(len(user), -1, np.int64)
+        theirs["user"][user >= 0] = users[user[user >= 0]]
+        newest = dict(self.newest)
+        for stream, ts in other.newest.items():
+            newest[stream] = max(ts, newest.get(stream, -np.inf))
+        self._fill({k: np.concatenate([mine[k], np.asarray(theirs[k], mine[k].dtype)]) for k in mine}, newest)
+
     # ---- snapshots -----------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
         """The records inside the window, and each stream's newest order time, as flat arrays (a snapshot)."""

@@ -191,7 +191,7 @@ def _store(meta: dict) -> GraphStore:
     store.co.grow(store.num_items)
     store.ui.grow(store.num_users)
     store.item_orders.resize(store.num_items)
-    store.own(None)  # every item until the reader says which it keeps (a partition's store: GraphStore.own)
+    store.partition(None)  # a partitioned store's reader partitions it again (GraphStore.partition)
     return store
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
-from graph.events import AnchorFacts, Interaction, ItemUpserted, Order, OrderFacts
+from graph.events import Interaction, ItemUpserted, Order, OrderFacts, OrderShare
 from graph.orders import CANCELLED, PLACED, OrderLog
 from graph.tallies import THREADS, EdgeTable, Rows, Tallies, Tally, on_threads
 
@@ -177,7 +177,7 @@ class Stats:
 
 def _pair_changes(x: sp.csr_matrix, rows_of: np.ndarray | None = None) -> Rows:
     """Off-diagonal entries of ``onesᵀ x`` (``x``: orders × items, complex changes) as sorted rows;
-    ``rows_of``: which entries of ``x`` give their item a row of pairs (default all; see ``GraphStore.owner``).
+    ``rows_of``: which entries of ``x`` give their item a row of pairs (default all; see ``GraphStore.partition_of``).
 
     The product is computed in ranges of rows on :data:`~graph.tallies.THREADS` threads: scipy's product
     and sort release the GIL (on 2 cores, twice as fast as one product).
@@ -219,9 +219,12 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-GraphEvent = ItemUpserted | Interaction | Order | OrderFacts | AnchorFacts
-"""What :meth:`GraphStore.apply_many` takes: an event, an order as :class:`~graph.events.OrderFacts`, or one
-item's share of an order's change (:class:`~graph.events.AnchorFacts`)."""
+GraphEvent = ItemUpserted | Interaction | Order | OrderFacts | OrderShare
+"""What :meth:`GraphStore.apply_many` takes: an event, an order as :class:`~graph.events.OrderFacts`, or an
+order's change for one partition's items (:class:`~graph.events.OrderShare`)."""
+
+ROUTED = -1
+"""The stream of events that come from the repartition: applied to their partition's items whatever the store's."""
 
 
 def _days(seconds: float) -> str:
@@ -232,15 +235,16 @@ def _days(seconds: float) -> str:
 class GraphStore:
     """Items, users, co-purchase (item–item) and interaction (user–item) edges.
 
-    ``owner`` (default: every item) says which items this store keeps the state of: their rows of
-    co-purchases, their order counts and their user–item edges. A store of one item partition owns the items
-    whose key falls in it; orders reach it split by item (:class:`~graph.events.AnchorFacts`), and the
-    partitions' stores together hold what one store of every item holds. Catalog, ids and the order log are
-    kept whatever the owner.
+    Partitioned by item (the stream worker, see :mod:`graph.events`' :class:`~graph.events.OrderShare`):
+    with ``partition_of`` (item id → partition), an order or interaction applied from stream ``p`` (the
+    worker's source partition) changes the rows of the items of partition ``p`` only — their co-purchase rows,
+    order counts and user–item edges — and an :class:`~graph.events.OrderShare` (stream :data:`ROUTED`) those
+    of its partition. The stores of all partitions together then hold what one store without
+    ``partition_of`` holds. Catalog, ids and the order log (by stream) are kept whatever the partition.
     """
 
     config: GraphConfig = field(default_factory=GraphConfig)
-    owner: Callable[[str], bool] | None = None
+    partition_of: Callable[[str], int] | None = None
     items: IdMap = field(default_factory=IdMap)
     users: IdMap = field(default_factory=IdMap)
     catalog: list[Item] = field(default_factory=list)
@@ -252,12 +256,12 @@ class GraphStore:
     last_ts: float = 0.0
     version: int = 0
     clock: DecayClock = field(init=False)
-    _owned: np.ndarray = field(default_factory=lambda: np.ones(0, bool), init=False, repr=False)  # by item row
+    _part: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32), init=False, repr=False)  # by item row
     # edge changes waiting for the batch's bulk update: (item rows, user row, sign, clock factor, adds pairs,
-    # the first row only: one item's share of an order)
-    _orders: list[tuple[tuple[int, ...] | np.ndarray, int, int, float, bool, bool]] = field(
+    # the partition whose items' rows change or -1 for every item)
+    _orders: list[tuple[tuple[int, ...] | np.ndarray, int, int, float, bool, int]] = field(
         default_factory=list, init=False, repr=False)
-    _interactions: list[tuple[int, int, float]] = field(default_factory=list, init=False, repr=False)
+    _interactions: list[tuple[int, int, float, int]] = field(default_factory=list, init=False, repr=False)
     _found: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # order id → slot, this batch
     _new: dict[str, None] = field(default_factory=dict, init=False, repr=False)  # order ids recorded in this batch
     _found_i: dict[str, int] = field(default_factory=dict, init=False, repr=False)  # the same for interaction ids
@@ -269,19 +273,23 @@ class GraphStore:
         self.orders = OrderLog(None if window is None else window * DAY)
         # interactions sent with an event_id, remembered for the same window (no item rows): a repeat is ignored
         self.interaction_ids = OrderLog(None if window is None else window * DAY)
-        self.own(self.owner)
+        self.partition(self.partition_of)
 
-    def own(self, owner: Callable[[str], bool] | None) -> None:
-        """Keep the state of the items ``owner`` accepts from now on (None: every item); for a store just read
-        from a snapshot of one partition."""
+    def partition(self, partition_of: Callable[[str], int] | None) -> None:
+        """Partition the items by ``partition_of`` from now on (None: not partitioned); for a store just read
+        from a snapshot."""
         self._flush()
-        self.owner = owner
-        self._owned = np.array([owner(i) for i in self.items.ids] if owner else [True] * len(self.items), bool)
+        self.partition_of = partition_of
+        self._part = np.array([partition_of(i) for i in self.items.ids] if partition_of else [0] * len(self.items),
+                              np.int32)
 
-    def owns(self, item_id: str) -> bool:
-        """Whether this store keeps ``item_id``'s rows."""
-        row = self.items.get(item_id)
-        return bool(self._owned[row]) if row is not None else self.owner is None or self.owner(item_id)
+    def part_of(self, rows: np.ndarray) -> np.ndarray:
+        """The partition of each item row (all 0 when the store is not partitioned)."""
+        return self._part[rows]
+
+    def _target(self, stream: int, rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` an event from ``stream`` changes."""
+        return np.ones(len(rows), bool) if self.partition_of is None else self._part[rows] == stream
 
     @property
     def half_life(self) -> float:
@@ -361,8 +369,8 @@ class GraphStore:
                            rejected=True)
         if isinstance(event, OrderFacts):
             result = self._cancel(event, stream) if event.status == "cancelled" else self._place(event, stream)
-        elif isinstance(event, AnchorFacts):
-            result = self._anchored(event)
+        elif isinstance(event, OrderShare):
+            result = self._share(event)
         elif isinstance(event, ItemUpserted):
             result = self._upsert(event)
         elif isinstance(event, Interaction):
@@ -382,9 +390,9 @@ class GraphStore:
         taken back) as the complex number ``s + i·s·factor``, the entries of
         ``Xᵀ diag(s) X`` off the diagonal are every pair's count change (real
         part) and weight change (imaginary part), summed over the batch by
-        scipy's compiled product instead of one array entry per pair. Only
-        the lines of items this store owns give rows (``_pair_changes``'s
-        ``rows_of``), and of an item's share of an order only its own line.
+        scipy's compiled product instead of one array entry per pair. In a
+        partitioned store only the lines of the change's partition give rows
+        (``_pair_changes``'s ``rows_of``), counts and user–item edges.
         """
         orders, self._orders = self._orders, []
         interactions, self._interactions = self._interactions, []
@@ -396,14 +404,9 @@ class GraphStore:
             sign = np.fromiter((o[2] for o in orders), np.float64, len(orders))
             unit = np.fromiter((o[3] for o in orders), np.float64, len(orders))
             indptr = np.concatenate([[0], np.cumsum(sizes)])
-            kept = None  # the lines whose item gets the change: every line unless some are not ours
-            share = np.fromiter((o[5] for o in orders), bool, len(orders))
-            if share.any() or self.owner is not None:
-                kept = self._owned[rows].copy()
-                if share.any():
-                    first = np.zeros(len(rows), bool)
-                    first[indptr[:-1]] = True
-                    kept &= first | ~np.repeat(share, sizes)
+            kept = None  # the lines whose item gets the change: all of them unless the store is partitioned
+            if self.partition_of is not None:
+                kept = self._part[rows] == np.repeat(np.fromiter((o[5] for o in orders), np.int32, len(orders)), sizes)
             mine = slice(None) if kept is None else kept
             self.item_orders.add(rows[mine], np.repeat(sign, sizes).astype(np.int64)[mine],
                                  np.repeat(sign * unit, sizes)[mine])
@@ -422,10 +425,10 @@ class GraphStore:
             purchase = self.config.interaction_weights["purchase"]
             ui.append((np.repeat(users, sizes)[by_user], rows[by_user],
                        per_line[by_user].real + 1j * purchase * per_line[by_user].imag.astype(np.float64)))
-        if interactions and self.owner is not None:
-            interactions = [x for x in interactions if self._owned[x[1]]]
+        if interactions and self.partition_of is not None:
+            interactions = [x for x in interactions if x[3] == ROUTED or self._part[x[1]] == x[3]]
         if interactions:
-            user, item, amount = (np.array(col) for col in zip(*interactions))
+            user, item, amount, _ = (np.array(col) for col in zip(*interactions))
             ui.append((user.astype(np.int64), item.astype(np.int64), 1 + 1j * amount))
         if ui:
             user, item, change = (np.concatenate(col) for col in zip(*ui))
@@ -435,9 +438,9 @@ class GraphStore:
         row = self.items.add(item_id)
         if row == len(self.catalog):
             self.catalog.append(Item(title=item_id))
-            if len(self._owned) <= row:
-                self._owned = np.concatenate([self._owned, np.zeros(max(1024, len(self._owned)), bool)])
-            self._owned[row] = self.owner is None or self.owner(item_id)
+            if len(self._part) <= row:
+                self._part = np.concatenate([self._part, np.zeros(max(1024, len(self._part)), np.int32)])
+            self._part[row] = self.partition_of(item_id) if self.partition_of else 0
             self.item_orders.resize(row + 1)
             self.co.grow(row + 1)
             self.stats.placeholder_items += 1
@@ -478,17 +481,15 @@ class GraphStore:
             self._found_i[e.event_id] = log.append(e.event_id, e.epoch, -1, (), PLACED, stream)
         user, item = self._user(e.user_id), self._item(e.item_id)
         amount *= self._factor(e.epoch)  # before the append: moving the clock flushes the queue
-        self._interactions.append((user, item, amount))
+        self._interactions.append((user, item, amount, stream))
         return Applied(True, (e.item_id,))
 
-    def _queue(self, rows: tuple[int, ...] | np.ndarray, user: int, sign: int, ts: float, share: bool = False) -> None:
-        """Queue an order's change (``share``: only the first row's share of it) for the batch's bulk update."""
+    def _queue(self, rows: tuple[int, ...] | np.ndarray, user: int, sign: int, ts: float, stream: int) -> None:
+        """Queue an order's change to the items of partition ``stream`` (see the class) for the bulk update."""
         limit = self.config.max_order_items
         pairs = not limit or len(rows) <= limit
-        if not pairs and sign > 0 and not share:
-            self.stats.oversized_orders += 1
         unit = self._factor(ts)  # before the append: moving the clock flushes the queue
-        self._orders.append((rows, user, sign, unit, pairs, share))
+        self._orders.append((rows, user, sign, unit, pairs, stream))
 
     def _outside(self, log: OrderLog, what: str, epoch: float, stream: int,
                  can: str = "tell a repeat or take it back") -> Applied | None:
@@ -517,7 +518,9 @@ class GraphStore:
             rows = tuple(self._item(i) for i in ids)
         user = self._user(e.user_id) if e.user_id else -1
         self._record(e.order_id, log.append(e.order_id, e.epoch, user, rows, PLACED, stream))
-        self._queue(rows, user, +1, e.epoch)
+        self._queue(rows, user, +1, e.epoch, stream)
+        if self.config.max_order_items and len(rows) > self.config.max_order_items:
+            self.stats.oversized_orders += 1
         self.stats.orders_placed += 1
         return Applied(True, ids, change=e)
 
@@ -545,17 +548,83 @@ class GraphStore:
         log.status[slot] = CANCELLED
         rows = log.items_of(slot).copy()
         user, placed = int(log.user[slot]), float(log.ts[slot])
-        self._queue(rows, user, -1, placed)
+        self._queue(rows, user, -1, placed, stream)
         self.stats.orders_cancelled += 1
         items = tuple(self.items.ids[r] for r in rows.tolist())
         return Applied(True, items, change=OrderFacts(e.order_id, self.users.ids[user] if user >= 0 else None, placed,
                                                       items, "cancelled"))
 
-    def _anchored(self, e: AnchorFacts) -> Applied:
-        """One item's share of an order's change, decided where the order was seen: applied as it is."""
-        rows = tuple(self._item(i) for i in (e.anchor, *e.others))
-        self._queue(rows, self._user(e.user_id) if e.user_id else -1, e.sign, e.epoch, share=True)
-        return Applied(True, (e.anchor,))
+    def _share(self, e: OrderShare) -> Applied:
+        """An order's change for one partition's items, decided by the store that saw the order: applied as is."""
+        rows = tuple(self._item(i) for i in e.item_ids)
+        self._queue(rows, self._user(e.user_id) if e.user_id else -1, e.sign, e.epoch, e.partition)
+        return Applied(True, tuple(i for i, r in zip(e.item_ids, rows) if self._part[r] == e.partition))
+
+    # ---- partitions --------------------------------------------------------
+    def part(self, partition: int) -> GraphStore:
+        """This store's state of ``partition``: its items' co-purchase rows, order counts and user–item edges,
+        and the order and interaction logs of its stream, with every id and catalog entry. What a stream
+        worker checkpoints of one partition, and another worker :meth:`adopt` s when the partition moves."""
+        self._flush()
+        n = self.num_items
+        mine = self._part[:n] == partition
+        out = GraphStore(self.config, partition_of=self.partition_of)
+        out.items, out.users, out.catalog = IdMap(self.items.ids), IdMap(self.users.ids), list(self.catalog)
+        out._part, out.stats = self._part[:n].copy(), Stats(**self.stats.as_dict())
+        out.clock.ref, out.last_ts, out.version = self.clock.ref, self.last_ts, self.version
+        out.item_orders.resize(n)
+        out.item_orders.count[:n] = np.where(mine, self.item_orders.count[:n], 0)
+        out.item_orders.weight[:n] = np.where(mine, self.item_orders.weight[:n], 0.0)
+        out.co.grow(n)
+        out.co.load(self.co.select(rows=mine))
+        out.ui.grow(self.num_users)
+        out.ui.load(self.ui.select(columns=mine))
+        out.orders, out.interaction_ids = self.orders.of_stream(partition), self.interaction_ids.of_stream(partition)
+        return out
+
+    def release(self, partition: int) -> None:
+        """Forget the state of ``partition`` (see :meth:`part`): it went to another worker. Ids and catalog stay."""
+        self._flush()
+        n = self.num_items
+        mine = self._part[:n] == partition
+        self.item_orders.count[:n][mine], self.item_orders.weight[:n][mine] = 0, 0.0
+        self.co.load(self.co.select(rows=~mine))
+        self.ui.load(self.ui.select(columns=~mine))
+        self.orders.drop_stream(partition)
+        self.interaction_ids.drop_stream(partition)
+        self.version += 1
+
+    def adopt(self, other: GraphStore) -> None:
+        """Take in ``other``'s state (a partition's, from :meth:`part`, perhaps of another worker's store): its
+        rows, counts, user–item edges and logs are added to ours, its catalog entries newer than ours replace them."""
+        self._flush()
+        other._flush()
+        items = np.array([self._item(i) for i in other.items.ids], np.int64)
+        users = np.array([self._user(u) for u in other.users.ids], np.int64)
+        for theirs, row in zip(other.catalog, items.tolist()):
+            ours = self.catalog[row]
+            if theirs.has_text and (not ours.has_text or theirs.updated > ours.updated):
+                self.stats.placeholder_items -= not ours.has_text
+                self.catalog[row] = theirs
+        scale = 1.0
+        if other.clock.ref is not None:
+            if self.clock.ref is None:
+                self.clock.ref = other.clock.ref
+            scale = float(np.exp2((other.clock.ref - self.clock.ref) / self.half_life))
+        n_items, n_users = self.num_items, self.num_users
+        for table, theirs, rows, shape in ((self.co, other.co, items, (n_items, n_items)),
+                                           (self.ui, other.ui, users, (n_users, n_items))):
+            got = theirs.select()
+            line = np.repeat(np.arange(got.rows), np.diff(got.indptr))
+            change = got.count.astype(np.float64) + 1j * (got.weight.astype(np.float64) * scale)
+            table.add(Rows.from_matrix(sp.csr_matrix((change, (rows[line], items[got.index])), shape=shape)))
+        m = other.num_items
+        has = other.item_orders.count[:m] != 0
+        self.item_orders.add(items[has], other.item_orders.count[:m][has], other.item_orders.weight[:m][has] * scale)
+        self.orders.merge(other.orders, items, users)
+        self.interaction_ids.merge(other.interaction_ids, items, users)
+        self.last_ts = max(self.last_ts, other.last_ts)
+        self.version += 1
 
     # ---- reading ---------------------------------------------------------
     @property

@@ -396,6 +396,26 @@ class EdgeTable:
         self.runs = []
         self.rows = max(self.rows, rows.rows)
 
+    def select(self, rows: np.ndarray | None = None, columns: np.ndarray | None = None) -> Rows:
+        """The entries in kept ``rows`` and ``columns`` (boolean masks; None keeps all), over every row id: one
+        partition's share of the table, which :meth:`load` (or :meth:`add`, rows renumbered) takes."""
+        self.compact()
+        per_row, parts = np.zeros(self.rows, np.int64), []
+        for k, block in enumerate(self.blocks):
+            lo, lengths = k * self.block_rows, np.diff(block.indptr)
+            keep = np.ones(block.nnz, bool)
+            if rows is not None:
+                keep &= np.repeat(rows[lo : lo + block.rows], lengths)
+            if columns is not None:
+                keep &= columns[block.index]
+            line = np.repeat(np.arange(block.rows), lengths)[keep]
+            per_row[lo : lo + block.rows] = np.bincount(line, minlength=block.rows)
+            parts.append((block.index[keep], block.count[keep], block.weight[keep]))
+        index, count, weight = (np.concatenate(c) if parts else np.zeros(0, t) for c, t in
+                                zip(zip(*parts) if parts else ((), (), ()), (np.int32, self.COUNT, self.WEIGHT)))
+        return Rows(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64), index.astype(np.int32),
+                    count.astype(self.COUNT), weight.astype(self.WEIGHT))
+
     def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every edge ``(a, b, count, weight)`` ordered by ``(a, b)``; symmetric ones once, with ``a < b``."""
         self.compact()
