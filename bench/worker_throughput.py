@@ -1,7 +1,7 @@
-"""`make bench`, streaming part: one worker's throughput, CPU per order, latency, checkpoints and restarts.
+"""`make bench`, streaming part: workers' throughput, CPU per order, latency, checkpoints and restarts.
 
 Starts the embedded broker and one ``bundlegnn worker`` (no model, no text
-encoding: the stream path alone), loads the catalog, then for 1× and 10× the
+encoding: the stream path alone; four tasks), loads the catalog, then for 1× and 10× the
 real data (the 10× copy repeats every order with new order and user ids,
 each copy shifted in time by the data's span, so basket sizes and item
 popularity keep their statistics):
@@ -12,7 +12,10 @@ popularity keep their statistics):
   reflects an order and the last one, ``graph_version`` (one per applied
   order) rose by N in T seconds of broker time: orders/s = N / T, refreshes
   and publishing included (n/a when one refresh held the whole backlog);
-  CPU per order: both worker processes' CPU seconds during the drain;
+  ``orders_per_s_all``: every order of the backlog over the same span from
+  the first to the last update (comparable across worker counts, where
+  each worker counts its own version); CPU per order: every worker
+  process's CPU seconds during the drain;
 * restart: the worker is stopped (it writes its checkpoint) and started
   again, with the catalog only and with the whole history: seconds until
   Faust is ready, and the scoring process's checkpoint read;
@@ -20,9 +23,11 @@ popularity keep their statistics):
   ``bundle-updates`` message, its produce time − the produce time of the
   newest event that caused it; p50/p99.
 
+With ``2`` workers (the 10× backlog, row ``workers: 2``) the same drain and
+latency, no restarts: two workers share the four tasks.
+
 The bench reads ``bundle-updates`` only once the worker has gone quiet
 (:func:`settle`), so it does not compete with the worker for the cores.
-Two workers need the order → item repartition (not built yet).
 
 Writes ``bench/results/streaming.json`` and ``streaming.md``.
 """
@@ -53,6 +58,7 @@ from scale import machine, table  # noqa: E402
 from training.datasets import in_time_order, read_events  # noqa: E402
 
 SCALES = [int(x) for x in sys.argv[1:]] or [1, 10]
+TWO_WORKERS = 10  # the scale the two-worker row drains
 DATA = ROOT.parent / "shared" / "data" / "online_retail_ii" / "online_retail_ii.csv.gz"
 
 
@@ -75,24 +81,28 @@ def worker_cpu(pid: int) -> float:
 
 
 def restart(worker: WorkerProcess) -> tuple[float, float]:
-    """Stop the worker (it writes its checkpoint), start it again: seconds until Faust is ready, and the
-    seconds its scoring process took to load the checkpoint (from its log)."""
+    """Stop the worker (it writes its checkpoints), start it again: seconds until Faust is ready, and the
+    seconds its scoring process took to read its tasks' checkpoints (from its log)."""
     assert worker.stop() == 0
     started = time.perf_counter()
     worker.start()
     ready = time.perf_counter() - started
-    line = [ln for ln in worker.output().splitlines() if "started from the checkpoint" in ln][-1]
-    return ready, float(line.split("(read in ")[1].split(" s)")[0])
+    tasks = int(worker.env["BUNDLEGNN_STREAM__PARTITIONS"])  # one checkpoint per task, read in turn
+    lines = [ln for ln in worker.output().splitlines() if "from its checkpoint (read in" in ln][-tasks:]
+    return ready, sum(float(line.split("(read in ")[1].split(" s)")[0]) for line in lines)
 
 
 def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap: str, workdir: Path,
-        rate: float) -> dict[str, object]:
-    state = workdir / f"state{scale}"
+        rate: float, workers: int = 1) -> dict[str, object]:
+    state = workdir / f"state{scale}-{workers}"
     env = stream_env(bootstrap, state)
     env["BUNDLEGNN_STREAM__ENCODE_TEXT"] = "false"
     env["BUNDLEGNN_STREAM__PARTITIONS"] = "4"
     topics = Topics(**{k: topic(env, k) for k in Topics.model_fields})
+    others = [WorkerProcess(env, workdir / f"worker{scale}-{n}.log", "--model", "none") for n in range(1, workers)]
     worker = WorkerProcess(env, workdir / f"worker{scale}.log", "--model", "none").start()
+    for other in others:
+        other.start()
     updates = Reader(bootstrap, topics.bundle_updates)
     producer = EventProducer(bootstrap, topics)
     try:
@@ -101,10 +111,10 @@ def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap:
         producer.flush()
         last_item = catalog[-1].item_id.encode()
         updates.wait_for(lambda r: r.key == last_item, timeout=120)
-        first_restart = restart(worker)  # history: the catalog only
+        first_restart = restart(worker) if not others else (None, None)  # history: the catalog only
 
-        # throughput: a backlog produced while the worker is stopped, drained by the restarted worker
-        assert worker.stop() == 0
+        # throughput: a backlog produced while the workers are stopped, drained by the restarted workers
+        assert all(w.stop() == 0 for w in [worker, *others])
         batch = scaled(orders, scale, "t", first=1 - scale)  # ends where the data ends
         produced = time.time() - 0.002  # record timestamps (whole ms) of the backlog are at least this
         once = Counter(o.order_id for o in batch)  # a stray cancellation or a repeated order id changes nothing
@@ -114,20 +124,24 @@ def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap:
                 sent_last = time.time() - 0.002  # its record timestamp (whole ms) is at least this
             producer.send(o)
         producer.flush()
-        worker.start()
-        assert worker.process is not None
-        idle_cpu = worker_cpu(worker.process.pid)  # started, checkpoint loaded, nothing applied yet (about)
+        idle_cpu, pids = 0.0, []
+        for w in [worker, *others]:  # each one's CPU from when it is ready (the first drains while others start)
+            w.start()
+            assert w.process is not None
+            pids.append(w.process.pid)
+            idle_cpu += worker_cpu(w.process.pid)  # started, checkpoints loaded, nothing applied yet (about)
         settle(updates)
-        drain_cpu = worker_cpu(worker.process.pid) - idle_cpu
+        drain_cpu = sum(map(worker_cpu, pids)) - idle_cpu
         newest = max((json.loads(r.value)["source_ts"] or 0) for r in updates.records)
         assert newest >= sent_last, f"drain incomplete: newest source time {newest}, last order sent at {sent_last}"
         seen = [(r.timestamp / 1000, u["graph_version"]) for r in updates.records
                 if (u := json.loads(r.value))["source_ts"] is not None and u["source_ts"] >= produced]
         first, last = min(seen), max(seen, key=lambda s: (s[1], s[0]))
         drained, elapsed = last[1] - first[1], last[0] - first[0]
+        span_all = max(t for t, _ in seen) - first[0]
 
-        # restart with the whole history: it reads the checkpoint, not the history
-        ready_s, load_s = restart(worker)
+        # restart with the whole history: it reads the checkpoints, not the history
+        ready_s, load_s = restart(worker) if not others else (None, None)
         size = sum(f.stat().st_size for f in (state / "checkpoint").rglob("*") if f.is_file())
 
         # latency at a fixed rate
@@ -146,17 +160,22 @@ def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap:
     finally:
         producer.close()
         updates.close()
-        worker.stop()
+        for w in [worker, *others]:
+            if w.process is not None:
+                w.stop()
+    rounded = lambda x: None if x is None else round(x, 2)  # noqa: E731
     return {
-        "scale": scale, "workers": 1, "orders": len(batch), "throughput_orders_timed": drained,
+        "scale": scale, "workers": workers, "orders": len(batch), "throughput_orders_timed": drained,
         "throughput_s": round(elapsed, 2),
-        "orders_per_s": round(drained / elapsed) if drained and elapsed > 0 else None,  # None: one refresh held all
+        "orders_per_s": round(drained / elapsed) if drained and elapsed > 0 and not others else None,  # None: one
+        # refresh held all, or several workers (each its own version)
+        "orders_per_s_all": round(len(batch) / span_all) if span_all > 0 else None,
         "cpu_ms_per_order": round(1000 * drain_cpu / len(batch), 3),
         "latency_rate_orders_per_s": rate, "latency_updates": len(lat),
         "latency_p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1) if lat else None,
         "latency_p99_ms": round(float(np.percentile(lat, 99)) * 1000, 1) if lat else None,
-        "checkpoint_mb": round(size / 1e6, 2), "restart_ready_s_catalog_only": round(first_restart[0], 2),
-        "restart_ready_s": round(ready_s, 2), "checkpoint_load_s": round(load_s, 2),
+        "checkpoint_mb": round(size / 1e6, 2), "restart_ready_s_catalog_only": rounded(first_restart[0]),
+        "restart_ready_s": rounded(ready_s), "checkpoint_load_s": rounded(load_s),
     }
 
 
@@ -171,10 +190,16 @@ def main() -> int:
     logs.mkdir()
     with EmbeddedBroker() as broker:
         rows = [run(scale, catalog, orders, broker.bootstrap, logs, rate=200.0) for scale in SCALES]
-    report = {"machine": machine(), "runs": rows}
+        if TWO_WORKERS in SCALES:
+            rows.append(run(TWO_WORKERS, catalog, orders, broker.bootstrap, logs, rate=200.0, workers=2))
+    one = next((r for r in rows if r["scale"] == TWO_WORKERS and r["workers"] == 1), None)
+    two = next((r for r in rows if r["workers"] == 2), None)
+    cpu_ratio = round(two["cpu_ms_per_order"] / one["cpu_ms_per_order"], 3) if one and two else None
+    report = {"machine": machine(), "runs": rows, "two_workers_cpu_per_order_ratio": cpu_ratio}
     (out / "streaming.json").write_text(json.dumps(report, indent=2))
     m = report["machine"]
-    cols = ["scale", "workers", "orders", "orders_per_s", "cpu_ms_per_order", "latency_p50_ms", "latency_p99_ms",
+    cols = ["scale", "workers", "orders", "orders_per_s", "orders_per_s_all", "cpu_ms_per_order", "latency_p50_ms",
+            "latency_p99_ms",
             "checkpoint_mb", "restart_ready_s_catalog_only", "restart_ready_s", "checkpoint_load_s"]
     lines = ["# Stream worker: throughput, latency, checkpoints and restarts", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}. "
@@ -184,7 +209,9 @@ def main() -> int:
               "without a model; cpu_ms_per_order: CPU of both worker processes during the drain per order; latency: "
               "produce time of an order to the bundle update it caused, orders sent at 200/s; restart_ready_s: stop "
               "(checkpoint) to Faust ready again with the whole history, against the catalog only; "
-              "checkpoint_load_s: the scoring process reading the checkpoint.", ""]
+              "checkpoint_load_s: the scoring processes reading the tasks' checkpoints; orders_per_s_all: the whole "
+              "backlog over the span of its updates (comparable across worker counts).", "",
+              f"Two workers' CPU per order / one worker's ({TWO_WORKERS}×, same run): {cpu_ratio}.", ""]
     (out / "streaming.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -259,8 +259,7 @@ def _bootstrap(settings: Settings) -> str:
 
 
 def _topics(settings: Settings) -> dict[str, int]:
-    t, p = settings.stream.topics, settings.stream.partitions
-    return {t.catalog: p, t.interactions: p, t.orders: p, t.bundle_updates: p, t.dead_letters: 1, t.model_updates: 1}
+    return settings.stream.topics.layout(settings.stream.partitions)
 
 
 @app.command()
@@ -305,7 +304,7 @@ ModelOpt = typer.Option("latest", "--model", help="artifact directory, 'latest' 
 def worker(
     config: Optional[Path] = ConfigOpt,
     model: str = ModelOpt,
-    snapshot: Optional[Path] = typer.Option(None, help="write the worker's graph here when it stops"),
+    snapshot: Optional[Path] = typer.Option(None, help="write the worker's graph (its tasks' share) here when it stops"),
 ) -> None:
     """Run the Faust stream worker and its scoring process (Ctrl-C stops both)."""
     from faust import Worker

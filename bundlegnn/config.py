@@ -45,8 +45,9 @@ class PathsConfig(BaseModel):
 
     @property
     def checkpoints(self) -> Path:
-        """The stream worker's checkpoints (see :mod:`streaming.checkpoint`): one directory per worker, on a
-        volume that outlives it; it belongs to the topics it was read from."""
+        """The stream workers' checkpoints (see :mod:`streaming.checkpoint`): one directory per task, on a volume
+        every worker mounts and that outlives them (a task moves between workers through it); it belongs to the
+        topics it was read from."""
         return self.state_dir / "checkpoint"
 
     @property

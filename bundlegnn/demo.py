@@ -154,9 +154,7 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
         _say("1/6 embedded Kafka broker (tansu, memory storage)")
         broker.start()
         settings.paths.broker_address.write_text(broker.bootstrap)
-        t, p = settings.stream.topics, settings.stream.partitions
-        create_topics(broker.bootstrap, {t.catalog: p, t.interactions: p, t.orders: p, t.bundle_updates: p,
-                                         t.dead_letters: 1, t.model_updates: 1})
+        create_topics(broker.bootstrap, settings.stream.topics.layout(settings.stream.partitions))
         _say(f"    on {broker.bootstrap}")
 
         model = None if retrain else latest_artifact(settings.paths.model_store)

@@ -624,7 +624,9 @@ class GraphStore:
         self.orders.merge(other.orders, items, users)
         self.interaction_ids.merge(other.interaction_ids, items, users)
         self.last_ts = max(self.last_ts, other.last_ts)
-        self.version += 1
+        self.version = max(self.version, other.version) + 1
+        for name, value in other.stats.as_dict().items():  # each part carries its store's counters: not a sum
+            setattr(self.stats, name, max(getattr(self.stats, name), value))
 
     # ---- reading ---------------------------------------------------------
     @property

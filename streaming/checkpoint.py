@@ -1,11 +1,21 @@
-"""Checkpoints: the stream worker's durable state, and the input offsets it reflects.
+"""Checkpoints: the stream worker's durable state, and the input offsets it reflects, one per task.
+
+The worker's state is partitioned into tasks (:mod:`streaming.repartition`):
+task ``p`` is partition ``p`` of the input topics and the graph state of
+partition ``p``'s items. Each task has its own checkpoint directory,
+``<checkpoints>/task-<p>/``, in a store every worker can read, so a task
+that moves to another worker (a rebalance, a worker joining or leaving)
+moves through its checkpoint.
 
 A checkpoint is a graph snapshot (:mod:`graph.snapshot`: arrays written,
 fsynced and made current by one rename) whose ``extra`` facts say what it
 holds, as a Kafka Streams task's checkpoint file does beside its state store:
 
-* ``offsets``: per event-topic partition, the next offset to apply — every
-  record before it is in the graph (or went to dead-letters), none after;
+* ``offsets``: per input-topic partition of the task, the next offset to
+  apply — every record before it is in the graph (or went to dead-letters),
+  none after;
+* ``sources``: per source partition, the newest ``repartition`` record the
+  task applied (:class:`streaming.repartition.Sources`);
 * ``held``: early cancellations still waiting for their order
   (``stream.cancel_hold``), with the seconds they had left;
 * ``pending``: items whose fresh complement list was not yet published;
@@ -29,11 +39,11 @@ after the restart that batch is applied one record at a time, and the record
 that fails again is noted as poison: the next start dead-letters it with the
 error instead of applying it. Two restarts, then the stream goes on.
 
-One scoring process at a time owns a checkpoint directory (:func:`own`, an
-exclusive ``flock``): when the Faust process is killed, its scoring process
-still applies what it was handed and writes a last checkpoint, and the
-restarted worker waits for that instead of starting from an older one while
-its consumer seeks to the newer one's offsets.
+One scoring process at a time owns a task's checkpoint directory (:func:`own`,
+an exclusive ``flock``, held while the task is assigned to it): when the Faust
+process is killed, its scoring process still applies what it was handed and
+writes a last checkpoint, and the worker that takes the task next waits for
+that instead of starting from an older one.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from graph.snapshot import SnapshotError, load_with_extra, read_extra, save
+from graph.snapshot import SnapshotError, load_with_extra, read_extra, save, snapshot_id
 from graph.store import GraphStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +89,17 @@ class Checkpoint:
     held: dict[str, Held] = field(default_factory=dict)  # order id → its early cancellation
     pending: dict[str, float] = field(default_factory=dict)  # item → newest source timestamp of its changes
     letters_from: dict[int, int] = field(default_factory=dict)  # dead-letters partition → its end when written
+    sources: list[list] = field(default_factory=list)  # see streaming.repartition.Sources.as_json
+
+
+def task(root: Path, partition: int) -> Path:
+    """The checkpoint directory of task ``partition`` under the worker's checkpoint root."""
+    return root / f"task-{partition}"
+
+
+def current_id(path: Path) -> str | None:
+    """The id of the current checkpoint under ``path`` (None: none yet)."""
+    return snapshot_id(path) if (path / "CURRENT").exists() else None
 
 
 def own(path: Path, timeout: float = 120.0) -> int:
@@ -109,20 +130,19 @@ def _unb64(text: str | None) -> bytes | None:
     return None if text is None else base64.b64decode(text)
 
 
-def write(path: Path, store: GraphStore, state: Checkpoint) -> float:
-    """Write a checkpoint of ``store`` and ``state`` under ``path`` atomically; return the seconds it took."""
-    started = time.perf_counter()
+def write(path: Path, store: GraphStore, state: Checkpoint) -> str:
+    """Write a checkpoint of ``store`` and ``state`` under ``path`` atomically; return its id."""
     extra = {
         "offsets": [[topic, partition, offset] for (topic, partition), offset in sorted(state.offsets.items())],
         "held": {order_id: {**h.__dict__, "key": _b64(h.key), "value": _b64(h.value)}
                  for order_id, h in state.held.items()},
         "pending": state.pending,
         "letters_from": {str(p): o for p, o in state.letters_from.items()},
+        "sources": state.sources,
         "written_at": time.time(),
         "pid": os.getpid(),
     }
-    save(store, path, extra)
-    return time.perf_counter() - started
+    return save(store, path, extra)
 
 
 def read(path: Path) -> tuple[GraphStore, Checkpoint] | None:
@@ -133,14 +153,28 @@ def read(path: Path) -> tuple[GraphStore, Checkpoint] | None:
     return store, _state(extra)
 
 
-def offsets(path: Path) -> dict[Position, int]:
-    """The current checkpoint's offsets (empty when there is none): what the consumer may commit and seeks to."""
-    try:
-        return _offsets(read_extra(path))
-    except SnapshotError:
-        if (path / "CURRENT").exists():
-            raise
-        return {}
+def union(root: Path) -> GraphStore | None:
+    """The graph every task's current checkpoint under ``root`` holds together (None: no checkpoint yet): what
+    all workers hold, as one store (a worker's stop writes its tasks' last checkpoints)."""
+    found = [path for path in sorted(root.glob("task-*")) if (path / "CURRENT").exists()]
+    if not found:
+        return None
+    store = load_with_extra(found[0])[0]
+    for path in found[1:]:
+        store.adopt(load_with_extra(path)[0])
+    return store
+
+
+def offsets(root: Path) -> dict[Position, int]:
+    """The offsets of every task's current checkpoint under ``root``: what the consumer may commit and seeks to."""
+    out: dict[Position, int] = {}
+    for path in sorted(root.glob("task-*")):
+        try:
+            out.update(_offsets(read_extra(path)))
+        except SnapshotError:
+            if (path / "CURRENT").exists():
+                raise
+    return out
 
 
 def _offsets(extra: dict) -> dict[Position, int]:
@@ -151,7 +185,7 @@ def _state(extra: dict) -> Checkpoint:
     held = {order_id: Held(**{**h, "key": _unb64(h["key"]), "value": _unb64(h["value"])})
             for order_id, h in extra.get("held", {}).items()}
     return Checkpoint(_offsets(extra), held, {str(k): float(v) for k, v in extra.get("pending", {}).items()},
-                      {int(p): int(o) for p, o in extra.get("letters_from", {}).items()})
+                      {int(p): int(o) for p, o in extra.get("letters_from", {}).items()}, extra.get("sources", []))
 
 
 def suspects(path: Path) -> tuple[set[Source], dict[Source, str]]:

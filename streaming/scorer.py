@@ -29,6 +29,7 @@ import json
 import logging
 import logging.config
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -43,12 +44,14 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
 
-from graph.events import MAX_EVENT_BYTES, ItemUpserted, OrderFacts
+from graph.events import MAX_EVENT_BYTES, Interaction, ItemUpserted, OrderFacts
 from graph.snapshot import save as save_snapshot
-from graph.store import Applied, GraphConfig, GraphEvent, GraphStore, tune_gc
+from graph.store import ROUTED, Applied, GraphConfig, GraphEvent, GraphStore, tune_gc
 from streaming import checkpoint
 from streaming.checkpoint import Checkpoint, Held
+from streaming import repartition
 from streaming.metrics import WorkerMetrics
+from streaming.repartition import Sources, item_partition
 from streaming.settings import StreamConfig
 from training.artifact import Artifact, load_artifact
 from training.complements import ComplementScorer, ScorerConfig, update_signature
@@ -77,6 +80,7 @@ class WorkerState:
     scorer_config: ScorerConfig
     encoder: TextEncoder | None = None
     device: str = "cpu"
+    partitions: int = 1  # the tasks' count: items are partitioned among them (streaming.repartition)
     store: GraphStore = field(init=False)
     scorer: ComplementScorer = field(init=False)
     artifact: Artifact | None = None
@@ -92,26 +96,37 @@ class WorkerState:
         """Start from ``store`` (default: an empty graph) with ``pending`` items awaiting a refresh; the text of
         its items is embedded again (from the text cache) by the next :meth:`embed_text`."""
         self.store = store if store is not None else GraphStore(self.graph_config)
+        if self.partitions > 1:
+            self.store.partition(self.partition_of)
         self.scorer = ComplementScorer(self.store, self.scorer_config)
         self.pending = dict(pending or {})
         self.new_text = {k for k, it in zip(self.store.items.ids, self.store.catalog) if it.has_text}
         if self.artifact is not None:
             self._install(self.artifact)
 
+    def partition_of(self, item_id: str) -> int:
+        """The task whose state holds ``item_id``'s rows."""
+        return item_partition(item_id, self.partitions)
+
     def apply_many(self, events: list[GraphEvent], source_ts: list[float | None],
-                   partitions: list[int] | None = None) -> list[Applied]:
+                   streams: list[int] | None = None) -> list[Applied]:
         """Apply events in order (one bulk graph update); return each one's outcome (``rejected``: a dead letter).
 
-        ``partitions``: each event's source partition, the stream whose time an order's window follows."""
+        ``streams``: each event's source partition (the task it belongs to, the stream whose time an order's
+        window follows) or :data:`~graph.store.ROUTED` for a record of ``repartition``."""
         now = time.time()
         pending, kinds = self.pending, Counter(event.type for event in events)
-        results = self.store.apply_many(events, partitions)
-        for event, result, ts in zip(events, results, source_ts):
+        results = self.store.apply_many(events, streams)
+        split = self.partitions > 1 and streams is not None
+        for k, (event, result, ts) in enumerate(zip(events, results, source_ts)):
             if isinstance(event, ItemUpserted) and result.changed:
                 self.new_text.add(event.item_id)
             if result.changed:
                 ts = ts if ts is not None else now
-                for item in result.items:
+                items = result.items
+                if split and streams[k] != ROUTED and not isinstance(event, ItemUpserted):  # its task's items only
+                    items = tuple(i for i in items if self.partition_of(i) == streams[k])
+                for item in items:
                     if pending.get(item, 0.0) < ts:
                         pending[item] = ts
         for kind, count in kinds.items():
@@ -132,6 +147,18 @@ class WorkerState:
         self.scorer.set_text(rows, vectors)
         if self.artifact is not None and not all(self.scorer.has_view(int(r)) for r in rows):
             self.needs_embedding = True  # only items the model has not seen need the inductive pass
+
+    def adopt(self, store: GraphStore, pending: dict[str, float]) -> None:
+        """Take in a task's state read from its checkpoint (:meth:`graph.store.GraphStore.adopt`): its items
+        without a text view yet are embedded by the next :meth:`text_job`."""
+        known = self.store.num_items
+        before = self.store.catalog[:known]
+        self.store.adopt(store)
+        catalog, ids = self.store.catalog, self.store.items.ids
+        self.new_text |= {ids[r] for r in range(len(catalog)) if catalog[r].has_text
+                          and (r >= known or catalog[r] is not before[r])}
+        for item, ts in pending.items():
+            self.pending[item] = max(ts, self.pending.get(item, 0.0))
 
     def embed_text(self) -> None:
         """Encode the text of items upserted since the last call (blocking; the worker uses a thread)."""
@@ -219,43 +246,33 @@ class Scorer:
     def __init__(self, spec: ScorerSpec) -> None:
         self.spec = spec
         encoder = spec.encoder.build(spec.text_cache) if spec.encoder is not None else None
-        self.state = WorkerState(spec.graph, spec.scoring, encoder, spec.device)
-        self.offsets: dict[checkpoint.Position, int] = {}  # per source partition: the next record to apply
+        self.partitions = spec.stream.partitions
+        self.state = WorkerState(spec.graph, spec.scoring, encoder, spec.device, self.partitions)
+        # Tasks (see streaming.repartition): the consumer's assignment says which this process holds. A revoked
+        # task stays in memory until the next assignment, which usually gives it back (Kafka's eager rebalance
+        # revokes everything first): then it resumes if its checkpoint is still the one this process wrote.
+        self.tasks: set[int] = set()
+        self.suspended: dict[int, str | None] = {}  # revoked task → the id of the checkpoint written for it
+        self.locks: dict[int, int] = {}  # task → its checkpoint directory's lock (see checkpoint.own)
+        self.sources: dict[int, Sources] = {}  # task → the newest repartition source it applied, per sender
+        self.offsets: dict[checkpoint.Position, int] = {}  # per input partition: the next record to apply
         self.held: dict[str, tuple[Record, str, float]] = {}  # order id → its early cancellation, reason, deadline
-        restored = None
         self.letters_from: dict[int, int] = {}  # dead-letters partition → its end as of the last checkpoint
-        self.published: set[checkpoint.Source] = set()  # sources of dead letters sent after the last checkpoint
+        self.published: set[checkpoint.Source] = set()  # sources of dead letters sent after a task's checkpoint
         self.suspects: set[checkpoint.Source] = set()  # records of a batch that failed to apply
         self.poison: dict[checkpoint.Source, str] = {}  # records that failed alone, with the error
-        if spec.checkpoints is not None:
-            self.owner = checkpoint.own(spec.checkpoints)  # held for this process's life
-            self.suspects, self.poison = checkpoint.suspects(spec.checkpoints)
-            began = time.perf_counter()
-            restored = checkpoint.read(spec.checkpoints)
-            took = time.perf_counter() - began
-        if restored is not None:
-            store, saved = restored
-            self.state.reset(store, saved.pending)
-            self.offsets = dict(saved.offsets)
-            self.letters_from = dict(saved.letters_from)
-            now = time.monotonic()
-            self.held = {order_id: (Record(h.topic, h.partition, h.offset, h.key, h.value, h.timestamp), h.reason,
-                                    now + h.seconds_left) for order_id, h in saved.held.items()}
-            log.info("started from the checkpoint in %s (read in %.2f s): %d items, %d co-purchase pairs, offsets %s",
-                     spec.checkpoints, took, store.num_items, store.num_co_edges(), _positions(self.offsets))
         if spec.model is not None:
             self.state.load_model(spec.model)
         else:
             log.warning("no model artifact: scoring from co-purchase statistics and text")
-        self.state.embed_text()
-        self.out = _Publisher(spec.bootstrap, self.state.metrics)
         self.names = spec.stream.topics
+        self.out = _Publisher(spec.bootstrap, self.state.metrics, must_deliver=frozenset({self.names.repartition}))
         self.queue: asyncio.Queue[tuple] = asyncio.Queue()  # commands read from the pipe, not yet applied
         self.backlog = 0  # events on the broker the Faust app had not forwarded yet, as of its last batch
         self.backlog_at = 0.0  # when that batch came (monotonic)
         self.secret = spec.stream.signing_secret()  # signs bundle updates
-        # Applying, publishing and checkpointing take turns: a checkpoint must hold no event whose dead letter or
-        # refreshed list is not delivered yet.
+        # Applying, publishing and checkpointing take turns: a checkpoint must hold no event whose dead letter,
+        # repartition record or refreshed list is not delivered yet.
         self.turn = asyncio.Lock()
         self.unsaved = 0  # records taken since the last checkpoint
         self.next_checkpoint = time.monotonic() + spec.stream.checkpoint_interval
@@ -269,8 +286,6 @@ class Scorer:
         tasks = [asyncio.create_task(coro) for coro in (self.refresher(), self.embedder(), self.measure(),
                                                          self.holder(), self.checkpointer(),
                                                          self.model_updates(positioned))]
-        if self.spec.checkpoints is not None:
-            await self.letters_since_checkpoint()
         ready = asyncio.create_task(positioned.wait())
         await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
@@ -307,6 +322,12 @@ class Scorer:
                 async with self.turn:
                     if self.take(args[0]):
                         await self.dead_letter(*args)
+            elif command == "assign":
+                async with self.turn:
+                    await self.assign(*args)
+            elif command == "revoke":
+                async with self.turn:
+                    await self.revoke(*args)
             elif command == "lag":
                 for topic_name, count in args[0].items():
                     self.state.metrics.lag.labels(topic_name).set(count)
@@ -320,12 +341,109 @@ class Scorer:
                 await self.checkpoint()
             await asyncio.sleep(0)  # a queue with commands waiting never suspends get(): let refreshes run
 
+    # ---- tasks ----------------------------------------------------------------
+    def _path(self, task: int) -> Path | None:
+        return None if self.spec.checkpoints is None else checkpoint.task(self.spec.checkpoints, task)
+
+    async def assign(self, partitions: list[int]) -> None:
+        """Hold the tasks of ``partitions`` (the consumer's new assignment) from now on: each one resumes in
+        memory when this process revoked it last and nobody checkpointed it since, else it is read from its
+        checkpoint (waiting for the worker that had it to finish its last one); tasks kept in memory and not
+        given back are forgotten."""
+        wanted = set(partitions)
+        for task in sorted(set(self.suspended) - wanted):
+            self._forget(task)
+        adopted: dict[int, Checkpoint] = {}
+        loop = asyncio.get_running_loop()
+        for task in sorted(wanted - self.tasks):
+            path = self._path(task)
+            if path is not None:
+                self.locks[task] = await loop.run_in_executor(None, checkpoint.own, path)
+            if task in self.suspended:
+                if self.suspended.pop(task) == (checkpoint.current_id(path) if path is not None else None):
+                    self.tasks.add(task)  # as this process left it
+                    continue
+                self._forget(task)
+            restored = checkpoint.read(path) if path is not None else None
+            if restored is not None:
+                began = time.perf_counter()
+                store, saved = restored
+                self.state.adopt(store, saved.pending)
+                self.offsets.update(saved.offsets)
+                now = time.monotonic()
+                self.held.update({order_id: (Record(h.topic, h.partition, h.offset, h.key, h.value, h.timestamp),
+                                             h.reason, now + h.seconds_left) for order_id, h in saved.held.items()})
+                self.sources[task] = Sources.from_json(saved.sources)
+                adopted[task] = saved
+                log.info("task %d from its checkpoint (read in %.2f s): %d co-purchase rows entries; offsets %s",
+                         task, time.perf_counter() - began, store.co.stored, _positions(saved.offsets))
+            else:
+                self.sources[task] = Sources()
+            if path is not None:  # a batch that failed to apply, noted before the process that had it died
+                suspects, poison = checkpoint.suspects(path)
+                self.suspects |= suspects
+                self.poison.update(poison)
+            self.tasks.add(task)
+        if self.spec.checkpoints is not None and wanted:
+            await self.letters_since({t: s.letters_from for t, s in adopted.items()}, set(wanted - set(adopted)))
+        log.info("holding tasks %s", sorted(self.tasks))
+
+    async def revoke(self, partitions: list[int]) -> None:
+        """Checkpoint the tasks of ``partitions`` and let them go (they stay in memory until the next assignment,
+        which may give them back)."""
+        gone = sorted(set(partitions) & self.tasks)
+        if not gone:
+            return
+        await self.out.flush()
+        for task in gone:
+            self.suspended[task] = self._write(task)
+            self.tasks.discard(task)
+            if task in self.locks:
+                os.close(self.locks.pop(task))
+        log.info("tasks %s revoked and checkpointed; holding %s", gone, sorted(self.tasks))
+
+    def _forget(self, task: int) -> None:
+        """Drop a task's state from memory (it is held elsewhere now)."""
+        self.suspended.pop(task, None)
+        self.state.store.release(task)
+        part = self.state.partition_of
+        self.offsets = {k: v for k, v in self.offsets.items() if k[1] != task}
+        self.held = {o: h for o, h in self.held.items() if h[0].partition != task}
+        self.state.pending = {i: t for i, t in self.state.pending.items() if part(i) != task}
+        self.sources.pop(task, None)
+        self.suspects = {x for x in self.suspects if x[1] != task}
+        self.poison = {x: r for x, r in self.poison.items() if x[1] != task}
+
+    def _write(self, task: int) -> str | None:
+        """Write task's checkpoint (the producer has delivered everything sent before); return its id."""
+        path = self._path(task)
+        if path is None:
+            return None
+        if self.out.lost:  # another task's share was lost: only the restart from the last checkpoints sends it
+            raise RuntimeError(f"{self.out.lost} repartition records were not delivered; the worker restarts from "
+                               "its last checkpoints, which send them again")
+        part, now = self.state.partition_of, time.monotonic()
+        letters = self.names.dead_letters
+        self.letters_from.update({p: o for (t, p), o in self.out.delivered.items() if t == letters})
+        held = {order_id: Held(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp, reason,
+                               max(0.0, deadline - now))
+                for order_id, (r, reason, deadline) in self.held.items() if r.partition == task}
+        state = Checkpoint({k: v for k, v in self.offsets.items() if k[1] == task}, held,
+                           {i: t for i, t in self.state.pending.items() if part(i) == task}, self.letters_from,
+                           self.sources[task].as_json())
+        written = checkpoint.write(path, self.state.store.part(task), state)
+        checkpoint.note_suspects(path, {x for x in self.suspects if x[1] == task},
+                                 {x: r for x, r in self.poison.items() if x[1] == task})
+        return written
+
     def take(self, record: Record) -> bool:
         """Whether ``record`` is new to the state (then it counts as taken: the next checkpoint covers it).
 
         After a restart the consumer may hand over records the checkpoint already holds (its committed
-        offsets can lag the checkpoint's); they are skipped here, so none is applied twice."""
-        if self._covered(_source(record)):
+        offsets can lag the checkpoint's); they are skipped here, so none is applied twice. Records of a task
+        this process does not hold (sent before their partition was revoked) are skipped too: its holder reads
+        them."""
+        if record.partition not in self.tasks or self._covered(_source(record)):
             return False
         self.offsets[(record.topic, record.partition)] = record.offset + 1
         self.unsaved += 1
@@ -337,9 +455,12 @@ class Scorer:
         ``backlog``: events the Faust app had not yet forwarded when it sent these (it paces refreshes).
         """
         self.backlog, self.backlog_at = backlog, time.monotonic()
+        routed = self.names.repartition
         new = [k for k, record in enumerate(records) if self.take(record)]
-        if len(new) < len(records):
+        new = [k for k in new if records[k].topic != routed or self.sources[records[k].partition].fresh(events[k][0])]
+        if len(new) < len(records):  # (a repartition record not fresh: a copy its sender produced again)
             records, events = [records[k] for k in new], [events[k] for k in new]
+        events = [e[1] if r.topic == routed else e for r, e in zip(records, events)]
         dead: list[tuple[Record, str]] = []
         if self.poison:  # records that failed alone before: dead letters, not applied again
             dead += [(r, f"applying it failed ({self.poison[_source(r)]}); the worker skips it")
@@ -350,6 +471,7 @@ class Scorer:
             results = [result for r, e in zip(records, events) for result in self._apply([r], [e])]
         else:
             results = self._apply(records, events)
+        await self.route(records, events, results)
         held, hold = self.held, self.spec.stream.cancel_hold
         for record, event, result in zip(records, events, results):
             if result.ahead and hold:  # its order may still come: wait for it before calling this a dead letter
@@ -360,19 +482,36 @@ class Scorer:
                 held.pop(event.order_id)  # the order came: the cancellation took it back (neither counts)
         await self.dead_letters(dead)
 
+    async def route(self, records: list[Record], events: list[GraphEvent], results: list[Applied]) -> None:
+        """Send the other tasks their part of what the input records changed (see :mod:`streaming.repartition`)."""
+        if self.partitions == 1:
+            return
+        routed, n = self.names.repartition, self.partitions
+        for record, event, result in zip(records, events, results):
+            if record.topic == routed or result.rejected:
+                continue
+            if result.change is not None or (result.changed and isinstance(event, Interaction)) or \
+                    isinstance(event, ItemUpserted):
+                for out in repartition.outputs(record.topic, record.partition, record.offset, event, n, result.change):
+                    await self.out.send(routed, key=out.key, value=out.value, partition=out.partition)
+
     def _apply(self, records: list[Record], events: list[GraphEvent]) -> list[Applied]:
         """Apply events; when that raises, note the records beside the checkpoint (the batch, or the one record
         as poison) and raise: the process exits and its restart, from the last checkpoint, goes around them."""
+        routed = self.names.repartition
         try:
-            return self.state.apply_many(events, [r.timestamp for r in records], [r.partition for r in records])
+            return self.state.apply_many(events, [r.timestamp for r in records],
+                                         [ROUTED if r.topic == routed else r.partition for r in records])
         except Exception as exc:
-            path = self.spec.checkpoints
-            if path is not None:
+            if self.spec.checkpoints is not None:
                 if len(records) == 1:
                     self.poison[_source(records[0])] = f"{type(exc).__name__}: {exc}"[:500]
                 else:
                     self.suspects |= {_source(r) for r in records}
-                checkpoint.note_suspects(path, self.suspects, self.poison)
+                for task in {r.partition for r in records}:
+                    path = checkpoint.task(self.spec.checkpoints, task)
+                    checkpoint.note_suspects(path, {x for x in self.suspects if x[1] == task},
+                                             {x: r for x, r in self.poison.items() if x[1] == task})
                 log.critical("applying %d records from %s[%d]@%d failed; restarting from the last checkpoint, %s",
                              len(records), records[0].topic, records[0].partition, records[0].offset,
                              "that record will be dead-lettered" if len(records) == 1 else "one at a time")
@@ -403,9 +542,10 @@ class Scorer:
             log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         await self.out.send(self.names.dead_letters, key=record.key, value=value, headers=headers, droppable=True)
 
-    async def letters_since_checkpoint(self) -> None:
-        """Read the dead letters published after the checkpoint (from the ends it saved): their records come
-        again and are not dead-lettered twice. Without saved ends (a first start), note the topic's ends."""
+    async def letters_since(self, saved: dict[int, dict[int, int]], fresh: set[int]) -> None:
+        """Read the dead letters published after the checkpoints of tasks just read (``saved``: task → the
+        dead-letters ends its checkpoint saved): their records come again and are not dead-lettered twice.
+        Tasks started ``fresh`` (no checkpoint) and a first start note the topic's ends."""
         topic = self.names.dead_letters
         consumer = AIOKafkaConsumer(bootstrap_servers=self.spec.bootstrap, enable_auto_commit=False)
         await consumer.start()
@@ -414,18 +554,18 @@ class Scorer:
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
             for tp in tps:
-                if tp.partition in self.letters_from:
-                    consumer.seek(tp, self.letters_from[tp.partition])
-                else:
-                    self.letters_from[tp.partition] = ends[tp]
-                    consumer.seek(tp, ends[tp])
+                starts = [ends_of[tp.partition] for ends_of in saved.values() if tp.partition in ends_of]
+                self.letters_from.setdefault(tp.partition, min(starts, default=ends[tp]))
+                consumer.seek(tp, min(starts, default=ends[tp]))
             quiet_until = None
-            while True:  # to the ends, then a while longer: tansu reports ends short after multi-record batches
+            while saved:  # to the ends, then a while longer: tansu reports ends short after multi-record batches
                 batch = await consumer.getmany(timeout_ms=200)
                 for records in batch.values():
                     for r in records:
                         h = dict(r.headers)  # (a held cancellation's letter too: the checkpoint holds it again)
-                        self.published.add((h["topic"].decode(), int(h["partition"]), int(h["offset"])))
+                        source = (h["topic"].decode(), int(h["partition"]), int(h["offset"]))
+                        if source[1] in saved:
+                            self.published.add(source)
                 at_end = all([await consumer.position(tp) >= ends[tp] for tp in tps])
                 if at_end and not batch:
                     quiet_until = quiet_until or time.monotonic() + 0.5
@@ -434,15 +574,15 @@ class Scorer:
         finally:
             await consumer.stop()
         if self.published:
-            log.info("%d dead letters were published after the checkpoint; their records are not dead-lettered "
-                     "again", len(self.published))
+            log.info("%d dead letters were published after their task's checkpoint; their records are not "
+                     "dead-lettered again", len(self.published))
 
     async def release_held(self, everything: bool = False) -> None:
         """Cancellations whose order did not come within ``stream.cancel_hold`` go to dead-letters
         (``everything``: all still held, as the process stops)."""
         now, dead = time.monotonic(), []
         for order_id, (record, reason, deadline) in list(self.held.items()):
-            if everything or deadline <= now:
+            if record.partition in self.tasks and (everything or deadline <= now):
                 del self.held[order_id]
                 dead.append((record, f"{reason}; its order did not come within {self.spec.stream.cancel_hold:g} s "
                                      "(stream.cancel_hold)"))
@@ -466,28 +606,23 @@ class Scorer:
                 self.next_checkpoint = time.monotonic() + self.spec.stream.checkpoint_interval
 
     async def checkpoint(self) -> None:
-        """Deliver everything sent so far, then write the state and the offsets it reflects (see
-        :mod:`streaming.checkpoint`); the Faust app commits offsets from it."""
-        path = self.spec.checkpoints
-        if path is None:
+        """Deliver everything sent so far, then write each task's state and the offsets it reflects (see
+        :mod:`streaming.checkpoint`); the Faust app commits offsets from them."""
+        if self.spec.checkpoints is None:
             return
         async with self.turn:
+            began = time.perf_counter()
             await self.out.flush()
-            now = time.monotonic()
-            held = {order_id: Held(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp, reason,
-                                   max(0.0, deadline - now)) for order_id, (r, reason, deadline) in self.held.items()}
-            letters = self.names.dead_letters
-            self.letters_from.update({p: o for (t, p), o in self.out.delivered.items() if t == letters})
-            took = checkpoint.write(path, self.state.store, Checkpoint(self.offsets, held, self.state.pending,
-                                                                        self.letters_from))
-            self.state.metrics.checkpoint_seconds.observe(took)
             if self.suspects or self.poison:  # what the checkpoint holds needs no going around any more
                 covered = self._covered
                 self.suspects = {s for s in self.suspects if not covered(s)}
                 self.poison = {s: reason for s, reason in self.poison.items() if not covered(s)}
-                checkpoint.note_suspects(path, self.suspects, self.poison)
-            log.info("checkpoint written in %.2f s (%d records since the last): offsets %s", took, self.unsaved,
-                     _positions(self.offsets))
+            for task in sorted(self.tasks):
+                self._write(task)
+            took = time.perf_counter() - began
+            self.state.metrics.checkpoint_seconds.observe(took)
+            log.info("checkpoint of tasks %s written in %.2f s (%d records since the last): offsets %s",
+                     sorted(self.tasks), took, self.unsaved, _positions(self.offsets))
             self.unsaved = 0
             self.next_checkpoint = time.monotonic() + self.spec.stream.checkpoint_interval
 
@@ -539,6 +674,10 @@ class Scorer:
         state = self.state
         started = time.perf_counter()
         pending, state.pending = state.pending, {}
+        if self.partitions > 1:  # each task publishes its own items' lists; a revoked one's wait for its next holder
+            part = state.partition_of
+            state.pending = {i: t for i, t in pending.items() if part(i) in self.suspended}
+            pending = {i: t for i, t in pending.items() if part(i) in self.tasks}
         m = state.metrics
         secret = self.secret
         for item, ts in pending.items():  # in one go (no commands in between): its time paces the next
@@ -715,16 +854,20 @@ class _Publisher:
     headers say where the original is.
     """
 
-    def __init__(self, bootstrap: str, metrics: WorkerMetrics, producer: Any = None) -> None:
+    def __init__(self, bootstrap: str, metrics: WorkerMetrics, producer: Any = None,
+                 must_deliver: frozenset[str] = frozenset()) -> None:
         self.bootstrap = bootstrap
         self.metrics = metrics
+        self.must_deliver = must_deliver  # topics whose records a checkpoint may not cover undelivered
+        self.lost = 0  # records of those topics that failed
         self.producer: AIOKafkaProducer | None = producer
         self.lock = asyncio.Lock()
         self.delivered: dict[tuple[str, int], int] = {}  # (topic, partition) → offset after the last delivered
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None,
-                   droppable: bool = False) -> None:
-        """``droppable``: the value may be left out when too big (a dead letter: its headers say where it is)."""
+                   droppable: bool = False, partition: int | None = None) -> None:
+        """``droppable``: the value may be left out when too big (a dead letter: its headers say where it is);
+        ``partition``: the partition to write to (default: by key)."""
         if self.producer is None:
             async with self.lock:
                 if self.producer is None:
@@ -732,7 +875,8 @@ class _Publisher:
                     await producer.start()
                     self.producer = producer
         try:
-            delivery = await self.producer.send(topic, key=key, value=value, headers=headers)
+            where = {} if partition is None else {"partition": partition}
+            delivery = await self.producer.send(topic, key=key, value=value, headers=headers, **where)
         except MessageSizeTooLargeError as exc:
             if not droppable or value is None:  # nothing to fall back on
                 self._failed(topic, key, exc)
@@ -754,6 +898,8 @@ class _Publisher:
     def _failed(self, topic: str, key: bytes | None, exc: BaseException) -> None:
         self.metrics.publish_failures.labels(topic).inc()
         log.error("publishing to %s (key %r) failed: %r", topic, key, exc)
+        if topic in self.must_deliver:
+            self.lost += 1
 
     async def flush(self) -> None:
         """Wait until every record sent so far is delivered (or has failed, and was logged and counted)."""

@@ -13,9 +13,20 @@ class Topics(BaseModel):
     catalog: str = "catalog"
     interactions: str = "interactions"
     orders: str = "orders"
+    repartition: str = Field("repartition", description="the workers' own topic: orders, interactions and catalog "
+                             "upserts on their way to the worker that owns their items (streaming.repartition)")
     bundle_updates: str = "bundle-updates"
     dead_letters: str = "dead-letters"
     model_updates: str = "model-updates"
+
+    def inputs(self) -> tuple[str, str, str, str]:
+        """The worker's input topics: one task per partition number across them."""
+        return self.catalog, self.interactions, self.orders, self.repartition
+
+    def layout(self, partitions: int) -> dict[str, int]:
+        """Every topic and its partition count (the inputs and bundle-updates: ``stream.partitions``)."""
+        return {**{t: partitions for t in self.inputs()}, self.bundle_updates: partitions, self.dead_letters: 1,
+                self.model_updates: 1}
 
 
 class StreamConfig(BaseModel):
@@ -30,7 +41,8 @@ class StreamConfig(BaseModel):
 
     bootstrap_servers: str = Field("embedded", description="host:port[,host:port] of Kafka, or 'embedded'")
     topics: Topics = Field(default_factory=Topics)
-    partitions: int = Field(4, ge=1, description="partitions of the event and bundle-updates topics")
+    partitions: int = Field(4, ge=1, description="partitions of the event, repartition and bundle-updates topics: "
+                            "the tasks the workers share, so at most this many workers do work")
     app_id: str = Field("bundlegnn", description="Faust app id: the consumer group")
     batch_size: int = Field(2000, ge=1, description="events per micro-batch (stream.take)")
     batch_within: float = Field(0.05, gt=0, description="seconds a micro-batch waits to fill")

@@ -16,9 +16,13 @@ commits only the current checkpoint's offsets and, when partitions are
 (re)assigned, seeks to them (:mod:`streaming.transport`), so a restarted
 worker reads again exactly what came after its checkpoint.
 
-Scale-out note: the co-purchase graph of a worker holds the orders of the
-partitions it owns. One worker owns all of them; several workers each score
-from their share of orders (see README, "Scaling").
+Scale-out: the consumer group gives each worker a set of tasks — partition
+``p`` of every input topic, ``repartition`` included (Faust assigns the same
+partition numbers of topics with as many partitions to one member) — and
+the scoring process holds those tasks' share of the graph; orders reach
+the tasks owning their items through ``repartition``
+(:mod:`streaming.repartition`). The assignment goes to the scoring process
+as ``revoke`` and ``assign`` commands, in order with the records.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import faust
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faust.exceptions import ConsumerNotStarted
 
-from streaming import checkpoint, transport
+from streaming import checkpoint, repartition, transport
 from graph.store import GraphEvent
 from streaming.codec import Rejected, decode, graph_input
 from streaming.scorer import Record, ScorerLink
@@ -69,6 +73,7 @@ def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir:
     catalog_topic = app.topic(names.catalog, **raw)
     interactions_topic = app.topic(names.interactions, **raw)
     orders_topic = app.topic(names.orders, **raw)
+    repartition_topic = app.topic(names.repartition, **raw)
     offsets: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset to forward
 
     def record(event: faust.types.EventT) -> Record:
@@ -85,13 +90,13 @@ def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir:
             valid: list[tuple[Record, GraphEvent]] = []
             for event in batch:
                 offsets[event.message.tp[:2]] = event.message.offset + 1
-                decoded = decode(event.value, kind)
+                decoded = repartition.decode(event.value) if kind == "repartition" else decode(event.value, kind)
                 if isinstance(decoded, Rejected):  # in offset order: the scoring process skips what is behind
                     await forward(valid)
                     valid = []
                     await scorer.send("dead", record(event), decoded.reason)
                 else:  # the scoring process gets what the graph takes: it does not decode again
-                    valid.append((record(event), graph_input(decoded)))
+                    valid.append((record(event), decoded if kind == "repartition" else graph_input(decoded)))
             await forward(valid)
 
     @app.agent(catalog_topic, name="catalog")
@@ -106,9 +111,21 @@ def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir:
     async def orders(stream_: faust.StreamT) -> None:
         await consume(stream_, "order")
 
+    @app.agent(repartition_topic, name="repartition")
+    async def repartitioned(stream_: faust.StreamT) -> None:
+        await consume(stream_, "repartition")
+
+    def tasks(tps: Any) -> list[int]:
+        return sorted({tp.partition for tp in tps if tp.topic in names.inputs()})
+
+    @app.on_partitions_revoked.connect
+    async def revoked(_sender: Any, tps: Any, **__: Any) -> None:
+        await scorer.send("revoke", tasks(tps))  # after every record sent before: the pipe keeps the order
+
     @app.on_partitions_assigned.connect
-    async def assigned(*_: Any, **__: Any) -> None:
+    async def assigned(_sender: Any, tps: Any, **__: Any) -> None:
         offsets.clear()  # positions of the new assignment: see lag()
+        await scorer.send("assign", tasks(tps))
 
     def backlog() -> int:
         """Events on the broker after the newest forwarded ones, from the consumer's last known high-water
@@ -133,7 +150,7 @@ def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir:
         """
         behind: dict[str, int] = {}
         for tp in app.consumer.assignment():
-            if tp.topic not in (names.catalog, names.interactions, names.orders):
+            if tp.topic not in names.inputs():
                 continue
             high = app.consumer.highwater(tp)
             if tp[:2] not in offsets:

@@ -27,7 +27,7 @@ def stream_env(bootstrap: str, state_dir: Path, app_id: str | None = None) -> di
            "BUNDLEGNN_TRAINING__DEVICE": "cpu",
            # the Online Retail II files are two workbook sheets one after the other, replayed in file order
            "BUNDLEGNN_GRAPH__ORDER_WINDOW_DAYS": "400"}
-    for name in ("catalog", "interactions", "orders", "bundle_updates", "dead_letters", "model_updates"):
+    for name in ("catalog", "interactions", "orders", "repartition", "bundle_updates", "dead_letters", "model_updates"):
         env[f"BUNDLEGNN_STREAM__TOPICS__{name.upper()}"] = f"{tag}-{name.replace('_', '-')}"
     return env
 

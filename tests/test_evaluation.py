@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from graph.store import GraphConfig
-from tests.conftest import DATA
-from tests.conftest import retail_events
+from tests.conftest import DATA, retail_events
+from training import baselines
 from training.evaluation import evaluate, markdown, summarise
 from training.train import TrainConfig
 
@@ -24,6 +24,7 @@ def test_every_method_on_both_splits(tmp_path: Path) -> None:
                       decoder_gnn_weights=[0.0, 10.0])
     report = evaluate(events, GraphConfig(), cfg, TextEncoder(cache_dir=tmp_path), seed=0, held_out=0.2)
     names = {"popularity", "cooccurrence", "user_history", "ease", "text", "gnn", "gnn_head", "text_ease"}
+    names |= {"sansa"} if baselines.sansa_installed() else set()  # (make bench installs it)
     assert set(report["methods"]) == set(report["cold_start"]) == set(report["held_out_items"]) == names
     for part in ("methods", "held_out_items"):
         assert all(0 <= m["hr@10"] <= 1 and m["queries"] > 0 for m in report[part].values())

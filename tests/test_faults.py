@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from graph.events import Interaction, ItemUpserted, Order
-from graph.snapshot import load
 from graph.store import GraphConfig, GraphStore
+from streaming import checkpoint
 from tests.conftest import DATA, retail_events
 from tests.kafka_helpers import Reader, WorkerProcess, stream_env, topic
 from tests.test_streaming import edges, producer_for, user_edges
@@ -100,14 +100,12 @@ def fault_run(broker: str, tmp_path: Path, kills: int, seed: int, pause: int | N
         assert not sender.is_alive()
         # once every placed order is in, stop cleanly: the stop writes the graph for the comparison
         placed = expected.stats.orders_placed
-        deadline = time.monotonic() + 120
-        while placed_in(tmp_path / "state" / "checkpoint") < placed and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until_caught_up(tmp_path / "state" / "checkpoint", expected)
     finally:
         stop.set()
         code = worker.stop()
     assert code == 0
-    got = load(tmp_path / "state" / "checkpoint")  # the stop wrote its last checkpoint
+    got = checkpoint.union(tmp_path / "state" / "checkpoint")  # the stop wrote its tasks' last checkpoints
     assert got.stats.orders_placed == placed and got.stats.orders_cancelled == expected.stats.orders_cancelled
     for ours, batch in ((edges(got), edges(expected)), (user_edges(got), user_edges(expected))):
         assert {k: c for k, (c, _) in ours.items()} == {k: c for k, (c, _) in batch.items()}
@@ -125,9 +123,18 @@ def fault_run(broker: str, tmp_path: Path, kills: int, seed: int, pause: int | N
     assert len(letters) == expected_letters, "a dead letter was published twice"
 
 
-def placed_in(path: Path) -> int:
-    """Placed orders in the current checkpoint under ``path`` (0 before the first)."""
-    return load(path).stats.orders_placed if (path / "CURRENT").exists() else 0
+def caught_up(path: Path, expected: GraphStore) -> bool:
+    """Whether the current task checkpoints under ``path`` hold as many item orders and co-purchase pairs as
+    ``expected``."""
+    got = checkpoint.union(path)
+    return got is not None and int(got.item_order_counts().sum()) == int(expected.item_order_counts().sum()) and \
+        got.num_co_edges() == expected.num_co_edges()
+
+
+def wait_until_caught_up(path: Path, expected: GraphStore, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not caught_up(path, expected) and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def test_kill_9_of_either_process_or_both_loses_and_doubles_nothing(broker: str, tmp_path: Path) -> None:
@@ -142,3 +149,50 @@ def test_twenty_random_kills_and_a_paused_broker_lose_and_double_nothing(tmp_pat
         assert own.process is not None
         fault_run(own.bootstrap, tmp_path, kills=20, seed=1, pause=own.process.pid)
 
+
+
+def test_workers_joining_and_leaving_mid_stream_hold_together_the_graph_of_one(broker: str, tmp_path: Path) -> None:
+    """Two workers share six tasks; a third joins mid-stream, then one leaves (a clean stop): the tasks move
+    through their checkpoints, and what the workers hold together at the end equals the batch build."""
+    env = stream_env(broker, tmp_path / "state")
+    env.update({"BUNDLEGNN_STREAM__ENCODE_TEXT": "false", "BUNDLEGNN_STREAM__CHECKPOINT_INTERVAL": "0.5",
+                "BUNDLEGNN_STREAM__BATCH_SIZE": "50", "BUNDLEGNN_STREAM__CANCEL_HOLD": "0",
+                "BUNDLEGNN_STREAM__PARTITIONS": "6"})
+    events = stream_of_events()
+    expected = GraphStore(GraphConfig(order_window_days=400))
+    expected.apply_all(events)
+    workers = [WorkerProcess(env, tmp_path / f"worker{n}.log", "--model", "none") for n in range(3)]
+    workers[0].start()
+    workers[1].start()
+    bursts = range(0, len(events), 40)
+
+    def produce() -> None:
+        with producer_for(env, broker) as producer:
+            for start in bursts:
+                for event in events[start : start + 40]:
+                    producer.send(event)
+                producer.flush()
+                time.sleep(12.0 / len(bursts))
+
+    sender = threading.Thread(target=produce, name="producer", daemon=True)
+    sender.start()
+    try:
+        time.sleep(2)
+        workers[2].start()  # joins
+        time.sleep(2)
+        assert workers[1].stop() == 0  # leaves
+        sender.join(120)
+        assert not sender.is_alive()
+        wait_until_caught_up(tmp_path / "state" / "checkpoint", expected)
+    finally:
+        codes = [w.stop() for w in workers if w.process is not None]
+    assert codes == [0, 0, 0]
+    took = [line for line in workers[2].output().splitlines() if "from its checkpoint (read in" in line]
+    assert took and "revoked and checkpointed" in workers[1].output()  # tasks moved through their checkpoints
+    got = checkpoint.union(tmp_path / "state" / "checkpoint")
+    for ours, batch in ((edges(got), edges(expected)), (user_edges(got), user_edges(expected))):
+        assert {k: c for k, (c, _) in ours.items()} == {k: c for k, (c, _) in batch.items()}
+        assert {k: w for k, (_, w) in ours.items()} == pytest.approx({k: w for k, (_, w) in batch.items()})
+    assert len(edges(expected)) > 1000
+    assert {k: got.catalog[r] for k, r in got.items.index.items()} == \
+        {k: expected.catalog[r] for k, r in expected.items.index.items()}

@@ -92,7 +92,8 @@ def test_event_topics_keep_everything_for_retraining() -> None:
     script = _compose()["services"]["topics"]["command"][0]
     created = dict(re.findall(r"^create (\S+) .* (\S+=\S+)$", script, re.M))
     assert created == {"catalog": "cleanup.policy=compact", "interactions": "retention.ms=-1",
-                       "orders": "retention.ms=-1", "bundle-updates": "cleanup.policy=compact",
+                       "orders": "retention.ms=-1", "repartition": "retention.ms=604800000",
+                       "bundle-updates": "cleanup.policy=compact",
                        "dead-letters": "retention.ms=2592000000", "model-updates": "retention.ms=-1"}
     topics = load_settings(PRODUCTION).stream.topics
     assert set(created) == set(topics.model_dump().values())

@@ -173,7 +173,7 @@ def test_state_after_restart_equals_state_before(broker: str, worker_env: dict, 
     finally:
         assert worker.stop() == 0
     assert lag == 0 and applied == 0  # nothing read again
-    assert "started from the checkpoint" in worker.output()
+    assert "from its checkpoint" in worker.output()
     a, b = load(before), load(after)
     assert a.catalog[a.items.index["A"]].title == "item A, new title"
     assert a.interaction("u9", "B").count == 1

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +39,7 @@ class FakeProducer:
     def __init__(self, max_value: int = 100) -> None:
         self.max_value, self.sent, self.deliveries = max_value, [], []
 
-    async def send(self, topic, key=None, value=None, headers=None):
+    async def send(self, topic, key=None, value=None, headers=None, partition=None):
         if value is not None and len(value) > self.max_value:
             raise MessageSizeTooLargeError("too big")
         self.sent.append((topic, key, value, headers))
@@ -83,15 +84,30 @@ def test_a_dead_letter_too_big_for_a_request_goes_out_without_its_value() -> Non
 
 
 def scorer(checkpoints: Path | None = None, **stream: object) -> Scorer:
-    """A scoring process's work without its process: no broker, sends go to a FakeProducer."""
-    spec = ScorerSpec(StreamConfig(**stream), GraphConfig(), ScorerConfig(), "unused", checkpoints=checkpoints)
+    """A scoring process's work without its process, holding its one task: no broker, sends go to a
+    FakeProducer."""
+    spec = ScorerSpec(StreamConfig(**{"partitions": 1, **stream}), GraphConfig(), ScorerConfig(), "unused",
+                      checkpoints=checkpoints)
     work = Scorer(spec)
-    work.out = _Publisher("unused", work.state.metrics, FakeProducer(max_value=10_000))
+    work.out = _Publisher("unused", work.state.metrics, FakeProducer(max_value=10_000), must_deliver=work.out.must_deliver)
+
+    async def no_dead_letters_topic(saved: dict, fresh: set) -> None:
+        """(letters_since reads the dead-letters topic: there is no broker here)"""
+
+    work.letters_since = no_dead_letters_topic  # type: ignore[method-assign]
+    with ThreadPoolExecutor(1) as pool:  # (its own event loop: some tests call this inside theirs)
+        pool.submit(asyncio.run, work.assign(list(range(spec.stream.partitions)))).result()
     return work
 
 
+def stopped(work: Scorer) -> None:
+    """The process ends (exits, or is stopped): its locks on the task checkpoints go with it."""
+    for fd in work.locks.values():
+        os.close(fd)
+
+
 def message(offset: int, event: Order | ItemUpserted, topic: str = "orders") -> Record:
-    return Record(topic, offset % 2, offset, event.model_dump_json().encode()[:12], encode(event), 1_000.0 + offset)
+    return Record(topic, 0, offset, event.model_dump_json().encode()[:12], encode(event), 1_000.0 + offset)
 
 
 def forwarded(*events: tuple[int, Order | ItemUpserted], backlog: int = 0) -> tuple:
@@ -103,9 +119,9 @@ def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() 
     placed = Order(order_id="o1", user_id="u", items=[{"item_id": "A"}, {"item_id": "B"}], ts=at(1))
     stray = Order(order_id="o9", items=[{"item_id": "A"}], status="cancelled", ts=at(2))
     later = Order(order_id="o2", items=[{"item_id": "A"}, {"item_id": "C"}], ts=at(3))
-    bad = Record("orders", 0, 1, b"k", b"{not json", None)  # partition 0 holds offsets 0, 1 (this), 2
+    bad = Record("orders", 0, 2, b"k", b"{not json", None)
     commands = [forwarded((0, placed), (1, stray), backlog=5), ("dead", bad, "not JSON: ..."),
-                ("lag", {"orders": 3}), forwarded((2, later), (3, placed)), ("stop", "test")]
+                ("lag", {"orders": 3}), forwarded((3, later), (4, placed)), ("stop", "test")]
 
     async def run() -> Scorer:
         work = scorer(cancel_hold=0)  # a stray cancellation is a dead letter at once
@@ -118,10 +134,10 @@ def test_the_scoring_process_applies_commands_in_order_and_sends_dead_letters() 
     store, metrics = work.state.store, work.state.metrics
     assert store.co_purchase("A", "B").count == 1 and store.co_purchase("A", "C").count == 1  # o1 once: a duplicate
     assert store.stats.duplicates == 1 and work.backlog == 0
-    assert set(work.state.pending) == {"A", "B", "C"} and work.state.pending["C"] == 1_002.0  # the producer's time
+    assert set(work.state.pending) == {"A", "B", "C"} and work.state.pending["C"] == 1_003.0  # the producer's time
     letters = [(key, value, dict(headers)) for topic, key, value, headers in work.out.producer.sent]
     assert [(h["reason"].split(b" (")[0].split(b":")[0], h["offset"]) for _, _, h in letters] == [
-        (b"cancels unknown order o9", b"1"), (b"not JSON", b"1")]
+        (b"cancels unknown order o9", b"1"), (b"not JSON", b"2")]
     assert letters[0][1] == encode(stray) and letters[1][1] == b"{not json"  # the original bytes
     assert metrics.value("bundlegnn_worker_dead_letters_total", {"topic": "orders"}) == 2
     assert metrics.value("bundlegnn_worker_consumer_lag", {"topic": "orders"}) == 3
@@ -171,8 +187,8 @@ def test_a_restart_resumes_from_the_checkpoint_and_skips_what_it_holds(tmp_path:
         return work
 
     before = asyncio.run(first())
-    os.close(before.owner)  # the process would end here: its lock on the checkpoint directory goes with it
-    assert checkpoint.offsets(tmp_path) == {("orders", 0): 3, ("orders", 1): 2}
+    stopped(before)
+    assert checkpoint.offsets(tmp_path) == {("orders", 0): 3}
     assert set(before.held) == {"o7"} and len(before.out.producer.sent) == 1  # the bad JSON only
 
     async def second() -> Scorer:
@@ -190,8 +206,8 @@ def test_a_restart_resumes_from_the_checkpoint_and_skips_what_it_holds(tmp_path:
     assert store.co_purchase("A", "B").count == 1 and store.co_purchase("A", "C").count == 1  # o1 once, o7 never
     assert (store.stats.events, store.stats.orders_placed) == (4, 2)  # o1, early, o2, o7: each once
     assert after.out.producer.sent == []  # nothing dead-lettered twice
-    assert after.held == {} and checkpoint.offsets(tmp_path) == {("orders", 0): 5, ("orders", 1): 4}
-    assert checkpoint.read(tmp_path)[0].co_purchase("A", "C").count == 1
+    assert after.held == {} and checkpoint.offsets(tmp_path) == {("orders", 0): 5}
+    assert checkpoint.read(checkpoint.task(tmp_path, 0))[0].co_purchase("A", "C").count == 1
 
 
 def test_a_record_that_fails_to_apply_is_found_and_dead_lettered_not_a_crash_loop(
@@ -216,13 +232,13 @@ def test_a_record_that_fails_to_apply_is_found_and_dead_lettered_not_a_crash_loo
         work = scorer(tmp_path, cancel_hold=0)
         with pytest.raises(OverflowError) if work.poison == {} else contextlib.nullcontext():
             asyncio.run(work.apply(*batch[1:]))
-        os.close(work.owner)  # the process ends (exits, or is stopped): its lock goes with it
+        stopped(work)
         return work
 
     first = start()
-    assert first.suspects == {("orders", 0, 0), ("orders", 1, 1), ("orders", 0, 2)} and first.poison == {}
+    assert first.suspects == {("orders", 0, 0), ("orders", 0, 1), ("orders", 0, 2)} and first.poison == {}
     second = start()  # one at a time: o1 applies, boom fails alone
-    assert set(second.poison) == {("orders", 1, 1)} and "OverflowError: math range error" in second.poison[("orders", 1, 1)]
+    assert set(second.poison) == {("orders", 0, 1)} and "OverflowError: math range error" in second.poison[("orders", 0, 1)]
     third = start()  # boom is a dead letter; o1 and o2 apply
     store = third.state.store
     assert store.co_purchase("A", "B").count == 1 and store.co_purchase("B", "C").count == 1
@@ -378,3 +394,38 @@ def test_bundle_updates_are_signed_and_the_api_serves_only_signed_ones() -> None
     unsigned = ViewFeed(BundleView(), "unused", FeedTopics("catalog", "updates"))  # no key: served as is
     unsigned._handlers["updates"](record(b"A", forged, {}))
     assert [c.item_id for c in unsigned.view.entries["A"].complements] == ["X"]
+
+
+def test_two_tasks_share_orders_through_the_repartition_and_a_repeat_of_it_is_skipped(tmp_path: Path) -> None:
+    """An order's change for another task's items goes out on repartition; applied there, the two tasks hold
+    what one store holds. The sender restarted from an older checkpoint sends the same records again: skipped."""
+    from graph.store import GraphStore
+    from streaming import repartition
+
+    items = [f"i{k}" for k in range(8)]
+    orders = [Order(order_id=f"o{n}", items=[{"item_id": i} for i in items[n % 3:n % 3 + 4]], ts=at(n))
+              for n in range(6)]
+    work = scorer(tmp_path, partitions=2)
+    records = [Record("orders", n % 2, n // 2, None, encode(o), 1_000.0) for n, o in enumerate(orders)]
+
+    async def run() -> list:
+        await work.apply(records, [graph_input(o) for o in orders])
+        sent = [(k, value) for topic, key, value, headers in work.out.producer.sent if topic == "repartition"
+                for k in [repartition.item_partition(key.decode(), 2)]]
+        copies = sent + sent  # once, then again (a restarted sender)
+        routed = [Record("repartition", q, n, None, value, 1_000.0) for n, (q, value) in enumerate(copies)]
+        await work.apply(routed, [repartition.decode(r.value) for r in routed])
+        return sent
+
+    sent = asyncio.run(run())
+    assert sent and all(q in (0, 1) for q, _ in sent)
+    whole = GraphStore(GraphConfig())
+    whole.apply_all(orders)
+    store = work.state.store
+    for a in items:
+        for b in items:
+            expected, got = whole.co_purchase(a, b), store.co_purchase(a, b)
+            assert (expected and expected.count) == (got and got.count), (a, b)
+    assert store.item_order_counts().tolist() == [whole.item_order_counts()[whole.items.index[i]]
+                                                  for i in store.items.ids]
+    stopped(work)
