@@ -159,7 +159,8 @@ class IdMap:
 
 @dataclass
 class Stats:
-    """Counters of what the store has seen, for logs, metrics and tests."""
+    """Counters of what the store has seen, for logs, metrics and tests. A store that adopts partitions
+    (:meth:`GraphStore.adopt`) keeps the larger of each counter: after a restart they can count events again."""
 
     events: int = 0
     orders_placed: int = 0

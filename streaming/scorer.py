@@ -14,11 +14,14 @@ is two processes:
   from ``model-updates``, embeds new items, writes the worker's checkpoints
   and serves the Prometheus metrics.
 
-The worker's durable state is its checkpoint (:mod:`streaming.checkpoint`):
-this process starts from the current one, skips records it already holds
-(by offset) and writes a new one every ``stream.checkpoint_interval``
-seconds or ``stream.checkpoint_events`` events, and on a clean stop. A full
-pipe holds the Faust app back, so neither side runs away from the other.
+It holds the worker's tasks (:mod:`streaming.repartition`): the consumer's
+assignment arrives as ``assign`` and ``revoke`` commands, each task's state
+is read from its checkpoint when it comes (:mod:`streaming.checkpoint`) and
+written when it goes, every ``stream.checkpoint_interval`` seconds or
+``stream.checkpoint_events`` events, and on a clean stop; records a task
+already holds are skipped by offset. An order's change for another task's
+items goes out on ``repartition``. A full pipe holds the Faust app back, so
+neither side runs away from the other.
 When this process dies the Faust app stops too (see :meth:`ScorerLink.check`).
 """
 
@@ -384,8 +387,8 @@ class Scorer:
                 self.suspects |= suspects
                 self.poison.update(poison)
             self.tasks.add(task)
-        if self.spec.checkpoints is not None and wanted:
-            await self.letters_since({t: s.letters_from for t, s in adopted.items()}, set(wanted - set(adopted)))
+        if self.spec.checkpoints is not None and (adopted or not self.letters_from):
+            await self.letters_since({t: s.letters_from for t, s in adopted.items()})
         log.info("holding tasks %s", sorted(self.tasks))
 
     async def revoke(self, partitions: list[int]) -> None:
@@ -542,10 +545,10 @@ class Scorer:
             log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         await self.out.send(self.names.dead_letters, key=record.key, value=value, headers=headers, droppable=True)
 
-    async def letters_since(self, saved: dict[int, dict[int, int]], fresh: set[int]) -> None:
+    async def letters_since(self, saved: dict[int, dict[int, int]]) -> None:
         """Read the dead letters published after the checkpoints of tasks just read (``saved``: task → the
         dead-letters ends its checkpoint saved): their records come again and are not dead-lettered twice.
-        Tasks started ``fresh`` (no checkpoint) and a first start note the topic's ends."""
+        A first start notes the topic's ends."""
         topic = self.names.dead_letters
         consumer = AIOKafkaConsumer(bootstrap_servers=self.spec.bootstrap, enable_auto_commit=False)
         await consumer.start()

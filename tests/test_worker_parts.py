@@ -91,7 +91,7 @@ def scorer(checkpoints: Path | None = None, **stream: object) -> Scorer:
     work = Scorer(spec)
     work.out = _Publisher("unused", work.state.metrics, FakeProducer(max_value=10_000), must_deliver=work.out.must_deliver)
 
-    async def no_dead_letters_topic(saved: dict, fresh: set) -> None:
+    async def no_dead_letters_topic(saved: dict) -> None:
         """(letters_since reads the dead-letters topic: there is no broker here)"""
 
     work.letters_since = no_dead_letters_topic  # type: ignore[method-assign]
