@@ -124,13 +124,15 @@ def run(scale: int, catalog: list[ItemUpserted], orders: list[Order], bootstrap:
                 sent_last = time.time() - 0.002  # its record timestamp (whole ms) is at least this
             producer.send(o)
         producer.flush()
-        idle_cpu, pids = 0.0, []
-        for w in [worker, *others]:  # each one's CPU from when it is ready (the first drains while others start)
-            w.start()
+        idle_cpu, pids, before = 0.0, [], updates.end()
+        for w in [worker, *others]:  # all at once: one started after another would find the backlog drained
+            w.launch()
+        for w in [worker, *others]:  # each one's CPU from when it is ready (the first may start before the others)
+            w.wait_ready()
             assert w.process is not None
             pids.append(w.process.pid)
             idle_cpu += worker_cpu(w.process.pid)  # started, checkpoints loaded, nothing applied yet (about)
-        settle(updates)
+        settle(updates, start=before)  # (the first may have drained much before the others were ready)
         drain_cpu = sum(map(worker_cpu, pids)) - idle_cpu
         newest = max((json.loads(r.value)["source_ts"] or 0) for r in updates.records)
         assert newest >= sent_last, f"drain incomplete: newest source time {newest}, last order sent at {sent_last}"

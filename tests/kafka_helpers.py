@@ -59,12 +59,22 @@ class CliProcess:
     def __init__(self, env: dict[str, str], log: Path, command: str, *args: str, ready: str) -> None:
         self.env, self.log, self.command, self.args, self.ready = env, log, command, args, ready
         self.process: subprocess.Popen[bytes] | None = None
+        self._offset = 0  # the log's size when the process was launched: its ready line comes after
 
     def start(self, timeout: float = 90.0) -> "CliProcess":
-        offset = self.log.stat().st_size if self.log.exists() else 0
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "CliProcess":
+        """Start the process without waiting for it (see :meth:`wait_ready`)."""
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen([sys.executable, "-m", "bundlegnn.cli", self.command, *self.args],
                                             cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> "CliProcess":
+        assert self.process is not None
+        offset = self._offset
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_bytes()[offset:].decode(errors="replace")
@@ -198,16 +208,18 @@ class Reader:
         self.consumer.close()
 
 
-def settle(updates: Reader, idle: float = 3.0, timeout: float = 600.0, read: bool = True) -> list:
-    """Wait until the worker has published something and then nothing for ``idle`` seconds; every record
-    (none unless ``read``).
+def settle(updates: Reader, idle: float = 3.0, timeout: float = 600.0, read: bool = True,
+           start: int | None = None) -> list:
+    """Wait until the worker has published something (after ``start``, the topic's end offset before the work
+    began; default: now) and then nothing for ``idle`` seconds; every record (none unless ``read``).
 
     Only the topic's end offsets are polled while the worker works: reading
     the updates as they come (kafka-python, in this process) took about as
     much CPU as the worker itself, on the same two cores. Timestamps are
     the records' own, so reading them afterwards changes nothing.
     """
-    start = last = updates.end()
+    last = updates.end()
+    start = last if start is None else start
     since, deadline = time.monotonic(), time.monotonic() + timeout
     while last == start or time.monotonic() - since < idle:
         if time.monotonic() > deadline:
