@@ -119,7 +119,7 @@ class Applied:
     ``rejected``: the event cannot be applied as it stands (``note`` says why); the stream worker and the
     importers send it to dead letters. ``change``: what an order event changed, as the order's facts (a
     cancellation: the placed order's items, user and time, status "cancelled"), which the worker splits by
-    item for the stores that own them (:meth:`~graph.events.OrderFacts.anchors`).
+    item for the stores that own them (:meth:`~graph.events.OrderFacts.shares`).
     """
 
     changed: bool
@@ -236,12 +236,12 @@ def _days(seconds: float) -> str:
 class GraphStore:
     """Items, users, co-purchase (item–item) and interaction (user–item) edges.
 
-    Partitioned by item (the stream worker, see :mod:`graph.events`' :class:`~graph.events.OrderShare`):
-    with ``partition_of`` (item id → partition), an order or interaction applied from stream ``p`` (the
-    worker's source partition) changes the rows of the items of partition ``p`` only — their co-purchase rows,
-    order counts and user–item edges — and an :class:`~graph.events.OrderShare` (stream :data:`ROUTED`) those
-    of its partition. The stores of all partitions together then hold what one store without
-    ``partition_of`` holds. Catalog, ids and the order log (by stream) are kept whatever the partition.
+    Partitioned by item (the stream worker's tasks, see :class:`~graph.events.OrderShare`): with
+    ``partition_of`` (item id → partition), an order or interaction applied from stream ``p`` (the worker's
+    source partition) changes the rows of the items of partition ``p`` only — their co-purchase rows, order
+    counts and user–item edges — and an :class:`~graph.events.OrderShare` (stream :data:`ROUTED`) those of its
+    partition. The stores of all partitions together then hold what one store without ``partition_of`` holds.
+    Catalog, ids and the order logs (by stream) are kept whatever the partition.
     """
 
     config: GraphConfig = field(default_factory=GraphConfig)
@@ -287,10 +287,6 @@ class GraphStore:
     def part_of(self, rows: np.ndarray) -> np.ndarray:
         """The partition of each item row (all 0 when the store is not partitioned)."""
         return self._part[rows]
-
-    def _target(self, stream: int, rows: np.ndarray) -> np.ndarray:
-        """Which of ``rows`` an event from ``stream`` changes."""
-        return np.ones(len(rows), bool) if self.partition_of is None else self._part[rows] == stream
 
     @property
     def half_life(self) -> float:

@@ -46,14 +46,15 @@ def item_partition(item_id: str, partitions: int) -> int:
 
 
 class Output(NamedTuple):
-    """A record for ``repartition``: its partition, key (an item id of that partition) and value."""
+    """A record for ``repartition``: its partition, key (the item: for an order's share, its first item in that
+    partition) and value."""
 
     partition: int
     key: bytes
     value: bytes
 
 
-def outputs(topic: str, partition: int, offset: int, event: Routed, partitions: int,
+def outputs(topic: str, partition: int, offset: int, event: OrderFacts | Routed, partitions: int,
             change: OrderFacts | None = None) -> list[Output]:
     """What task ``partition`` sends other tasks for the input record at ``offset`` once applied: an order's
     shares (``change``: see :attr:`graph.store.Applied.change`), an interaction with another partition's item,
