@@ -195,11 +195,18 @@ def markdown(summary: dict) -> str:
                   f"resampled]; each seed's gain\n",
                   "| comparison | hr@10 | ndcg@10 |", "|---|---|---|"]
         for name, m in pairs.items():
-            cells = [f"{m[k]['gain']:+.1%} [{m[k]['low']:+.1%}, {m[k]['high']:+.1%}]"
-                     + (f"; {', '.join(f'{g:+.1%}' for g in m[k]['runs'])}" if len(m[k]["runs"]) > 1 else "")
-                     for k in ("hr@10", "ndcg@10")]
+            cells = [_gain(m[k]) for k in ("hr@10", "ndcg@10")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _gain(g: dict) -> str:
+    """A relative gain as a table cell: the gain [interval]; each run's gain. Over a method that scored 0 a gain
+    has no size: "n/a (the other scores 0)"."""
+    if not np.isfinite(g["gain"]):
+        return "n/a (the other scores 0)"
+    cell = f"{g['gain']:+.1%} [{g['low']:+.1%}, {g['high']:+.1%}]"
+    return cell + (f"; {', '.join(f'{x:+.1%}' for x in g['runs'])}" if len(g["runs"]) > 1 else "")
 
 
 def plot(summary: dict, path: Path) -> None:
