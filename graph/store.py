@@ -117,7 +117,8 @@ class Applied:
     """The outcome of one event: did the graph change, which items did it touch, and was it refused.
 
     ``rejected``: the event cannot be applied as it stands (``note`` says why); the stream worker and the
-    importers send it to dead letters. ``change``: what an order event changed, as the order's facts (a
+    importers send it to dead letters. ``items``: in a partitioned store, those of the event's partition.
+    ``change``: what an order event changed, as the order's facts (a
     cancellation: the placed order's items, user and time, status "cancelled"), which the worker splits by
     item for the stores that own them (:meth:`~graph.events.OrderFacts.shares`).
     """
@@ -479,7 +480,7 @@ class GraphStore:
         user, item = self._user(e.user_id), self._item(e.item_id)
         amount *= self._factor(e.epoch)  # before the append: moving the clock flushes the queue
         self._interactions.append((user, item, amount, stream))
-        return Applied(True, (e.item_id,))
+        return Applied(True, (e.item_id,) if stream == ROUTED else self._changed((e.item_id,), (item,), stream))
 
     def _queue(self, rows: tuple[int, ...] | np.ndarray, user: int, sign: int, ts: float, stream: int) -> None:
         """Queue an order's change to the items of partition ``stream`` (see the class) for the bulk update."""
@@ -519,7 +520,7 @@ class GraphStore:
         if self.config.max_order_items and len(rows) > self.config.max_order_items:
             self.stats.oversized_orders += 1
         self.stats.orders_placed += 1
-        return Applied(True, ids, change=e)
+        return Applied(True, self._changed(ids, rows, stream), change=e)
 
     def _record(self, order_id: str, slot: int) -> None:
         """A record appended in this batch: found from now on, indexed when the batch ends."""
@@ -548,14 +549,22 @@ class GraphStore:
         self._queue(rows, user, -1, placed, stream)
         self.stats.orders_cancelled += 1
         items = tuple(self.items.ids[r] for r in rows.tolist())
-        return Applied(True, items, change=OrderFacts(e.order_id, self.users.ids[user] if user >= 0 else None, placed,
-                                                      items, "cancelled"))
+        return Applied(True, self._changed(items, rows, stream),
+                       change=OrderFacts(e.order_id, self.users.ids[user] if user >= 0 else None, placed, items,
+                                         "cancelled"))
 
     def _share(self, e: OrderShare) -> Applied:
         """An order's change for one partition's items, decided by the store that saw the order: applied as is."""
         rows = tuple(self._item(i) for i in e.item_ids)
         self._queue(rows, self._user(e.user_id) if e.user_id else -1, e.sign, e.epoch, e.partition)
-        return Applied(True, tuple(i for i, r in zip(e.item_ids, rows) if self._part[r] == e.partition))
+        return Applied(True, self._changed(e.item_ids, rows, e.partition))
+
+    def _changed(self, ids: Sequence[str], rows: Sequence[int] | np.ndarray, partition: int) -> tuple[str, ...]:
+        """Of an order's items, those whose state a change for ``partition`` touches here (all of them when the
+        store is not partitioned)."""
+        if self.partition_of is None:
+            return tuple(ids)
+        return tuple(i for i, r in zip(ids, rows) if self._part[r] == partition)
 
     # ---- partitions --------------------------------------------------------
     def part(self, partition: int) -> GraphStore:

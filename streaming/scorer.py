@@ -39,6 +39,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -100,7 +101,7 @@ class WorkerState:
         its items is embedded again (from the text cache) by the next :meth:`embed_text`."""
         self.store = store if store is not None else GraphStore(self.graph_config)
         if self.partitions > 1:
-            self.store.partition(self.partition_of)
+            self.store.partition(partial(item_partition, partitions=self.partitions))
         self.scorer = ComplementScorer(self.store, self.scorer_config)
         self.pending = dict(pending or {})
         self.new_text = {k for k, it in zip(self.store.items.ids, self.store.catalog) if it.has_text}
@@ -108,8 +109,9 @@ class WorkerState:
             self._install(self.artifact)
 
     def partition_of(self, item_id: str) -> int:
-        """The task whose state holds ``item_id``'s rows."""
-        return item_partition(item_id, self.partitions)
+        """The task whose state holds ``item_id``'s rows (the store keeps each known item's)."""
+        row = self.store.items.get(item_id)
+        return int(self.store.part_of(row)) if row is not None else item_partition(item_id, self.partitions)
 
     def apply_many(self, events: list[GraphEvent], source_ts: list[float | None],
                    streams: list[int] | None = None) -> list[Applied]:
@@ -120,16 +122,12 @@ class WorkerState:
         now = time.time()
         pending, kinds = self.pending, Counter(event.type for event in events)
         results = self.store.apply_many(events, streams)
-        split = self.partitions > 1 and streams is not None
-        for k, (event, result, ts) in enumerate(zip(events, results, source_ts)):
+        for event, result, ts in zip(events, results, source_ts):
             if isinstance(event, ItemUpserted) and result.changed:
                 self.new_text.add(event.item_id)
             if result.changed:
                 ts = ts if ts is not None else now
-                items = result.items
-                if split and streams[k] != ROUTED and not isinstance(event, ItemUpserted):  # its task's items only
-                    items = tuple(i for i in items if self.partition_of(i) == streams[k])
-                for item in items:
+                for item in result.items:  # (in a partitioned store, those of the event's task)
                     if pending.get(item, 0.0) < ts:
                         pending[item] = ts
         for kind, count in kinds.items():
