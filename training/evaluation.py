@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -60,15 +61,16 @@ def _methods(split: Split, encoder: TextEncoder, train_cfg: TrainConfig, seed: i
     methods["cooccurrence"] = baselines.cooccurrence(split.train)
     methods["user_history"] = baselines.user_history(split.train)
     methods["text"] = baselines.text_similarity(text_train)
+    def tuned_on_validation(make: Callable[[GraphStore, float], ScoreFn], grid: tuple[float, ...]) -> float:
+        """The regularisation in ``grid`` whose model fitted before validation ranks it best (NDCG@10)."""
+        val_ndcg = {lam: rank_queries(make(split.fit, lam), split.val, n_fit).metrics(n_fit)["ndcg@10"] for lam in grid}
+        return max(val_ndcg, key=val_ndcg.get)
+
     if n <= baselines.EASE_MAX_ITEMS:
-        val_ndcg = {lam: rank_queries(baselines.ease(split.fit, lam), split.val, n_fit).metrics(n_fit)["ndcg@10"]
-                    for lam in EASE_LAMBDAS}
-        tuned["ease_lambda"] = lam = max(val_ndcg, key=val_ndcg.get)
+        tuned["ease_lambda"] = lam = tuned_on_validation(baselines.ease, EASE_LAMBDAS)
         methods["ease"] = baselines.ease(split.train, lam)
     if peers and baselines.sansa_installed():
-        val_ndcg = {lam: rank_queries(baselines.sansa(split.fit, lam), split.val, n_fit).metrics(n_fit)["ndcg@10"]
-                    for lam in SANSA_LAMBDAS}
-        tuned["sansa_l2"] = lam = max(val_ndcg, key=val_ndcg.get)
+        tuned["sansa_l2"] = lam = tuned_on_validation(baselines.sansa, SANSA_LAMBDAS)
         methods["sansa"] = baselines.sansa(split.train, lam)
     baselines_s = time.perf_counter() - started
 
