@@ -13,11 +13,12 @@ import math
 import time
 from collections.abc import Callable
 from datetime import datetime
+import pathlib
 from typing import Annotated
 
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +27,8 @@ from serving.bundles import Bundle, BundleRules, build_bundles, describe
 from serving.view import BundleView, ItemInfo
 
 log = logging.getLogger(__name__)
+
+_UI = pathlib.Path(__file__).parent / "static" / "ui.html"
 
 ItemId = Annotated[str, Path(min_length=1, max_length=256, description="catalog item id")]
 
@@ -89,6 +92,13 @@ class ModelInfo(BaseModel):
     gnn_weight: float | None = Field(description="weight validation gave the GNN's embeddings in the decoder; 0: "
                                                  "the lists come from co-purchase counts and text alone")
     user_weight: float = Field(0.0, description="weight of a known user's own history")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    items: list[ItemRef] = Field(description="the item with this id, then items whose title holds every word of the "
+                                             "query, those with a complement list first, by title")
+    truncated: bool = Field(description="more items matched than were returned")
 
 
 class Health(BaseModel):
@@ -328,6 +338,24 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
         if personalized:
             return Response(build().model_dump_json().encode(), media_type="application/json")
         return cached(("cart", tuple(items), cart.k, cart.size, cart.max_price), known_items, build)
+
+    @app.get("/items", response_model=SearchResponse)
+    async def search(q: Annotated[str, Query(min_length=1, max_length=200, description="an item id or title words")],
+                     limit: Annotated[int, Query(ge=1, le=100)] = 20) -> SearchResponse:
+        """Items by id or title words (case-insensitive), for people looking for an item: the bundle explorer
+        at ``/ui``. A scan of the catalog's titles (about 20 ms per 100k items), not a lookup path."""
+        words = q.lower().split()
+        exact = [view.info(q)] if view.knows(q) else []
+        found = sorted((i for i in list(view.items.values()) if i.item_id != q and words
+                        and all(w in i.title.lower() for w in words)),
+                       key=lambda i: (i.item_id not in view.entries, i.title, i.item_id))
+        hits = exact + found
+        return SearchResponse(query=q, items=[_ref(i) for i in hits[:limit]], truncated=len(hits) > limit)
+
+    @app.get("/ui", include_in_schema=False)
+    async def explorer() -> HTMLResponse:
+        """The bundle explorer: one HTML page (no build step, nothing from a CDN) over this API."""
+        return HTMLResponse(_UI.read_text(encoding="utf-8"))
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> JSONResponse:

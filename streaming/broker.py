@@ -50,9 +50,20 @@ def free_port() -> int:
 
 
 def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
-    """Block until a Kafka client can fetch metadata from ``bootstrap``."""
+    """Block until a Kafka client can fetch metadata from ``bootstrap``.
+
+    First until the first address accepts TCP connections, quietly: a Kafka client started before the broker
+    listens logs ERROR and WARNING lines for every refused connection, on a start that then succeeds."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            break
+        except OSError as exc:
+            last = exc
+            time.sleep(0.1)
     while time.monotonic() < deadline:
         try:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,6 +31,14 @@ def stream_env(bootstrap: str, state_dir: Path, app_id: str | None = None) -> di
     for name in ("catalog", "interactions", "orders", "repartition", "bundle_updates", "dead_letters", "model_updates"):
         env[f"BUNDLEGNN_STREAM__TOPICS__{name.upper()}"] = f"{tag}-{name.replace('_', '-')}"
     return env
+
+
+def replay(env: dict[str, str], data: Path) -> int:
+    """``bundlegnn replay --data data`` (must succeed); how many events it sent."""
+    sent = subprocess.run([sys.executable, "-m", "bundlegnn.cli", "replay", "--data", str(data)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    return json.loads(sent.stdout.splitlines()[-1])["sent"]
 
 
 def free_port() -> int:

@@ -111,3 +111,21 @@ def test_decoder_rows_rank_with_fresh_co_purchases_boosted_in() -> None:
     assert BundleUpdate.model_validate_json(scorer.update_json("i0", None, NOW)) == scorer.update("i0", None, NOW)
     scorer.set_views("m3", ids[:3], rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), np.zeros(3), 0.5)
     assert scorer.complements("i0")[0].source == "model"  # a model without a decoder: the views again
+
+
+def test_substitutes_are_near_identical_texts_of_one_category_never_bought_together() -> None:
+    store = tiny()
+    for k, (title, category) in enumerate([("red mug", "mugs"), ("red mug", "mugs"), ("red mug", "saucers"),
+                                           ("red mug", None)], start=6):
+        store.apply(ItemUpserted(item_id=f"i{k}", title=title, category=category, ts=at(0)))
+    store.apply(Order(order_id="o-twins", items=[OrderLine(item_id="i6"), OrderLine(item_id="i7")], ts=at(9)))
+    text = unit(np.random.default_rng(2).normal(size=(10, 8)).astype(np.float32))
+    text[6:] = text[6]  # i6–i9 read the same
+    scorer = ComplementScorer(store)
+    scorer.set_text(np.arange(10), text)
+    # i7: bought with i6 (a complement); i8: another category; i9: no category, text decides
+    assert scorer.substitutes("i6") == ["i9"]
+    plain = ComplementScorer(store, ScorerConfig(substitute_same_category=False))
+    plain.set_text(np.arange(10), text)
+    assert sorted(plain.substitutes("i6")) == ["i8", "i9"]
+    assert sorted(scorer.substitutes("i9")) == ["i6", "i7", "i8"]  # an item without a category: text alone

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import pytest
 
 from graph.store import GraphConfig, GraphStore
 from tests.conftest import DATA, retail_events
-from tests.kafka_helpers import ROOT, CliProcess, WorkerProcess, stream_env
+from tests.kafka_helpers import CliProcess, WorkerProcess, replay, stream_env
 
 pytestmark = pytest.mark.broker
 SAMPLE = DATA / "online_retail_ii_sample.csv.gz"
@@ -39,10 +36,7 @@ def test_replayed_orders_reach_the_api_as_bundles(broker: str, tmp_path: Path) -
     worker = WorkerProcess(env, tmp_path / "worker.log", "--model", "none").start()
     api = CliProcess(env, tmp_path / "api.log", "serve", "--model", "none", "--port", "0", ready="bundle API on")
     try:
-        sent = subprocess.run([sys.executable, "-m", "bundlegnn.cli", "replay", "--data", str(SAMPLE)], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert sent.returncode == 0, sent.stderr[-2000:]
-        assert json.loads(sent.stdout.splitlines()[-1])["sent"] > 200
+        assert replay(env, SAMPLE) > 200
         api.start()
         url = (tmp_path / "state" / "api.addr").read_text()
         with httpx.Client(base_url=url, timeout=5) as http:

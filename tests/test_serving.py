@@ -112,12 +112,55 @@ def test_cart_completion_uses_all_cart_items_and_the_user_history(view: BundleVi
     assert members(boosted[0]) == ["F"] and "you bought it before" in boosted[0].why[0]
 
 
+def test_a_cart_ranks_candidates_by_the_mean_relevance_over_its_items() -> None:
+    """Every cart item votes: y, listed by both, beats x and z, each first in one list only (the best anchor's
+    relevance alone ties all three and picks x by id)."""
+    v = BundleView()
+    for k in "abxyz":
+        catalog(v, k, f"item {k}")
+    publish(v, "a", [("x", 1.0, 5), ("y", 0.8, 4)])
+    publish(v, "b", [("z", 1.0, 5), ("y", 1.0, 5)])
+    bundles = build_bundles(v, ["a", "b"], k=3, size=1, rules=BundleRules(), include_anchor=False)
+    assert [members(b) for b in bundles] == [["y"], ["x"], ["z"]]
+    assert bundles[0].items[0].relevance == pytest.approx(0.9)
+
+
+def test_bundle_labels_name_the_shared_category_and_title_word() -> None:
+    from serving.bundles import label
+    from serving.view import ItemInfo
+
+    nikon = [ItemInfo("a", "Nikon EN-EL15 Battery", "Batteries"), ItemInfo("b", "Nikon D7000 strap", "Straps"),
+             ItemInfo("c", "Charger for Nikon EN-EL15", "Batteries")]
+    assert label(nikon) == "Nikon Batteries"
+    assert label([ItemInfo("a", "Cable", "Cables"), ItemInfo("b", "Router", "Routers"),
+                  ItemInfo("c", "Switch", "Switches")]) == "Cables & Routers"
+    assert label([ItemInfo("a", "Black Medium Tee", "Tops"), ItemInfo("b", "Black Medium Skirt", "Skirts")]) == \
+        "Tops & Skirts"  # colours and sizes name nothing
+    assert label([ItemInfo("a", "x"), ItemInfo("b", "y")]) is None
+
+
 @pytest.fixture
 def client(view: BundleView) -> TestClient:
     state = {"ready": True}
     app = create_app(view, BundleRules(), health=lambda: (state["ready"], None))
     app.state.health_flag = state
     return TestClient(app, raise_server_exceptions=False)
+
+
+def test_search_finds_items_by_id_and_title_words(client: TestClient) -> None:
+    r = client.get("/items", params={"q": "TEA cups"})
+    assert r.status_code == 200
+    assert [i["item_id"] for i in r.json()["items"]] == ["B", "E"]  # both words, any case; by title
+    assert [i["item_id"] for i in client.get("/items", params={"q": "A"}).json()["items"]][0] == "A"  # the id first
+    few = client.get("/items", params={"q": "t", "limit": 1}).json()
+    assert len(few["items"]) == 1 and few["truncated"] is True
+    assert client.get("/items", params={"q": ""}).status_code == 422
+
+
+def test_the_explorer_page_is_served_from_the_package(client: TestClient) -> None:
+    r = client.get("/ui")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "bundle explorer" in r.text and "http://" not in r.text and "https://" not in r.text  # nothing from a CDN
 
 
 def test_item_bundles_contract(client: TestClient) -> None:
@@ -127,7 +170,8 @@ def test_item_bundles_contract(client: TestClient) -> None:
     assert body["anchor"] == {"item_id": "A", "title": "tea pot", "price": 10.0, "category": None, "in_stock": True}
     assert [m["item_id"] for m in body["bundles"][0]["items"]] == ["A", "B", "D"]
     assert body["bundles"][0]["total_price"] == 30.0 and body["personalized"] is False
-    assert set(body["bundles"][0]) == {"items", "score", "total_price", "why"}
+    assert set(body["bundles"][0]) == {"items", "score", "total_price", "why", "label"}
+    assert body["bundles"][0]["label"] == "tea"  # the word two of its titles share; the items have no category
 
 
 def test_bad_input_gets_4xx_with_a_json_body(client: TestClient) -> None:

@@ -97,6 +97,8 @@ class ScorerConfig(BaseModel):
     min_text_similarity: float = Field(0.5, ge=-1, le=1)
     substitute_similarity: float = Field(0.85, ge=-1, le=1,
                                          description="text cosine from which two never co-purchased items are substitutes")
+    substitute_same_category: bool = Field(True, description="and only when they are in the same category (items "
+                                           "without one: text alone); see bench/results/bundles.md for the measure")
     max_substitutes: int = Field(20, ge=0)
 
 
@@ -331,10 +333,12 @@ class ComplementScorer:
         return [Complement.model_construct(**dict(zip(_FIELDS, c))) for c in self._ranked(item_id)]
 
     def substitutes(self, item_id: str) -> list[str]:
-        """Items whose text is near-identical to ``item_id``'s and that were never bought with it.
+        """Items whose text is near-identical to ``item_id``'s, in the same category (where both have one) and
+        never bought with it.
 
         Near-identical items that *are* bought together (colour variants a
-        retailer stocks side by side) are complements, not substitutes.
+        retailer stocks side by side) are complements, not substitutes; so are
+        near-identical texts in different categories (a tablet and its case).
         """
         row = self.store.items.get(item_id)
         cfg = self.config
@@ -344,6 +348,10 @@ class ComplementScorer:
             rows, sims = self.similar(row, cfg.max_substitutes + 30)
             self._text_neighbours[row] = rows[sims >= cfg.substitute_similarity]
         close, ids = self._text_neighbours[row], self.store.items.ids
+        category = self.store.catalog[row].category
+        if cfg.substitute_same_category and category is not None and len(close):
+            catalog = self.store.catalog
+            close = close[[catalog[r].category in (None, category) for r in close.tolist()]]
         unbought = close[~np.isin(close, self.store.co_neighbours(row)[0])] if len(close) else close
         return [ids[r] for r in unbought[: cfg.max_substitutes].tolist()]
 

@@ -197,12 +197,12 @@ def markdown(summary: dict) -> str:
                   f"resampled]; each seed's gain\n",
                   "| comparison | hr@10 | ndcg@10 |", "|---|---|---|"]
         for name, m in pairs.items():
-            cells = [_gain(m[k]) for k in ("hr@10", "ndcg@10")]
+            cells = [gain_cell(m[k]) for k in ("hr@10", "ndcg@10")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def _gain(g: dict) -> str:
+def gain_cell(g: dict) -> str:
     """A relative gain as a table cell: the gain [interval]; each run's gain. Over a method that scored 0 a gain
     has no size: "n/a (the other scores 0)"."""
     if not np.isfinite(g["gain"]):
