@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench results clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: $(STAMP)
 	$(BIN)/bundlegnn evaluate --config configs/completejourney.yaml --seeds 0,1,2 --json bench/results/eval_completejourney.json
 	$(BIN)/python bench/bundles.py
 	$(BIN)/python bench/youshu.py --seeds 0,1,2
+	$(BIN)/python bench/render.py
+
+# docs/results.md and the README's results table, from bench/results/*.json
+results: $(STAMP)
+	$(BIN)/python bench/render.py
 
 clean:
 	rm -rf $(VENV) var bench/results

@@ -313,7 +313,10 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     mem = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    return {"cpus": os.cpu_count(), "ram_gb": round(mem / 1e6, 1), "cpu": cpu, "python": platform.python_version(),
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return {"cpus": os.cpu_count(), "ram_gb": round(mem / 1e6, 1), "cpu": cpu, "gpu": gpu, "python": platform.python_version(),
             "commit": commit.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 

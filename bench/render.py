@@ -1,0 +1,121 @@
+"""`make results`: docs/results.md and the README's results table, rendered from bench/results/*.json.
+
+Every figure is read from a benchmark's JSON file and shown with the date, machine and commit that file
+records, so no number in the docs is typed by hand. The README's table sits between the markers
+``<!-- results:begin -->`` and ``<!-- results:end -->``; this script rewrites it, and
+tests/test_docs.py fails when it differs from what this script would write.
+Usage: ``python bench/render.py [--check]`` (``--check``: exit 1 instead of writing when a file would change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _source(name: str, machine: dict | None) -> str:
+    if not machine:
+        return f"`{name}.md`"
+    return f"`{name}.md` ({machine.get('date', '?')[:10]}, {machine.get('commit', '?')})"
+
+
+def _pct(g: dict) -> str:
+    return f"{g['gain']:+.1%} [{g['low']:+.1%}, {g['high']:+.1%}]"
+
+
+def rows() -> list[tuple[str, str, str]]:
+    """(what, result, source) for each headline figure whose file exists."""
+    out: list[tuple[str, str, str]] = []
+    if (cj := _load("eval_completejourney")) is not None:
+        m, p = cj["methods"], cj.get("provenance", {})
+        source = f"`eval_completejourney.md` ({p.get('date', '?')}, {p.get('commit', '?')})"
+        peers = [k for k in m if k not in ("gnn", "gnn_head", "text_ease")]
+        best = max(peers, key=lambda k: m[k]["hr@10"])
+        out.append(("Basket completion, Complete Journey (92k items), HR@10 / NDCG@10",
+                    f"gnn {m['gnn']['hr@10']:.3f} / {m['gnn']['ndcg@10']:.3f}; best peer ({best}) "
+                    f"{m[best]['hr@10']:.3f} / {m[best]['ndcg@10']:.3f}: "
+                    f"{_pct(cj['comparisons']['methods'][f'gnn vs {best}']['hr@10'])} HR@10", source))
+    if (b := _load("bundles")) is not None:
+        cells = []
+        for d in b["domains"]:
+            s = d["settings"]["one_item"]
+            gain = d["comparisons"]["one_item"]["builder vs top_complements"]["f1_top1"]
+            cells.append(f"{d['domain']} {s['builder']['f1_top1']:.3f} vs {s['top_complements']['f1_top1']:.3f} "
+                         f"({_pct(gain)})")
+        out.append(("Bundles vs real bundles, F1 of the first bundle: builder vs top complements", "; ".join(cells),
+                    _source("bundles", b.get("machine"))))
+    if (y := _load("youshu")) is not None:
+        g, best = y["methods"]["gnn"], max(y["published"].items(), key=lambda kv: kv[1][0])
+        out.append(("Youshu user → bundle, Recall@20 / NDCG@20",
+                    f"gnn {g['recall']:.4f} / {g['ndcg']:.4f} (seeds {y['seeds']}); best published "
+                    f"{best[0]} {best[1][0]:.4f} / {best[1][1]:.4f}", _source("youshu", y.get("machine"))))
+    if (ms := _load("model_scale")) is not None:
+        cells = [f"{r['shop']} ({r['items']:,} items) {r['train_s'] / 60:.1f} min, {r['peak_rss_gb']:.1f} GB "
+                 f"(commit {r['commit']})"
+                 for r in ms["shops"]]
+        out.append(("`bundlegnn train` time and peak RSS", "; ".join(cells), _source("model_scale", ms.get("machine"))))
+    if (st := _load("streaming")) is not None:
+        cells = [f"{r['workers']} worker{'s' if r['workers'] > 1 else ''} {r['orders_per_s_all']:,.0f} orders/s, "
+                 f"p99 {r['latency_p99_ms']:.0f} ms" for r in st["runs"] if r["scale"] == max(x["scale"] for x in st["runs"])]
+        out.append((f"Stream worker, {max(x['scale'] for x in st['runs'])}× Online Retail II backlog", "; ".join(cells),
+                    _source("streaming", st.get("machine"))))
+    return out
+
+
+def table() -> str:
+    lines = ["| what | result | from `bench/results/` |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows()]
+    return "\n".join(lines) + "\n"
+
+
+def results_md() -> str:
+    """docs/results.md: the headline table, then where each benchmark ran."""
+    lines = ["# Results\n", "Rendered by `make results` (`bench/render.py`) from `bench/results/*.json`; each row names "
+             "its file, the date and the commit it was measured on.\n", table()]
+    lines.append("\n## Machines\n")
+    for name in ("bundles", "youshu", "model_scale", "streaming", "scale", "decoder"):
+        found = _load(name)
+        if found and (m := found.get("machine")):
+            lines.append(f"- `{name}`: {m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, "
+                         f"{m['cpu']}, {m.get('gpu', 'no GPU')}")
+    if (cj := _load("eval_completejourney")) is not None and (p := cj.get("provenance")):
+        lines.append(f"- `eval_completejourney`: {p['date']}, commit {p['commit']}, {p['machine']}")
+    return "\n".join(lines) + "\n"
+
+
+def readme_with_table(text: str) -> str:
+    """``text`` (the README) with the table between the markers replaced by :func:`table`."""
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[:start] + "\n" + table() + text[end:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    targets = {ROOT / "docs" / "results.md": results_md(),
+               ROOT / "README.md": readme_with_table((ROOT / "README.md").read_text())}
+    stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"{p.relative_to(ROOT)} differs from what bench/render.py writes", file=sys.stderr)
+        return 1 if stale else 0
+    for p in stale:
+        p.write_text(targets[p])
+        print(f"wrote {p.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
