@@ -1,4 +1,5 @@
-"""`make results`: docs/results.md and the README's results table, rendered from bench/results/*.json.
+"""`make results`: docs/results.md and the README's results table, rendered from bench/results/*.json, and
+docs/configuration.md, rendered from the settings models.
 
 Every figure is read from a benchmark's JSON file and shown with the date, machine and commit that file
 records, so no number in the docs is typed by hand. The README's table sits between the markers
@@ -94,6 +95,43 @@ def results_md() -> str:
     return "\n".join(lines) + "\n"
 
 
+def configuration_md() -> str:
+    """docs/configuration.md: every settings key with its environment variable, default and description, from
+    the settings models themselves (so the page cannot drift from the code)."""
+    from pydantic import BaseModel
+
+    from bundlegnn.config import ENV_PREFIX, Settings
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...] = ()):
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from walk(field.annotation, prefix + (name,))
+            else:
+                yield prefix + (name,), field
+
+    def default(field) -> str:
+        if field.default_factory is not None:
+            return f"`{json.dumps(field.default_factory(), default=str)}`"
+        return "required" if field.is_required() else f"`{json.dumps(field.default, default=str)}`"
+
+    lines = ["# Configuration\n",
+             "Rendered by `make results` (`bench/render.py`) from the settings models (`bundlegnn/config.py` and "
+             "the sections it imports). A config file is YAML with these keys (`configs/default.yaml`, "
+             "`configs/production.yaml`); an environment variable overrides the file: "
+             f"`{ENV_PREFIX}<SECTION>__<KEY>` (nested keys joined by `__`), e.g. "
+             f"`{ENV_PREFIX}GRAPH__HALF_LIFE_DAYS=30`. Unknown keys and variables are refused with their name.\n"]
+    section = None
+    for path, field in walk(Settings):
+        if path[0] != section:
+            section = path[0]
+            lines += [f"\n## `{section}`\n", "| key | environment variable | default | what |", "| --- | --- | --- | --- |"]
+        what = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        env = ENV_PREFIX + "__".join(p.upper() for p in path)
+        value = default(field).replace("|", "\\|")
+        lines.append(f"| `{'.'.join(path)}` | `{env}` | {value} | {what} |")
+    return "\n".join(lines) + "\n"
+
+
 def readme_with_table(text: str) -> str:
     """``text`` (the README) with the table between the markers replaced by :func:`table`."""
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
@@ -104,7 +142,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    targets = {ROOT / "docs" / "results.md": results_md(),
+    targets = {ROOT / "docs" / "results.md": results_md(), ROOT / "docs" / "configuration.md": configuration_md(),
                ROOT / "README.md": readme_with_table((ROOT / "README.md").read_text())}
     stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
     if args.check:

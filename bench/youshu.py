@@ -88,7 +88,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Youshu: user → bundle (BGCN / CrossCBR split)\n",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}. "
              f"`python bench/youshu.py --seeds {','.join(map(str, report['seeds']))}`; "
-             f"seeds {report['seeds']}, {report['methods']['gnn']['users']} test users, every bundle ranked but the "
+             f"seeds {report['seeds']}, {report['methods']['gnn']['users']:.0f} test users, every bundle ranked but the "
              f"user's training ones.\n",
              "| method | Recall@20 | NDCG@20 |", "|---|---|---|"]
     for name, m in report["methods"].items():

@@ -204,7 +204,8 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
             last_ts = max(e.ts for e in events)
             body = _live_bursts(http, broker.bootstrap, settings, anchor, partner, known, last_ts)
             _show_bundles(body)
-        _say(f"\ndemo ready in {time.perf_counter() - started:.0f} s. API docs: {url}/docs   metrics: {url}/metrics")
+        _say(f"\ndemo ready in {time.perf_counter() - started:.0f} s. Bundle explorer: {url}/ui   API docs: {url}/docs   "
+             f"metrics: {url}/metrics")
         _say(f"logs: {logs}")
         if hold if hold is not None else sys.stdin.isatty():
             _say("worker, API and broker keep running; Ctrl-C stops everything")
