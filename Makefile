@@ -13,8 +13,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install -qq $(TORCH)
+	$(BIN)/pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 # tests/test_browser.py drives Debian's Chromium through selenium: installed here where apt-get may run (CI, a
@@ -32,7 +32,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	test -x /usr/bin/time -a -e /usr/include/suitesparse/cholmod.h || \
 		(apt-get update -q && apt-get install -y -q time libsuitesparse-dev)
-	$(BIN)/pip install --quiet -e '.[dev,peers]'
+	$(BIN)/pip install -qq -e '.[dev,peers]'
 	mkdir -p bench/results
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/scale.py
@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_devices.py
 	$(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml --seeds 0,1,2 --json bench/results/eval_online_retail_ii.json
 	$(BIN)/bundlegnn evaluate --config configs/completejourney.yaml --seeds 0,1,2 --json bench/results/eval_completejourney.json
-	$(BIN)/python bench/bundles.py
+	$(BIN)/bundlegnn evaluate --task bundle --seeds 0,1,2 --json bench/results/bundles.json
 	$(BIN)/python bench/youshu.py --seeds 0,1,2
 	$(BIN)/python bench/render.py
 

@@ -38,6 +38,12 @@ def _pct(g: dict) -> str:
 def rows() -> list[tuple[str, str, str]]:
     """(what, result, source) for each headline figure whose file exists."""
     out: list[tuple[str, str, str]] = []
+    if (orii := _load("eval_online_retail_ii")) is not None:
+        m, p, gains = orii["methods"], orii.get("provenance", {}), orii["comparisons"]["methods"]
+        out.append(("Basket completion, Online Retail II (European subset), HR@10: gnn vs EASE^R",
+                    f"{m['gnn']['hr@10']:.3f} vs {m['ease']['hr@10']:.3f}: {_pct(gains['gnn vs ease']['hr@10'])} "
+                    f"(seeds {orii['seeds']})", f"`eval_online_retail_ii.md` ({p.get('date', '?')[:10]}, "
+                                                f"{p.get('commit', '?')})"))
     if (cj := _load("eval_completejourney")) is not None:
         m, p = cj["methods"], cj.get("provenance", {})
         source = f"`eval_completejourney.md` ({p.get('date', '?')}, {p.get('commit', '?')})"
@@ -90,8 +96,10 @@ def results_md() -> str:
         if found and (m := found.get("machine")):
             lines.append(f"- `{name}`: {m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, "
                          f"{m['cpu']}, {m.get('gpu', 'no GPU')}")
-    if (cj := _load("eval_completejourney")) is not None and (p := cj.get("provenance")):
-        lines.append(f"- `eval_completejourney`: {p['date']}, commit {p['commit']}, {p['machine']}")
+    for name in ("eval_online_retail_ii", "eval_completejourney"):
+        if (found := _load(name)) is not None and (p := found.get("provenance")):
+            where = p.get("machine") or f"{p['cpus']} cores, {p['ram_gb']} GB RAM, {p['cpu']}, {p['gpu']}"
+            lines.append(f"- `{name}`: {p['date']}, commit {p['commit']}, {where}")
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,6 @@ import csv
 import gzip
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -37,6 +36,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bundlegnn.provenance import machine  # noqa: E402  (the other benches import it from here)
+
 SHARED = ROOT.parent / "shared" / "data"
 ORII = SHARED / "online_retail_ii_full" / "online_retail_ii.csv.gz"
 CJ_CONFIG = ROOT / "configs" / "completejourney.yaml"
@@ -307,17 +310,6 @@ def growth(rows: list[dict], metric: str) -> float | None:
         return None
     x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
     return round(float(np.polyfit(x, y, 1)[0]), 2)
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    mem = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return {"cpus": os.cpu_count(), "ram_gb": round(mem / 1e6, 1), "cpu": cpu, "gpu": gpu, "python": platform.python_version(),
-            "commit": commit.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 COLUMNS = ["shop", "items", "orders", "order_lines", "co_purchase_pairs", "build_graph_s", "lines_per_s",

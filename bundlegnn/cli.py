@@ -15,6 +15,7 @@ import typer
 
 from bundlegnn.config import ConfigError, Settings, load_settings
 from bundlegnn.logs import dict_config, setup_logging
+from bundlegnn.provenance import machine
 from graph.store import tune_gc
 
 if TYPE_CHECKING:
@@ -243,8 +244,11 @@ def evaluate(
 
     events, _ = _read(settings, data)
     encoder = settings.encoder.build(settings.paths.text_cache)
+    started = time.perf_counter()
     summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s, held_out=held_out)
                          for s in seed_list])
+    summary["provenance"] = {**machine(), "command": f"bundlegnn evaluate --config {config} --seeds {seeds}",
+                             "wall_s": round(time.perf_counter() - started)}
     tables = markdown(summary)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,10 +275,11 @@ def _evaluate_bundles(settings: Settings, data: Optional[Path], domains: list[st
     encoder = settings.encoder.build(settings.paths.text_cache)
     summaries = [summarise([evaluate_domain(d, settings.graph, settings.training, settings.scoring,
                                             settings.serving.rules, encoder, seed=s) for s in seeds]) for d in sets]
-    tables = markdown(summaries)
+    ran = machine()
+    tables = markdown(summaries, ran)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(summaries, indent=2))
+        json_path.write_text(json.dumps({"machine": ran, "domains": summaries}, indent=2))
         json_path.with_suffix(".md").write_text(tables)
     typer.echo(tables)
 

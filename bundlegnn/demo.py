@@ -65,7 +65,8 @@ def _say(text: str = "") -> None:
 def _show_bundles(body: dict) -> None:
     for n, bundle in enumerate(body["bundles"], 1):
         names = " + ".join(m["title"] for m in bundle["items"])
-        _say(f"  bundle {n} (score {bundle['score']:.3f}): {names}")
+        label = f", {bundle['label']!r}" if bundle.get("label") else ""
+        _say(f"  bundle {n} (score {bundle['score']:.3f}{label}): {names}")
         for why in bundle["why"][:4]:
             _say(f"      why: {why}")
 

@@ -338,9 +338,15 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def markdown(summaries: list[dict]) -> str:
-    """Per domain and setting: every method's metrics, then the builder's gains."""
+def markdown(summaries: list[dict], machine: dict | None = None) -> str:
+    """Per domain and setting: every method's metrics, then the builder's gains; ``machine``
+    (:func:`bundlegnn.provenance.machine`): where it ran, as a header."""
     lines: list[str] = []
+    if machine is not None:
+        lines += ["# Bundles against real bundles\n",
+                  f"{machine['date']}, commit {machine['commit']}, {machine['cpus']} cores, {machine['ram_gb']} GB RAM, "
+                  f"{machine['cpu']}, {machine.get('gpu', 'no GPU')}. `bundlegnn evaluate --task bundle --seeds "
+                  f"{','.join(map(str, summaries[0]['seeds']))}`, configs/default.yaml.\n"]
     for s in summaries:
         p = s["protocol"]
         lines.append(f"\n## {s['domain']}: {p['test_bundles']} test bundles after {time.strftime('%Y-%m-%d', time.gmtime(p['cut']))}, "
