@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import pathlib
 import time
 from collections.abc import Callable
 from datetime import datetime
-import pathlib
 from typing import Annotated
 
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request

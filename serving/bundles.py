@@ -108,9 +108,9 @@ class _Candidate:
 def _candidates(view: BundleView, anchors: list[str], rules: BundleRules, history: frozenset[str]) -> list[_Candidate]:
     """The anchors' complements by their mean relevance over the anchors (every item of a cart votes, 0 where
     it does not list the candidate; the best voter is quoted in the why), plus the history boost, under the
-    stock and substitute rules. Measured on carts of real bundles (``evaluate --task bundle``, all but one
-    member given): the mean ranks the missing member first half as often again as the best anchor's
-    relevance alone did."""
+    stock and substitute rules. On the Electronic carts of ``evaluate --task bundle`` (all but one member
+    given, seed 0) the mean found the missing member first in 6.8 % of carts, the best anchor's relevance
+    alone in 4.5 %."""
     best: dict[str, _Candidate] = {}
     total: dict[str, float] = {}
     for anchor in anchors:
