@@ -186,12 +186,18 @@ def main() -> None:
             server.join()
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "api.json").write_text(json.dumps({"rate": RATE, "seconds": SECONDS, "results": results}, indent=2))
+    from bundlegnn.provenance import machine
+
+    ran = machine()
+    (out / "api.json").write_text(json.dumps({"machine": ran, "rate": RATE, "seconds": SECONDS, "results": results},
+                                             indent=2))
     lines = ["| scenario | req/s | p50 ms | p99 ms | max ms | client lag p99 ms | errors |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {r['req_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['client_lag_p99_ms']} "
               f"| {r['errors']} |" for k, r in results.items()]
-    (out / "api.md").write_text("\n".join(lines) + "\n")
+    head = (f"# HTTP API under load\n\n{ran['date']}, commit {ran['commit']}, {ran['cpus']} cores, {ran['ram_gb']} GB RAM, "
+            f"{ran['cpu']}, {ran['gpu']}. `python bench/api.py` (server and load generator share the cores).\n\n")
+    (out / "api.md").write_text(head + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

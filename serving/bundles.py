@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -71,6 +72,13 @@ _COMMON = frozenset(
     "small medium large women men mens womens kids girls boys ounce count pcs piece pieces free style".split())
 
 
+@lru_cache(maxsize=1 << 18)
+def _words(text: str) -> tuple[str, ...]:
+    """The distinct words of a title or category (letters, three or more), in order: cached, a bundle is built
+    per uncached request and its items' titles repeat."""
+    return tuple(dict.fromkeys(_WORD.findall(text)))
+
+
 def label(items: list[ItemInfo]) -> str | None:
     """A short name for a set of items: the category more than half of them share, else their two commonest
     ("Cables & Adapters"), preceded by the commonest title word two or more of them share that is not a
@@ -83,11 +91,11 @@ def label(items: list[ItemInfo]) -> str | None:
         category = ranked[0]
     else:
         category = f"{ranked[0]} & {ranked[1]}"
-    taken = {w.lower().rstrip("s") for w in _WORD.findall(category)}  # "Hood" adds nothing to "Lens Hoods"
+    taken = {w.lower().rstrip("s") for w in _words(category)}  # "Hood" adds nothing to "Lens Hoods"
     words: Counter[str] = Counter()
     shown: dict[str, str] = {}
     for i in items:
-        for w in dict.fromkeys(_WORD.findall(i.title)):
+        for w in _words(i.title):
             key = w.lower()
             if key not in _COMMON and key.rstrip("s") not in taken:
                 words[key] += 1
