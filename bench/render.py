@@ -77,6 +77,11 @@ def rows() -> list[tuple[str, str, str]]:
                  f"p99 {r['latency_p99_ms']:.0f} ms" for r in st["runs"] if r["scale"] == max(x["scale"] for x in st["runs"])]
         out.append((f"Stream worker, {max(x['scale'] for x in st['runs'])}× Online Retail II backlog", "; ".join(cells),
                     _source("streaming", st.get("machine"))))
+    if (api := _load("api")) is not None:
+        r, rate = api["results"], api["rate"]
+        keys = {name: f"{name}, cached, {rate}/s" for name in ("item bundles", "cart completion")}
+        cells = [f"{name} p99 {r[key]['p99_ms']:.1f} ms at {rate:,} req/s" for name, key in keys.items() if key in r]
+        out.append(("HTTP API lookups (cached responses)", "; ".join(cells), _source("api", api.get("machine"))))
     return out
 
 
@@ -91,7 +96,7 @@ def results_md() -> str:
     lines = ["# Results\n", "Rendered by `make results` (`bench/render.py`) from `bench/results/*.json`; each row names "
              "its file, the date and the commit it was measured on.\n", table()]
     lines.append("\n## Machines\n")
-    for name in ("bundles", "youshu", "model_scale", "streaming", "scale", "decoder"):
+    for name in ("bundles", "youshu", "model_scale", "streaming", "api", "scale", "decoder"):
         found = _load(name)
         if found and (m := found.get("machine")):
             lines.append(f"- `{name}`: {m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, "
