@@ -71,6 +71,8 @@ class BundleQuery:
 def bundle_queries(bundles: list[RealBundle], setting: str, known: set[str]) -> list[BundleQuery]:
     """Every query of ``setting`` over ``bundles`` whose members are all ``known`` items (in the catalog or in
     a training order: an item nobody can know is no question)."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     out = []
     for b in bundles:
         if len(b.items) < 2 or not all(i in known for i in b.items):
@@ -131,7 +133,7 @@ def serve(data: IntentBundles, cut: float, graph_cfg: GraphConfig, train_cfg: Tr
     scorer.set_views(artifact.version, artifact.item_ids, artifact.src, artifact.dst, artifact.prior,
                      artifact.model.temperature, artifact.decoder_rows)
     view = BundleView()
-    for e in data.events(cut):
+    for e in events:
         if isinstance(e, ItemUpserted):
             view.upsert_item(e)
     for item in store.items.ids:
@@ -201,7 +203,8 @@ def evaluate_domain(data: IntentBundles, graph_cfg: GraphConfig, train_cfg: Trai
                     k: int = 5) -> dict:
     """One seed on one domain: ``{"protocol", "settings": {setting: {method: {metric: mean}}}, "per_query":
     {setting: {method: {metric: [value per query]}}}, "real_bundles": the test bundles' own substitute rate
-    and category diversity, "timings"}``."""
+    and category diversity, "labels" (:func:`labels`), "example" (:func:`example`), "substitutes"
+    (:func:`substitute_detectors`), "timings"}``."""
     started = time.perf_counter()
     train_bundles, test_bundles, cut = data.split(test_frac)
     served = serve(data, cut, graph_cfg, train_cfg.model_copy(update={"seed": seed}), scorer_cfg, encoder)
@@ -209,10 +212,11 @@ def evaluate_domain(data: IntentBundles, graph_cfg: GraphConfig, train_cfg: Trai
     known = set(served.store.items.ids)
     report: dict = {"settings": {}, "per_query": {}, "timings": {"train_s": round(trained_s, 1)}}
     named: list[tuple[BundleQuery, list[str]]] = []
+    answering = methods(served, rules, scorer_cfg)
     for setting in SETTINGS:
         queries = bundle_queries(test_bundles, setting, known)
         report["settings"][setting], report["per_query"][setting] = {}, {}
-        for name, method in methods(served, rules, scorer_cfg).items():
+        for name, method in answering.items():
             began = time.perf_counter()
             answers = [method(q, k) for q in queries]
             if setting == "one_item" and name == "builder":
