@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,53 +23,89 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from scale import OUT, machine  # noqa: E402
 
+from training.models import BundleGNN  # noqa: E402
+from training.evaluation import gain_cell  # noqa: E402
+from training.protocol import relative_gain  # noqa: E402
 from training.train import Graph, TrainConfig, decoders_for, select_device, side_views, train  # noqa: E402
 from training.youshu import Youshu, ranked_metrics  # noqa: E402
 PUBLISHED = {"BGCN (SIGIR'20)": (0.2436, 0.1329), "MIDGN (AAAI'22)": (0.2682, 0.1527),
              "CrossCBR (KDD'22)": (0.2823, 0.1670), "BundleGT (SIGIR'23)": (0.2905, 0.1737)}
 READ_WEIGHTS = (0.0, 0.0003, 0.001, 0.003)
+HEAD_WEIGHTS = (0.0, 0.0001, 0.0003, 0.001)
 
 
-def user_scores(decoder, y: Youshu, users: np.ndarray, read: sp.csr_matrix, weight: float) -> torch.Tensor:
-    """Scores of every bundle for ``users``: the decoder over each user's training bundles plus ``weight`` × how
-    many of each bundle's books the user read (:meth:`Youshu.read_books`)."""
-    x = y.train[users]
-    sizes = np.maximum(np.asarray(x.sum(1)).ravel(), 1)
-    q = (sp.diags(1 / sizes) @ x).tocsr()
-    out = decoder.scores(q).float() if decoder is not None else torch.zeros(len(users), y.num_bundles)
-    return out + weight * torch.from_numpy(read[users].toarray())
+@dataclass
+class Pipeline:
+    """A user's score of every bundle: ``decoder`` over the user's training bundles (a basket), plus ``read`` ×
+    how many of each bundle's books the user read (:meth:`Youshu.read_books`), plus ``head`` × the GNN's own
+    user → bundle score (:meth:`BundleGNN.user_scores`, centred per user)."""
+
+    decoder: object | None
+    read: float = 0.0
+    head: float = 0.0
 
 
-def measure(decoder, y: Youshu, truth: sp.csr_matrix, read: sp.csr_matrix, weight: float) -> dict[str, float]:
-    users = np.flatnonzero(np.asarray(truth.sum(1)).ravel() > 0)
-    parts = [ranked_metrics(user_scores(decoder, y, users[a:a + 1024], read, weight), y.train[users[a:a + 1024]],
-                            truth[users[a:a + 1024]]) for a in range(0, len(users), 1024)]
-    n = sum(p["users"] for p in parts)
-    return {m: sum(p[m] * p["users"] for p in parts) / n for m in ("recall", "ndcg")} | {"users": n}
+@dataclass
+class Context:
+    y: Youshu
+    reads: sp.csr_matrix
+    model: BundleGNN
+    h: dict[str, torch.Tensor]
+    user_rows: np.ndarray  # store row of each dataset user, -1 without training bundles
+
+    def scores(self, p: Pipeline, users: np.ndarray) -> torch.Tensor:
+        x = self.y.train[users]
+        q = (sp.diags(1 / np.maximum(np.asarray(x.sum(1)).ravel(), 1)) @ x).tocsr()
+        out = p.decoder.scores(q).float() if p.decoder is not None else torch.zeros(len(users), self.y.num_bundles)
+        if p.read:
+            out = out + p.read * torch.from_numpy(self.reads[users].toarray())
+        if p.head:
+            rows = self.user_rows[users]
+            known = torch.from_numpy(rows >= 0)
+            head = torch.zeros_like(out)
+            with torch.no_grad():
+                head[known] = self.model.user_scores(self.h, torch.from_numpy(rows[rows >= 0])).float()
+            out = out + p.head * (head - head.mean(1, keepdim=True))
+        return out
+
+    def measure(self, p: Pipeline, truth: sp.csr_matrix) -> dict:
+        """Recall@20 and NDCG@20 over the users with pairs in ``truth``, and each user's values (for intervals)."""
+        users = np.flatnonzero(np.asarray(truth.sum(1)).ravel() > 0)
+        parts = [ranked_metrics(self.scores(p, u), self.y.train[u], truth[u], per_user=True)
+                 for u in np.array_split(users, max(1, len(users) // 1024))]
+        each = {m: np.concatenate([x["per_user"][m] for x in parts]) for m in ("recall", "ndcg")}
+        return {"recall": float(each["recall"].mean()), "ndcg": float(each["ndcg"].mean()), "users": len(users),
+                "per_user": {m: v.tolist() for m, v in each.items()}}
+
+
+def tuned(ctx: Context, decoder: object, heads: tuple[float, ...]) -> Pipeline:
+    """``decoder`` with the read-books and head weights that rank the tuning pairs best (Recall@20)."""
+    grid = [Pipeline(decoder, r, h) for r in READ_WEIGHTS for h in heads]
+    val = [ctx.measure(p, ctx.y.tune)["recall"] for p in grid]
+    return grid[int(np.argmax(val))]
 
 
 def run(y: Youshu, seed: int, cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     store = y.store()
     feats = y.features(seed=seed)
-    tune_q = y.queries(store, y.tune)
-    result = train(store, feats, cfg.model_copy(update={"seed": seed}), val=tune_q)
+    result = train(store, feats, cfg.model_copy(update={"seed": seed}), val=y.queries(store, y.tune))
     graph = Graph.build(store, feats, select_device(cfg.device), co_per_item=cfg.co_edges_per_item,
                         ui_per_user=cfg.ui_edges_per_user)
     without = max((d for d in result.decoder_val if d.gnn_weight == 0), key=result.decoder_val.get)
     fits = list(decoders_for([result.decoder, without], graph, side_views(result.model, graph)))
-    read = y.read_books()
-    methods, tuned = {}, {}
-    for name, decoder in (("gnn", fits[0]), ("composition_ease", fits[1])):
-        val = {w: measure(decoder, y, y.tune, read, w)["recall"] for w in READ_WEIGHTS}
-        tuned[name] = {"decoder": decoder.config.model_dump(), "read_weight": max(val, key=val.get),
-                       "tune_recall@20": val}
-        methods[name] = measure(decoder, y, y.test, read, tuned[name]["read_weight"])
-    methods["gnn_decoder_only"] = measure(fits[0], y, y.test, read, 0.0)
-    methods["read_books_only"] = measure(None, y, y.test, read, 1.0)
-    popularity = DecoderPopularity(np.asarray(y.train.sum(0)).ravel())
-    methods["popularity"] = measure(popularity, y, y.test, read, 0.0)
-    return {"seed": seed, "methods": methods, "tuned": tuned, "gnn_weight": result.gnn_weight,
+    with torch.no_grad():
+        h = graph.embed(result.model.eval())
+    rows = np.array([-1 if (r := store.users.get(f"u{u}")) is None else r for u in range(y.train.shape[0])])
+    ctx = Context(y, y.read_books(), result.model, h, rows)
+    gnn, plain = tuned(ctx, fits[0], HEAD_WEIGHTS), tuned(ctx, fits[1], (0.0,))
+    pipelines = {"gnn": gnn, "composition_ease": plain, "gnn_head_only": Pipeline(None, head=1.0),
+                 "read_books_only": Pipeline(None, read=1.0),
+                 "popularity": Pipeline(DecoderPopularity(np.asarray(y.train.sum(0)).ravel()))}
+    methods = {name: ctx.measure(p, y.test) for name, p in pipelines.items()}
+    return {"seed": seed, "methods": methods, "gnn_weight": result.gnn_weight, "head_weight": gnn.head,
+            "read_weight": gnn.read, "decoder": gnn.decoder.config.model_dump(),
+            "composition_ease": {"decoder": plain.decoder.config.model_dump(), "read_weight": plain.read},
             "gnn_best_epoch": result.best_epoch, "gnn_epochs_run": len(result.history),
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -95,10 +132,15 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {m['recall']:.4f} ± {m['recall_std']:.4f} | {m['ndcg']:.4f} ± {m['ndcg_std']:.4f} |")
     for name, (r, n) in PUBLISHED.items():
         lines.append(f"| {name}, published | {r:.4f} | {n:.4f} |")
+    g = report["gains"]
+    lines += ["", "| comparison (every seed's test users, 95 % interval) | Recall@20 | NDCG@20 |", "|---|---|---|"]
+    lines += [f"| {name} | {gain_cell(v['recall'])} | {gain_cell(v['ndcg'])} |" for name, v in g.items()]
     lines.append(f"\ngnn: the decoder with composition and GNN embeddings as side information (GNN weight "
-                 f"{report['gnn_weights']} by seed) plus the tuned read-books term; composition_ease: the same without "
-                 f"the GNN; gnn_decoder_only: without the read-books term; read_books_only: how many of a bundle's "
-                 f"books the user read. Published rows as quoted in ../shared/data/youshu/README.md.")
+                 f"{report['gnn_weights']} by seed), plus the tuned read-books term and the GNN's own user → bundle "
+                 f"score (weight {report['head_weights']} by seed); composition_ease: the decoder without the GNN, "
+                 f"plus the read-books term; gnn_head_only: the GNN's user → bundle score alone; read_books_only: how "
+                 f"many of a bundle's books the user read. Weights tuned on the tuning pairs. Published rows as "
+                 f"quoted in ../shared/data/youshu/README.md.")
     return "\n".join(lines) + "\n"
 
 
@@ -116,12 +158,19 @@ def main() -> None:
     methods = {}
     for name in runs[0]["methods"]:
         methods[name] = {}
-        for m in ("recall", "ndcg", "users"):
+        for m in ("recall", "ndcg", "users"):  # the user count is the same on every seed
             values = np.array([r["methods"][name][m] for r in runs], float)
             methods[name][m] = float(values.mean())
             methods[name][f"{m}_std"] = float(values.std())
+    gains = {f"gnn vs {other}": {m: relative_gain([np.array(r["methods"]["gnn"]["per_user"][m]) for r in runs],
+                                                   [np.array(r["methods"][other]["per_user"][m]) for r in runs])
+                                 for m in ("recall", "ndcg")} for other in ("composition_ease", "popularity")}
+    for r in runs:  # per-user values served the intervals; the report keeps the means
+        for m in r["methods"].values():
+            m.pop("per_user")
     report = {"machine": machine(), "seeds": [r["seed"] for r in runs], "methods": methods, "published": PUBLISHED,
-              "gnn_weights": [r["gnn_weight"] for r in runs], "runs": runs}
+              "gains": gains, "gnn_weights": [r["gnn_weight"] for r in runs],
+              "head_weights": [r["head_weight"] for r in runs], "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "youshu.json").write_text(json.dumps(report, indent=2))
     (args.out / "youshu.md").write_text(markdown(report))

@@ -13,9 +13,11 @@ item's starting features are the bundle's composition instead of a text
 embedding: a truncated SVD of its tf-idf weighted bundle × book matrix. The
 GNN (:class:`~training.models.BundleGNN`) trains on that graph, early-stopped
 on the tuning pairs; the closed-form decoder, with composition and GNN
-embeddings as side information, scores a user's bundles as a basket. The
-user–book edges enter as one more term, tuned on the tuning pairs: how many
-of a bundle's books the user has read, the user's strongest bundle scaled to 1.
+embeddings as side information, scores a user's bundles as a basket. Two
+more terms, weighted on the tuning pairs: how many of a bundle's books the
+user has read (the user–book edges; the user's strongest bundle scaled to 1),
+and the GNN's own user → bundle score (its user head, trained on the same
+graph), which the decoder over a user's bundles cannot give.
 """
 
 from __future__ import annotations
@@ -107,10 +109,12 @@ class Youshu:
         return Queries(items, hidden_a, np.array(users, np.int64), counts[hidden_a] == 0)
 
 
-def ranked_metrics(scores: torch.Tensor, seen: sp.csr_matrix, truth: sp.csr_matrix, k: int = 20) -> dict[str, float]:
+def ranked_metrics(scores: torch.Tensor, seen: sp.csr_matrix, truth: sp.csr_matrix, k: int = 20,
+                   per_user: bool = False) -> dict:
     """Recall@k and NDCG@k of users' score rows (every row of ``scores``; their rows of ``seen`` masked out)
     against their rows of ``truth``, as the CrossCBR code computes them: recall = hits / test bundles, NDCG with
-    the ideal DCG of min(test bundles, k) hits; users without test bundles are not counted."""
+    the ideal DCG of min(test bundles, k) hits; users without test bundles are not counted (``per_user``: each
+    counted user's values too)."""
     s = scores.clone()
     r, c = seen.nonzero()
     s[torch.from_numpy(r.astype(np.int64)), torch.from_numpy(c.astype(np.int64))] = -torch.inf
@@ -121,5 +125,8 @@ def ranked_metrics(scores: torch.Tensor, seen: sp.csr_matrix, truth: sp.csr_matr
     discount = 1 / np.log2(np.arange(2, k + 2))
     dcg = (hits * discount).sum(1)
     idcg = np.array([discount[:min(int(x), k)].sum() for x in n])
-    return {"recall": float((hits.sum(1)[keep] / n[keep]).mean()), "ndcg": float((dcg[keep] / idcg[keep]).mean()),
-            "users": int(keep.sum())}
+    recall, ndcg = hits.sum(1)[keep] / n[keep], dcg[keep] / idcg[keep]
+    out: dict = {"recall": float(recall.mean()), "ndcg": float(ndcg.mean()), "users": int(keep.sum())}
+    if per_user:
+        out["per_user"] = {"recall": recall, "ndcg": ndcg}
+    return out
