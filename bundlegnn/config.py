@@ -30,8 +30,10 @@ class PathsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    state_dir: Path = Path("var")
-    model_store: Path = Path("var/models")
+    state_dir: Path = Field(Path("var"), description="local state: graph snapshot, checkpoints, text cache, "
+                            "broker and API addresses, dead-letter files")
+    model_store: Path = Field(Path("var/models"), description="where `train` writes model versions and workers "
+                              "and the API load them (shared in production)")
 
     @property
     def snapshot(self) -> Path:

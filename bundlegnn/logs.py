@@ -13,7 +13,7 @@ import logging.config
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -23,8 +23,8 @@ class LogConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="least severe level logged")
+    format: Literal["text", "json"] = Field("text", description="json: one JSON object per line (production)")
 
 
 class JsonFormatter(logging.Formatter):

@@ -38,7 +38,7 @@ class BundleRules(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    in_stock_only: bool = True
+    in_stock_only: bool = Field(True, description="bundles hold only items in stock")
     max_per_category: int | None = Field(2, ge=1, description="members of one category per bundle; null: no limit")
     candidates: int = Field(30, ge=1, le=500, description="best complements of the anchors considered")
     history_boost: float = Field(0.1, ge=0, description="added to the relevance of items the user bought before")

@@ -12,7 +12,7 @@ class ServingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address the API listens on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port (printed at start)")
     rules: BundleRules = Field(default_factory=BundleRules)
     cache_size: int = Field(100_000, ge=0, description="built responses kept (revalidated on every hit)")

@@ -10,14 +10,16 @@ class Topics(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    catalog: str = "catalog"
-    interactions: str = "interactions"
-    orders: str = "orders"
+    catalog: str = Field("catalog", description="item_upserted events, keyed by item id (compacted)")
+    interactions: str = Field("interactions", description="interaction events, keyed by user id")
+    orders: str = Field("orders", description="order events, keyed by order id")
     repartition: str = Field("repartition", description="the workers' own topic: orders, interactions and catalog "
                              "upserts on their way to the worker that owns their items (streaming.repartition)")
-    bundle_updates: str = "bundle-updates"
-    dead_letters: str = "dead-letters"
-    model_updates: str = "model-updates"
+    bundle_updates: str = Field("bundle-updates", description="each item's newest complement list, keyed by "
+                                "item id (compacted; the API reads it)")
+    dead_letters: str = Field("dead-letters", description="events that could not be applied, with the reason "
+                              "and source position in headers")
+    model_updates: str = Field("model-updates", description="announcements of promoted models")
 
     def inputs(self) -> tuple[str, str, str, str]:
         """The worker's input topics: one task per partition number across them."""
@@ -54,7 +56,7 @@ class StreamConfig(BaseModel):
                                  "take while events wait: under load the pause grows to keep it there")
     embed_interval: float = Field(2.0, gt=0, description="seconds between inductive passes for new items")
     session_timeout: float = Field(10.0, gt=0, description="consumer session timeout (s); small joins fast")
-    heartbeat_interval: float = Field(1.0, gt=0)
+    heartbeat_interval: float = Field(1.0, gt=0, description="consumer heartbeat (s)")
     max_poll_interval: float = Field(300.0, gt=0, description="longest stall between polls before the worker "
                                      "is dropped from its group (keep it large: tansu never lets it back in)")
     rebalance_timeout: float = Field(10.0, gt=0, description="a consumer-group join waits this long on tansu")

@@ -94,12 +94,13 @@ class ScorerConfig(BaseModel):
     co_purchase_boost: float = Field(1.0, ge=0, description="weight of log(1 + co-purchase weight) on model scores")
     decoder_boost: float = Field(0.05, ge=0, description="weight of log(1 + co-purchase weight) on decoder scores")
     similar_items: int = Field(3, ge=0, description="text neighbours a new item borrows complements from")
-    min_text_similarity: float = Field(0.5, ge=-1, le=1)
+    min_text_similarity: float = Field(0.5, ge=-1, le=1, description="text cosine from which a new item "
+                                       "borrows a similar item's complements")
     substitute_similarity: float = Field(0.85, ge=-1, le=1,
                                          description="text cosine from which two never co-purchased items are substitutes")
     substitute_same_category: bool = Field(True, description="and only when they are in the same category (items "
                                            "without one: text alone); see bench/results/bundles.md for the measure")
-    max_substitutes: int = Field(20, ge=0)
+    max_substitutes: int = Field(20, ge=0, description="substitutes published per item")
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:

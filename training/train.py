@@ -55,13 +55,13 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    hidden: int = Field(128, ge=8)
-    layers: int = Field(2, ge=1, le=4)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    lr: float = Field(1e-2, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
-    epochs: int = Field(60, ge=1)
-    patience: int = Field(8, ge=1)
+    hidden: int = Field(128, ge=8, description="size of the GNN's node embeddings")
+    layers: int = Field(2, ge=1, le=4, description="message-passing layers")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on embeddings while training")
+    lr: float = Field(1e-2, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay")
+    epochs: int = Field(60, ge=1, description="most GNN epochs")
+    patience: int = Field(8, ge=1, description="epochs without a better validation NDCG@10 before stopping")
     gnn_budget_s: float | None = Field(900.0, gt=0, description="seconds the GNN epochs may take: after the epoch "
                                        "that passes it training keeps the best epoch so far (a retraining job has "
                                        "a time slot; null: no limit)")
@@ -70,16 +70,18 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(2048, ge=1, description="examples per full-graph step")
     examples_per_epoch: int = Field(20_000, ge=1, description="(basket, hidden item) pairs drawn per epoch")
     negatives: int = Field(4096, ge=1, description="sampled negatives; all items when the catalog is smaller")
-    drop_edge: float = Field(0.3, ge=0, lt=1)
+    drop_edge: float = Field(0.3, ge=0, lt=1, description="share of co-purchase edges dropped in each step "
+                             "(DropEdge)")
     co_edges_per_item: int | None = Field(32, ge=1, description="message passing keeps each item's heaviest "
                                           "co-purchase edges (null: all of them)")
     ui_edges_per_user: int | None = Field(128, ge=1, description="and each user's heaviest items")
-    id_embeddings: bool = True
+    id_embeddings: bool = Field(True, description="learned per-item ID embeddings for items with orders")
     cold_share: float = Field(0.2, ge=0, lt=1, description="share of items made to look new in each step")
-    temperature: float = Field(0.1, gt=0)
-    user_loss_weight: float = Field(0.2, ge=0)
-    seed: int = 0
-    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
+    temperature: float = Field(0.1, gt=0, description="τ of the GNN's cosine scores")
+    user_loss_weight: float = Field(0.2, ge=0, description="weight of the user → item loss beside the basket "
+                                    "completion loss")
+    seed: int = Field(0, description="seed of sampling and initialisation (training is deterministic)")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="auto: CUDA when available")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast of the scoring heads (auto: on GPUs with bf16, fp32 elsewhere)")
     decoder: bool = Field(True, description="score through the closed-form decoder (else the GNN's cosine head)")
