@@ -186,7 +186,7 @@ def main() -> None:
             server.join()
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    from bundlegnn.provenance import machine
+    from bundlegnn.provenance import describe, machine
 
     ran = machine()
     (out / "api.json").write_text(json.dumps({"machine": ran, "rate": RATE, "seconds": SECONDS, "results": results},
@@ -195,8 +195,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {r['req_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['client_lag_p99_ms']} "
               f"| {r['errors']} |" for k, r in results.items()]
-    head = (f"# HTTP API under load\n\n{ran['date']}, commit {ran['commit']}, {ran['cpus']} cores, {ran['ram_gb']} GB RAM, "
-            f"{ran['cpu']}, {ran['gpu']}. `python bench/api.py` (server and load generator share the cores).\n\n")
+    head = (f"# HTTP API under load\n\n{describe(ran)}. `python bench/api.py` (server and load generator share the "
+            f"cores).\n\n")
     (out / "api.md").write_text(head + "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from bundlegnn.provenance import describe
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -99,12 +101,10 @@ def results_md() -> str:
     for name in ("bundles", "youshu", "model_scale", "streaming", "api", "scale", "decoder"):
         found = _load(name)
         if found and (m := found.get("machine")):
-            lines.append(f"- `{name}`: {m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, "
-                         f"{m['cpu']}, {m.get('gpu', 'no GPU')}")
+            lines.append(f"- `{name}`: {describe(m)}")
     for name in ("eval_online_retail_ii", "eval_completejourney"):
         if (found := _load(name)) is not None and (p := found.get("provenance")):
-            where = p.get("machine") or f"{p['cpus']} cores, {p['ram_gb']} GB RAM, {p['cpu']}, {p['gpu']}"
-            lines.append(f"- `{name}`: {p['date']}, commit {p['commit']}, {where}")
+            lines.append(f"- `{name}`: {describe(p)}")
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from scale import OUT, machine  # noqa: E402
 
+from bundlegnn.provenance import describe  # noqa: E402
+
 from training.models import BundleGNN  # noqa: E402
 from training.evaluation import gain_cell  # noqa: E402
 from training.protocol import relative_gain  # noqa: E402
@@ -122,9 +124,7 @@ class DecoderPopularity:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
-    lines = [f"# Youshu: user → bundle (BGCN / CrossCBR split)\n",
-             f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}. "
+    lines = ["# Youshu: user → bundle (BGCN / CrossCBR split)\n", f"{describe(report['machine'])}. "
              f"`python bench/youshu.py --seeds {','.join(map(str, report['seeds']))}`; "
              f"seeds {report['seeds']}, {report['methods']['gnn']['users']:.0f} test users, every bundle ranked but the "
              f"user's training ones.\n",

@@ -15,7 +15,7 @@ import typer
 
 from bundlegnn.config import ConfigError, Settings, load_settings
 from bundlegnn.logs import dict_config, setup_logging
-from bundlegnn.provenance import machine
+from bundlegnn.provenance import describe, machine
 from graph.store import tune_gc
 
 if TYPE_CHECKING:
@@ -247,9 +247,9 @@ def evaluate(
     started = time.perf_counter()
     summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s, held_out=held_out)
                          for s in seed_list])
-    summary["provenance"] = {**machine(), "command": f"bundlegnn evaluate --config {config} --seeds {seeds}",
+    summary["provenance"] = {**machine(), "command": "bundlegnn evaluate" + (f" --config {config}" if config else "") + f" --seeds {seeds}",
                              "wall_s": round(time.perf_counter() - started)}
-    tables = markdown(summary)
+    tables = f"{describe(summary['provenance'])}. `{summary['provenance']['command']}`.\n\n" + markdown(summary)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(summary, indent=2))
@@ -276,7 +276,8 @@ def _evaluate_bundles(settings: Settings, data: Optional[Path], domains: list[st
     summaries = [summarise([evaluate_domain(d, settings.graph, settings.training, settings.scoring,
                                             settings.serving.rules, encoder, seed=s) for s in seeds]) for d in sets]
     ran = machine()
-    tables = markdown(summaries, ran)
+    tables = (f"# Bundles against real bundles\n\n{describe(ran)}. `bundlegnn evaluate --task bundle --seeds "
+              f"{','.join(map(str, seeds))}`, configs/default.yaml.\n\n" + markdown(summaries))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"machine": ran, "domains": summaries}, indent=2))

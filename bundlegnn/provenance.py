@@ -22,3 +22,10 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "ram_gb": round(mem / 1e6, 1), "cpu": cpu, "gpu": gpu,
             "python": platform.python_version(), "commit": commit.strip() or "?",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def describe(m: dict) -> str:
+    """``m`` (:func:`machine`, or an older record whose ``machine`` is already a sentence) as one line for a
+    results page: "date, commit c, 2 cores, 24.7 GB RAM, CPU, GPU"."""
+    where = m.get("machine") or f"{m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}, {m.get('gpu', 'no GPU')}"
+    return f"{m['date']}, commit {m['commit']}, {where}"

@@ -268,10 +268,11 @@ def example(named: list[tuple[BundleQuery, list[str]]], view: BundleView, rules:
             data: IntentBundles) -> dict | None:
     """One real test bundle of three or more items beside the bundle the API builds for one of its items (the
     first query whose first bundle finds the most real members): for people to read."""
-    best = max((q for q, members in named if len(q.bundle.items) >= 3 and set(members) & set(q.hidden)),
-               key=lambda q: len(set(dict(named)[q]) & set(q.hidden)), default=None)
-    if best is None:
+    found = max(((q, members) for q, members in named if len(q.bundle.items) >= 3 and set(members) & set(q.hidden)),
+                key=lambda qm: len(set(qm[1]) & set(qm[0].hidden)), default=None)
+    if found is None:
         return None
+    best = found[0]
     built = build_bundles(view, list(best.anchors), 1, len(best.hidden), rules)[0]
     return {"intent": best.bundle.intent, "bundle_id": best.bundle.bundle_id, "anchor": best.anchors[0],
             "real": [{"item_id": i, "title": data.titles.get(i, i), "category": data.leaf(i)}
@@ -342,15 +343,9 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def markdown(summaries: list[dict], machine: dict | None = None) -> str:
-    """Per domain and setting: every method's metrics, then the builder's gains; ``machine``
-    (:func:`bundlegnn.provenance.machine`): where it ran, as a header."""
+def markdown(summaries: list[dict]) -> str:
+    """Per domain and setting: every method's metrics, then the builder's gains."""
     lines: list[str] = []
-    if machine is not None:
-        lines += ["# Bundles against real bundles\n",
-                  f"{machine['date']}, commit {machine['commit']}, {machine['cpus']} cores, {machine['ram_gb']} GB RAM, "
-                  f"{machine['cpu']}, {machine.get('gpu', 'no GPU')}. `bundlegnn evaluate --task bundle --seeds "
-                  f"{','.join(map(str, summaries[0]['seeds']))}`, configs/default.yaml.\n"]
     for s in summaries:
         p = s["protocol"]
         lines.append(f"\n## {s['domain']}: {p['test_bundles']} test bundles after {time.strftime('%Y-%m-%d', time.gmtime(p['cut']))}, "

@@ -180,13 +180,9 @@ def compare(runs: list[dict]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-    """The summary as markdown tables: where it ran (when the summary says), every slice's metrics (mean ± std
-    over seeds), then the gains."""
+    """The summary as markdown tables: every slice's metrics (mean ± std over seeds), then the gains."""
     seeds = summary["seeds"]
     lines = []
-    if (p := summary.get("provenance")) is not None:  # where it ran (bundlegnn.provenance.machine)
-        where = p.get("machine") or f"{p['cpus']} cores, {p['ram_gb']} GB RAM, {p['cpu']}, {p.get('gpu', 'no GPU')}"
-        lines.append(f"{p['date']}, commit {p['commit']}, {where}. `{p['command']}`.\n")
     for part in SLICES:
         if part not in summary:
             continue
