@@ -247,8 +247,8 @@ def evaluate(
     started = time.perf_counter()
     summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s, held_out=held_out)
                          for s in seed_list])
-    summary["provenance"] = {**machine(), "command": "bundlegnn evaluate" + (f" --config {config}" if config else "") + f" --seeds {seeds}",
-                             "wall_s": round(time.perf_counter() - started)}
+    command = "bundlegnn evaluate" + (f" --config {config}" if config else "") + f" --seeds {seeds}"
+    summary["provenance"] = {**machine(), "command": command, "wall_s": round(time.perf_counter() - started)}
     tables = f"{describe(summary['provenance'])}. `{summary['provenance']['command']}`.\n\n" + markdown(summary)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
