@@ -20,6 +20,7 @@ from bundlegnn.provenance import describe
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+EXAMPLE_BEGIN, EXAMPLE_END = "<!-- bundle-example:begin -->", "<!-- bundle-example:end -->"
 
 
 def _load(name: str) -> dict | None:
@@ -93,6 +94,31 @@ def table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(title: str, width: int = 60) -> str:
+    return title if len(title) <= width else title[: width - 1].rstrip() + "…"
+
+
+def bundle_example() -> str:
+    """One real test bundle of the first domain in ``bundles.json`` beside the bundle the API built for its
+    first item, with the API's label (``evaluate --task bundle`` picks the query; see
+    :func:`serving.bundle_eval.example`)."""
+    b = _load("bundles")
+    ex = next((d["example"] for d in (b or {}).get("domains", []) if d.get("example")), None)
+    if ex is None:
+        return "(no bundle example: run `make bench`)\n"
+    real, built = ex["real"], ex["built"]["items"]
+    found = len({i["item_id"] for i in real[1:]} & {i["item_id"] for i in built[1:]})
+    lines = [f"A real {b['domains'][0]['domain']} bundle from the test split (intent \"{ex['intent'].strip()}\") "
+             f"beside what the API builds for its first item, labelled **\"{ex['built']['label']}\"**: "
+             f"{found} of its {len(real) - 1} other members found; from {_source('bundles', b.get('machine'))}.\n",
+             "| real bundle | built by the API | why |", "| --- | --- | --- |"]
+    for k in range(max(len(real), len(built))):
+        r = _short(real[k]["title"]) if k < len(real) else ""
+        m = built[k] if k < len(built) else None
+        lines.append(f"| {r} | {_short(m['title']) if m else ''} | {m['why'] if m else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def results_md() -> str:
     """docs/results.md: the headline table, then where each benchmark ran."""
     lines = ["# Results\n", "Rendered by `make results` (`bench/render.py`) from `bench/results/*.json`; each row names "
@@ -145,10 +171,15 @@ def configuration_md() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _between(text: str, begin: str, end: str, body: str) -> str:
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return text[:start] + "\n" + body + text[stop:]
+
+
 def readme_with_table(text: str) -> str:
-    """``text`` (the README) with the table between the markers replaced by :func:`table`."""
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    return text[:start] + "\n" + table() + text[end:]
+    """``text`` (the README) with the table (:func:`table`) and the bundle example (:func:`bundle_example`)
+    between their markers."""
+    return _between(_between(text, BEGIN, END, table()), EXAMPLE_BEGIN, EXAMPLE_END, bundle_example())
 
 
 def main() -> int:
