@@ -689,12 +689,13 @@ class GraphStore:
         return u, i, count, self.decayed(weight, now)
 
     def co_purchase_matrix(self, now: float | None = None, counts: bool = False) -> sp.csr_matrix:
-        """Symmetric item×item matrix of decayed weights (or raw counts)."""
+        """Symmetric item×item matrix of decayed weights (or raw counts), float32 with int32 indices: 8 bytes per
+        stored entry, two per pair (a count is exact in float32 up to 2²⁴)."""
         a, b, cnt, w = self.co_edges(now)
-        vals = (cnt if counts else w).astype(np.float64)
-        n = self.num_items
-        m = sp.coo_matrix((np.concatenate([vals, vals]), (np.concatenate([a, b]), np.concatenate([b, a]))), shape=(n, n))
-        return m.tocsr()
+        vals = (cnt if counts else w).astype(np.float32)
+        n, index = self.num_items, np.int32 if self.num_items < 2**31 else np.int64
+        rows, cols = np.concatenate([a, b]).astype(index), np.concatenate([b, a]).astype(index)
+        return sp.coo_matrix((np.concatenate([vals, vals]), (rows, cols)), shape=(n, n)).tocsr()
 
     def user_item_matrix(self, now: float | None = None, counts: bool = False) -> sp.csr_matrix:
         """user×item matrix of decayed interaction weights (or raw counts)."""

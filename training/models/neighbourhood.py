@@ -27,7 +27,7 @@ such item's ``k_side`` nearest items by text.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -39,7 +39,7 @@ from training.neighbours import VectorIndex
 
 def gram(co: sp.csr_matrix, item_counts: np.ndarray) -> sp.csr_matrix:
     """:math:`\\mathbf{X}^\\top\\mathbf{X}` from co-purchase counts (off the diagonal) and item order counts."""
-    return (co + sp.diags(item_counts.astype(np.float64))).tocsr()
+    return (co + sp.diags(item_counts.astype(co.dtype))).tocsr()
 
 
 def _top_co(g: sp.csr_matrix, k: int) -> np.ndarray:
@@ -119,9 +119,13 @@ def nearest(side: np.ndarray, k: int) -> np.ndarray:
 def neighbourhood_fits(g: sp.csr_matrix, sides: Sequence[tuple[str, np.ndarray]],
                       points: Sequence[tuple[float, dict[str, float]]], cold: tuple[float, str] | None = None,
                       k_co: int = 64, k_side: int = 16, chunk: int = 512,
-                      near: dict[str, np.ndarray] | None = None) -> list[sp.csr_matrix]:
+                      near: dict[str, np.ndarray] | None = None) -> Iterator[sp.csr_matrix]:
     r"""The sparse item × item weights :math:`\mathbf{B}` (``a`` row → ``b`` column) of each point
     ``(λ, {side name: α})`` of a grid, in one pass; a basket ``q`` scores items as ``q @ B``.
+
+    The solves run when the first matrix is asked for; each point's matrix is assembled only when it is
+    asked for, and its values (float32) are freed then, so a grid holds the values of every point but at most
+    the matrices its caller keeps (tuning keeps the best: two at a time), not one matrix per point.
 
     ``g``: :func:`gram`; ``sides``: ``(name, E)`` with unit rows (:func:`~training.models.decoder.side_view`);
     ``cold``: ``(γ, name)``, the weight of the named side's cosine towards items without orders; ``near``:
@@ -174,35 +178,38 @@ def neighbourhood_fits(g: sp.csr_matrix, sides: Sequence[tuple[str, np.ndarray]]
                     g_nn.add_(side_nn[name], alpha=alpha)
                     g_nb.add_(side_nb[name], alpha=alpha)
             g_nn.diagonal(dim1=1, dim2=2).add_(m * lam)
-            vals_out[p].append(torch.linalg.solve(g_nn, g_nb.unsqueeze(-1)).squeeze(-1).numpy()[mask])
-        rows_out.append(idx[mask])
-        cols_out.append(np.repeat(targets, mask.sum(1)))
-    b_rows = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
-    b_cols = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int64)
+            vals_out[p].append(torch.linalg.solve(g_nn, g_nb.unsqueeze(-1)).squeeze(-1).numpy()[mask]
+                               .astype(np.float32))
+        rows_out.append(idx[mask].astype(np.int32))
+        cols_out.append(np.repeat(targets, mask.sum(1)).astype(np.int32))
+    b_rows = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int32)
+    b_cols = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int32)
+    del rows_out, cols_out
     if cold is not None and cold[0]:  # γ max(0, cos) towards each unsold item from its nearest items by text
         text = views[cold[1]].numpy()
         unsold = np.flatnonzero(counts == 0)
         close = near[cold[1]][unsold]
         ok = close >= 0
-        cold_rows, cold_cols = close[ok], np.repeat(unsold, ok.sum(1))
+        cold_rows, cold_cols = close[ok].astype(np.int32), np.repeat(unsold, ok.sum(1)).astype(np.int32)
         cold_vals = cold[0] * np.maximum(np.einsum("kd,kd->k", text[cold_rows], text[cold_cols]), 0.0)
     else:
-        cold_rows = cold_cols = np.zeros(0, np.int64)
+        cold_rows = cold_cols = np.zeros(0, np.int32)
         cold_vals = np.zeros(0)
     rows, cols = np.concatenate([b_rows, cold_rows]), np.concatenate([b_cols, cold_cols])
-    out = []
-    for vals in vals_out:
-        v = np.concatenate(vals + [cold_vals]).astype(np.float32)
+    del b_rows, b_cols
+    for p in range(len(points)):
+        v = np.concatenate(vals_out[p] + [cold_vals.astype(np.float32)])
+        vals_out[p] = []  # this point's values are in its matrix now
         weights = sp.coo_matrix((v, (rows, cols)), shape=(n, n)).tocsr()  # sums duplicates
+        del v
         weights.setdiag(0)
         weights.eliminate_zeros()
-        out.append(weights)
-    return out
+        yield weights
 
 
 def neighbourhood_weights(g: sp.csr_matrix, sides: Sequence[tuple[str, float, np.ndarray]], lam: float,
                           cold: tuple[float, str] | None = None, k_co: int = 64, k_side: int = 16,
                           chunk: int = 512, near: dict[str, np.ndarray] | None = None) -> sp.csr_matrix:
     """One point of :func:`neighbourhood_fits`: ``sides`` as ``(name, α, E)``."""
-    return neighbourhood_fits(g, [(name, e) for name, _, e in sides], [(lam, {name: a for name, a, _ in sides})],
-                              cold, k_co, k_side, chunk, near)[0]
+    return next(neighbourhood_fits(g, [(name, e) for name, _, e in sides], [(lam, {name: a for name, a, _ in sides})],
+                                   cold, k_co, k_side, chunk, near))
