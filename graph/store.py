@@ -688,14 +688,17 @@ class GraphStore:
         u, i, count, weight = self.ui.edges()
         return u, i, count, self.decayed(weight, now)
 
-    def co_purchase_matrix(self, now: float | None = None, counts: bool = False) -> sp.csr_matrix:
-        """Symmetric item×item matrix of decayed weights (or raw counts), float32 with int32 indices: 8 bytes per
-        stored entry, two per pair (a count is exact in float32 up to 2²⁴)."""
-        a, b, cnt, w = self.co_edges(now)
-        vals = (cnt if counts else w).astype(np.float32)
-        n, index = self.num_items, np.int32 if self.num_items < 2**31 else np.int64
-        rows, cols = np.concatenate([a, b]).astype(index), np.concatenate([b, a]).astype(index)
-        return sp.coo_matrix((np.concatenate([vals, vals]), (rows, cols)), shape=(n, n)).tocsr()
+    def co_purchase_matrix(self, now: float | None = None, counts: bool = False,
+                           diagonal: np.ndarray | None = None) -> sp.csr_matrix:
+        """Symmetric item×item matrix of decayed weights (or raw counts), float32 with int32 indices (8 bytes
+        per stored entry, two per pair; a count is exact in float32 up to 2²⁴); ``diagonal``: a value per item
+        to put on the diagonal (XᵀX: each item's order count)."""
+        if diagonal is not None and len(diagonal) != self.num_items:
+            raise ValueError(f"diagonal has {len(diagonal)} values for {self.num_items} items")
+        if counts:
+            return self.co.csr(self.num_items, "count", diagonal=diagonal)
+        scale = float(self.decayed(np.ones(1), now)[0])  # decay is one factor for every weight
+        return self.co.csr(self.num_items, "weight", scale, diagonal)
 
     def user_item_matrix(self, now: float | None = None, counts: bool = False) -> sp.csr_matrix:
         """user×item matrix of decayed interaction weights (or raw counts)."""

@@ -180,3 +180,26 @@ def test_a_co_purchase_pair_takes_24_bytes(retail_replay) -> None:
     pairs = store.num_co_edges()
     assert store.co.nbytes <= 24 * pairs + 8 * (store.num_items + len(store.co.blocks))
     assert store.co.nbytes / pairs < 24.1
+
+
+def test_csr_with_and_without_diagonal_equals_the_edges_on_real_orders_in_small_blocks() -> None:
+    """The matrices the decoder reads, filled block by block, against a COO matrix of :meth:`EdgeTable.edges`:
+    small blocks with a pending buffer, items beyond the last block, explicit diagonals."""
+    store = _store(GraphConfig(), small=True)
+    store.apply_all(list(retail_events(RETAIL_II))[:6000])
+    n = store.num_items
+    a, b, count, weight = store.co_edges()
+    full = np.zeros((n, n))
+    full[a, b] = full[b, a] = count
+    co = store.co_purchase_matrix(counts=True)
+    assert co.dtype == np.float32 and co.indices.dtype == np.int32 and co.shape == (n, n)
+    assert co.has_sorted_indices and np.array_equal(co.toarray(), full)
+    diag = store.item_order_counts()
+    g = store.co_purchase_matrix(counts=True, diagonal=diag)
+    assert g.has_sorted_indices and g.nnz == co.nnz + n
+    assert np.array_equal(g.toarray(), full + np.diag(diag)) and np.array_equal(g.diagonal(), diag)
+    w = np.zeros((n, n))
+    w[a, b] = w[b, a] = weight  # co_edges decays them
+    assert np.allclose(store.co_purchase_matrix().toarray(), w, rtol=1e-6)
+    with pytest.raises(ValueError, match="diagonal has 3 values"):
+        store.co_purchase_matrix(diagonal=np.zeros(3))

@@ -13,7 +13,6 @@ import torch
 
 from graph.store import GraphStore
 from training.models.decoder import decoder_weights, side_view
-from training.models.neighbourhood import gram
 from training.protocol import Queries, ScoreFn
 
 #: EASE^R inverts an n × n matrix: 10k items took 178 s and 3.5 GB on 2 cores; larger catalogs skip it.
@@ -28,7 +27,7 @@ def basket_matrix(store: GraphStore) -> sp.csr_matrix:
 
 def item_gram(store: GraphStore) -> sp.csr_matrix:
     """XᵀX of the store's placed orders: co-purchase counts off the diagonal, each item's orders on it."""
-    return gram(store.co_purchase_matrix(counts=True), store.item_order_counts())
+    return store.co_purchase_matrix(counts=True, diagonal=store.item_order_counts())
 
 
 def _dense(m: sp.spmatrix | np.ndarray) -> torch.Tensor:
