@@ -209,6 +209,25 @@ def test_time_split_on_real_data_is_deterministic() -> None:
     assert a.fit.stats.orders_placed < a.train.stats.orders_placed
 
 
+def test_a_split_without_its_train_store_holds_one_store_and_the_job_builds_the_full_one_after_releasing_it() -> None:
+    """``train`` without a window: the fit store alone during training, then the store of every event, built
+    afresh once the fit store is released; the same stores as a split that builds both."""
+    from training.job import Candidate, full_store
+
+    events = retail_events(RETAIL_II)
+    both = time_split(events, GraphConfig(), seed=0, test_frac=0.0)
+    one = time_split(events, GraphConfig(), seed=0, test_frac=0.0, with_train=False)
+    assert one.train is None and one.fit.co_edges()[2].tolist() == both.fit.co_edges()[2].tolist()
+    assert one.protocol["val_queries"] == both.protocol["val_queries"] and np.array_equal(one.val.hidden, both.val.hidden)
+    with pytest.raises(ValueError, match="with_train=False needs test_frac=0"):
+        time_split(events, GraphConfig(), seed=0, test_frac=0.2, with_train=False)
+    cand = Candidate(result=None, split=one, id_items=[], text_train=None, seconds=0.0)  # type: ignore[arg-type]
+    store = full_store(cand, events, GraphConfig())
+    assert cand.split.fit is None  # released before the full store was built
+    assert store.items.ids == both.train.items.ids and store.stats.as_dict() == both.train.stats.as_dict()
+    assert store.co_edges()[2].tolist() == both.train.co_edges()[2].tolist()
+
+
 def test_leave_items_out_split_hides_items_from_training_entirely() -> None:
     events = retail_events(RETAIL_II)
     plain = time_split(events, GraphConfig(), seed=7)

@@ -6,6 +6,11 @@ window (``--promote``) the latest orders are kept out as well, so candidate
 and live model can be compared on orders neither saw (:mod:`training.promote`).
 The saved item views come from one inductive pass over every event, so they
 reflect every order.
+
+Only one graph store is held at a time: training reads the store of the
+orders before validation; the store of every event is built after it, from a
+fresh pass over the events, once the first is released (a large shop's store
+is gigabytes: the 40× Online Retail II shop's is about 5 GB).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class Candidate:
     result: TrainResult
     split: Split
     id_items: list[str]  # the model's ID table
-    text_train: np.ndarray  # text of split.train's catalog
+    text_train: np.ndarray | None  # text of split.train's catalog (None without a window: no train store)
     seconds: float
 
 
@@ -46,11 +51,12 @@ def fit(events: Events, train_cfg: TrainConfig, graph_cfg: GraphConfig, encoder:
     """Train on the orders before the validation slice (and before the window, if any)."""
     started = time.perf_counter()
     phases = Phases()
-    split = time_split(events, graph_cfg, seed=train_cfg.seed, test_frac=window_frac, val_frac=val_frac)
+    split = time_split(events, graph_cfg, seed=train_cfg.seed, test_frac=window_frac, val_frac=val_frac,
+                       with_train=window_frac > 0)
     phases.done("split")
     text_fit = encoder.encode([it.text for it in split.fit.catalog])
-    text_train = encoder.encode([it.text for it in split.train.catalog])
-    phases.done("encode", texts=split.train.num_items)
+    text_train = encoder.encode([it.text for it in split.train.catalog]) if split.train is not None else None
+    phases.done("encode", texts=split.fit.num_items)
     result = train(split.fit, text_fit, train_cfg, val=split.val)
     result.phases = {**phases.seconds, **result.phases}
     return Candidate(result, split, id_table(split.fit), text_train, time.perf_counter() - started)
@@ -78,10 +84,10 @@ def live_metrics(live: Artifact, cand: Candidate, encoder: TextEncoder, train_cf
 
 
 def full_store(cand: Candidate, events: Events, graph_cfg: GraphConfig) -> GraphStore:
-    """The store of every event, every order kept: the candidate's training store when no window was held out
-    (the split already applied every event: no second build), else a fresh one."""
-    if cand.split.protocol["test_frac"] == 0:
-        return cand.split.train
+    """The store of every event, every order kept, built afresh. Without a window the candidate's fit store
+    is released first (nothing reads it after training), so two stores are never held together."""
+    if cand.split.train is None:
+        cand.split.fit = None
     store = GraphStore(graph_cfg.model_copy(update={"order_window_days": None}))  # the decoder reads every order
     store.apply_all(events() if callable(events) else events)
     return store
@@ -92,7 +98,7 @@ def save(cand: Candidate, store: GraphStore, train_cfg: TrainConfig, encoder: Te
     """Embed every item of ``store`` (:func:`full_store`) and write the artifact; return its path and summary."""
     started = time.perf_counter()
     phases = Phases()
-    text = cand.text_train if store is cand.split.train else encoder.encode([it.text for it in store.catalog])
+    text = encoder.encode([it.text for it in store.catalog])
     model, decoder = cand.result.model, cand.result.decoder
     graph = Graph.build(store, text, select_device(train_cfg.device), id_items=cand.id_items,
                         co_per_item=train_cfg.co_edges_per_item, ui_per_user=train_cfg.ui_edges_per_user)

@@ -65,8 +65,8 @@ class Queries:
 class Split:
     """Stores and queries of one time split."""
 
-    fit: GraphStore  # train minus validation, for tuning
-    train: GraphStore  # all training orders, for the final fit
+    fit: GraphStore | None  # train minus validation, for tuning (None once released: see ``training.job``)
+    train: GraphStore | None  # all training orders, for the final fit (None: not built, ``with_train=False``)
     val: Queries  # over fit's item rows
     test: Queries  # over train's item rows
     protocol: dict[str, object]
@@ -123,10 +123,12 @@ def _facts(events: Events) -> Iterator[Event | OrderFacts]:
 
 def time_split(
     events: Events, config: GraphConfig, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1,
-    held_out: float = 0.0, batch: int = 20_000,
+    held_out: float = 0.0, batch: int = 20_000, with_train: bool = True,
 ) -> Split:
     """Split ``events`` (in time order) by placed orders; ``held_out``: the share of items left out of
-    training entirely (see the module docstring).
+    training entirely (see the module docstring); ``with_train=False`` (no test window): only the fit store
+    is built, ``train`` is None (a large shop's second store is gigabytes; ``training.job`` builds the full
+    store after training instead).
 
     Two passes over the events, so a file need not fit in memory: the first finds the placed orders' positions
     (the cuts) and the catalog, the second applies each event to the stores it belongs to and keeps only the
@@ -163,7 +165,9 @@ def time_split(
         known = sorted(set(catalog) | bought)
         pick = np.random.default_rng([seed, 1]).choice(len(known), round(held_out * len(known)), replace=False)
         held = frozenset(known[i] for i in pick)
-    fit, train = _training_store(config), _training_store(config)
+    if not with_train and (test_frac or held_out):
+        raise ValueError("with_train=False needs test_frac=0 and held_out=0: test queries are over the train store")
+    fit, train = _training_store(config), _training_store(config) if with_train else None
     placed_at = set(placed)
     val_orders: list[OrderFacts] = []
     test_orders: list[OrderFacts] = []
@@ -172,7 +176,8 @@ def time_split(
 
     def flush() -> None:
         fit.apply_many(chunk[:fit_upto])
-        train.apply_many(chunk)
+        if train is not None:
+            train.apply_many(chunk)
         chunk.clear()
 
     for pos, e in enumerate(_facts(events)):
@@ -192,15 +197,15 @@ def time_split(
             flush()
             fit_upto = 0
     flush()
-    for store in (fit, train):  # items the shop lists later: known text, no edges yet
+    for store in (fit, train) if train is not None else (fit,):  # items the shop lists later: text, no edges
         store.apply_many([e for item, e in catalog.items() if item not in store.items])
     rng = np.random.default_rng(seed)
-    val, test = _queries(val_orders, fit, rng), _queries(test_orders, train, rng, prefer=held)
+    val, test = _queries(val_orders, fit, rng), _queries(test_orders, fit if train is None else train, rng, prefer=held)
     iso = lambda k: datetime.fromtimestamp(times[k], timezone.utc).isoformat()  # noqa: E731
     protocol = {
         "seed": seed, "test_frac": test_frac, "val_frac": val_frac,
         "train_orders": len(train_placed), "val_queries": len(val), "test_queries": len(test),
-        "cold_start_test_queries": int(test.cold.sum()), "catalog_items": train.num_items,
+        "cold_start_test_queries": int(test.cold.sum()), "catalog_items": (fit if train is None else train).num_items,
         "test_from": iso(cut) if cut < len(placed) else None,
         "val_from": iso(val_at),
     }
