@@ -218,7 +218,8 @@ def test_a_split_without_its_train_store_holds_one_store_and_the_job_builds_the_
     both = time_split(events, GraphConfig(), seed=0, test_frac=0.0)
     one = time_split(events, GraphConfig(), seed=0, test_frac=0.0, with_train=False)
     assert one.train is None and one.fit.co_edges()[2].tolist() == both.fit.co_edges()[2].tolist()
-    assert one.protocol["val_queries"] == both.protocol["val_queries"] and np.array_equal(one.val.hidden, both.val.hidden)
+    assert one.protocol["val_queries"] == both.protocol["val_queries"]
+    assert np.array_equal(one.val.hidden, both.val.hidden)
     with pytest.raises(ValueError, match="with_train=False needs test_frac=0"):
         time_split(events, GraphConfig(), seed=0, test_frac=0.2, with_train=False)
     cand = Candidate(result=None, split=one, id_items=[], text_train=None, seconds=0.0)  # type: ignore[arg-type]

@@ -200,12 +200,13 @@ def time_split(
     for store in (fit, train) if train is not None else (fit,):  # items the shop lists later: text, no edges
         store.apply_many([e for item, e in catalog.items() if item not in store.items])
     rng = np.random.default_rng(seed)
-    val, test = _queries(val_orders, fit, rng), _queries(test_orders, fit if train is None else train, rng, prefer=held)
+    widest = fit if train is None else train  # the train store (the fit store when it was not built)
+    val, test = _queries(val_orders, fit, rng), _queries(test_orders, widest, rng, prefer=held)
     iso = lambda k: datetime.fromtimestamp(times[k], timezone.utc).isoformat()  # noqa: E731
     protocol = {
         "seed": seed, "test_frac": test_frac, "val_frac": val_frac,
         "train_orders": len(train_placed), "val_queries": len(val), "test_queries": len(test),
-        "cold_start_test_queries": int(test.cold.sum()), "catalog_items": (fit if train is None else train).num_items,
+        "cold_start_test_queries": int(test.cold.sum()), "catalog_items": widest.num_items,
         "test_from": iso(cut) if cut < len(placed) else None,
         "val_from": iso(val_at),
     }
