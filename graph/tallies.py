@@ -437,22 +437,20 @@ class EdgeTable:
         np.cumsum(lengths + extra, out=indptr[1:])
         index = np.empty(int(indptr[-1]), np.int32)
         data = np.empty(int(indptr[-1]), np.float32)
-        if diagonal is not None:  # each row's diagonal slot: after its columns below the row
-            below = np.zeros(n, np.int64)
-            for lo, block in spans:
-                line = np.repeat(np.arange(lo, lo + block.rows), np.diff(block.indptr))
-                below[lo : lo + block.rows] = np.bincount(line - lo, block.index < line, block.rows)
-            slot = indptr[:-1] + below
-            index[slot] = np.arange(n, dtype=np.int32)
-            data[slot] = np.asarray(diagonal, np.float32)[:n]
+        below = np.zeros(n, np.int64)  # each row's columns below its diagonal
         for lo, block in spans:
             lens = np.diff(block.indptr)
             line = np.repeat(np.arange(lo, lo + block.rows), lens)  # each entry's row
             at = indptr[line] + np.arange(block.nnz) - np.repeat(block.indptr[:-1], lens)
             if diagonal is not None:
                 at += block.index > line
+                below[lo : lo + block.rows] = np.bincount(line - lo, block.index < line, block.rows)
             index[at] = block.index
             data[at] = block.count if values == "count" else np.maximum(block.weight, 0) * np.float32(scale)
+        if diagonal is not None:  # each row's diagonal slot: after its columns below the row
+            slot = indptr[:-1] + below
+            index[slot] = np.arange(n, dtype=np.int32)
+            data[slot] = np.asarray(diagonal, np.float32)[:n]
         return sp.csr_matrix((data, index, indptr), shape=(n, n))
 
     def edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

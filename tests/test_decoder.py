@@ -12,7 +12,7 @@ from graph.events import ItemUpserted
 from tests.conftest import at
 from tests.test_training_parts import _queries, _tiny_store
 from training import baselines
-from training.models import DecoderConfig, decoder_weights, fit_decoder, fit_decoders, gram, neighbourhood_weights, side_view, top_rows
+from training.models import DecoderConfig, decoder_weights, fit_decoder, fit_decoders, neighbourhood_weights, side_view, top_rows
 from training.train import Graph, TrainConfig, decoder_for, score_queries, side_views, train
 
 

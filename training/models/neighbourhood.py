@@ -37,11 +37,6 @@ from graph.tallies import THREADS, on_threads
 from training.neighbours import VectorIndex
 
 
-def gram(co: sp.csr_matrix, item_counts: np.ndarray) -> sp.csr_matrix:
-    """:math:`\\mathbf{X}^\\top\\mathbf{X}` from co-purchase counts (off the diagonal) and item order counts."""
-    return (co + sp.diags(item_counts.astype(co.dtype))).tocsr()
-
-
 def _top_co(g: sp.csr_matrix, k: int) -> np.ndarray:
     """Each item's ``k`` largest off-diagonal entries' columns, ``-1`` padded: ``(n, k)``."""
     out = np.full((g.shape[0], k), -1, np.int64)
@@ -127,7 +122,8 @@ def neighbourhood_fits(g: sp.csr_matrix, sides: Sequence[tuple[str, np.ndarray]]
     asked for, and its values (float32) are freed then, so a grid holds the values of every point but at most
     the matrices its caller keeps (tuning keeps the best: two at a time), not one matrix per point.
 
-    ``g``: :func:`gram`; ``sides``: ``(name, E)`` with unit rows (:func:`~training.models.decoder.side_view`);
+    ``g``: :math:`\mathbf{X}^\top\mathbf{X}` (:func:`training.baselines.item_gram`); ``sides``: ``(name, E)``
+    with unit rows (:func:`~training.models.decoder.side_view`);
     ``cold``: ``(γ, name)``, the weight of the named side's cosine towards items without orders; ``near``:
     each side's :func:`nearest` by name, filled in when missing. Every item's neighbourhood is its ``k_co``
     most co-purchased items and its ``k_side`` nearest in *every* side given, weighted or not, so all points
