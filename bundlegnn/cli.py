@@ -251,9 +251,7 @@ def evaluate(
     summary["provenance"] = {**machine(), "command": command, "wall_s": round(time.perf_counter() - started)}
     tables = f"{describe(summary['provenance'])}. `{summary['provenance']['command']}`.\n\n" + markdown(summary)
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(summary, indent=2))
-        json_path.with_suffix(".md").write_text(tables)
+        _write_report(json_path, summary, tables)
         plot(summary, png or json_path.with_suffix(".png"))
     elif png:
         plot(summary, png)
@@ -279,10 +277,15 @@ def _evaluate_bundles(settings: Settings, data: Optional[Path], domains: list[st
     tables = (f"# Bundles against real bundles\n\n{describe(ran)}. `bundlegnn evaluate --task bundle --seeds "
               f"{','.join(map(str, seeds))}`, configs/default.yaml.\n\n" + markdown(summaries))
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"machine": ran, "domains": summaries}, indent=2))
-        json_path.with_suffix(".md").write_text(tables)
+        _write_report(json_path, {"machine": ran, "domains": summaries}, tables)
     typer.echo(tables)
+
+
+def _write_report(json_path: Path, report: dict, tables: str) -> None:
+    """An evaluation's JSON at ``json_path`` and its markdown beside it (``.md``)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2))
+    json_path.with_suffix(".md").write_text(tables)
 
 
 def _bootstrap(settings: Settings) -> str:

@@ -352,10 +352,12 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
         hits = exact + found
         return SearchResponse(query=q, items=[_ref(i) for i in hits[:limit]], truncated=len(hits) > limit)
 
+    page = _UI.read_text(encoding="utf-8")  # read once, not per request
+
     @app.get("/ui", include_in_schema=False)
     async def explorer() -> HTMLResponse:
         """The bundle explorer: one HTML page (no build step, nothing from a CDN) over this API."""
-        return HTMLResponse(_UI.read_text(encoding="utf-8"))
+        return HTMLResponse(page)
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     async def healthz() -> JSONResponse:

@@ -84,7 +84,7 @@ def label(items: list[ItemInfo]) -> str | None:
     ("Cables & Adapters"), preceded by the commonest title word two or more of them share that is not a
     size, colour or filler word nor already in the category ("Nikon Batteries"). None without either."""
     cats = Counter(i.category for i in items if i.category)
-    ranked = [c for c, _ in sorted(cats.items(), key=lambda kv: -kv[1])]
+    ranked = [c for c, _ in cats.most_common()]
     if not ranked:
         category = ""
     elif cats[ranked[0]] * 2 > len(items) or len(ranked) == 1:
