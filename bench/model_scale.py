@@ -35,7 +35,8 @@ def train(name: str, args: list[str], env: dict[str, str]) -> dict:
     phases = summary["phases"]
     row = {"shop": name, "commit": machine()["commit"], "items": summary["items"], "train_s": round(wall, 1), "peak_rss_gb": round(rss, 2),
            "decoder": (summary.get("decoder") or {}).get("method"), "gnn_weight": summary.get("gnn_weight"),
-           "user_weight": summary.get("user_weight"), "epochs": phases.get("gnn_epochs_epochs"),
+           "user_weight": summary.get("user_weight"), "head_weight": summary.get("head_weight"),
+           "epochs": phases.get("gnn_epochs_epochs"),
            "s_per_epoch": round(phases["gnn_epochs_s"] / max(1, phases.get("gnn_epochs_epochs", 1)), 1),
            "decoder_fits": phases.get("decoder_tuning_fits")}
     for phase in PHASES:
@@ -48,8 +49,8 @@ def train(name: str, args: list[str], env: dict[str, str]) -> dict:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    cols = ["shop", "commit", "items", "train_s", "peak_rss_gb", "decoder", "gnn_weight", "user_weight", "epochs",
-            "s_per_epoch", "decoder_fits"] + [f"{p}_s" for p in PHASES]
+    cols = ["shop", "commit", "items", "train_s", "peak_rss_gb", "decoder", "gnn_weight", "user_weight", "head_weight",
+            "epochs", "s_per_epoch", "decoder_fits"] + [f"{p}_s" for p in PHASES]
     lines = ["# Model scale: `bundlegnn train` per shop", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}. "
              "`python bench/model_scale.py`.", ""]

@@ -463,7 +463,8 @@ def serve(
         decoder = art.manifest.get("decoder")
         info = ModelInfo(version=art.version, decoder=decoder.get("method", "dense") if decoder else None,
                          gnn_weight=decoder["gnn_weight"] if decoder else None,
-                         user_weight=art.manifest.get("user_weight", 0.0))
+                         user_weight=art.manifest.get("user_weight", 0.0),
+                         head_weight=art.manifest.get("head_weight", 0.0))
         typer.echo(f"model {art.version}: seeded {seeded} complement lists"
                    + (" (the GNN's embeddings have weight 0 in its decoder)" if decoder and not decoder["gnn_weight"]
                       else ""), err=True)

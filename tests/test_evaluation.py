@@ -34,6 +34,9 @@ def test_every_method_on_both_splits(tmp_path: Path) -> None:
     assert held["popularity"]["hr@10"] == held["ease"]["hr@10"] == held["cooccurrence"]["hr@10"] == 0
     assert held["text"]["hr@10"] > 0 and held["gnn"]["hr@10"] > 0
     assert report["protocol"]["gnn_decoder"] is not None and report["protocol"]["text_ease"]["gnn_weight"] == 0
+    head_val = report["protocol"]["head_weight_val_ndcg@10"]  # the head's grid, measured on validation
+    assert set(head_val) == {str(w) for w in cfg.head_weights} and report["protocol"]["head_weight"] in cfg.head_weights
+    assert head_val["0.0"] == report["protocol"]["user_weight_val_ndcg@10"][str(report["protocol"]["user_weight"])]
     summary = summarise([report, report])
     assert summary["held_out_items"]["gnn"]["hr@10"] == held["gnn"]["hr@10"]
     assert summary["held_out_items"]["gnn"]["hr@10_std"] == 0 and not math.isnan(summary["methods"]["ease"]["mrr"])

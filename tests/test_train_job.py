@@ -54,6 +54,8 @@ def test_train_writes_a_loadable_versioned_artifact(tmp_path: Path, monkeypatch:
     # ... and the decoder rows: the stored weights are the top of the refitted decoder's rows
     assert art.decoder is not None and art.decoder.model_dump() == summary["decoder"]
     assert summary["gnn_weight"] == art.decoder.gnn_weight and summary["gnn_in_decoder"] == (art.decoder.gnn_weight > 0)
+    assert summary["head_weight"] in trained["head_weights"] and art.manifest["head_weight"] == summary["head_weight"]
+    assert summary["gnn_used"] == bool(summary["gnn_weight"] or summary["head_weight"])
     b = decoder_for(art.decoder, graph, side_views(art.model, graph)).weights.numpy()
     assert art.decoder_index.shape == (n, min(200, n - 1)) and art.decoder_rows is not None
     assert np.allclose(np.take_along_axis(b, art.decoder_index.astype(np.int64), 1), art.decoder_weight, atol=1e-5)

@@ -294,3 +294,27 @@ def test_the_user_term_adds_a_known_user_s_history_only() -> None:
     assert history[1].max() == pytest.approx(1.0) and (history[1] > 0).sum() == 5  # u1 bought i0..i4
     assert torch.allclose(got[0], base[0] + 0.5 * torch.from_numpy(history[1]))
     assert torch.equal(got[1], base[1]) and torch.equal(base, torch.arange(10.0).reshape(2, 5))  # base untouched
+
+
+def test_the_gnn_user_head_adds_standardised_scores_scaled_to_the_base_spread_for_known_users_only() -> None:
+    """UserHead: ``base + w · std(base) · z(user_scores)`` per known user, by hand from the model's own head;
+    an unknown user (-1) gets the base; weight 0 returns the base scorer itself."""
+    from training.train import UserHead, pipeline_scores
+
+    store = _tiny_store()
+    graph = Graph.build(store, np.random.default_rng(0).normal(size=(store.num_items, 4)).astype(np.float32),
+                        torch.device("cpu"))
+    torch.manual_seed(0)
+    head = UserHead.of(BundleGNN(graph.x.size(1), 8, 1), graph)
+    base = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [5.0, 0.0, 0.0, 1.0, 0.0, 0.0]])[:, : store.num_items]
+    q = Queries([np.array([0]), np.array([3])], np.array([2, 4]), np.array([-1, 1]), np.zeros(2, bool))
+    got = pipeline_scores(lambda qq, a, b: base[a:b], graph, 0.0, head, 0.5)(q, 0, 2)
+    with torch.no_grad():
+        u = head.model.user_scores(head.h, torch.tensor([1]))[0]
+    z = (u - u.mean()) / u.std()
+    assert z.abs().max() > 0.1  # the head tells items apart
+    assert torch.equal(got[0], base[0])
+    assert torch.allclose(got[1], base[1] + 0.5 * base[1].std() * z, atol=1e-6)
+    assert torch.equal(base[1, :2], torch.tensor([5.0, 0.0]))  # the base itself is untouched
+    plain = lambda qq, a, b: base[a:b]  # noqa: E731
+    assert pipeline_scores(plain, graph, 0.0, head, 0.0) is plain and pipeline_scores(plain, graph, 0.0, None, 1.0) is plain

@@ -8,10 +8,11 @@ approximate inverse, its L2 tuned on validation, when the ``sansa`` package is i
 the model a shop is served, :class:`~training.models.BundleGNN` early-stopped
 on validation, run inductively on the full training graph and scoring
 through its closed-form decoder with the GNN's embeddings as side
-information, plus the tuned weight of a known user's history. Two ablations
-show where its score comes from: ``text_ease`` (the same pipeline without
-the GNN's embeddings: the decoder point validation liked best with GNN
-weight 0) and ``gnn_head`` (the GNN's own cosine head, no decoder).
+information, plus the tuned weights of a known user's history and of the
+GNN's user head. Two ablations show where its score comes from:
+``text_ease`` (the same pipeline without the GNN: the decoder point
+validation liked best with GNN weight 0, the user's history, no user head)
+and ``gnn_head`` (the GNN's own cosine head, no decoder).
 
 Slices: the whole test split (``methods``), ``cold_start`` (queries whose
 hidden item had no training order) and ``held_out_items`` (a second split
@@ -37,8 +38,8 @@ from graph.store import GraphConfig, GraphStore
 from training import baselines
 from training.encoder import TextEncoder
 from training.protocol import Events, ScoreFn, Split, per_query, rank_queries, relative_gain, time_split
-from training.train import (Graph, TrainConfig, decoders_for, head_scores, id_table, pipeline_scores, select_device,
-                            side_views, train)
+from training.train import (Graph, TrainConfig, UserHead, decoders_for, head_scores, id_table, pipeline_scores,
+                            select_device, side_views, train)
 
 EASE_LAMBDAS = (5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0)
 SANSA_LAMBDAS = (5.0, 20.0, 100.0, 500.0)
@@ -80,17 +81,21 @@ def _methods(split: Split, encoder: TextEncoder, train_cfg: TrainConfig, seed: i
                         co_per_item=train_cfg.co_edges_per_item, ui_per_user=train_cfg.ui_edges_per_user)
     text_only = {d: v for d, v in result.decoder_val.items() if d.gnn_weight == 0}
     best = max(text_only, key=text_only.get) if text_only else None
-    fits = decoders_for([d for d in (result.decoder, best) if d is not None], graph, side_views(result.model, graph))
+    head = UserHead.of(result.model, graph)
+    fits = decoders_for([d for d in (result.decoder, best) if d is not None], graph,
+                        side_views(result.model, graph, head.h["item"]))
     if result.decoder is not None:
-        methods["gnn"] = pipeline_scores(next(fits), graph, result.user_weight)
+        methods["gnn"] = pipeline_scores(next(fits), graph, result.user_weight, head, result.head_weight)
     gnn_s = time.perf_counter() - started
-    methods["gnn_head"] = head_scores(result.model, graph)
+    methods["gnn_head"] = head_scores(result.model, graph, head.h)
     if best is not None:  # the same pipeline without the GNN's embeddings
         methods["text_ease"] = pipeline_scores(next(fits), graph, result.user_weight)
     tuned.update({"gnn_best_epoch": result.best_epoch, "gnn_epochs_run": len(result.history),
                   "gnn_decoder": result.decoder.model_dump() if result.decoder else None,
                   "gnn_weight": result.gnn_weight, "user_weight": result.user_weight,
                   "user_weight_val_ndcg@10": {str(k): v for k, v in result.user_val.items()},
+                  "head_weight": result.head_weight,
+                  "head_weight_val_ndcg@10": {str(k): v for k, v in result.head_val.items()},
                   "text_ease": best.model_dump() if best else None,
                   "timings": {"baselines_s": round(baselines_s, 1), "gnn_train_s": round(gnn_s, 1)}})
     return methods, tuned

@@ -29,7 +29,7 @@ from training.artifact import Artifact, new_version, save_artifact
 from training.encoder import TextEncoder
 from training.models import BundleGNN, DecoderConfig
 from training.protocol import Events, Split, rank_queries, time_split
-from training.train import (Graph, Phases, TrainConfig, TrainResult, decoder_for, head_scores, id_table,
+from training.train import (Graph, Phases, TrainConfig, TrainResult, UserHead, decoder_for, head_scores, id_table,
                             pipeline_scores, select_device, side_views, train)
 
 Event = ItemUpserted | Interaction | Order
@@ -63,14 +63,16 @@ def fit(events: Events, train_cfg: TrainConfig, graph_cfg: GraphConfig, encoder:
 
 
 def window_metrics(model: BundleGNN, id_items: list[str], decoder: DecoderConfig | None, user_weight: float,
-                   cand: Candidate, train_cfg: TrainConfig, device: str) -> dict[str, float]:
+                   head_weight: float, cand: Candidate, train_cfg: TrainConfig, device: str) -> dict[str, float]:
     """A model's metrics on the candidate's window, run inductively over the graph before it (its decoder,
     if any, refitted on that graph with the model's own settings)."""
     graph = Graph.build(cand.split.train, cand.text_train, select_device(device), id_items=id_items,
                         co_per_item=train_cfg.co_edges_per_item, ui_per_user=train_cfg.ui_edges_per_user)
-    base = decoder_for(decoder, graph, side_views(model, graph)) if decoder else head_scores(model, graph)
+    head = UserHead.of(model, graph)
+    base = decoder_for(decoder, graph, side_views(model, graph, head.h["item"])) if decoder else \
+        head_scores(model, graph, head.h)
     n = cand.split.train.num_items
-    return rank_queries(pipeline_scores(base, graph, user_weight), cand.split.test, n).metrics(n)
+    return rank_queries(pipeline_scores(base, graph, user_weight, head, head_weight), cand.split.test, n).metrics(n)
 
 
 def live_metrics(live: Artifact, cand: Candidate, encoder: TextEncoder, train_cfg: TrainConfig,
@@ -80,7 +82,8 @@ def live_metrics(live: Artifact, cand: Candidate, encoder: TextEncoder, train_cf
         raise ValueError(f"live model {live.version} uses encoder {live.manifest.get('encoder')!r}, this job "
                          f"{encoder.model_id!r}: they cannot be compared on the same inputs")
     return window_metrics(live.model.to(select_device(device)), live.manifest["id_items"], live.decoder,
-                          live.manifest.get("user_weight", 0.0), cand, train_cfg, device)
+                          live.manifest.get("user_weight", 0.0), live.manifest.get("head_weight", 0.0), cand,
+                          train_cfg, device)
 
 
 def full_store(cand: Candidate, events: Events, graph_cfg: GraphConfig) -> GraphStore:
@@ -120,6 +123,8 @@ def save(cand: Candidate, store: GraphStore, train_cfg: TrainConfig, encoder: Te
         "gnn_weight": cand.result.gnn_weight,
         "gnn_in_decoder": bool(cand.result.gnn_weight) if decoder else None,
         "user_weight": cand.result.user_weight,
+        "head_weight": cand.result.head_weight,
+        "gnn_used": cand.result.gnn_used,
         "best_epoch": cand.result.best_epoch,
         "epochs_run": len(history),
         "items": store.num_items,

@@ -73,7 +73,7 @@ def decide(candidate: dict[str, float], live: dict[str, float] | None, live_vers
 def judge(cand: Candidate, live: Artifact | None, encoder: TextEncoder, train_cfg: TrainConfig, device: str,
           cfg: PromotionConfig) -> Decision:
     """Score the candidate and the live model on the candidate's window, then :func:`decide`."""
-    new = window_metrics(cand.result.model, cand.id_items, cand.result.decoder, cand.result.user_weight, cand,
-                         train_cfg, device)
+    new = window_metrics(cand.result.model, cand.id_items, cand.result.decoder, cand.result.user_weight,
+                         cand.result.head_weight, cand, train_cfg, device)
     old = live_metrics(live, cand, encoder, train_cfg, device) if live is not None else None
     return decide(new, old, live.version if live is not None else None, cfg)

@@ -17,8 +17,9 @@ The model a shop is served then scores through a closed-form decoder
 orders with the text and GNN item embeddings as side information, exactly
 (dense) up to ``decoder_dense_max_items`` items and neighbourhood-restricted
 (sparse) above. A query with a known user adds ``user_weight`` times the
-user's own history (recency-weighted purchases, scaled to at most 1). λ,
-the side weights and the user weight are picked on the validation queries.
+user's own history (recency-weighted purchases, scaled to at most 1) and
+``head_weight`` times the GNN's own user → item score (:class:`UserHead`). λ,
+the side weights and both user weights are picked on the validation queries.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -101,6 +102,9 @@ class TrainConfig(BaseModel):
                                        "not tuned: validation holds too few such items)")
     user_weights: list[float] = Field([0.0, 0.05, 0.2, 0.5], min_length=1,
                                       description="grid of the weight of a known user's own history")
+    head_weights: list[float] = Field([0.0, 0.05, 0.15, 0.5], min_length=1,
+                                      description="grid of the weight of the GNN's user → item score for a known "
+                                      "user, in units of the spread of the decoder's scores of the query")
 
     def decoder_method(self, num_items: int) -> Literal["dense", "neighbourhood"]:
         return "dense" if num_items <= self.decoder_dense_max_items else "neighbourhood"
@@ -299,13 +303,54 @@ def decoder_for(cfg: DecoderConfig, graph: Graph, views: list[tuple[str, torch.T
     return next(decoders_for([cfg], graph, views, near))
 
 
-def pipeline_scores(base: ScoreFn | Decoder, graph: Graph, user_weight: float = 0.0) -> ScoreFn:
-    """A decoder's (or another scorer's) scores plus ``user_weight`` times the query's user's history."""
+@dataclass
+class UserHead:
+    """The GNN's own user → item score (:meth:`BundleGNN.user_scores`) as a term of the pipeline for queries
+    with a known user. It gives what neither the decoder over the basket nor the user's own history can: items
+    the user never bought that users like them did (the user–item edges, through message passing), as the
+    GNN's user → bundle term does on Youshu (``bench/youshu.py``). Each user's scores are standardised over
+    the catalog and scaled by the spread (standard deviation) of the scores they are added to, so one weight
+    grid fits decoders of any scale."""
+
+    model: BundleGNN
+    h: dict[str, torch.Tensor]  # :meth:`Graph.embed` of the graph whose users the queries name
+
+    @classmethod
+    def of(cls, model: BundleGNN, graph: Graph) -> "UserHead":
+        with torch.no_grad():
+            return cls(model, graph.embed(model.eval()))
+
+    @torch.no_grad()
+    def add(self, scores: torch.Tensor, users: np.ndarray, weight: float) -> torch.Tensor:
+        """``scores`` (``(len(users), n)``) plus ``weight`` × spread × each known user's standardised head
+        scores (unknown users: -1), in place."""
+        known = np.flatnonzero(users >= 0)
+        if not len(known) or not weight:
+            return scores
+        rows = torch.from_numpy(known)
+        head = self.model.user_scores(self.h, torch.from_numpy(users[known]).to(self.h["user"].device)).float().cpu()
+        head = (head - head.mean(1, keepdim=True)) / head.std(1, keepdim=True).clamp_min(1e-12)
+        scores[rows] += weight * scores[rows].std(1, keepdim=True) * head
+        return scores
+
+
+def pipeline_scores(base: ScoreFn | Decoder, graph: Graph, user_weight: float = 0.0, head: UserHead | None = None,
+                    head_weight: float = 0.0) -> ScoreFn:
+    """A decoder's (or another scorer's) scores plus ``head_weight`` times the GNN's user head (scaled by
+    those scores' spread, :class:`UserHead`) plus ``user_weight`` times the query's user's history."""
     n = graph.num_items
     score = (lambda q, a, b: base.scores(q.csr(n, a, b))) if isinstance(base, Decoder) else base
-    if not user_weight:
+    head_weight = head_weight if head is not None else 0.0
+    if not user_weight and not head_weight:
         return score
-    return lambda q, a, b: graph.add_user_scores(score(q, a, b).float().clone(), q.users[a:b], user_weight)
+
+    def scored(q: Queries, a: int, b: int) -> torch.Tensor:
+        out, users = score(q, a, b).float().clone(), q.users[a:b]
+        if head_weight:
+            head.add(out, users, head_weight)
+        return graph.add_user_scores(out, users, user_weight) if user_weight else out
+
+    return scored
 
 
 def score_queries(model: BundleGNN, graph: Graph, queries: Queries, decoder: DecoderConfig | Decoder | None = None,
@@ -345,14 +390,18 @@ def sample(queries: Queries, at_most: int, seed: list[int]) -> Queries:
     return queries.subset(np.sort(np.random.default_rng(seed).choice(len(queries), at_most, False)))
 
 
-def tune_user_weight(base: ScoreFn | Decoder, graph: Graph, val: Queries, cfg: TrainConfig,
-                     without: float | None = None) -> dict[float, float]:
-    """Validation NDCG@10 of each user weight on top of ``base`` (queries without a user are unaffected);
-    ``without``: ``base``'s own, when already measured (weight 0 is not ranked again)."""
+def tune_weight(make: Callable[[float], ScoreFn], grid: list[float], val: Queries, num_items: int,
+                without: float | None = None) -> dict[float, float]:
+    """Validation NDCG@10 of ``make(w)`` for each weight ``w`` of a user term (queries without a user are
+    unaffected); ``without``: the score at weight 0, when already measured (it is not ranked again)."""
     if not (val.users >= 0).any():
         return {0.0: float("nan")}
-    return {w: without if w == 0 and without is not None else ndcg(pipeline_scores(base, graph, w), val,
-                                                                    graph.num_items) for w in cfg.user_weights}
+    return {w: without if w == 0 and without is not None else ndcg(make(w), val, num_items) for w in grid}
+
+
+def best_weight(val: dict[float, float]) -> float:
+    """The weight with the best validation score (ties: the smaller; no score: 0)."""
+    return max(val, key=lambda w: (val[w], -w)) if not all(math.isnan(v) for v in val.values()) else 0.0
 
 
 class Phases:
@@ -381,12 +430,19 @@ class TrainResult:
     decoder_val: dict[DecoderConfig, float] = field(default_factory=dict)  # the grid's validation NDCG@10
     user_weight: float = 0.0
     user_val: dict[float, float] = field(default_factory=dict)
+    head_weight: float = 0.0  # of the GNN's user head (:class:`UserHead`)
+    head_val: dict[float, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds and peak RSS (GB) per phase
 
     @property
     def gnn_weight(self) -> float:
         """The weight validation gave the GNN's embeddings in the decoder (0: the GNN plays no part in it)."""
         return self.decoder.gnn_weight if self.decoder is not None else 1.0
+
+    @property
+    def gnn_used(self) -> bool:
+        """Whether the served scores read the GNN: in the decoder or through its user head."""
+        return bool(self.gnn_weight or self.head_weight)
 
 
 def _examples(store: GraphStore) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -512,12 +568,21 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
         result.decoder_val, chosen = tune_decoder(model, val_graph, val, cfg)
         result.decoder = chosen.config
         phases.done("decoder_tuning", fits=len(result.decoder_val))
-        result.user_val = tune_user_weight(chosen, val_graph, val, cfg, result.decoder_val[result.decoder])
-        result.user_weight = max(result.user_val, key=lambda w: (result.user_val[w], -w))  # ties: the smaller
+        result.user_val = tune_weight(lambda w: pipeline_scores(chosen, val_graph, w), cfg.user_weights, val, n,
+                                      result.decoder_val[result.decoder])
+        result.user_weight = best_weight(result.user_val)
+        head = UserHead.of(model, val_graph)
+        result.head_val = tune_weight(lambda w: pipeline_scores(chosen, val_graph, result.user_weight, head, w),
+                                      cfg.head_weights, val, n, result.user_val[result.user_weight])
+        result.head_weight = best_weight(result.head_val)
         phases.done("user_weight")
     else:
         result.decoder = cfg.decoder_grid(n)[0]
-    if result.decoder.gnn_weight == 0:
-        log.warning("validation gave the GNN's embeddings weight 0 in the decoder: this model scores with the "
-                    "co-purchase counts and text alone (the GNN still gives views to items the decoder has no row for)")
+    if not result.gnn_used:
+        log.warning("validation gave the GNN weight 0 in the decoder and in the user term: this model scores with "
+                    "the co-purchase counts, text and users' histories alone (the GNN still gives views to items the "
+                    "decoder has no row for)")
+    elif result.decoder.gnn_weight == 0:
+        log.info("validation gave the GNN's embeddings weight 0 in the decoder; it plays its part through its "
+                 "user head (weight %g)", result.head_weight)
     return result
