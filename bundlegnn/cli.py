@@ -66,21 +66,26 @@ def _source(cfg: "DataConfig", report: "ImportReport", progress: bool = True,
 
 
 def _read(settings: Settings, data: Optional[Path]) -> tuple["Events", dict]:
-    """The dataset's events in time order, for training, and the reader's report. A file in time order is read
-    again on every pass (never held in memory); one out of order (e.g. two exports appended) is read into
-    memory and sorted."""
-    from training.datasets import BadRow, ImportReport, in_time_order, read_events
+    """The dataset's events in time order, for training, and the reader's report. The file is parsed once,
+    into an :class:`~training.datasets.EventSpool` under the state dir that every later pass reads back; a
+    file out of time order (e.g. two exports appended) is sorted in memory instead."""
+    from training.datasets import BadRow, EventSpool, ImportReport, in_time_order
 
     cfg = _data(settings, data)
     report = ImportReport()
     last, ordered = float("-inf"), True
+    spool = EventSpool(settings.paths.state_dir / "tmp")
     for _, event in _source(cfg, report):
         if not isinstance(event, BadRow):
             ordered, last = ordered and event.epoch >= last, max(last, event.epoch)
+            spool.add(event)
+    spool.seal()
     if ordered:
-        return (lambda: read_events(cfg)), report.summary()
+        return spool, report.summary()
     logging.getLogger("bundlegnn").info("%s is not in time order: sorting it in memory", cfg.path)
-    return in_time_order(read_events(cfg)), report.summary()
+    events = in_time_order(spool())
+    spool.close()
+    return events, report.summary()
 
 
 DataOpt = typer.Option(None, "--data", help="dataset file (default: data.path from the config)")
@@ -156,7 +161,7 @@ def train(
     Exit codes: 0 written (and published), 1 failed, 2 bad config or input,
     3 not promoted because the candidate is not better than the live model.
     """
-    from graph.events import Order
+    from graph.events import Order, OrderFacts
     from graph.snapshot import save as save_snapshot
     from training import job
     from training.artifact import latest_artifact, load_artifact
@@ -175,7 +180,7 @@ def train(
     else:
         events, report = _read(settings, data)
         source = {"dataset": report}
-    if not any(isinstance(e, Order) for e in (events() if callable(events) else events)):
+    if not any(isinstance(e, (Order, OrderFacts)) for e in (events() if callable(events) else events)):
         typer.echo("no orders to train on", err=True)
         raise typer.Exit(2)
     encoder = settings.encoder.build(settings.paths.text_cache)

@@ -246,3 +246,40 @@ def test_a_shop_export_with_its_own_columns_and_a_status_column(tmp_path: Path) 
     assert store.co_purchase("mug", "plate") is None  # A-1 taken back
     assert store.co_purchase("mug", "bowl").count == 1 and store.stats.orders_cancelled == 1
     assert store.catalog[store.items.index["bowl"]].title == "Bowl"
+
+
+def test_an_event_spool_reads_back_the_same_graph_on_every_pass_and_removes_its_file(tmp_path: Path) -> None:
+    """EventSpool: the events of a real file written once (orders as their facts, in small chunks) and read back
+    twice give the store the parsed events give; reading before sealing and adding after are refused; close()
+    removes the file."""
+    import gc
+
+    from graph.events import Order, OrderFacts
+    from training.datasets import EventSpool
+
+    events = list(read_events(RETAIL_II))
+    spool = EventSpool(tmp_path / "spool", chunk=1000)
+    for e in events:
+        spool.add(e)
+    with pytest.raises(RuntimeError, match="seal"):
+        next(spool())
+    spool.seal()
+    with pytest.raises(RuntimeError, match="sealed"):
+        spool.add(events[0])
+    first, second = list(spool()), list(spool())
+    assert len(first) == len(second) == spool.events == len(events) > 1000
+    assert [e.facts() if isinstance(e, Order) else e for e in events] == first == second
+    assert any(isinstance(e, OrderFacts) for e in first) and not any(isinstance(e, Order) for e in first)
+    want, got = GraphStore(GraphConfig()), GraphStore(GraphConfig())
+    want.apply_all(events)
+    got.apply_all(spool())
+    assert got.items.ids == want.items.ids and got.num_co_edges() == want.num_co_edges() > 0
+    assert got.num_ui_edges() == want.num_ui_edges() and got.users.ids == want.users.ids
+    assert np.array_equal(got.item_order_counts(), want.item_order_counts())
+    spool.close()
+    assert list((tmp_path / "spool").iterdir()) == []
+    other = EventSpool(tmp_path / "spool")  # an abandoned spool is removed when it is collected
+    assert len(list((tmp_path / "spool").iterdir())) == 1
+    del other
+    gc.collect()
+    assert list((tmp_path / "spool").iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def test_train_writes_a_loadable_versioned_artifact(tmp_path: Path, monkeypatch:
     path = Path(summary["artifact"])
     assert path.parent == tmp_path / "models" and path.name.endswith(summary["snapshot_id"][:8])
     assert summary["epochs_run"] == 2 and 0 <= summary["metrics"]["val_hr@10"] <= 1
+    gc.collect()
+    assert list((tmp_path / "state" / "tmp").iterdir()) == []  # the parsed events' spool is gone with the command
 
     art = load_artifact(path)
     n = len(art.item_ids)

@@ -28,12 +28,15 @@ import gzip
 import io
 import json
 import os
+import pickle
 import re
+import tempfile
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Literal, TextIO
+from typing import BinaryIO, Callable, Iterator, Literal, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -594,6 +597,65 @@ def read_events(cfg: DataConfig | str | os.PathLike[str], report: ImportReport |
     for _, event in read_source(cfg, report, progress):
         if not isinstance(event, BadRow):
             yield event
+
+
+class EventSpool:
+    """Events written once to a local file, orders as their facts (:class:`~graph.events.OrderFacts`), and read
+    back on every later pass (calling the spool gives a fresh iterator, as :data:`training.protocol.Events`
+    asks).
+
+    Training reads its dataset four times (the order check, the time split's two passes, the store of every
+    event after training). Parsing the CSV costs about 13 µs a row (Online Retail II full, 1 M rows: 13 s a
+    pass; its 40× scale-up, 42.7 M rows: about 9 minutes a pass), reading an order's facts back from a pickle
+    about 0.5 µs. The file lives in ``directory`` (the state dir, not a RAM-backed /tmp) and is removed by
+    :meth:`close` or when the spool is garbage-collected.
+    """
+
+    def __init__(self, directory: Path, chunk: int = 20_000) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="events-", suffix=".spool", dir=directory)
+        self.path = Path(name)
+        self._remove = weakref.finalize(self, self.path.unlink, missing_ok=True)
+        self._out: BinaryIO | None = os.fdopen(fd, "wb")
+        self._chunk: list[Event | OrderFacts] = []
+        self.size, self.events = chunk, 0
+
+    def add(self, event: Event) -> None:
+        """Append one event (only before :meth:`seal`)."""
+        if self._out is None:
+            raise RuntimeError("the spool is sealed: events are added before it is read")
+        self._chunk.append(event.facts() if isinstance(event, Order) else event)
+        self.events += 1
+        if len(self._chunk) == self.size:
+            pickle.dump(self._chunk, self._out, protocol=pickle.HIGHEST_PROTOCOL)
+            self._chunk = []
+
+    def seal(self) -> "EventSpool":
+        """Write what is pending and close the file for writing; the spool can be read from now on."""
+        if self._out is not None:
+            if self._chunk:
+                pickle.dump(self._chunk, self._out, protocol=pickle.HIGHEST_PROTOCOL)
+            self._out.close()
+            self._out, self._chunk = None, []
+        return self
+
+    def __call__(self) -> Iterator[Event | OrderFacts]:
+        if self._out is not None:
+            raise RuntimeError("the spool is still being written: seal() it first")
+        with self.path.open("rb") as fh:
+            while True:
+                try:
+                    chunk = pickle.load(fh)
+                except EOFError:
+                    return
+                yield from chunk
+
+    def close(self) -> None:
+        """Remove the file."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        self._remove()
 
 
 def in_time_order(events: Iterator[Event] | list[Event]) -> list[Event]:
