@@ -138,6 +138,12 @@ def test_training_picks_the_decoder_on_validation_and_scores_through_it() -> Non
     large = train(store, text, cfg.model_copy(update={"decoder_dense_max_items": 4}), val=q, progress=False)
     assert large.decoder.method == "neighbourhood"  # too many items for a dense inversion: the sparse fit
     assert len(large.decoder_val) == 8  # the whole grid, in one pass
+    # its points were ranked on sparse rows: the same NDCG@10 as ranking the dense scores
+    from training.protocol import rank_queries
+
+    best = decoder_for(large.decoder, graph, side_views(large.model, graph))
+    dense_val = rank_queries(lambda qq, a, b: best.scores(qq.csr(5, a, b)), q, 5, top=False).metrics(5)["ndcg@10"]
+    assert large.decoder_val[large.decoder] == dense_val
 
 
 @pytest.mark.parametrize("cfg", [DecoderConfig(lam=3.0, text_weight=2.0, gnn_weight=0.0),

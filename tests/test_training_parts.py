@@ -69,6 +69,29 @@ def test_ranks_and_metrics_by_hand() -> None:
     assert m["coverage"] == pytest.approx(0.3)
 
 
+def test_sparse_ranks_equal_the_dense_ranks_of_the_same_scores() -> None:
+    """sparse_ranks: unstored items score 0, a query's own items are left out; equal to ranking the dense rows
+    (negative, zero, tied and explicit-zero scores; hidden items stored and not; own items stored and not)."""
+    import scipy.sparse as sp
+
+    from training.protocol import sparse_ranks
+
+    assert sparse_ranks(sp.csr_matrix(np.array([[0.0, 2.0, -1.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]],
+                                               np.float32)), _queries([[4], [1]], [0, 3])).tolist() == [1.5, 1.5]
+    rng = np.random.default_rng(0)
+    n, num = 40, 300
+    values = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0], size=(num, n)).astype(np.float32)
+    values[rng.random((num, n)) < 0.7] = 0.0
+    s = sp.csr_matrix(values)
+    s.data[rng.random(s.nnz) < 0.1] = 0.0  # explicit zeros stay stored
+    items = [rng.choice(n, rng.integers(1, 6), replace=False) for _ in range(num)]
+    hidden = [int(rng.choice(np.setdiff1d(np.arange(n), own))) for own in items]
+    q = _queries([list(i) for i in items], hidden)
+    want = ranks(torch.from_numpy(s.toarray()), q).numpy()
+    assert np.array_equal(sparse_ranks(s, q), want) and len(np.unique(want)) > 10
+    assert np.array_equal(rank_queries(lambda qq, a, b: s[a:b], q, n, chunk=64, top=False).rank, want)
+
+
 def test_relative_gain_and_its_interval_by_hand() -> None:
     each = per_query(torch.tensor([0.0, 1.0, 12.0]))
     assert each["hr@10"].tolist() == [1.0, 1.0, 0.0]

@@ -46,7 +46,7 @@ from graph.export import CO, IU, UI, to_heterodata
 from graph.store import GraphStore
 from training.baselines import item_gram
 from training.models import Adjacency, BundleGNN, Decoder, DecoderConfig, fit_decoders, side_view
-from training.protocol import Queries, ScoreFn, rank_queries
+from training.protocol import Queries, ScoreFn, dense, rank_queries
 
 log = logging.getLogger(__name__)
 
@@ -339,13 +339,16 @@ def pipeline_scores(base: ScoreFn | Decoder, graph: Graph, user_weight: float = 
     """A decoder's (or another scorer's) scores plus ``head_weight`` times the GNN's user head (scaled by
     those scores' spread, :class:`UserHead`) plus ``user_weight`` times the query's user's history."""
     n = graph.num_items
-    score = (lambda q, a, b: base.scores(q.csr(n, a, b))) if isinstance(base, Decoder) else base
+    score = base
+    if isinstance(base, Decoder):  # a neighbourhood decoder's rows stay sparse (see protocol.sparse_ranks)
+        score = (lambda q, a, b: base.sparse_scores(q.csr(n, a, b))) if sp.issparse(base.weights) else \
+            (lambda q, a, b: base.scores(q.csr(n, a, b)))
     head_weight = head_weight if head is not None else 0.0
     if not user_weight and not head_weight:
         return score
 
     def scored(q: Queries, a: int, b: int) -> torch.Tensor:
-        out, users = score(q, a, b).float().clone(), q.users[a:b]
+        out, users = dense(score(q, a, b)).float().clone(), q.users[a:b]
         if head_weight:
             head.add(out, users, head_weight)
         return graph.add_user_scores(out, users, user_weight) if user_weight else out
@@ -360,7 +363,7 @@ def score_queries(model: BundleGNN, graph: Graph, queries: Queries, decoder: Dec
     if isinstance(decoder, DecoderConfig):
         decoder = decoder_for(decoder, graph, side_views(model, graph))
     base = decoder if decoder is not None else head_scores(model, graph)
-    return pipeline_scores(base, graph, user_weight)(queries, 0, len(queries))
+    return dense(pipeline_scores(base, graph, user_weight)(queries, 0, len(queries)))
 
 
 def ndcg(score: ScoreFn, queries: Queries, num_items: int) -> float:

@@ -129,9 +129,15 @@ class Decoder:
     def scores(self, q: sp.csr_matrix) -> Tensor:
         """``(Q, n)`` scores of the baskets ``q`` (rows of 1/|basket|)."""
         if sp.issparse(self.weights):  # float32 throughout: a chunk of a large catalog's scores is 100s of MB
-            return torch.from_numpy((q.astype(np.float32) @ self.weights).toarray())
+            return torch.from_numpy(self.sparse_scores(q).toarray())
         w = self.weights
         return torch.from_numpy(q.toarray().astype(np.float32)).to(w.device) @ w
+
+    def sparse_scores(self, q: sp.csr_matrix) -> sp.csr_matrix:
+        """:meth:`scores` of a neighbourhood decoder as sparse rows (items a row does not store score 0)."""
+        if not sp.issparse(self.weights):
+            raise TypeError("a dense decoder's scores are dense")
+        return (q.astype(np.float32) @ self.weights).tocsr()
 
     def top_rows(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         return top_rows(self.weights, k)
