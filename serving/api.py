@@ -92,8 +92,8 @@ class ModelInfo(BaseModel):
     gnn_weight: float | None = Field(description="weight validation gave the GNN's embeddings in the decoder; 0: "
                                                  "the lists come from co-purchase counts and text alone")
     user_weight: float = Field(0.0, description="weight of a known user's own history")
-    head_weight: float = Field(0.0, description="weight of the GNN's user → item score for a known user (validation, "
-                               "in evaluation and the promotion window); 0: the GNN plays no part in the user term")
+    head_weight: float = Field(0.0, description="weight validation gave the GNN's user → item score for a known user "
+                               "(scored in evaluation and the promotion window, not served yet)")
 
 
 class SearchResponse(BaseModel):

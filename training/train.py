@@ -370,15 +370,16 @@ def ndcg(score: ScoreFn, queries: Queries, num_items: int) -> float:
     return rank_queries(score, queries, num_items, top=False).metrics(num_items)["ndcg@10"]
 
 
-def tune_decoder(model: BundleGNN, graph: Graph, val: Queries,
-                 cfg: TrainConfig) -> tuple[dict[DecoderConfig, float], Decoder]:
+def tune_decoder(model: BundleGNN, graph: Graph, val: Queries, cfg: TrainConfig,
+                 h_item: torch.Tensor | None = None) -> tuple[dict[DecoderConfig, float], Decoder]:
     """Validation NDCG@10 of every point of the decoder grid (neighbourhood fits: all in one pass), and the best
-    fitted decoder (ties: the first grid point)."""
+    fitted decoder (ties: the first grid point). ``h_item``: the model's item embeddings over ``graph``, when
+    already computed."""
     grid = cfg.decoder_grid(graph.num_items)
     seen: dict[DecoderConfig, float] = {}
     best: Decoder | None = None
-    for d in tqdm(decoders_for(grid, graph, side_views(model, graph)), total=len(grid), desc="decoder", leave=False,
-                  disable=None):
+    for d in tqdm(decoders_for(grid, graph, side_views(model, graph, h_item)), total=len(grid), desc="decoder",
+                  leave=False, disable=None):
         seen[d.config] = ndcg(pipeline_scores(d, graph), val, graph.num_items)
         if best is None or seen[d.config] > seen[best.config]:
             best = d
@@ -403,8 +404,8 @@ def tune_weight(make: Callable[[float], ScoreFn], grid: list[float], val: Querie
 
 
 def best_weight(val: dict[float, float]) -> float:
-    """The weight with the best validation score (ties: the smaller; no score: 0)."""
-    return max(val, key=lambda w: (val[w], -w)) if not all(math.isnan(v) for v in val.values()) else 0.0
+    """The weight with the best validation score (ties: the smaller)."""
+    return max(val, key=lambda w: (val[w], -w))
 
 
 class Phases:
@@ -444,7 +445,8 @@ class TrainResult:
 
     @property
     def gnn_used(self) -> bool:
-        """Whether the served scores read the GNN: in the decoder or through its user head."""
+        """Whether the pipeline's scores read the GNN: in the decoder, or through its user head (which evaluation
+        and the promotion window score, and the API does not serve yet)."""
         return bool(self.gnn_weight or self.head_weight)
 
 
@@ -568,13 +570,13 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
         return result
     if val is not None and len(val):
         val = sample(val, cfg.decoder_tune_queries, [cfg.seed, 3])
-        result.decoder_val, chosen = tune_decoder(model, val_graph, val, cfg)
+        head = UserHead.of(model, val_graph)  # one pass over the graph for the decoder's views and the user head
+        result.decoder_val, chosen = tune_decoder(model, val_graph, val, cfg, head.h["item"])
         result.decoder = chosen.config
         phases.done("decoder_tuning", fits=len(result.decoder_val))
         result.user_val = tune_weight(lambda w: pipeline_scores(chosen, val_graph, w), cfg.user_weights, val, n,
                                       result.decoder_val[result.decoder])
         result.user_weight = best_weight(result.user_val)
-        head = UserHead.of(model, val_graph)
         result.head_val = tune_weight(lambda w: pipeline_scores(chosen, val_graph, result.user_weight, head, w),
                                       cfg.head_weights, val, n, result.user_val[result.user_weight])
         result.head_weight = best_weight(result.head_val)
