@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import typer
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from bundlegnn.config import Settings
@@ -71,19 +72,37 @@ def _show_bundles(body: dict) -> None:
             _say(f"      why: {why}")
 
 
-def _wait_quiet(http: httpx.Client, quiet_s: float, timeout: float) -> dict:
-    """Wait until the API's view has seen no bundle update for ``quiet_s`` (the worker is idle)."""
+def _worker_progress(metrics: httpx.Client) -> tuple[bool, float]:
+    """Whether the worker is idle (no consumer lag, no item awaiting its list) and how many messages it took."""
+    samples = [s for family in text_string_to_metric_families(metrics.get("/metrics").text) for s in family.samples]
+    lag = sum(s.value for s in samples if s.name == "bundlegnn_worker_consumer_lag")
+    pending = sum(s.value for s in samples if s.name == "bundlegnn_worker_pending_items")
+    taken = sum(s.value for s in samples if s.name in ("bundlegnn_worker_events_total",
+                                                        "bundlegnn_worker_dead_letters_total"))
+    return lag == 0 and pending == 0, taken
+
+
+def _wait_caught_up(http: httpx.Client, metrics: httpx.Client, quiet_s: float, timeout: float) -> dict:
+    """Wait until the worker has been idle for ``quiet_s`` (nothing taken, nothing pending) and the API's view
+    has had its last update for a second: every replayed event is then in the lists the API serves. (Quiet on
+    the API alone is not enough: under a backlog the worker refreshes less often, and a slow machine makes a
+    pause look like the end.)"""
     deadline = time.monotonic() + timeout
+    still_since, last_taken = time.monotonic(), -1.0
     with tqdm(desc="worker → API", unit=" lists", disable=None) as bar:
         while True:
             health = http.get("/healthz").json()
             bar.n = health["complement_lists"]
             bar.refresh()
+            idle, taken = _worker_progress(metrics)
+            if not idle or taken != last_taken:
+                still_since, last_taken = time.monotonic(), taken
             age = health["last_update_age_s"]
-            if health["status"] == "ok" and age is not None and age >= quiet_s:
+            if (health["status"] == "ok" and time.monotonic() - still_since >= quiet_s and age is not None
+                    and age >= 1.0):
                 return health
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the worker still publishes after {timeout:.0f} s: {health}")
+                raise RuntimeError(f"the worker is still busy after {timeout:.0f} s: {health}")
             time.sleep(0.5)
 
 
@@ -126,7 +145,7 @@ def _live_bursts(http: httpx.Client, bootstrap: str, settings: Settings, anchor:
 
 def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool | None) -> None:
     from graph.events import Order
-    from streaming.broker import EmbeddedBroker, create_topics
+    from streaming.broker import EmbeddedBroker, create_topics, free_port
     from streaming.producer import EventProducer, replay
     from training.artifact import latest_artifact
     from training.datasets import in_time_order, read_events
@@ -168,7 +187,9 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
         assert model is not None
 
         _say("3/6 stream worker (Faust) and HTTP API")
-        worker = Child("worker", ["worker", *cfg, "--model", str(model)], logs / "worker.log", env)
+        metrics_port = settings.stream.metrics_port or free_port()  # the demo watches the worker's progress
+        worker = Child("worker", ["worker", *cfg, "--model", str(model)], logs / "worker.log",
+                       {**env, "BUNDLEGNN_STREAM__METRICS_PORT": str(metrics_port)})
         children.append(worker)
         worker.wait_for("Worker]: Ready", 180)
         settings.paths.api_address.unlink(missing_ok=True)
@@ -182,8 +203,9 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
         orders = collections.Counter(i for e in events if isinstance(e, Order) for i in e.item_ids)
         with EventProducer(broker.bootstrap, settings.stream.topics) as producer:
             replay(events, producer, total=len(events))
-        with httpx.Client(base_url=url, timeout=10) as http:
-            health = _wait_quiet(http, quiet_s=5.0, timeout=600)
+        with httpx.Client(base_url=url, timeout=10) as http, \
+                httpx.Client(base_url=f"http://127.0.0.1:{metrics_port}", timeout=10) as metrics:
+            health = _wait_caught_up(http, metrics, quiet_s=2.0, timeout=600)
             _say(f"    the API serves {health['complement_lists']} complement lists, model {health['model_version']}")
 
             _say("5/6 real bundles")

@@ -40,6 +40,8 @@ class WorkerMetrics:
         self.checkpoint_seconds = Histogram("bundlegnn_worker_checkpoint_seconds", "Time to write a checkpoint "
                                             "(flush the producer, write and fsync the state, rename)",
                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.pending = Gauge("bundlegnn_worker_pending_items", "Items touched by applied events whose lists are not "
+                             "yet published (0 with no consumer lag: the worker is idle)", registry=r)
         self.items = Gauge("bundlegnn_worker_items", "Items in the worker's graph", registry=r)
         self.co_edges = Gauge("bundlegnn_worker_co_purchase_edges", "Co-purchase pairs in the worker's graph",
                               registry=r)

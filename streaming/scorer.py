@@ -281,6 +281,7 @@ class Scorer:
     async def run(self, conn: Connection) -> None:
         """Serve until the Faust app says stop (or is gone); a failing task ends the process with its error."""
         loop = asyncio.get_running_loop()
+        self.state.metrics.pending.set_function(lambda: len(self.state.pending))
         queue = self.queue = asyncio.Queue(maxsize=4)  # a full queue stops the reader: the pipe fills
         threading.Thread(target=_read_commands, args=(conn, queue, loop), name="commands", daemon=True).start()
         positioned = asyncio.Event()

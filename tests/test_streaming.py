@@ -122,11 +122,12 @@ def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(brok
         # the worker's Prometheus metrics count the same
         orders_topic = topic(worker_env, "orders")
         edges = ("bundlegnn_worker_co_purchase_edges", ())
+        pending = ("bundlegnn_worker_pending_items", ())  # A's and B's lists published: nothing awaits a refresh
         deadline = time.monotonic() + 10
         while True:  # the graph-size gauges are sampled every metrics_interval: wait for one after the last event
             m = scrape(port)
             lag = m.get(("bundlegnn_worker_consumer_lag", (("topic", orders_topic),)))
-            if (lag == 0 and m.get(edges) == 1) or time.monotonic() > deadline:
+            if (lag == 0 and m.get(edges) == 1 and m.get(pending) == 0) or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
         assert lag == 0
@@ -135,7 +136,7 @@ def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(brok
         assert m[("bundlegnn_worker_events_total", (("kind", "item_upserted"),))] == 0
         assert m[("bundlegnn_worker_bundle_updates_total", ())] >= 2  # A and B
         assert m[("bundlegnn_worker_refresh_seconds_count", ())] >= 1
-        assert m[edges] == 1
+        assert m[edges] == 1 and m[pending] == 0
     finally:
         updates.close()
         dead.close()
