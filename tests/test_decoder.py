@@ -158,3 +158,24 @@ def test_text_ease_baseline_is_the_decoder_without_the_gnn(cfg: DecoderConfig) -
     model = BundleGNN(graph.x.size(1), hidden_channels=8)
     fitted = decoder_for(cfg, graph, side_views(model, graph))
     assert torch.allclose(b, fitted.weights, atol=1e-5)  # gnn_weight 0: the model plays no part
+
+
+def test_the_gram_lookup_reads_every_pair_of_a_symmetric_matrix() -> None:
+    """The neighbourhood fit reads G's pairs through ``_Lookup``: a dense block of the most connected items and
+    a vectorised binary search for every other pair (stored or not, empty rows, an item with itself)."""
+    from training.models.neighbourhood import _Lookup
+
+    rng = np.random.default_rng(5)
+    m = sp.random(300, 300, density=0.05, random_state=6, format="coo")
+    keep = sp.diags(np.where(np.arange(300) == 7, 0.0, 1.0))  # item 7 without pairs
+    g = (keep @ (m + m.T) @ keep).tocsr()
+    g.eliminate_zeros()
+    g.sum_duplicates()
+    a, b = rng.integers(0, 300, 20_000), rng.integers(0, 300, 20_000)
+    a[:300], b[:300] = np.arange(300), np.arange(300)
+    stored = g.nonzero()
+    a, b = np.concatenate([a, stored[0]]), np.concatenate([b, stored[1]])
+    for dense in (0, 20, 300):
+        assert np.array_equal(_Lookup(g, dense=dense)(a, b), g.toarray()[a, b])
+    with pytest.raises(ValueError, match="sorted indices"):
+        _Lookup(sp.csr_matrix((np.ones(2), np.array([1, 0]), np.array([0, 2])), shape=(1, 2)))
