@@ -187,6 +187,29 @@ def test_model_shapes_gradients_and_an_unseen_item() -> None:
     assert model.gates.grad is not None  # the message-passing gates are trained
 
 
+def test_message_passing_and_its_gradient_equal_the_dense_products() -> None:
+    """A relation's :class:`Propagation` multiplies by its weighted adjacency, and its backward by the cached
+    transpose: the same values and input gradients as dense matrices (repeated edges in either direction,
+    a target without edges, a source without edges)."""
+    from training.models import Adjacency
+
+    rng = np.random.default_rng(4)
+    src, dst = rng.integers(0, 7, 40), rng.integers(0, 5, 40)
+    pairs = np.unique(np.stack([src, dst]), axis=1)
+    pairs = pairs[:, (pairs[1] != 3) & (pairs[0] != 6)]
+    w = torch.from_numpy(rng.random(pairs.shape[1]))
+    a = torch.zeros(5, 7, dtype=torch.float64)
+    a[pairs[1], pairs[0]] = w
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    out = Adjacency(torch.from_numpy(pairs), 5, 7)(w)(x)
+    grad = torch.randn(5, 3, dtype=torch.float64)
+    out.backward(grad)
+    assert torch.allclose(out, a @ x.detach()) and torch.allclose(x.grad, a.T @ grad)
+    assert float(out[3].abs().sum()) == 0 and float(x.grad[6].abs().sum()) == 0
+    with pytest.raises(ValueError, match="duplicate edges"):
+        Adjacency(torch.tensor([[0, 0], [1, 1]]), 2, 2)
+
+
 def test_training_runs_and_is_deterministic_under_a_seed() -> None:
     store = _tiny_store()
     text = np.random.default_rng(0).normal(size=(store.num_items, 16)).astype(np.float32)

@@ -7,17 +7,42 @@ import warnings
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import GraphConv, HeteroConv
-from torch_geometric.utils import spmm
 
 CO = ("item", "co_purchased", "item")
 UI = ("user", "interacted", "item")
 IU = ("item", "rev_interacted", "user")
 
 
+class _Product(torch.autograd.Function):
+    """``a @ x`` for a sparse CSR ``a`` of constant weights, whose backward multiplies by the given transpose
+    ``a_t`` (torch's own backward transposes ``a`` to CSR again on every step: a sort of every edge, most of a
+    training step's time at 200 k items)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, a_t: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.a_t = a_t
+        return a @ x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None, Tensor]:  # type: ignore[override]
+        return None, None, ctx.a_t @ grad
+
+
+class Propagation:
+    """One relation's weighted message passing, ``h_dst = A h_src``: ``A`` (``num_dst × num_src``) and its
+    transpose as sparse CSR tensors of the same weights."""
+
+    def __init__(self, a: Tensor, a_t: Tensor) -> None:
+        self.a, self.a_t = a, a_t
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _Product.apply(self.a, self.a_t, x)
+
+
 class Adjacency:
-    """The weighted, transposed adjacency (``num_dst × num_src``, sparse CSR) of one relation, with its
-    structure computed once: a training step changes only the weights (DropEdge, cold items), so it builds
-    the CSR tensor from the cached row pointers and column order instead of sorting the edges again.
+    """The weighted, transposed adjacency (``num_dst × num_src``) of one relation and its transpose, with their
+    structures computed once: a training step changes only the weights (DropEdge, cold items), so it builds
+    the CSR tensors from the cached row pointers and column orders instead of sorting the edges again.
 
     Message passing as one sparse-dense product instead of a gather over edges:
     the same sums, without an edges × channels tensor per layer (about 9× less
@@ -26,20 +51,37 @@ class Adjacency:
 
     def __init__(self, edge_index: Tensor, num_dst: int, num_src: int) -> None:
         src, dst = edge_index
-        key = dst * num_src + src
-        self.order = torch.argsort(key)
-        if bool((key[self.order][1:] == key[self.order][:-1]).any()):
-            raise ValueError("duplicate edges: a relation lists each (source, target) pair once")
-        self.col = src[self.order]
-        self.crow = torch.zeros(num_dst + 1, dtype=torch.long, device=edge_index.device)
-        self.crow[1:] = torch.cumsum(torch.bincount(dst, minlength=num_dst), 0)
+        self.order, self.crow, self.col = self._csr(dst, src, num_dst, num_src)
+        self.order_t, self.crow_t, self.col_t = self._csr(src, dst, num_src, num_dst)
         self.size = (num_dst, num_src)
 
-    def __call__(self, edge_weight: Tensor) -> Tensor:
-        """The CSR tensor with ``edge_weight`` (one per edge, in ``edge_index`` order) as its values."""
-        with warnings.catch_warnings():  # torch flags sparse CSR as beta; PyG's spmm supports it
+    @staticmethod
+    def _csr(rows: Tensor, cols: Tensor, num_rows: int, num_cols: int) -> tuple[Tensor, Tensor, Tensor]:
+        key = rows * num_cols + cols
+        order = torch.argsort(key)
+        if bool((key[order][1:] == key[order][:-1]).any()):
+            raise ValueError("duplicate edges: a relation lists each (source, target) pair once")
+        crow = torch.zeros(num_rows + 1, dtype=torch.long, device=rows.device)
+        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=num_rows), 0)
+        return order, crow, cols[order]
+
+    def __call__(self, edge_weight: Tensor) -> Propagation:
+        """The relation with ``edge_weight`` (one per edge, in ``edge_index`` order) as its weights."""
+        w = edge_weight.detach()
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow, self.col, edge_weight.detach()[self.order], self.size)
+            return Propagation(torch.sparse_csr_tensor(self.crow, self.col, w[self.order], self.size),
+                               torch.sparse_csr_tensor(self.crow_t, self.col_t, w[self.order_t], self.size[::-1]))
+
+
+class _GraphConv(GraphConv):
+    """torch-geometric's ``GraphConv`` (the same parameters) aggregating through a :class:`Propagation`:
+    :math:`\mathbf{W}_1\mathbf{x}_i + \mathbf{W}_2\sum_{j} \tilde{w}_{ji}\mathbf{x}_j`."""
+
+    def forward(self, x: Tensor | tuple[Tensor, Tensor | None], adj: Propagation) -> Tensor:  # type: ignore[override]
+        x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
+        out = self.lin_rel(adj(x_src))
+        return out + self.lin_root(x_dst) if x_dst is not None else out
 
 
 class BundleGNN(nn.Module):
@@ -108,7 +150,7 @@ class BundleGNN(nn.Module):
                     table.weight[num_ids].zero_()
         self.user_in = nn.Linear(in_channels, hidden_channels, bias=False)
         self.convs = nn.ModuleList(
-            HeteroConv({rel: GraphConv(hidden_channels, hidden_channels, aggr="add") for rel in (CO, UI, IU)}, aggr="sum")
+            HeteroConv({rel: _GraphConv(hidden_channels, hidden_channels, aggr="add") for rel in (CO, UI, IU)}, aggr="sum")
             for _ in range(num_layers)
         )
         self.gates = nn.Parameter(torch.zeros(num_layers))
@@ -117,14 +159,14 @@ class BundleGNN(nn.Module):
         self.user = nn.Linear(hidden_channels, hidden_channels, bias=False)
         self.prior = nn.Linear(hidden_channels, 1)
 
-    def forward(self, x_item: Tensor, adj_t: dict[tuple[str, str, str], Tensor],
+    def forward(self, x_item: Tensor, adj_t: dict[tuple[str, str, str], Propagation],
                 id_index: Tensor | None = None) -> dict[str, Tensor]:
-        """Embeddings of all items and users. ``adj_t``: each relation's transposed adjacency (targets ×
+        """Embeddings of all items and users. ``adj_t``: each relation's message passing (targets ×
         sources, sparse, weights normalised per target, see :class:`Adjacency`); ``id_index`` gives each
         item's row in the ID table, -1 for none."""
         # A user's input is the weighted mean of its items' inputs; the projection is linear without a bias,
         # so it is applied first and the mean taken of hidden-size rows instead of text-size rows.
-        h = {"item": self.item_in(x_item), "user": spmm(adj_t[IU], self.user_in(x_item), reduce="sum")}
+        h = {"item": self.item_in(x_item), "user": adj_t[IU](self.user_in(x_item))}
         for conv, gate in zip(self.convs, self.gates):
             out = conv(h, adj_t)
             h = {k: h[k] + gate * nn.functional.dropout(torch.relu(out[k]), self.dropout, self.training) for k in h}
