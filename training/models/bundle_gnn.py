@@ -75,7 +75,7 @@ class Adjacency:
 
 
 class _GraphConv(GraphConv):
-    """torch-geometric's ``GraphConv`` (the same parameters) aggregating through a :class:`Propagation`:
+    r"""torch-geometric's ``GraphConv`` (the same parameters) aggregating through a :class:`Propagation`:
     :math:`\mathbf{W}_1\mathbf{x}_i + \mathbf{W}_2\sum_{j} \tilde{w}_{ji}\mathbf{x}_j`."""
 
     def forward(self, x: Tensor | tuple[Tensor, Tensor | None], adj: Propagation) -> Tensor:  # type: ignore[override]
