@@ -60,7 +60,8 @@ class _Lookup:
     dense (pairs of them are read directly), and every other pair is found by
     a binary search in the shorter of its two rows, vectorised over the pairs
     (all pairs step together; those found drop out), in parts on threads
-    (numpy releases the GIL). 8× scipy's speed on 200k items (``/tmp`` check).
+    (numpy releases the GIL). 4.5× scipy's speed on the pairs of 40 copies of
+    Online Retail II full's Gram (199k items, 2.2 M pairs a chunk).
     """
 
     def __init__(self, g: sp.csr_matrix, dense: int = 4096) -> None:
