@@ -82,11 +82,12 @@ def _worker_progress(metrics: httpx.Client) -> tuple[bool, float]:
     return lag == 0 and pending == 0, taken
 
 
-def _wait_caught_up(http: httpx.Client, metrics: httpx.Client, quiet_s: float, timeout: float) -> dict:
-    """Wait until the worker has been idle for ``quiet_s`` (nothing taken, nothing pending) and the API's view
-    has had its last update for a second: every replayed event is then in the lists the API serves. (Quiet on
-    the API alone is not enough: under a backlog the worker refreshes less often, and a slow machine makes a
-    pause look like the end.)"""
+def _wait_caught_up(http: httpx.Client, metrics: httpx.Client, sent: int, quiet_s: float, timeout: float) -> dict:
+    """Wait until the worker has taken at least the ``sent`` events (applied or dead-lettered; an order counts
+    again when its copy for another task arrives), has been idle for ``quiet_s`` since (nothing taken, nothing
+    pending) and the API's view has had its last update for a second: every replayed event is then in the
+    lists the API serves. (Quiet alone is not enough: before the worker's first fetch, and under a backlog,
+    when it refreshes less often, a pause looks like the end.)"""
     deadline = time.monotonic() + timeout
     still_since, last_taken = time.monotonic(), -1.0
     with tqdm(desc="worker → API", unit=" lists", disable=None) as bar:
@@ -95,14 +96,15 @@ def _wait_caught_up(http: httpx.Client, metrics: httpx.Client, quiet_s: float, t
             bar.n = health["complement_lists"]
             bar.refresh()
             idle, taken = _worker_progress(metrics)
-            if not idle or taken != last_taken:
+            if not idle or taken != last_taken or taken < sent:
                 still_since, last_taken = time.monotonic(), taken
             age = health["last_update_age_s"]
             if (health["status"] == "ok" and time.monotonic() - still_since >= quiet_s and age is not None
                     and age >= 1.0):
                 return health
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the worker is still busy after {timeout:.0f} s: {health}")
+                raise RuntimeError(f"the worker has not caught up after {timeout:.0f} s ({taken:.0f} events taken "
+                                   f"of {sent} sent, idle: {idle}): {health}")
             time.sleep(0.5)
 
 
@@ -205,7 +207,7 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
             replay(events, producer, total=len(events))
         with httpx.Client(base_url=url, timeout=10) as http, \
                 httpx.Client(base_url=f"http://127.0.0.1:{metrics_port}", timeout=10) as metrics:
-            health = _wait_caught_up(http, metrics, quiet_s=2.0, timeout=600)
+            health = _wait_caught_up(http, metrics, len(events), quiet_s=2.0, timeout=600)
             _say(f"    the API serves {health['complement_lists']} complement lists, model {health['model_version']}")
 
             _say("5/6 real bundles")
