@@ -364,3 +364,14 @@ def test_the_gnn_user_head_adds_standardised_scores_scaled_to_the_base_spread_fo
     assert torch.equal(base[1, :2], torch.tensor([5.0, 0.0]))  # the base itself is untouched
     plain = lambda qq, a, b: base[a:b]  # noqa: E731
     assert pipeline_scores(plain, graph, 0.0, head, 0.0) is plain and pipeline_scores(plain, graph, 0.0, None, 1.0) is plain
+
+
+def test_training_keeps_an_answer_whose_item_the_catalog_updated_after_the_last_order() -> None:
+    """With every known item as a negative (a small catalog), an item re-listed after the last order is not a
+    negative, but it is still an answer of the orders that hold it: it stays among the candidates."""
+    store = _tiny_store()
+    store.apply(ItemUpserted(item_id="i2", title="tea towel, new photo", price=3.0, ts=at(30)))
+    text = np.random.default_rng(0).normal(size=(store.num_items, 16)).astype(np.float32)
+    result = train(store, text, TrainConfig(epochs=1, hidden=8, decoder=False, batch_size=4, examples_per_epoch=8),
+                   progress=False)
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["loss"])

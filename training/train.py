@@ -514,8 +514,8 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             batch = epoch_examples[start : start + cfg.batch_size]
             q_csr, hidden_np = _batch(indptr, items, batch, n)
             hidden = torch.from_numpy(hidden_np).to(device)
-            if cfg.negatives >= len(known_rows):
-                cand = known_rows
+            if cfg.negatives >= len(known_rows):  # the batch's answers too: an item the catalog updated after
+                cand = torch.unique(torch.cat([hidden, known_rows]))  # the last order can still be one
             else:
                 sampled = known_rows[torch.randint(len(known_rows), (cfg.negatives,), device=device)]
                 cand = torch.unique(torch.cat([hidden, sampled]))
