@@ -514,11 +514,10 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             batch = epoch_examples[start : start + cfg.batch_size]
             q_csr, hidden_np = _batch(indptr, items, batch, n)
             hidden = torch.from_numpy(hidden_np).to(device)
-            if cfg.negatives >= len(known_rows):  # the batch's answers too: an item the catalog updated after
-                cand = torch.unique(torch.cat([hidden, known_rows]))  # the last order can still be one
-            else:
-                sampled = known_rows[torch.randint(len(known_rows), (cfg.negatives,), device=device)]
-                cand = torch.unique(torch.cat([hidden, sampled]))
+            negatives = known_rows if cfg.negatives >= len(known_rows) else \
+                known_rows[torch.randint(len(known_rows), (cfg.negatives,), device=device)]
+            # the batch's answers are candidates too: an item the catalog updated after the last order can be one
+            cand = torch.unique(torch.cat([hidden, negatives]))
             target = torch.searchsorted(cand, hidden)
             # a query's own items among the candidates are not answers
             qc = q_csr.tocoo()
