@@ -765,7 +765,11 @@ def _read_commands(conn: Connection, queue: asyncio.Queue[tuple], loop: asyncio.
 
 def serve(spec: ScorerSpec, conn: Connection) -> None:
     """The scoring process's entry point (``multiprocessing`` target)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the Faust app says when to stop
+    # Ctrl-C reaches the whole process group, and so does SIGTERM from a group kill (systemd's control group,
+    # `bundlegnn demo`): the Faust app says when to stop, after this process's last checkpoint. (The Faust
+    # process gone closes the pipe, which stops this one too; SIGKILL still ends it at once.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if spec.logging is not None:
         logging.config.dictConfig(spec.logging)
     tune_gc()

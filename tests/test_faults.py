@@ -203,3 +203,27 @@ def test_workers_joining_and_leaving_mid_stream_hold_together_the_graph_of_one(b
     assert len(edges(expected)) > 1000
     assert {k: got.catalog[r] for k, r in got.items.index.items()} == \
         {k: expected.catalog[r] for k, r in expected.items.index.items()}
+
+
+def test_sigterm_to_the_whole_group_stops_the_worker_after_its_last_checkpoint(broker: str, tmp_path: Path) -> None:
+    """systemd (its control group) and `bundlegnn demo` send SIGTERM to both of the worker's processes at once:
+    the scoring process leaves the stop to the Faust app, so it writes its last checkpoint and exits cleanly
+    instead of dying of the signal before it."""
+    env = stream_env(broker, tmp_path / "state")
+    env["BUNDLEGNN_STREAM__ENCODE_TEXT"] = "false"
+    order = Order(order_id="o1", user_id="u1", ts="2024-01-01T00:00:00Z", items=[{"item_id": "a"}, {"item_id": "b"}])
+    expected = GraphStore(GraphConfig(order_window_days=400))
+    expected.apply_all([order])
+    worker = WorkerProcess(env, tmp_path / "worker.log", "--model", "none").start()
+    assert worker.process is not None
+    with producer_for(env, broker) as producer:
+        producer.send(order)
+        producer.flush()
+    wait_until_caught_up(tmp_path / "state" / "checkpoint", expected)
+    for pid in [*worker.scoring_processes(), worker.process.pid]:
+        os.kill(pid, signal.SIGTERM)
+    assert worker.process.wait(60) == 0
+    log = worker.output()
+    assert "scoring process stopping" in log and "the scoring process exited with" not in log
+    got = checkpoint.union(tmp_path / "state" / "checkpoint")
+    assert got is not None and edges(got) == edges(expected)
