@@ -223,6 +223,8 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
             _say("\n6/6 bursts of new orders, live")
             anchor = orders.most_common(1)[0][0]
             listed = http.get(f"/items/{anchor}/complements", params={"k": 100}).json()
+            if listed["updated_at"] is None:  # evidence for the case step 6's ">=" goes around (see _live_bursts)
+                _say(f"  note: the API shows the model's seed list of {anchor}: no list of it from the worker yet")
             in_bundles = {m["item_id"] for b in http.get(f"/items/{anchor}/bundles", params={"k": 3, "size": 3})
                           .json()["bundles"] for m in b["items"]}
             outside = [(n, c) for n, c in enumerate(listed["complements"], 1) if c["item_id"] not in in_bundles]
