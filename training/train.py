@@ -93,7 +93,7 @@ class TrainConfig(BaseModel):
     decoder_dense_max_items: int = Field(
         12_000, ge=2, description="catalogs up to this size get the exact dense decoder, larger ones the "
                                  "neighbourhood fit (bench/results/decoder.md measures both)")
-    decoder_k_co: int = Field(64, ge=1, description="neighbourhood fit: most co-purchased items per item")
+    decoder_k_co: int = Field(64, ge=1, description="neighbourhood fit: co-purchase partners per item (highest cosine)")
     decoder_k_side: int = Field(16, ge=1, description="neighbourhood fit: nearest items per kind of side information")
     decoder_tune_queries: int = Field(20_000, ge=1, description="validation queries (a seeded sample) the decoder "
                                       "grid and the user weight are tuned on: ranking is per query and catalog item")

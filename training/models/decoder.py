@@ -31,7 +31,7 @@ class DecoderConfig(BaseModel):
     method: Literal["dense", "neighbourhood"] = Field(
         "dense", description="dense: exact inversion (O(n^3)); neighbourhood: each item regressed on its "
                              "neighbours only (sparse, linear in items)")
-    k_co: int = Field(64, ge=1, description="neighbourhood: most co-purchased items per item")
+    k_co: int = Field(64, ge=1, description="neighbourhood: co-purchase partners per item (highest cosine)")
     k_side: int = Field(16, ge=1, description="neighbourhood: nearest items per kind of side information")
 
 
