@@ -6,10 +6,10 @@ the whole :math:`n \times n` Gram matrix: :math:`O(n^3)` time and
 column for item :math:`b` is the ridge regression of :math:`b`'s column of
 the basket matrix on every other item's (Steck, WWW 2019). Here each column
 is regressed only on :math:`b`'s neighbourhood :math:`N(b)`: its ``k_co``
-partners of highest co-purchase cosine plus its ``k_side`` nearest items in each kind of side
-information (text, GNN embeddings), as in neighbourhood-restricted SLIM
-(Ning & Karypis, "SLIM: Sparse Linear Methods for Top-N Recommender
-Systems", ICDM 2011, and its fsSLIM variant):
+partners of highest co-purchase cosine plus its ``k_side`` nearest items in
+each kind of side information (text, GNN embeddings), as in
+neighbourhood-restricted SLIM (Ning & Karypis, "SLIM: Sparse Linear Methods
+for Top-N Recommender Systems", ICDM 2011, and its fsSLIM variant):
 
 .. math::
     \mathbf{G} = \mathbf{X}^\top\mathbf{X} + \textstyle\sum_s \alpha_s \mathbf{E}_s\mathbf{E}_s^\top,\qquad
