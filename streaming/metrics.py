@@ -20,9 +20,13 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.events = Counter("bundlegnn_worker_events", "Events applied to the graph", ["kind"], registry=r)
+        self.events = Counter("bundlegnn_worker_events", "Events from the input topics applied to the graph "
+                              "(dead letters not counted)", ["kind"], registry=r)
         for kind in ("item_upserted", "interaction", "order"):  # present from the start, so rates begin at 0
             self.events.labels(kind)
+        self.routed = Counter("bundlegnn_worker_routed", "Repartition records applied: other tasks' shares of "
+                              "their events (an order's pairs of this task's items; every catalog entry, which "
+                              "every task keeps)", ["kind"], registry=r)
         self.dead_letters = Counter("bundlegnn_worker_dead_letters", "Messages sent to the dead-letter topic",
                                     ["topic"], registry=r)
         self.publish_failures = Counter("bundlegnn_worker_publish_failures", "Bundle updates and dead letters "
@@ -41,7 +45,7 @@ class WorkerMetrics:
                                             "(flush the producer, write and fsync the state, rename)",
                                             buckets=LATENCY_BUCKETS, registry=r)
         self.pending = Gauge("bundlegnn_worker_pending_items", "Items touched by applied events whose lists are not "
-                             "yet published (0 with no consumer lag: the worker is idle)", registry=r)
+                             "yet handed to the producer (0 with no consumer lag: the worker is idle)", registry=r)
         self.items = Gauge("bundlegnn_worker_items", "Items in the worker's graph", registry=r)
         self.co_edges = Gauge("bundlegnn_worker_co_purchase_edges", "Co-purchase pairs in the worker's graph",
                               registry=r)

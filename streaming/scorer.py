@@ -120,7 +120,8 @@ class WorkerState:
         ``streams``: each event's source partition (the task it belongs to, the stream whose time an order's
         window follows) or :data:`~graph.store.ROUTED` for a record of ``repartition``."""
         now = time.time()
-        pending, kinds = self.pending, Counter(event.type for event in events)
+        pending = self.pending
+        kinds = Counter((event.type, streams is not None and streams[k] == ROUTED) for k, event in enumerate(events))
         results = self.store.apply_many(events, streams)
         for event, result, ts in zip(events, results, source_ts):
             if isinstance(event, ItemUpserted) and result.changed:
@@ -130,8 +131,8 @@ class WorkerState:
                 for item in result.items:  # (in a partitioned store, those of the event's task)
                     if pending.get(item, 0.0) < ts:
                         pending[item] = ts
-        for kind, count in kinds.items():
-            self.metrics.events.labels(kind).inc(count)
+        for (kind, routed), count in kinds.items():
+            (self.metrics.routed if routed else self.metrics.events).labels(kind).inc(count)
         return results
 
     # ---- text and model --------------------------------------------------------
@@ -276,12 +277,13 @@ class Scorer:
         # repartition record or refreshed list is not delivered yet.
         self.turn = asyncio.Lock()
         self.unsaved = 0  # records taken since the last checkpoint
+        self.publishing = 0  # items of the refresh under way whose lists are not handed to the producer yet
+        self.state.metrics.pending.set_function(lambda: len(self.state.pending) + self.publishing)
         self.next_checkpoint = time.monotonic() + spec.stream.checkpoint_interval
 
     async def run(self, conn: Connection) -> None:
         """Serve until the Faust app says stop (or is gone); a failing task ends the process with its error."""
         loop = asyncio.get_running_loop()
-        self.state.metrics.pending.set_function(lambda: len(self.state.pending))
         queue = self.queue = asyncio.Queue(maxsize=4)  # a full queue stops the reader: the pipe fills
         threading.Thread(target=_read_commands, args=(conn, queue, loop), name="commands", daemon=True).start()
         positioned = asyncio.Event()
@@ -682,10 +684,12 @@ class Scorer:
             pending = {i: t for i, t in pending.items() if part(i) in self.tasks}
         m = state.metrics
         secret = self.secret
+        self.publishing = len(pending)  # still pending on the metrics until handed over
         for item, ts in pending.items():  # in one go (no commands in between): its time paces the next
             key, value = item.encode(), state.scorer.update_json(item, ts or None)
             headers = [("signature", update_signature(secret, key, value))] if secret is not None else None
             await self.out.send(self.names.bundle_updates, key=key, value=value, headers=headers)
+            self.publishing -= 1
             if ts:
                 m.event_to_update.observe(time.time() - ts)
         m.updates.inc(len(pending))

@@ -428,4 +428,32 @@ def test_two_tasks_share_orders_through_the_repartition_and_a_repeat_of_it_is_sk
             assert (expected and expected.count) == (got and got.count), (a, b)
     assert store.item_order_counts().tolist() == [whole.item_order_counts()[whole.items.index[i]]
                                                   for i in store.items.ids]
+    metrics = work.state.metrics  # events counted once, their shares apart (the repeats skipped: not counted)
+    assert metrics.value("bundlegnn_worker_events_total", {"kind": "order"}) == len(orders)
+    assert metrics.value("bundlegnn_worker_routed_total", {"kind": "order_share"}) == len(sent)
     stopped(work)
+
+
+def test_items_stay_pending_on_the_metrics_until_their_lists_are_handed_to_the_producer() -> None:
+    """A refresh takes the pending items at its start; the gauge still counts each until its list is sent
+    (a long refresh once read as an idle worker: nothing pending, nothing taken)."""
+    work = scorer()
+    seen: list[float] = []
+    producer = work.out.producer
+    send = producer.send
+
+    async def watching(topic, key=None, value=None, headers=None, partition=None):
+        if topic == work.names.bundle_updates:
+            seen.append(work.state.metrics.value("bundlegnn_worker_pending_items"))
+        return await send(topic, key, value, headers, partition)
+
+    producer.send = watching
+
+    async def run() -> None:
+        await work.apply(*forwarded((0, Order(order_id="o1", items=[{"item_id": "A"}, {"item_id": "B"}],
+                                              ts=at(1))))[1:])
+        assert work.state.metrics.value("bundlegnn_worker_pending_items") == 2
+        await work.refresh()
+
+    asyncio.run(run())
+    assert seen == [2, 1] and work.state.metrics.value("bundlegnn_worker_pending_items") == 0
