@@ -275,12 +275,13 @@ def worker_replay(config: Path, reference: Path, env: dict[str, str]) -> dict:
             replayed = time.perf_counter() - started
             sent = json.loads(done.stdout.splitlines()[-1])["sent"]
             applied, published, since = 0.0, -1.0, time.perf_counter()
-            while time.perf_counter() - since < 10 or applied < sent:  # every event applied, then 10 s quiet
+            while time.perf_counter() - since < 10 or applied < sent:  # every event taken, then 10 s quiet
                 if time.perf_counter() - started > 3600:
-                    raise RuntimeError(f"the worker applied {applied:.0f} of {sent} events in an hour")
+                    raise RuntimeError(f"the worker took {applied:.0f} of {sent} events in an hour")
                 time.sleep(1.0)
                 samples = scrape(port)
-                applied = sum(v for (name, _), v in samples.items() if name == "bundlegnn_worker_events_total")
+                applied = sum(v for (name, _), v in samples.items()  # applied or dead-lettered
+                              if name in ("bundlegnn_worker_events_total", "bundlegnn_worker_dead_letters_total"))
                 now = samples.get(("bundlegnn_worker_bundle_updates_total", ()), 0.0)
                 if now != published or applied < sent:
                     published, since = now, time.perf_counter()
