@@ -86,8 +86,8 @@ def _worker_progress(metrics: httpx.Client) -> tuple[bool, float, float]:
 
 def _wait_caught_up(http: httpx.Client, metrics: httpx.Client, sent: int, quiet_s: float, timeout: float) -> dict:
     """Wait until the worker has taken the ``sent`` events (applied or dead-lettered), has been idle for
-    ``quiet_s`` since (no lag, nothing taken or routed, nothing pending; its lag is measured more often than
-    that) and the API's view has had its last update for a second: every replayed event is then in the lists
+    ``quiet_s`` since (no lag, nothing taken or routed, nothing pending; a lag measurement must fall inside
+    it) and the API's view has had its last update for a second: every replayed event is then in the lists
     the API serves. (Quiet alone is not enough: before the worker's first fetch, and while it publishes a
     long refresh, a pause looks like the end.)"""
     deadline = time.monotonic() + timeout
@@ -195,8 +195,7 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
         _say("3/6 stream worker (Faust) and HTTP API")
         metrics_port = settings.stream.metrics_port or free_port()  # the demo watches the worker's progress
         worker = Child("worker", ["worker", *cfg, "--model", str(model)], logs / "worker.log",
-                       {**env, "BUNDLEGNN_STREAM__METRICS_PORT": str(metrics_port),
-                        "BUNDLEGNN_STREAM__METRICS_INTERVAL": "0.5"})  # lag fresher than the wait's quiet
+                       {**env, "BUNDLEGNN_STREAM__METRICS_PORT": str(metrics_port)})
         children.append(worker)
         worker.wait_for("Worker]: Ready", 180)
         settings.paths.api_address.unlink(missing_ok=True)
@@ -212,7 +211,9 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
             replay(events, producer, total=len(events))
         with httpx.Client(base_url=url, timeout=10) as http, \
                 httpx.Client(base_url=f"http://127.0.0.1:{metrics_port}", timeout=10) as metrics:
-            health = _wait_caught_up(http, metrics, len(events), quiet_s=2.0, timeout=600)
+            # quiet for longer than the worker's lag measurements are apart: one falls inside it
+            health = _wait_caught_up(http, metrics, len(events), quiet_s=settings.stream.metrics_interval + 1.0,
+                                     timeout=600)
             _say(f"    the API serves {health['complement_lists']} complement lists, model {health['model_version']}")
 
             _say("5/6 real bundles")
