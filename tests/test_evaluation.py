@@ -53,5 +53,8 @@ def test_every_method_on_both_splits(tmp_path: Path) -> None:
             assert gain["low"] <= gain["gain"] <= gain["high"]
     tables = markdown(summary)
     assert "| gnn vs ease | " in tables and tables.count("| method |") == 3
+    # a peer that could not run is said, not silently left out
+    assert ("Not run: sansa" in tables) is (not baselines.sansa_installed())
+    assert report["protocol"].get("peers_not_run") == (None if baselines.sansa_installed() else ["sansa"])
     assert "inf%" not in tables and "nan%" not in tables  # a gain over a method that scores 0 reads n/a
     assert f"| ease | {report['methods']['ease']['hr@10']:.4f} ± 0.0000 |" in tables
