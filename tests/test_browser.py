@@ -32,6 +32,7 @@ if not (CHROMIUM and DRIVER):
     pytest.skip("no Chromium here: apt-get install chromium chromium-driver (make test does where it can)",
                 allow_module_level=True)
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -78,7 +79,8 @@ def test_explorer_search_bundles_live_update_and_cart(broker: str, tmp_path: Pat
         assert r.is_success and partner in r.text, r.text[:300]
         title = r.json()["item"]["title"]
         driver = browser()
-        wait = WebDriverWait(driver, 60, poll_frequency=0.2)
+        # the page re-renders a panel on each poll: an element found just before may be gone when read
+        wait = WebDriverWait(driver, 60, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(f"{url}/ui")
         wait.until(lambda d: " lists " in d.find_element(By.ID, "status").text)
 
