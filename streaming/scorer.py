@@ -806,7 +806,7 @@ class ScorerLink:
             if not process.is_alive():
                 raise RuntimeError(f"the scoring process exited with {process.exitcode} before it was ready")
             if time.monotonic() > deadline:
-                process.terminate()
+                process.kill()  # (it ignores SIGTERM: see serve)
                 raise RuntimeError(f"the scoring process was not ready after {timeout:.0f} s")
         try:
             answer = ours.recv()
@@ -835,8 +835,8 @@ class ScorerLink:
                 log.error("stop not delivered to the scoring process: %r", exc)
             await asyncio.get_running_loop().run_in_executor(None, self.process.join, timeout)
             if self.process.is_alive():
-                log.error("the scoring process did not stop within %.0f s; terminating it", timeout)
-                self.process.terminate()
+                log.error("the scoring process did not stop within %.0f s; killing it", timeout)
+                self.process.kill()  # SIGTERM would not do: it ignores it (see serve)
                 self.process.join(5)
         self._sender.shutdown()
         if self.process.exitcode:

@@ -457,3 +457,30 @@ def test_items_stay_pending_on_the_metrics_until_their_lists_are_handed_to_the_p
 
     asyncio.run(run())
     assert seen == [2, 1] and work.state.metrics.value("bundlegnn_worker_pending_items") == 0
+
+
+def _deaf() -> None:
+    """A scoring process that ignores SIGTERM, as the real one does, and never answers."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+
+
+def test_a_scoring_process_that_does_not_stop_in_time_is_killed(caplog: pytest.LogCaptureFixture) -> None:
+    """The scoring process ignores SIGTERM (a group kill must not end it before its checkpoint), so the Faust
+    side's last resort after the stop timeout is SIGKILL: a terminate() would leave it running."""
+    import multiprocessing
+
+    from streaming.scorer import ScorerLink
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    process = ctx.Process(target=_deaf, daemon=True)
+    process.start()
+    time.sleep(1.0)  # its SIGTERM handler is set
+    began = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="streaming.scorer"):
+        code = asyncio.run(ScorerLink(process, ours).stop("test", timeout=1.0))
+    assert code == -9 and not process.is_alive() and time.monotonic() - began < 5
+    assert "did not stop within 1 s; killing it" in caplog.text
