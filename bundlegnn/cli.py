@@ -230,9 +230,14 @@ def evaluate(
                              "bundles against real bundles (--data: the amazon_intent_bundles folder)"),
     domains: str = typer.Option(",".join(("electronic", "clothing", "food")),
                                 help="--task bundle: comma-separated domain folders under --data"),
+    merge: Optional[str] = typer.Option(None, help="comma-separated reports (--json files) of the same command "
+                                        "and commit on other seeds: one report of all their runs, nothing rerun"),
 ) -> None:
     """Compare the GNN with popularity, co-occurrence, EASE^R and text baselines (``--task bundle``: the bundle
     builder with the anchors' top complements, co-occurrence, text and popularity, on real bundles)."""
+    if merge:
+        _merge_reports([Path(p) for p in merge.split(",")], json_path, png)
+        return
     settings = _settings(config)
     try:
         seed_list = [int(s) for s in seeds.split(",")]
@@ -245,15 +250,23 @@ def evaluate(
     if task != "item":
         typer.echo(f"--task must be item or bundle, got {task!r}", err=True)
         raise typer.Exit(2)
-    from training.evaluation import evaluate as run, markdown, plot, summarise
+    from training.evaluation import evaluate as run, summarise
 
     events, _ = _read(settings, data)
     encoder = settings.encoder.build(settings.paths.text_cache)
     started = time.perf_counter()
     summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s, held_out=held_out)
                          for s in seed_list])
-    command = "bundlegnn evaluate" + (f" --config {config}" if config else "") + f" --seeds {seeds}"
+    command = ("bundlegnn evaluate" + (f" --config {config}" if config else "") + (f" --data {data}" if data else "")
+               + (f" --held-out {held_out:g}" if held_out != 0.1 else "") + f" --seeds {seeds}")
     summary["provenance"] = {**machine(), "command": command, "wall_s": round(time.perf_counter() - started)}
+    _item_report(summary, json_path, png)
+
+
+def _item_report(summary: dict, json_path: Optional[Path], png: Optional[Path]) -> None:
+    """An item evaluation's tables on stdout, and its JSON, markdown and chart when asked for."""
+    from training.evaluation import markdown, plot
+
     tables = f"{describe(summary['provenance'])}. `{summary['provenance']['command']}`.\n\n" + markdown(summary)
     if json_path:
         _write_report(json_path, summary, tables)
@@ -261,6 +274,18 @@ def evaluate(
     elif png:
         plot(summary, png)
     typer.echo(tables)
+
+
+def _merge_reports(paths: list[Path], json_path: Optional[Path], png: Optional[Path]) -> None:
+    """``evaluate --merge``: several item reports as one (see :func:`training.evaluation.merge`)."""
+    from training.evaluation import merge
+
+    try:
+        summary = merge([json.loads(p.read_text()) for p in paths])
+    except (OSError, ValueError, KeyError) as exc:
+        typer.echo(f"cannot merge {', '.join(map(str, paths))}: {exc!r}", err=True)
+        raise typer.Exit(2) from exc
+    _item_report(summary, json_path, png)
 
 
 def _evaluate_bundles(settings: Settings, data: Optional[Path], domains: list[str], seeds: list[int],

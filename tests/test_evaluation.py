@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from bundlegnn.cli import app
 from graph.store import GraphConfig
 from tests.conftest import DATA, retail_events
 from training import baselines
-from training.evaluation import evaluate, markdown, summarise
+from training.evaluation import evaluate, markdown, merge, summarise
+from training.protocol import per_query
 from training.train import TrainConfig
 
 SAMPLE = DATA / "online_retail_ii_sample.csv.gz"
@@ -58,3 +63,47 @@ def test_every_method_on_both_splits(tmp_path: Path) -> None:
     assert report["protocol"].get("peers_not_run") == (None if baselines.sansa_installed() else ["sansa"])
     assert "inf%" not in tables and "nan%" not in tables  # a gain over a method that scores 0 reads n/a
     assert f"| ease | {report['methods']['ease']['hr@10']:.4f} ± 0.0000 |" in tables
+
+
+def _fake_report(seed: int, ranks: dict[str, list[int]], commit: str = "abc1234",
+                 command: str = "bundlegnn evaluate --config c.yaml") -> dict:
+    """What `evaluate --json` writes for one seed, with made-up ranks of two methods."""
+    run = {"protocol": {"seed": seed, "test_queries": 4}, "ranks": {"methods": ranks}, "methods": {}}
+    for name, r in ranks.items():
+        each = per_query(torch.tensor(r))
+        run["methods"][name] = {"hr@10": float(each["hr@10"].mean()), "ndcg@10": float(each["ndcg@10"].mean()),
+                                "recall@20": 0.5, "mrr": 0.1, "coverage": 0.2, "queries": len(r)}
+    summary = summarise([run])
+    summary["provenance"] = {"commit": commit, "date": f"2026-12-0{seed + 1} 00:00 UTC", "cpus": 2, "ram_gb": 24.0,
+                             "cpu": "x", "command": f"{command} --seeds {seed}", "wall_s": 10 + seed}
+    return summary
+
+
+def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path: Path) -> None:
+    """`evaluate --merge`: one seed per job, one report whose means and intervals are those of all the runs."""
+    a = _fake_report(0, {"gnn": [0, 3, 20, 1], "ease": [2, 30, 40, 1]})
+    b = _fake_report(1, {"gnn": [5, 0, 12, 50], "ease": [5, 9, 0, 60]})
+    merged = merge([a, b])
+    direct = summarise(a["runs"] + b["runs"])
+    assert merged["seeds"] == [0, 1] and merged["comparisons"] == direct["comparisons"]
+    assert merged["methods"]["gnn"]["hr@10"] == pytest.approx((0.75 + 0.5) / 2)
+    assert len(merged["comparisons"]["methods"]["gnn vs ease"]["hr@10"]["runs"]) == 2
+    assert merged["provenance"]["command"] == "bundlegnn evaluate --config c.yaml --seeds 0,1 (merged from 2 runs)"
+    assert merged["provenance"]["wall_s"] == 21 and merged["provenance"]["date"] == "2026-12-02 00:00 UTC"
+    with pytest.raises(ValueError, match="different commits"):
+        merge([a, _fake_report(1, {"gnn": [0], "ease": [1]}, commit="def5678")])
+    with pytest.raises(ValueError, match="different commands"):
+        merge([a, _fake_report(1, {"gnn": [0], "ease": [1]}, command="bundlegnn evaluate --held-out 0")])
+    with pytest.raises(ValueError, match="a seed repeats"):
+        merge([a, a])
+    paths = []
+    for k, report in enumerate((a, b)):
+        paths.append(tmp_path / f"s{k}.json")
+        paths[-1].write_text(json.dumps(report))
+    out = tmp_path / "all.json"
+    result = CliRunner().invoke(app, ["evaluate", "--merge", ",".join(map(str, paths)), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["comparisons"] == direct["comparisons"]
+    assert out.with_suffix(".png").exists() and "(merged from 2 runs)" in out.with_suffix(".md").read_text()
+    result = CliRunner().invoke(app, ["evaluate", "--merge", f"{paths[0]},{paths[0]}"])
+    assert result.exit_code == 2 and "a seed repeats" in result.output

@@ -167,6 +167,44 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def merge(summaries: list[dict]) -> dict:
+    """One summary (:func:`summarise`) of the runs of several ``evaluate`` reports, e.g. one seed per job on a
+    catalog where a seed takes an hour: the means, stds and intervals come from every run's ranks, as if they
+    had run in one command. The reports must come from the same commit and the same command apart from
+    ``--seeds``, and no seed may repeat: otherwise :class:`ValueError` says which differs."""
+    if not summaries:
+        raise ValueError("nothing to merge")
+    first = summaries[0]
+    for s in summaries:
+        if "runs" not in s or "provenance" not in s:
+            raise ValueError("a report to merge needs its runs and provenance (written by `evaluate --json`)")
+    commits = sorted({s["provenance"]["commit"] for s in summaries})
+    if len(commits) > 1:
+        raise ValueError(f"reports from different commits cannot be merged: {', '.join(commits)}")
+    commands = sorted({_without_seeds(s["provenance"]["command"]) for s in summaries})
+    if len(commands) > 1:
+        raise ValueError(f"reports from different commands cannot be merged: {' / '.join(commands)}")
+    runs = [r for s in summaries for r in s["runs"]]
+    seeds = [r["protocol"]["seed"] for r in runs]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"a seed repeats among the reports: {seeds}")
+    out = summarise(runs)
+    out["provenance"] = {**first["provenance"], "date": max(s["provenance"]["date"] for s in summaries),
+                         "command": f"{commands[0]} --seeds {','.join(map(str, seeds))} (merged from "
+                                    f"{len(summaries)} runs)",
+                         "wall_s": sum(s["provenance"].get("wall_s", 0) for s in summaries),
+                         "merged": [s["provenance"] for s in summaries]}
+    return out
+
+
+def _without_seeds(command: str) -> str:
+    words = command.split()
+    for k, word in enumerate(words[:-1]):
+        if word == "--seeds":
+            return " ".join(words[:k] + words[k + 2 :])
+    return command
+
+
 def compare(runs: list[dict]) -> dict:
     """The relative gain of ``gnn`` over every other method on HR@10 and NDCG@10, per slice, over every run's
     queries, with its 95 % interval and each run's gain (see :func:`training.protocol.relative_gain`); and
