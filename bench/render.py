@@ -49,13 +49,16 @@ def rows() -> list[tuple[str, str, str]]:
                                                 f"{p.get('commit', '?')})"))
     if (cj := _load("eval_completejourney")) is not None:
         m, p = cj["methods"], cj.get("provenance", {})
-        source = f"`eval_completejourney.md` ({p.get('date', '?')}, {p.get('commit', '?')})"
+        source = f"`eval_completejourney.md` ({p.get('date', '?')[:10]}, {p.get('commit', '?')})"
         peers = [k for k in m if k not in ("gnn", "gnn_head", "text_ease")]
         best = max(peers, key=lambda k: m[k]["hr@10"])
+        gains = cj["comparisons"]["methods"]
+        own = (f"; the GNN's own gain (vs text_ease) {_pct(gains['gnn vs text_ease']['ndcg@10'])} NDCG@10"
+               if "gnn vs text_ease" in gains else "")
         out.append(("Basket completion, Complete Journey (92k items), HR@10 / NDCG@10",
                     f"gnn {m['gnn']['hr@10']:.3f} / {m['gnn']['ndcg@10']:.3f}; best peer ({best}) "
                     f"{m[best]['hr@10']:.3f} / {m[best]['ndcg@10']:.3f}: "
-                    f"{_pct(cj['comparisons']['methods'][f'gnn vs {best}']['hr@10'])} HR@10", source))
+                    f"{_pct(gains[f'gnn vs {best}']['hr@10'])} HR@10{own} (seeds {cj['seeds']})", source))
     if (b := _load("bundles")) is not None:
         cells = []
         for d in b["domains"]:

@@ -90,6 +90,12 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path: Pa
     assert len(merged["comparisons"]["methods"]["gnn vs ease"]["hr@10"]["runs"]) == 2
     assert merged["provenance"]["command"] == "bundlegnn evaluate --config c.yaml --seeds 0,1 (merged from 2 runs)"
     assert merged["provenance"]["wall_s"] == 21 and merged["provenance"]["date"] == "2026-12-02 00:00 UTC"
+    c = _fake_report(2, {"gnn": [1, 1, 30, 2], "ease": [3, 0, 11, 4]})
+    again = merge([merged, c])  # a merge merged again: the runs of all three
+    assert again["comparisons"] == summarise(a["runs"] + b["runs"] + c["runs"])["comparisons"]
+    assert again["provenance"]["command"] == "bundlegnn evaluate --config c.yaml --seeds 0,1,2 (merged from 3 runs)"
+    assert [p["command"] for p in again["provenance"]["merged"]] == [f"bundlegnn evaluate --config c.yaml --seeds {s}"
+                                                                     for s in range(3)]
     with pytest.raises(ValueError, match="different commits"):
         merge([a, _fake_report(1, {"gnn": [0], "ease": [1]}, commit="def5678")])
     with pytest.raises(ValueError, match="different commands"):

@@ -170,18 +170,19 @@ def summarise(runs: list[dict]) -> dict:
 def merge(summaries: list[dict]) -> dict:
     """One summary (:func:`summarise`) of the runs of several ``evaluate`` reports, e.g. one seed per job on a
     catalog where a seed takes an hour: the means, stds and intervals come from every run's ranks, as if they
-    had run in one command. The reports must come from the same commit and the same command apart from
-    ``--seeds``, and no seed may repeat: otherwise :class:`ValueError` says which differs."""
+    had run in one command. A report may itself be a merge. The runs must come from the same commit and the
+    same command apart from ``--seeds``, and no seed may repeat: otherwise :class:`ValueError` says which
+    differs."""
     if not summaries:
         raise ValueError("nothing to merge")
-    first = summaries[0]
     for s in summaries:
         if "runs" not in s or "provenance" not in s:
             raise ValueError("a report to merge needs its runs and provenance (written by `evaluate --json`)")
-    commits = sorted({s["provenance"]["commit"] for s in summaries})
+    parts = [p for s in summaries for p in s["provenance"].get("merged", [s["provenance"]])]
+    commits = sorted({p["commit"] for p in parts})
     if len(commits) > 1:
         raise ValueError(f"reports from different commits cannot be merged: {', '.join(commits)}")
-    commands = sorted({_without_seeds(s["provenance"]["command"]) for s in summaries})
+    commands = sorted({_without_seeds(p["command"]) for p in parts})
     if len(commands) > 1:
         raise ValueError(f"reports from different commands cannot be merged: {' / '.join(commands)}")
     runs = [r for s in summaries for r in s["runs"]]
@@ -189,11 +190,10 @@ def merge(summaries: list[dict]) -> dict:
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"a seed repeats among the reports: {seeds}")
     out = summarise(runs)
-    out["provenance"] = {**first["provenance"], "date": max(s["provenance"]["date"] for s in summaries),
+    out["provenance"] = {**parts[0], "date": max(p["date"] for p in parts),
                          "command": f"{commands[0]} --seeds {','.join(map(str, seeds))} (merged from "
-                                    f"{len(summaries)} runs)",
-                         "wall_s": sum(s["provenance"].get("wall_s", 0) for s in summaries),
-                         "merged": [s["provenance"] for s in summaries]}
+                                    f"{len(parts)} runs)",
+                         "wall_s": sum(p.get("wall_s", 0) for p in parts), "merged": parts}
     return out
 
 
