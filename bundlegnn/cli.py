@@ -512,7 +512,8 @@ def serve(
             return False, f"view feed stopped: {feed.error!r}"
         return feed.ready.is_set(), "view feed stopped" if not feed.alive else feed.stale()
 
-    api = create_app(view, cfg.rules, health, cfg.cache_size, info, cfg.cache_bytes, cfg.body_limit)
+    api = create_app(view, cfg.rules, health, cfg.cache_size, info, cfg.cache_bytes, cfg.body_limit,
+                     view_behind=lambda: feed.behind if feed.checked_at else None)
     age = api.state.metrics.update_age
     feed.on_update = lambda update, now: age.observe(now - update.source_ts) if update.source_ts else None
     feed.start()

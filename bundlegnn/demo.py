@@ -87,8 +87,9 @@ def _worker_progress(metrics: httpx.Client) -> tuple[bool, float, float]:
 def _wait_caught_up(http: httpx.Client, metrics: httpx.Client, sent: int, quiet_s: float, timeout: float) -> dict:
     """Wait until the worker has taken the ``sent`` events (applied or dead-lettered), has been idle for
     ``quiet_s`` since (no lag, nothing taken or routed, nothing pending; a lag measurement must fall inside
-    it) and the API's view has had its last update for a second: every replayed event is then in the lists
-    the API serves. (Quiet alone is not enough: before the worker's first fetch, and while it publishes a
+    it) and the API's view has had its last update for a second and its feed last found it caught up
+    (``view_behind`` 0; tansu's short end offsets can make that read low, hence the rest): every replayed
+    event is then in the lists the API serves. (Quiet alone is not enough: before the worker's first fetch, and while it publishes a
     long refresh, a pause looks like the end.)"""
     deadline = time.monotonic() + timeout
     still_since, last = time.monotonic(), (-1.0, -1.0)
@@ -102,7 +103,7 @@ def _wait_caught_up(http: httpx.Client, metrics: httpx.Client, sent: int, quiet_
                 still_since, last = time.monotonic(), (taken, routed)
             age = health["last_update_age_s"]
             if (health["status"] == "ok" and time.monotonic() - still_since >= quiet_s and age is not None
-                    and age >= 1.0):
+                    and age >= 1.0 and health["view_behind"] == 0):
                 return health
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the worker has not caught up after {timeout:.0f} s ({taken:.0f} events taken "

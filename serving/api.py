@@ -110,6 +110,9 @@ class Health(BaseModel):
     model_version: str | None
     model: ModelInfo | None = Field(None, description="the model loaded at start, if any")
     last_update_age_s: float | None
+    view_behind: int | None = Field(None, description="messages on the view's topics after its positions, at the "
+                                    "feed's last look (every 5 s; None before the first). On Apache Kafka 0 means "
+                                    "caught up; tansu reports end offsets short after batches, so it can read low")
     error: str | None = None
 
 
@@ -219,8 +222,10 @@ def _json_safe(value: object) -> object:
 
 def create_app(view: BundleView, rules: BundleRules | None = None, health: Callable[[], tuple[bool, str | None]] |
                None = None, cache_size: int = 100_000, model: ModelInfo | None = None,
-               cache_bytes: int = 64 << 20, body_limit: int = 64 << 10) -> FastAPI:
-    """The API over ``view``; ``health`` says (ready, error) for /healthz (default: always ready).
+               cache_bytes: int = 64 << 20, body_limit: int = 64 << 10,
+               view_behind: Callable[[], int | None] | None = None) -> FastAPI:
+    """The API over ``view``; ``health`` says (ready, error) for /healthz (default: always ready);
+    ``view_behind``: how many messages the view's feed is behind its topics (/healthz and /metrics).
 
     Built responses are cached up to ``cache_size`` entries and ``cache_bytes`` bytes (oldest out first), so
     memory stays bounded whatever the requests; request bodies over ``body_limit`` bytes get 413.
@@ -230,6 +235,10 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
                   description="Frequently-bought-together bundles, kept fresh from Kafka.")
     metrics = _Metrics(view)
     app.state.metrics, app.state.view = metrics, view
+    behind = view_behind or (lambda: None)
+    Gauge("bundlegnn_view_behind_messages", "messages on the view's topics after its positions, at the feed's last "
+          "look (NaN before it)", registry=metrics.registry).set_function(
+        lambda: float("nan") if (n := behind()) is None else n)
     cache: dict[tuple, tuple[tuple[tuple[str, int], ...], bytes]] = {}
     seen_model: list[str | None] = [None]
 
@@ -369,7 +378,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
         body = Health(status="failing" if error else "ok" if ready else "starting", items=len(view.items),
                       complement_lists=len(view.entries), model_version=view.model_version, model=model,
                       last_update_age_s=round(time.time() - view.last_update, 3) if view.last_update else None,
-                      error=error)
+                      view_behind=behind(), error=error)
         return JSONResponse(body.model_dump(), status_code=200 if ready and not error else 503)
 
     @app.get("/metrics", include_in_schema=False)

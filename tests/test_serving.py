@@ -344,3 +344,15 @@ def test_the_feed_is_stale_when_behind_and_not_advancing_or_when_offsets_go_back
     feed.check(consumer, [tp], t + 401)
     feed.beat = t + 401
     assert feed.stale(t + 401) is None
+
+
+def test_healthz_and_metrics_say_how_far_the_view_is_behind_its_topics() -> None:
+    behind: list[int | None] = [None]
+    client = TestClient(create_app(BundleView(), view_behind=lambda: behind[0]))
+    assert client.get("/healthz").json()["view_behind"] is None  # the feed has not looked yet
+    assert "bundlegnn_view_behind_messages NaN" in client.get("/metrics").text
+    behind[0] = 42
+    assert client.get("/healthz").json()["view_behind"] == 42
+    assert "bundlegnn_view_behind_messages 42.0" in client.get("/metrics").text
+    behind[0] = 0
+    assert client.get("/healthz").json()["view_behind"] == 0
