@@ -513,7 +513,7 @@ def serve(
         return feed.ready.is_set(), "view feed stopped" if not feed.alive else feed.stale()
 
     api = create_app(view, cfg.rules, health, cfg.cache_size, info, cfg.cache_bytes, cfg.body_limit,
-                     view_behind=lambda: feed.behind if feed.checked_at else None)
+                     view_behind=lambda: feed.behind)
     age = api.state.metrics.update_age
     feed.on_update = lambda update, now: age.observe(now - update.source_ts) if update.source_ts else None
     feed.start()

@@ -89,8 +89,8 @@ def _wait_caught_up(http: httpx.Client, metrics: httpx.Client, sent: int, quiet_
     ``quiet_s`` since (no lag, nothing taken or routed, nothing pending; a lag measurement must fall inside
     it) and the API's view has had its last update for a second and its feed last found it caught up
     (``view_behind`` 0; tansu's short end offsets can make that read low, hence the rest): every replayed
-    event is then in the lists the API serves. (Quiet alone is not enough: before the worker's first fetch, and while it publishes a
-    long refresh, a pause looks like the end.)"""
+    event is then in the lists the API serves. (Quiet alone is not enough: before the worker's first fetch,
+    and while it publishes a long refresh, a pause looks like the end.)"""
     deadline = time.monotonic() + timeout
     still_since, last = time.monotonic(), (-1.0, -1.0)
     with tqdm(desc="worker → API", unit=" lists", disable=None) as bar:

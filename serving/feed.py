@@ -56,7 +56,7 @@ class ViewFeed:
         self.beat = now  # the loop's last poll
         self.fresh_at = now  # the last check that found the view caught up or advancing
         self.checked_at = 0.0
-        self.behind = 0  # messages on the topics after the view's positions, at the last check
+        self.behind: int | None = None  # messages on the topics after the view's positions, at the last check
         self.went_back: str | None = None  # a partition whose end offset fell below the highest one seen
         self.unreachable_since: float | None = None
         self._positions: dict = {}
