@@ -42,7 +42,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/train_devices.py
 	$(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml --seeds 0,1,2 --json bench/results/eval_online_retail_ii.json
-	$(BIN)/bundlegnn evaluate --config configs/completejourney.yaml --seeds 0,1,2 --json bench/results/eval_completejourney.json
+	$(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml --data ../shared/data/online_retail_ii_full/online_retail_ii.csv.gz \
+		--seeds 0,1 --held-out 0 --json bench/results/eval_online_retail_ii_full.json
+	$(BIN)/bundlegnn evaluate --config configs/completejourney.yaml --seeds 0,1,2 --held-out 0 --json bench/results/eval_completejourney.json
 	$(BIN)/bundlegnn evaluate --task bundle --seeds 0,1,2 --json bench/results/bundles.json
 	$(BIN)/python bench/youshu.py --seeds 0,1,2
 	$(BIN)/python bench/render.py
