@@ -50,7 +50,7 @@ PAIR_WEIGHTS = (0.0, 0.25, 0.5)
 THRESHOLDS = (None, 0.95, 0.9)
 
 
-def query_matrices(served: Served, q: BundleQuery, data: IntentBundles) -> dict:
+def query_matrices(served: Served, q: BundleQuery) -> dict:
     """The anchor and its best candidates (its published list), with every pair's view facts among them."""
     view, store = served.view, served.store
     a = q.anchors[0]
@@ -65,13 +65,18 @@ def query_matrices(served: Served, q: BundleQuery, data: IntentBundles) -> dict:
             "same": np.array([[c is not None and c == d for d in cats] for c in cats], np.float32),
             "overlap": np.array([[title_overlap(s, t) for t in titles] for s in titles], np.float32),
             "subst": np.array([[view.substitutes(x, y) for y in items] for x in items], np.float32),
-            "orders": np.log1p(store.item_order_counts()[rows]).astype(np.float32),
-            "interchangeable": lambda chosen: _rate(chosen, data)}
+            "orders": np.log1p(store.item_order_counts()[rows]).astype(np.float32)}
 
 
-def _rate(chosen: list[str], data: IntentBundles) -> float:
-    pairs = list(itertools.combinations(chosen, 2))
+def substitute_rate(m: dict, chosen: list[str], data: IntentBundles) -> float:
+    """Interchangeable pairs (the data's label) among the anchor and the chosen members."""
+    pairs = list(itertools.combinations([m["items"][0], *chosen], 2))
     return sum(data.interchangeable(a, b) for a, b in pairs) / len(pairs) if pairs else 0.0
+
+
+def found_share(m: dict, chosen: list[str]) -> float:
+    """F1 of a set of the real bundle's size: the share of its hidden members found."""
+    return len(m["hidden"] & set(chosen)) / len(m["hidden"])
 
 
 def pair_features(m: dict, x: int, js: np.ndarray) -> np.ndarray:
@@ -152,25 +157,23 @@ def domain(name: str, seed: int) -> dict:
         served = serve(data, when, settings.graph, train_cfg, settings.scoring, encoder)
         known = set(served.store.items.ids)
         for group, bundles in groups.items():
-            found[group] = [query_matrices(served, q, data) for q in bundle_queries(bundles, "one_item", known)]
+            found[group] = [query_matrices(served, q) for q in bundle_queries(bundles, "one_item", known)]
     test = found["test"]
     top = [answer(m, None, 0.0, None) for m in test]
-    f1 = lambda m, chosen: len(m["hidden"] & set(chosen)) / len(m["hidden"])  # noqa: E731  equal sizes: F1 = share found
-    base_f1 = np.array([f1(m, c) for m, c in zip(test, top)])
+    base_f1 = np.array([found_share(m, c) for m, c in zip(test, top)])
     rows = [{"method": "top_complements", "fitted_on": "", "pair_weight": None, "threshold": None,
              "f1_top1": float(base_f1.mean()),
-             "substitute_rate": float(np.mean([m["interchangeable"]([m["items"][0], *c]) for m, c in zip(test, top)]))}]
+             "substitute_rate": float(np.mean([substitute_rate(m, c, data) for m, c in zip(test, top)]))}]
     for fitted_on in ("sessions", "bundles"):
         model = fit(found[fitted_on])
         for weight, threshold in itertools.product(PAIR_WEIGHTS, THRESHOLDS):
             if fitted_on == "bundles" and (weight, threshold) != (0.0, None):
                 continue  # the other fit once, to compare what it is fitted on
             picks = [answer(m, model, weight, threshold) for m in test]
-            scores = np.array([f1(m, c) for m, c in zip(test, picks)])
+            scores = np.array([found_share(m, c) for m, c in zip(test, picks)])
             rows.append({"method": "fitted", "fitted_on": fitted_on, "pair_weight": weight, "threshold": threshold,
                          "f1_top1": float(scores.mean()),
-                         "substitute_rate": float(np.mean([m["interchangeable"]([m["items"][0], *c])
-                                                           for m, c in zip(test, picks)])),
+                         "substitute_rate": float(np.mean([substitute_rate(m, c, data) for m, c in zip(test, picks)])),
                          "vs_top_complements": relative_gain([scores], [base_f1]),
                          "weights": dict(zip((*FEATURES, "intercept"), np.round(model.w, 3).tolist()))})
     return {"domain": name, "seed": seed, "queries": {k: len(v) for k, v in found.items()}, "rows": rows,
