@@ -75,7 +75,8 @@ def substitute_rate(m: dict, chosen: list[str], data: IntentBundles) -> float:
 
 
 def found_share(m: dict, chosen: list[str]) -> float:
-    """F1 of a set of the real bundle's size: the share of its hidden members found."""
+    """The share of the hidden members found: F1 for a set of their number (a set the substitute rule left
+    shorter counts its recall, below its F1: conservative for the fitted score)."""
     return len(m["hidden"] & set(chosen)) / len(m["hidden"])
 
 
@@ -142,6 +143,7 @@ def answer(m: dict, model: PairModel | None, pair_weight: float, threshold: floa
 
 
 def domain(name: str, seed: int) -> dict:
+    """One domain: train at the validation cut and fit there, train at the test cut and answer the test bundles."""
     settings = load_settings(ROOT / "configs" / "default.yaml")
     encoder = settings.encoder.build(settings.paths.text_cache)
     data = IntentBundles.read(ROOT.parent / "shared" / "data" / "amazon_intent_bundles" / name)
