@@ -45,8 +45,7 @@ def rows() -> list[tuple[str, str, str]]:
         m, p, gains = orii["methods"], orii.get("provenance", {}), orii["comparisons"]["methods"]
         out.append(("Basket completion, Online Retail II (European subset), HR@10: gnn vs EASE^R",
                     f"{m['gnn']['hr@10']:.3f} vs {m['ease']['hr@10']:.3f}: {_pct(gains['gnn vs ease']['hr@10'])} "
-                    f"(seeds {orii['seeds']})", f"`eval_online_retail_ii.md` ({p.get('date', '?')[:10]}, "
-                                                f"{p.get('commit', '?')})"))
+                    f"(seeds {orii['seeds']})", _source("eval_online_retail_ii", p)))
     if (full := _load("eval_online_retail_ii_full")) is not None:
         m, p, gains = full["methods"], full.get("provenance", {}), full["comparisons"]
         cold = gains["cold_start"]["gnn vs text_ease"]
@@ -54,10 +53,10 @@ def rows() -> list[tuple[str, str, str]]:
                     "own gain (vs text_ease) on cold-start queries",
                     f"{m['gnn']['hr@10']:.3f} vs {m['ease']['hr@10']:.3f}: {_pct(gains['methods']['gnn vs ease']['hr@10'])}; "
                     f"cold start {_pct(cold['hr@10'])} (seeds {full['seeds']})",
-                    f"`eval_online_retail_ii_full.md` ({p.get('date', '?')[:10]}, {p.get('commit', '?')})"))
+                    _source("eval_online_retail_ii_full", p)))
     if (cj := _load("eval_completejourney")) is not None:
         m, p = cj["methods"], cj.get("provenance", {})
-        source = f"`eval_completejourney.md` ({p.get('date', '?')[:10]}, {p.get('commit', '?')})"
+        source = _source("eval_completejourney", p)
         peers = [k for k in m if k not in ("gnn", "gnn_head", "text_ease")]
         best = max(peers, key=lambda k: m[k]["hr@10"])
         gains = cj["comparisons"]["methods"]
