@@ -163,6 +163,7 @@ def train(
     """
     from graph.events import Order, OrderFacts
     from graph.snapshot import save as save_snapshot
+    from serving.bundle_fit import fit_published
     from training import job
     from training.artifact import latest_artifact, load_artifact
     from training.promote import judge
@@ -186,9 +187,10 @@ def train(
     encoder = settings.encoder.build(settings.paths.text_cache)
     gate = settings.promotion
     cand = job.fit(events, settings.training, settings.graph, encoder, gate.val_frac, gate.window_frac if promote else 0.0)
+    pair_model = fit_published(*job.validation_lists(cand, settings.scoring))
     store = job.full_store(cand, events, settings.graph)
     snapshot_id = save_snapshot(store, settings.paths.snapshot)
-    extra: dict = {"source": source}
+    extra: dict = {"source": source, "pair_model": pair_model.model_dump() if pair_model is not None else None}
     if promote:
         live_path = latest_artifact(settings.paths.model_store)
         live = load_artifact(live_path) if live_path else None
@@ -483,18 +485,21 @@ def serve(
     create_topics(bootstrap, _topics(settings))
     view = BundleView(max_users=cfg.max_users)
     path = latest_artifact(settings.paths.model_store) if model == "latest" else None if model == "none" else Path(model)
-    info = None
+    info, pair_model = None, None
     if path is not None:
         from serving.api import ModelInfo
+        from serving.bundle_fit import PairModel
 
         art = load_artifact(path)
+        if cfg.rules.fitted and art.manifest.get("pair_model"):
+            pair_model = PairModel.model_validate(art.manifest["pair_model"])
         seeded = view.seed_from_model(art.version, art.item_ids, art.src, art.dst, art.prior, art.model.temperature,
                                       cfg.seed_top_k, art.decoder_rows)
         decoder = art.manifest.get("decoder")
         info = ModelInfo(version=art.version, decoder=decoder.get("method", "dense") if decoder else None,
                          gnn_weight=decoder["gnn_weight"] if decoder else None,
                          user_weight=art.manifest.get("user_weight", 0.0),
-                         head_weight=art.manifest.get("head_weight", 0.0))
+                         head_weight=art.manifest.get("head_weight", 0.0), pair_model=pair_model is not None)
         typer.echo(f"model {art.version}: seeded {seeded} complement lists"
                    + (" (the GNN's embeddings have weight 0 in its decoder)" if decoder and not decoder["gnn_weight"]
                       else ""), err=True)
@@ -513,7 +518,7 @@ def serve(
         return feed.ready.is_set(), "view feed stopped" if not feed.alive else feed.stale()
 
     api = create_app(view, cfg.rules, health, cfg.cache_size, info, cfg.cache_bytes, cfg.body_limit,
-                     view_behind=lambda: feed.behind)
+                     view_behind=lambda: feed.behind, pair_model=pair_model)
     age = api.state.metrics.update_age
     feed.on_update = lambda update, now: age.observe(now - update.source_ts) if update.source_ts else None
     feed.start()

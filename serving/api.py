@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, His
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.bundle_fit import PairModel
 from serving.bundles import Bundle, BundleRules, build_bundles, describe
 from serving.view import BundleView, ItemInfo
 
@@ -94,6 +95,8 @@ class ModelInfo(BaseModel):
     user_weight: float = Field(0.0, description="weight of a known user's own history")
     head_weight: float = Field(0.0, description="weight validation gave the GNN's user → item score for a known user "
                                "(scored in evaluation and the promotion window, not served yet)")
+    pair_model: bool = Field(False, description="bundles are ranked by the pair model fitted on the model's "
+                                                "validation orders (false: by relevance)")
 
 
 class SearchResponse(BaseModel):
@@ -223,9 +226,10 @@ def _json_safe(value: object) -> object:
 def create_app(view: BundleView, rules: BundleRules | None = None, health: Callable[[], tuple[bool, str | None]] |
                None = None, cache_size: int = 100_000, model: ModelInfo | None = None,
                cache_bytes: int = 64 << 20, body_limit: int = 64 << 10,
-               view_behind: Callable[[], int | None] | None = None) -> FastAPI:
+               view_behind: Callable[[], int | None] | None = None, pair_model: PairModel | None = None) -> FastAPI:
     """The API over ``view``; ``health`` says (ready, error) for /healthz (default: always ready);
-    ``view_behind``: how many messages the view's feed is behind its topics (/healthz and /metrics).
+    ``view_behind``: how many messages the view's feed is behind its topics (/healthz and /metrics);
+    ``pair_model``: the builder's fitted pair score (:mod:`serving.bundle_fit`; None: rank by relevance).
 
     Built responses are cached up to ``cache_size`` entries and ``cache_bytes`` bytes (oldest out first), so
     memory stays bounded whatever the requests; request bodies over ``body_limit`` bytes get 413.
@@ -303,7 +307,8 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
 
         def build() -> BundlesResponse:
             entry = view.entries.get(item_id)
-            bundles = build_bundles(view, [item_id], k, size - 1, rules, max_price, user_id if personalized else None)
+            bundles = build_bundles(view, [item_id], k, size - 1, rules, max_price, user_id if personalized else None,
+                                    fit=pair_model)
             return BundlesResponse(anchor=_ref(view.info(item_id)), bundles=bundles,
                                    model_version=entry.model_version if entry else None,
                                    updated_at=entry.updated_at if entry else None, personalized=personalized)
@@ -341,7 +346,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
 
         def build() -> CartResponse:
             bundles = build_bundles(view, known_items, cart.k, cart.size, rules, cart.max_price,
-                                    cart.user_id if personalized else None, include_anchor=False)
+                                    cart.user_id if personalized else None, include_anchor=False, fit=pair_model)
             return CartResponse(cart=[_ref(view.info(i)) for i in known_items],
                                 unknown_items=[i for i in items if i not in known_items], bundles=bundles,
                                 personalized=personalized)

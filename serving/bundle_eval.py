@@ -45,6 +45,7 @@ import numpy as np
 
 from graph.events import ItemUpserted
 from graph.store import GraphConfig, GraphStore
+from serving.bundle_fit import PairModel, fit_published
 from serving.bundles import BundleRules, build_bundles, label
 from serving.view import BundleView
 from training import job
@@ -107,12 +108,14 @@ def _merged(lists: list[dict[str, float]]) -> list[str]:
 @dataclass
 class Served:
     """What one trained model serves on a domain: the API's view, the store it was built from, the text
-    embeddings of the store's items (zero rows: no text) and the training summary."""
+    embeddings of the store's items (zero rows: no text), the training summary and the builder's pair model
+    fitted on the candidate's validation orders (None: none could be fitted)."""
 
     view: BundleView
     store: GraphStore
     text: np.ndarray
     summary: dict
+    fit: PairModel | None = None
 
 
 def serve(data: IntentBundles, cut: float, graph_cfg: GraphConfig, train_cfg: TrainConfig, scorer_cfg: ScorerConfig,
@@ -121,6 +124,7 @@ def serve(data: IntentBundles, cut: float, graph_cfg: GraphConfig, train_cfg: Tr
     would; return the API's view of them."""
     events = data.events(cut)
     cand = job.fit(events, train_cfg, graph_cfg, encoder)
+    fit = fit_published(*job.validation_lists(cand, scorer_cfg))
     store = job.full_store(cand, events, graph_cfg)
     with tempfile.TemporaryDirectory() as models:
         path, summary = job.save(cand, store, train_cfg, encoder, models, f"intent-{data.domain}")
@@ -138,11 +142,13 @@ def serve(data: IntentBundles, cut: float, graph_cfg: GraphConfig, train_cfg: Tr
             view.upsert_item(e)
     for item in store.items.ids:
         view.apply_update(scorer.update(item))
-    return Served(view, store, text, summary)
+    return Served(view, store, text, summary, fit)
 
 
-def methods(served: Served, rules: BundleRules, scorer_cfg: ScorerConfig) -> dict[str, Method]:
-    """The builder and the baselines over one served model."""
+def methods(served: Served, rules: BundleRules, scorer_cfg: ScorerConfig,
+            fit: PairModel | None = None) -> dict[str, Method]:
+    """The builder (with the fitted pair model, if any, and without it) and the baselines over one served
+    model."""
     view, store = served.view, served.store
     ids = store.items.ids
     no_model = ComplementScorer(store, scorer_cfg)
@@ -152,6 +158,10 @@ def methods(served: Served, rules: BundleRules, scorer_cfg: ScorerConfig) -> dic
     text = unit(served.text)
 
     def builder(q: BundleQuery, k: int) -> list[list[str]]:
+        found = build_bundles(view, list(q.anchors), k, len(q.hidden), rules, include_anchor=False, fit=fit)
+        return [[m.item_id for m in b.items] for b in found]
+
+    def builder_unfitted(q: BundleQuery, k: int) -> list[list[str]]:
         found = build_bundles(view, list(q.anchors), k, len(q.hidden), rules, include_anchor=False)
         return [[m.item_id for m in b.items] for b in found]
 
@@ -173,7 +183,8 @@ def methods(served: Served, rules: BundleRules, scorer_cfg: ScorerConfig) -> dic
     def popularity(q: BundleQuery, k: int) -> list[list[str]]:
         return _sets(popular, q, k)
 
-    return {"builder": builder, "top_complements": top_complements, "cooccurrence": cooccurrence,
+    return {"builder": builder, **({"builder_unfitted": builder_unfitted} if fit is not None else {}),
+            "top_complements": top_complements, "cooccurrence": cooccurrence,
             "text": text_similar, "popularity": popularity}
 
 
@@ -210,9 +221,11 @@ def evaluate_domain(data: IntentBundles, graph_cfg: GraphConfig, train_cfg: Trai
     served = serve(data, cut, graph_cfg, train_cfg.model_copy(update={"seed": seed}), scorer_cfg, encoder)
     trained_s = time.perf_counter() - started
     known = set(served.store.items.ids)
-    report: dict = {"settings": {}, "per_query": {}, "timings": {"train_s": round(trained_s, 1)}}
+    fit = served.fit
+    report: dict = {"settings": {}, "per_query": {}, "timings": {"train_s": round(trained_s, 1)},
+                    "pair_model": fit.model_dump() if fit is not None else None}
     named: list[tuple[BundleQuery, list[str]]] = []
-    answering = methods(served, rules, scorer_cfg)
+    answering = methods(served, rules, scorer_cfg, fit)
     for setting in SETTINGS:
         queries = bundle_queries(test_bundles, setting, known)
         report["settings"][setting], report["per_query"][setting] = {}, {}
@@ -227,7 +240,7 @@ def evaluate_domain(data: IntentBundles, graph_cfg: GraphConfig, train_cfg: Trai
             report["settings"][setting][name] = {m: float(np.mean(v)) if v else float("nan") for m, v in per.items()}
             report["timings"][f"{setting}_{name}_s"] = round(time.perf_counter() - began, 1)
     report["labels"] = labels(named, served.view, encoder)
-    report["example"] = example(named, served.view, rules, data)
+    report["example"] = example(named, served.view, rules, data, fit)
     report["substitutes"] = substitute_detectors(data, served.store, served.text)
     whole = [scores(BundleQuery(b, b.items[:1], b.items[1:]), [list(b.items[1:])], data) for b in test_bundles]
     report["real_bundles"] = {m: float(np.mean([w[m] for w in whole])) for m in ("substitute_rate", "category_diversity")}
@@ -265,7 +278,7 @@ def labels(named: list[tuple[BundleQuery, list[str]]], view: BundleView, encoder
 
 
 def example(named: list[tuple[BundleQuery, list[str]]], view: BundleView, rules: BundleRules,
-            data: IntentBundles) -> dict | None:
+            data: IntentBundles, fit: PairModel | None = None) -> dict | None:
     """One real test bundle of three or more items beside the bundle the API builds for one of its items (the
     first query whose first bundle finds the most real members): for people to read."""
     found = max(((q, members) for q, members in named if len(q.bundle.items) >= 3 and set(members) & set(q.hidden)),
@@ -273,7 +286,7 @@ def example(named: list[tuple[BundleQuery, list[str]]], view: BundleView, rules:
     if found is None:
         return None
     best = found[0]
-    built = build_bundles(view, list(best.anchors), 1, len(best.hidden), rules)[0]
+    built = build_bundles(view, list(best.anchors), 1, len(best.hidden), rules, fit=fit)[0]
     return {"intent": best.bundle.intent, "bundle_id": best.bundle.bundle_id, "anchor": best.anchors[0],
             "real": [{"item_id": i, "title": data.titles.get(i, i), "category": data.leaf(i)}
                      for i in (*best.anchors, *best.hidden)],
@@ -338,6 +351,7 @@ def summarise(runs: list[dict]) -> dict:
     out["labels"]["builder_label vs anchor_title"] = relative_gain(
         [np.array(r["builder_label"]) for r in lab], [np.array(r["anchor_title"]) for r in lab])
     out["labels"]["examples"] = lab[0]["examples"]
+    out["pair_models"] = [r["pair_model"] for r in runs]
     out["substitutes"] = runs[0]["substitutes"]  # text embeddings and labels do not depend on the seed
     out["example"] = runs[0]["example"]
     return out
@@ -361,6 +375,13 @@ def markdown(summaries: list[dict]) -> str:
             lines += ["", "| comparison | f1_top1 | f1_best |", "|---|---|---|"]
             for name, g in s["comparisons"][setting].items():
                 lines.append(f"| {name} | " + " | ".join(gain_cell(g[m]) for m in ("f1_top1", "f1_best")) + " |")
+        fitted = [m for m in s.get("pair_models", []) if m]
+        if fitted:
+            mean = np.mean([m["weights"] for m in fitted], 0)
+            lines.append(f"\nThe builder's pair model, fitted on each seed's validation orders ({fitted[0]['pairs']} "
+                         f"pairs, {fitted[0]['positives']} positive, seed {s['seeds'][0]}); mean weights of the "
+                         "standardised features: " + ", ".join(f"{k} {w:+.2f}" for k, w in zip(fitted[0]["features"], mean))
+                         + ".\n")
         lab = s["labels"]
         lines += [f"\nLabels (cosine of text embeddings with the written intent, one_item queries): builder's label "
                   f"{lab['builder_label']:.3f}, anchor's title {lab['anchor_title']:.3f} (label vs title "

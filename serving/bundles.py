@@ -22,6 +22,7 @@ a title word at least two of them share (a brand, a product line).
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.bundle_fit import PairModel, pair_features
 from serving.view import BundleView, ItemInfo
 from training.complements import Complement
 
@@ -41,7 +43,12 @@ class BundleRules(BaseModel):
     in_stock_only: bool = Field(True, description="bundles hold only items in stock")
     max_per_category: int | None = Field(2, ge=1, description="members of one category per bundle; null: no limit")
     candidates: int = Field(30, ge=1, le=500, description="best complements of the anchors considered")
-    history_boost: float = Field(0.1, ge=0, description="added to the relevance of items the user bought before")
+    history_boost: float = Field(0.1, ge=0, description="added to the relevance (with a fitted pair model: the "
+                                                        "log-odds) of items the user bought before")
+    fitted: bool = Field(True, description="rank by the pair model fitted at training (in the model's artifact) "
+                                          "when it has one; false: by relevance")
+    pair_weight: float = Field(0.25, ge=0, description="with a fitted pair model: weight of a candidate's mean "
+                                                       "log-odds with the members already chosen")
 
 
 class Member(BaseModel):
@@ -172,21 +179,35 @@ def _pair_reason(view: BundleView, a: str, b: str) -> str | None:
 
 def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules: BundleRules,
                   max_price: float | None = None, user_id: str | None = None,
-                  include_anchor: bool = True) -> list[Bundle]:
+                  include_anchor: bool = True, fit: PairModel | None = None) -> list[Bundle]:
     """Up to ``k`` distinct bundles of ``size`` new items around ``anchors``, best first.
 
-    Deterministic for a given view: ties break on item id. A bundle that
-    cannot be filled to ``size`` under the rules is returned smaller (after
-    all full ones) rather than not at all.
+    Without ``fit`` a candidate's gain is its relevance plus its compatibility with each member chosen, and a
+    bundle's score the mean over its pairs (the module docstring). With a fitted pair model
+    (:mod:`serving.bundle_fit`) the gain is the candidate's mean log-odds with the anchors plus
+    ``rules.pair_weight`` × its mean symmetric log-odds with the members chosen, and the score the logistic
+    of the mean gain. Deterministic for a given view: ties break on item id. A bundle that cannot be filled
+    to ``size`` under the rules is returned smaller (after all full ones) rather than not at all.
     """
     history = view.history(user_id)
     cands = _candidates(view, anchors, rules, history)
     ids = [c.item_id for c in cands]
+    if fit is None:
+        base = [c.relevance for c in cands]
+        entries = [view.entries.get(i) for i in ids]
+        rel = [e.relevance if e else {} for e in entries]
+        pair = [[max(rel[x].get(b, 0.0), rel[y].get(a, 0.0)) if x != y else 0.0 for y, b in enumerate(ids)]
+                for x, a in enumerate(ids)]
+    else:
+        boost = [rules.history_boost if i in history else 0.0 for i in ids]
+        base = (fit.logits(pair_features(view, anchors, ids)).mean(0) + boost).tolist()
+        full = fit.logits(pair_features(view, ids, ids))
+        pair = ((full + full.T) / 2).tolist()
+        order = sorted(range(len(cands)), key=lambda j: (-base[j], ids[j]))  # seeds: the best fit first
+        cands, ids, base = [cands[j] for j in order], [ids[j] for j in order], [base[j] for j in order]
+        pair = [[pair[x][y] for y in order] for x in order]
     entries = [view.entries.get(i) for i in ids]
-    rel = [e.relevance if e else {} for e in entries]
     subs = [e.substitutes if e else frozenset() for e in entries]
-    pair = [[max(rel[x].get(b, 0.0), rel[y].get(a, 0.0)) if x != y else 0.0 for y, b in enumerate(ids)]
-            for x, a in enumerate(ids)]
     subst = [[x != y and (b in subs[x] or a in subs[y]) for y, b in enumerate(ids)] for x, a in enumerate(ids)]
     info = [view.items.get(i) for i in ids]
     anchor_price = sum((view.info(a).price or 0.0) for a in anchors) if include_anchor else 0.0
@@ -203,26 +224,32 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
             return same < rules.max_per_category
         return True
 
+    def gain(j: int, members: list[int]) -> float:
+        together = sum(pair[j][m] for m in members)
+        return base[j] + (together if fit is None else rules.pair_weight * together / len(members))
+
     found: dict[frozenset[int], tuple[float, list[int]]] = {}
     for seed in range(len(cands)):
         if sum(1 for key in found if len(key) == size) >= k:
             break
         if not allowed(seed, [], anchor_price):
             continue
-        members, total = [seed], cands[seed].relevance
+        members, total = [seed], base[seed]
         price = anchor_price + ((info[seed].price or 0.0) if info[seed] else 0.0)
         while len(members) < size:
-            gains = [(cands[j].relevance + sum(pair[j][m] for m in members), -j) for j in range(len(cands))
-                     if allowed(j, members, price)]
+            gains = [(gain(j, members), -j) for j in range(len(cands)) if allowed(j, members, price)]
             if not gains:
                 break
-            gain, neg_j = max(gains)
+            best, neg_j = max(gains)
             members.append(-neg_j)
-            total += gain
+            total += best
             price += (info[-neg_j].price or 0.0) if info[-neg_j] else 0.0
         n = len(members)
-        terms = n + n * (n - 1) // 2  # member–anchor pairs + member–member pairs
-        found.setdefault(frozenset(members), (total / terms, members))
+        if fit is None:
+            score = total / (n + n * (n - 1) // 2)  # member–anchor pairs + member–member pairs
+        else:
+            score = 1 / (1 + math.exp(-total / n))
+        found.setdefault(frozenset(members), (score, members))
 
     ranked = sorted(found.values(), key=lambda sm: (len(sm[1]) < size, -sm[0], [ids[m] for m in sm[1]]))[:k]
     return [_bundle(view, anchors, [cands[m] for m in members], score, history, include_anchor)

@@ -48,6 +48,7 @@ class Entry:
     model_version: str | None
     updated_at: datetime | None
     received_at: float
+    orders: int | None = None  # placed orders holding the item, as the worker last published
 
 
 def relevance(complements: tuple[Complement, ...] | list[Complement]) -> dict[str, float]:
@@ -88,7 +89,8 @@ class BundleView:
     def apply_update(self, update: BundleUpdate, received_at: float | None = None) -> None:
         comps = tuple(update.complements)
         self.entries[update.item_id] = Entry(comps, relevance(comps), frozenset(update.substitutes),
-                                             update.model_version, update.updated_at, received_at or time.time())
+                                             update.model_version, update.updated_at, received_at or time.time(),
+                                             update.orders)
         self._bump(update.item_id)
         if update.model_version is not None:
             self.model_version = update.model_version

@@ -86,6 +86,9 @@ def test_the_api_builder_on_real_bundles(data: IntentBundles, encoder: TextEncod
     assert one["builder"]["f1_top1"] > 2 * one["popularity"]["f1_top1"]
     assert one["builder"]["f1_best"] > one["text"]["f1_best"]
     assert one["builder"]["substitute_rate"] < one["top_complements"]["substitute_rate"]
+    # the pair model fitted on the candidate's validation orders ranks better than relevance alone
+    assert report["pair_model"]["positives"] > 50
+    assert one["builder"]["f1_top1"] > 1.2 * max(one["top_complements"]["f1_top1"], one["builder_unfitted"]["f1_top1"])
     cart = report["settings"]["all_but_one"]
     assert cart["builder"]["hit"] > cart["popularity"]["hit"]
     lab = report["labels"]

@@ -88,6 +88,9 @@ def test_wire_form_parses_to_the_same_update(source_ts: float | None) -> None:
             wire = BundleUpdate.model_validate_json(scorer.update_json(item, source_ts, NOW))
             assert wire == scorer.update(item, source_ts, NOW), item
     assert json.loads(scorer.update_json(store.items.ids[0], source_ts, NOW))["updated_at"] == NOW.isoformat()
+    counts = store.item_order_counts()
+    assert [scorer.update(i).orders for i in store.items.ids[:50]] == counts[:50].tolist() and counts[:50].any()
+    assert scorer.update("unknown").orders == 0
 
 
 def test_decoder_rows_rank_with_fresh_co_purchases_boosted_in() -> None:

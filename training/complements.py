@@ -59,6 +59,8 @@ class BundleUpdate(BaseModel):
     source_ts: float | None = Field(None, description="produce time (epoch s) of the newest event that caused it")
     substitutes: list[str] = Field(default_factory=list,
                                    description="near-identical items by text that were never bought with it")
+    orders: int | None = Field(None, description="placed orders holding the item (a feature of the bundle "
+                                                 "builder's fitted score: serving.bundle_fit)")
 
 
 def update_signature(secret: bytes, key: bytes, value: bytes) -> bytes:
@@ -356,11 +358,17 @@ class ComplementScorer:
         unbought = close[~np.isin(close, self.store.co_neighbours(row)[0])] if len(close) else close
         return [ids[r] for r in unbought[: cfg.max_substitutes].tolist()]
 
+    def orders(self, item_id: str) -> int:
+        """Placed orders holding the item (0 for an item the store does not know)."""
+        row, count = self.store.items.index.get(item_id), self.store.item_orders.count
+        return int(count[row]) if row is not None and row < len(count) else 0
+
     def update(self, item_id: str, source_ts: float | None = None, now: datetime | None = None) -> BundleUpdate:
         """The ``bundle-updates`` message of one item."""
         return BundleUpdate(item_id=item_id, complements=self.complements(item_id), model_version=self.model_version,
                             graph_version=self.store.version, updated_at=now or datetime.now().astimezone(),
-                            source_ts=_finite(source_ts), substitutes=self.substitutes(item_id))
+                            source_ts=_finite(source_ts), substitutes=self.substitutes(item_id),
+                            orders=self.orders(item_id))
 
     def update_json(self, item_id: str, source_ts: float | None = None, now: datetime | None = None) -> bytes:
         """:meth:`update` serialised, without building its objects: the stream worker's hot path.
@@ -378,4 +386,5 @@ class ComplementScorer:
                 f'"graph_version":{self.store.version},'
                 f'"updated_at":"{(now or datetime.now().astimezone()).isoformat()}",'
                 f'"source_ts":{"null" if ts is None else repr(float(ts))},'
-                f'"substitutes":{json.dumps(self.substitutes(item_id))}}}').encode()
+                f'"substitutes":{json.dumps(self.substitutes(item_id))},'
+                f'"orders":{self.orders(item_id)}}}').encode()

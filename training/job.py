@@ -26,6 +26,7 @@ from torch_geometric.typing import WITH_PYG_LIB
 from graph.events import Interaction, ItemUpserted, Order
 from graph.store import GraphConfig, GraphStore
 from training.artifact import Artifact, new_version, save_artifact
+from training.complements import BundleUpdate, ComplementScorer, ScorerConfig
 from training.encoder import TextEncoder
 from training.models import BundleGNN, DecoderConfig
 from training.protocol import Events, Split, rank_queries, time_split
@@ -44,6 +45,7 @@ class Candidate:
     id_items: list[str]  # the model's ID table
     text_train: np.ndarray | None  # text of split.train's catalog (None without a window: no train store)
     seconds: float
+    text_fit: np.ndarray | None = None  # text of split.fit's catalog (None once the fit store is released)
 
 
 def fit(events: Events, train_cfg: TrainConfig, graph_cfg: GraphConfig, encoder: TextEncoder,
@@ -59,7 +61,7 @@ def fit(events: Events, train_cfg: TrainConfig, graph_cfg: GraphConfig, encoder:
     phases.done("encode", texts=split.fit.num_items)
     result = train(split.fit, text_fit, train_cfg, val=split.val)
     result.phases = {**phases.seconds, **result.phases}
-    return Candidate(result, split, id_table(split.fit), text_train, time.perf_counter() - started)
+    return Candidate(result, split, id_table(split.fit), text_train, time.perf_counter() - started, text_fit)
 
 
 def window_metrics(model: BundleGNN, id_items: list[str], decoder: DecoderConfig | None, user_weight: float,
@@ -86,11 +88,40 @@ def live_metrics(live: Artifact, cand: Candidate, encoder: TextEncoder, train_cf
                           train_cfg, device)
 
 
+def validation_lists(cand: Candidate, scorer_cfg: ScorerConfig, max_orders: int = 500
+                     ) -> tuple[GraphStore, list[BundleUpdate], list[list[str]]]:
+    """The lists the candidate would publish before the validation orders, and (a seeded sample of at most
+    ``max_orders`` of) those orders: the store before validation, the update of every item of the sampled
+    orders and of every item their lists name (an item's fit with its complements is read both ways), and
+    the orders as item ids. Empty when the candidate has no decoder or no validation orders. Call before
+    :func:`full_store` releases the store."""
+    split, lists = cand.split, cand.result.fit_lists
+    if split.fit is None or cand.text_fit is None:
+        raise ValueError("validation_lists needs the candidate's fit store: call it before full_store")
+    store = split.fit
+    if lists is None or not len(split.val):
+        return store, [], []
+    picked = np.random.default_rng([int(split.protocol["seed"]), 7]).permutation(len(split.val))[:max_orders]
+    ids = store.items.ids
+    orders = [[ids[r] for r in (*split.val.items[q].tolist(), int(split.val.hidden[q]))] for q in sorted(picked)]
+    scorer = ComplementScorer(store, scorer_cfg)
+    rows = np.array([r for r, it in enumerate(store.catalog) if it.has_text], np.int64)
+    scorer.set_text(rows, cand.text_fit[rows])
+    scorer.set_views("validation", ids, lists.src, lists.dst, lists.prior, cand.result.model.temperature,
+                     (ids, lists.index, lists.weight))
+    updates = {i: scorer.update(i) for order in orders for i in order}
+    for u in list(updates.values()):
+        for c in u.complements:
+            if c.item_id not in updates:
+                updates[c.item_id] = scorer.update(c.item_id)
+    return store, list(updates.values()), orders
+
+
 def full_store(cand: Candidate, events: Events, graph_cfg: GraphConfig) -> GraphStore:
     """The store of every event, every order kept, built afresh. Without a window the candidate's fit store
     is released first (nothing reads it after training), so two stores are never held together."""
     if cand.split.train is None:
-        cand.split.fit = None
+        cand.split.fit, cand.text_fit = None, None
     store = GraphStore(graph_cfg.model_copy(update={"order_window_days": None}))  # the decoder reads every order
     store.apply_all(events() if callable(events) else events)
     return store

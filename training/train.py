@@ -426,6 +426,19 @@ class Phases:
 
 
 @dataclass
+class FitLists:
+    """The model's item views and its chosen decoder's top rows over the training store's item rows: what
+    the scorer needs to publish the lists this model would, before the validation orders (the bundle
+    builder's pair model is fitted on those: ``serving.bundle_fit``)."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    prior: np.ndarray
+    index: np.ndarray
+    weight: np.ndarray
+
+
+@dataclass
 class TrainResult:
     model: BundleGNN
     best_epoch: int
@@ -437,6 +450,7 @@ class TrainResult:
     head_weight: float = 0.0  # of the GNN's user head (:class:`UserHead`)
     head_val: dict[float, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds and peak RSS (GB) per phase
+    fit_lists: FitLists | None = None  # what the model publishes over the training store (set with a decoder)
 
     @property
     def gnn_weight(self) -> float:
@@ -579,6 +593,10 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
         result.head_val = tune_weight(lambda w: pipeline_scores(chosen, val_graph, result.user_weight, head, w),
                                       cfg.head_weights, val, n, result.user_val[result.user_weight])
         result.head_weight = best_weight(result.head_val)
+        with torch.no_grad():
+            prior = model.prior(head.h["item"]).squeeze(-1)
+        result.fit_lists = FitLists(head.h["src"].cpu().numpy(), head.h["dst"].cpu().numpy(), prior.cpu().numpy(),
+                                    *chosen.top_rows(cfg.decoder_top_k))
         phases.done("user_weight")
     else:
         result.decoder = cfg.decoder_grid(n)[0]

@@ -1,0 +1,149 @@
+"""A fitted bundle-fit score: how likely item ``b`` joins an order with item ``a``, from what the view knows.
+
+A logistic regression (standardised features, L2 penalty) over the facts of a pair ``a → b`` that the API's
+view holds (:data:`FEATURES`): ``b``'s relevance in ``a``'s published list and back, ``b``'s rank there,
+whether the two share a category, the overlap of their titles' words, the worker's substitute flag, and
+``b``'s order count (published with its list). Fitted on orders the lists' model never saw, a validation
+period after its training data (:func:`fit_on_orders`): for each order and each of its items as the anchor,
+the anchor's listed complements are the examples and those in the order the positives. It learns what a
+single relevance cannot weigh: on the Amazon intent bundles the weight of popularity is clearly negative (a
+best seller tops many lists but completes few bundles) and that of a shared category or title words positive
+(``bench/results/bundle_fit.md``).
+
+The bundle builder (:func:`serving.bundles.build_bundles`) ranks candidates by the fitted log-odds with the
+anchors and adds, for a set, ``pair_weight`` × the mean log-odds between a candidate and the members already
+chosen: members that fit each other, not only the anchor (the pairwise set score of the issue; cf. the
+compatibility modelling of McAuley et al., "Inferring Networks of Substitutable and Complementary Products",
+KDD 2015, which also fits a logistic model of "bought together" over pair features).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+from scipy.optimize import minimize
+
+from graph.store import GraphStore
+from serving.view import BundleView, ItemInfo
+from training.complements import BundleUpdate
+from training.intent_bundles import title_words
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("relevance", "relevance_back", "log_rank", "same_category", "title_overlap", "substitute", "log_orders")
+
+
+class PairModel(BaseModel):
+    """Standardised logistic regression over :data:`FEATURES` (a JSON file beside a model artifact)."""
+
+    features: tuple[str, ...] = FEATURES
+    mean: list[float]
+    scale: list[float]
+    weights: list[float] = Field(description="per standardised feature")
+    intercept: float
+    pairs: int = Field(description="examples it was fitted on")
+    positives: int
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, c: float = 0.1) -> PairModel:
+        """Fit by L-BFGS on ``x`` (pairs × features) and labels ``y``; ``c``: inverse L2 strength, as in
+        scikit-learn's ``LogisticRegression``."""
+        if len(x) == 0 or y.all() or not y.any():
+            raise ValueError(f"a pair model needs positive and negative pairs: {int(y.sum())} of {len(y)} positive")
+        mean, scale = x.mean(0), x.std(0) + 1e-9
+        z = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
+        t = y.astype(np.float64)
+
+        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+            s = z @ w
+            p = 1 / (1 + np.exp(-s))
+            return (np.logaddexp(0, s).sum() - t @ s + 0.5 / c * (w[:-1] @ w[:-1]),
+                    z.T @ (p - t) + np.append(w[:-1] / c, 0.0))
+
+        w = minimize(loss, np.zeros(z.shape[1]), jac=True, method="L-BFGS-B").x
+        return cls(mean=mean.tolist(), scale=scale.tolist(), weights=w[:-1].tolist(), intercept=float(w[-1]),
+                   pairs=len(y), positives=int(y.sum()))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Log-odds of each pair of ``x`` (``... × features``)."""
+        return (x - np.asarray(self.mean)) / np.asarray(self.scale) @ np.asarray(self.weights) + self.intercept
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> PairModel:
+        model = cls.model_validate_json(path.read_text())
+        if tuple(model.features) != FEATURES:
+            raise ValueError(f"{path}: fitted on features {model.features}, this version computes {FEATURES}")
+        return model
+
+
+@lru_cache(maxsize=1 << 18)
+def _words(title: str) -> frozenset[str]:
+    return title_words(title)
+
+
+def pair_features(view: BundleView, sources: list[str], targets: list[str]) -> np.ndarray:
+    """:data:`FEATURES` of every pair ``a → b``, ``a`` in ``sources`` and ``b`` in ``targets``:
+    ``len(sources) × len(targets) × 7`` (one array per call: the builder asks for tens of pairs per request)."""
+    entries = {i: view.entries.get(i) for i in (*sources, *targets)}
+    rel = {i: e.relevance if e else {} for i, e in entries.items()}
+    infos = {i: view.info(i) for i in entries}
+    words = {i: _words(infos[i].title) for i in entries}
+    subs = {i: e.substitutes if e else frozenset() for i, e in entries.items()}
+    orders = np.log1p([(entries[b].orders or 0) if entries[b] is not None else 0 for b in targets])
+    out = np.zeros((len(sources), len(targets), len(FEATURES)), np.float64)
+    out[:, :, 6] = orders
+    for x, a in enumerate(sources):
+        e = entries[a]
+        listed = len(e.complements) if e else 0
+        rank = {c.item_id: r for r, c in enumerate(e.complements)} if e else {}
+        ra, wa, sa, cat = rel[a], words[a], subs[a], infos[a].category
+        for y, b in enumerate(targets):
+            wb = words[b]
+            union = len(wa | wb) if wa and wb else 0
+            out[x, y, :6] = (ra.get(b, 0.0), rel[b].get(a, 0.0), math.log1p(rank.get(b, listed)),
+                             cat is not None and cat == infos[b].category, len(wa & wb) / union if union else 0.0,
+                             b in sa or a in subs[b])
+    return out
+
+
+def fit_on_orders(view: BundleView, orders: list[list[str]], c: float = 0.1) -> PairModel:
+    """Fit on ``orders`` (item ids, each a set bought together) that the lists of ``view`` were not made from:
+    each item of an order with a published list is an anchor, its listed complements the examples, those in
+    the order the positives."""
+    xs, ys = [], []
+    for order in orders:
+        members = set(order)
+        for a in members:
+            entry = view.entries.get(a)
+            listed = [c.item_id for c in entry.complements if c.item_id != a] if entry else []
+            if listed:
+                xs.append(pair_features(view, [a], listed)[0])
+                ys.append(np.array([b in members for b in listed]))
+    if not xs:
+        raise ValueError("no order holds an item with a published complement list: nothing to fit on")
+    return PairModel.fit(np.concatenate(xs), np.concatenate(ys), c)
+
+
+def fit_published(store: GraphStore, updates: list[BundleUpdate], orders: list[list[str]]) -> PairModel | None:
+    """The pair model of a freshly trained candidate (``bundlegnn train``, ``evaluate --task bundle``), from
+    :func:`training.job.validation_lists`: the lists it publishes over the store before its validation
+    orders, and those orders. None, with the reason logged, when there is nothing to fit on (no decoder, no
+    validation orders, or no order item among the lists): the builder then ranks by relevance."""
+    view = BundleView()
+    for item, it in zip(store.items.ids, store.catalog):
+        view.items[item] = ItemInfo(item, it.title or item, it.category, it.price, it.in_stock)
+    for u in updates:
+        view.apply_update(u)
+    try:
+        return fit_on_orders(view, orders)
+    except ValueError as exc:
+        log.warning("no pair model for the bundle builder (%s): bundles are ranked by relevance", exc)
+        return None
