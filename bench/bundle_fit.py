@@ -1,6 +1,8 @@
 """A learned bundle-fit score against the anchor's top complements, on the Amazon intent bundles (issue 20).
 
-Measures a candidate for the set builder before it is built into ``serving.bundles``: a logistic model of
+Measured the set builder's fitted score (:mod:`serving.bundle_fit`, now built into ``serving.bundles``) before
+it was built in, here on matrices of one query's items, with settings the builder does not have (a text-cosine
+substitute rule, the pair weight, a fit on bundles instead of orders): a logistic model of
 "``b`` goes into a bundle with ``a``" over what the API's view knows of a pair (``a``'s relevance for ``b``
 and back, ``b``'s rank in ``a``'s list, same category, title word overlap, the worker's substitute flag,
 ``b``'s popularity), fitted on a *validation* period: the model is trained on the events before a
@@ -28,7 +30,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,13 +40,13 @@ from scale import OUT, machine  # noqa: E402
 from bundlegnn.config import load_settings  # noqa: E402
 from bundlegnn.provenance import describe  # noqa: E402
 from serving.bundle_eval import BundleQuery, Served, _merged, bundle_queries, serve  # noqa: E402
+from serving.bundle_fit import FEATURES, PairModel  # noqa: E402
 from training.complements import unit  # noqa: E402
 from training.evaluation import gain_cell  # noqa: E402
 from training.intent_bundles import IntentBundles, RealBundle, title_overlap  # noqa: E402
 from training.protocol import relative_gain  # noqa: E402
 
 CANDIDATES = 50
-FEATURES = ("relevance", "relevance_back", "log_rank", "same_category", "title_overlap", "substitute", "log_orders")
 PAIR_WEIGHTS = (0.0, 0.25, 0.5)
 THRESHOLDS = (None, 0.95, 0.9)
 
@@ -91,41 +92,20 @@ def pair_features(m: dict, x: int, js: np.ndarray) -> np.ndarray:
                      m["subst"][x, js], m["orders"][js]], 1)
 
 
-class PairModel:
-    """Standardised logistic regression with an L2 penalty (L-BFGS), ``C`` as in scikit-learn."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, c: float = 0.1) -> None:
-        self.mean, self.scale = x.mean(0), x.std(0) + 1e-9
-        z = np.hstack([(x - self.mean) / self.scale, np.ones((len(x), 1))])
-        t = y.astype(np.float64)
-
-        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-            s = z @ w
-            p = 1 / (1 + np.exp(-s))
-            value = np.logaddexp(0, s).sum() - t @ s + 0.5 / c * (w[:-1] @ w[:-1])
-            grad = z.T @ (p - t) + np.append(w[:-1] / c, 0.0)
-            return value, grad
-
-        self.w = minimize(loss, np.zeros(z.shape[1]), jac=True, method="L-BFGS-B").x
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mean) / self.scale @ self.w[:-1] + self.w[-1]
-
-
 def fit(queries: list[dict]) -> PairModel:
     x = np.concatenate([pair_features(m, 0, np.arange(1, len(m["items"]))) for m in queries])
     y = np.concatenate([[i in m["hidden"] for i in m["items"][1:]] for m in queries])
-    return PairModel(x, y)
+    return PairModel.fit(x, y)
 
 
 def answer(m: dict, model: PairModel | None, pair_weight: float, threshold: float | None) -> list[str]:
     """The first set: top complements (``model`` None) or the greedy re-ranking, under the substitute rule."""
     n, size = len(m["items"]), len(m["hidden"])
     js = np.arange(1, n)
-    base = model(pair_features(m, 0, js)) if model is not None else -np.arange(1, n, dtype=float)
+    base = model.logits(pair_features(m, 0, js)) if model is not None else -np.arange(1, n, dtype=float)
     both = None
     if model is not None and pair_weight:
-        full = np.stack([model(pair_features(m, x, np.arange(n))) for x in range(n)])
+        full = np.stack([model.logits(pair_features(m, x, np.arange(n))) for x in range(n)])
         both = (full + full.T) / 2
     chosen: list[int] = []
     while len(chosen) < size:
@@ -177,7 +157,8 @@ def domain(name: str, seed: int) -> dict:
                          "f1_top1": float(scores.mean()),
                          "substitute_rate": float(np.mean([substitute_rate(m, c, data) for m, c in zip(test, picks)])),
                          "vs_top_complements": relative_gain([scores], [base_f1]),
-                         "weights": dict(zip((*FEATURES, "intercept"), np.round(model.w, 3).tolist()))})
+                         "weights": dict(zip((*FEATURES, "intercept"),
+                                             np.round([*model.weights, model.intercept], 3).tolist()))})
     return {"domain": name, "seed": seed, "queries": {k: len(v) for k, v in found.items()}, "rows": rows,
             "wall_s": round(time.perf_counter() - started)}
 

@@ -97,20 +97,21 @@ def pair_features(view: BundleView, sources: list[str], targets: list[str]) -> n
     infos = {i: view.info(i) for i in entries}
     words = {i: _words(infos[i].title) for i in entries}
     subs = {i: e.substitutes if e else frozenset() for i, e in entries.items()}
-    orders = np.log1p([(entries[b].orders or 0) if entries[b] is not None else 0 for b in targets])
-    out = np.zeros((len(sources), len(targets), len(FEATURES)), np.float64)
-    out[:, :, 6] = orders
-    for x, a in enumerate(sources):
+    orders = [math.log1p(entries[b].orders or 0) if entries[b] is not None else 0.0 for b in targets]
+    rows = []
+    for a in sources:
         e = entries[a]
         listed = len(e.complements) if e else 0
-        rank = {c.item_id: r for r, c in enumerate(e.complements)} if e else {}
+        rank = {c.item_id: math.log1p(r) for r, c in enumerate(e.complements)} if e else {}
+        unlisted = math.log1p(listed)
         ra, wa, sa, cat = rel[a], words[a], subs[a], infos[a].category
-        for y, b in enumerate(targets):
+        for b, ob in zip(targets, orders):
             wb = words[b]
             union = len(wa | wb) if wa and wb else 0
-            out[x, y, :6] = (ra.get(b, 0.0), rel[b].get(a, 0.0), math.log1p(rank.get(b, listed)),
-                             cat is not None and cat == infos[b].category, len(wa & wb) / union if union else 0.0,
-                             b in sa or a in subs[b])
+            rows.append((ra.get(b, 0.0), rel[b].get(a, 0.0), rank.get(b, unlisted),
+                         cat is not None and cat == infos[b].category, len(wa & wb) / union if union else 0.0,
+                         b in sa or a in subs[b], ob))
+    out = np.array(rows, np.float64).reshape(len(sources), len(targets), len(FEATURES))
     return out
 
 
