@@ -3,8 +3,8 @@
 Shops: K copies of Online Retail II full (the scale-ups of ``bench/scale.py``, written in time order) at
 1×, 4× and 10×, and The Complete Journey. Each is trained by ``bundlegnn train`` in a subprocess under
 ``/usr/bin/time -v``; its summary gives each phase's seconds and the peak RSS so far when the phase ended
-(split and stores, text encoding, graph, GNN epochs, decoder tuning, user weight, the final decoder and
-artifact). Writes ``bench/results/model_scale.{json,md}``. Usage: ``python bench/model_scale.py
+(split and stores, text encoding, graph, GNN epochs, decoder tuning, user weight, the lists the bundle
+builder's pair model is fitted on, the final decoder and artifact). Writes ``bench/results/model_scale.{json,md}``. Usage: ``python bench/model_scale.py
 [--scales 1,4,10] [--no-cj]``.
 """
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from scale import CJ_CONFIG, OUT, WORK, _time_v, machine, table, write_copies  # noqa: E402
 
-PHASES = ["split", "encode", "graph", "gnn_epochs", "decoder_tuning", "user_weight", "final_decoder"]
+PHASES = ["split", "encode", "graph", "gnn_epochs", "decoder_tuning", "user_weight", "validation_lists", "final_decoder"]
 
 
 def train(name: str, args: list[str], env: dict[str, str]) -> dict:
