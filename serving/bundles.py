@@ -1,8 +1,11 @@
 """Bundle construction: small sets of complements that fit the anchor *and* each other.
 
-A bundle's score is the mean pairwise compatibility over all its pairs that
-involve a new member: member–anchor pairs use the member's relevance in the
-anchors' published lists (the mean over a cart's items), member–member pairs use
+With the model's fitted pair model (:mod:`serving.bundle_fit`, in every artifact ``bundlegnn train``
+writes) candidates are ranked by its log-odds that they join an order with the anchors, and a set grows by
+each candidate's log-odds plus ``rules.pair_weight`` × its mean log-odds with the members already chosen.
+Without one (``rules.fitted: false``, an older artifact) a bundle's score is
+the mean pairwise compatibility over all its pairs that involve a new member:
+member–anchor pairs use the member's relevance in the anchors' published lists (the mean over a cart's items), member–member pairs use
 ``max(rel(b → c), rel(c → b))`` from the members' own lists (see
 :mod:`serving.view`). Two items that are in no list of each other add 0, so a
 bundle of items that are each good with the anchor but never go together
