@@ -227,14 +227,15 @@ def load_with_extra(path: str | os.PathLike[str]) -> tuple[GraphStore, dict[str,
 
 def _read_current(path: Path, read: Callable[[Path], T]) -> T:
     """``read`` of the current snapshot's directory, again when a writer made a newer one current and removed this
-    one while it was read (a worker writes checkpoints while others read them)."""
+    one (or is removing it: its files go before the directory) while it was read (a worker writes checkpoints
+    while others read them)."""
     for _ in range(10):
         directory = _current(path)
         try:
             return read(directory)
         except (OSError, ValueError) as exc:
-            if not directory.is_dir():
-                continue  # replaced and removed meanwhile
+            if not directory.is_dir() or _current(path) != directory:
+                continue  # replaced meanwhile, and removed or being removed
             if isinstance(exc, SnapshotError):
                 raise
             raise SnapshotError(f"{directory}: unreadable ({exc})") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,30 @@ def test_a_reader_racing_a_writer_reads_the_newer_snapshot(retail_replay, tmp_pa
                         else current(path))
     loaded, extra = snapshot.load_with_extra(tmp_path / "g")
     assert not gone.exists() and extra == {"n": 2} and loaded.num_co_edges() == store.num_co_edges()
+
+
+def test_a_reader_racing_a_removal_in_progress_reads_the_newer_snapshot(retail_replay, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replaced directory still exists but some of its files are already gone (``rmtree`` removes files
+    first): the reader reads the newer snapshot, not an error."""
+    import graph.snapshot as snapshot
+
+    store, _ = retail_replay
+    save(store, tmp_path / "g", {"n": 1})
+    old = snapshot._current(tmp_path / "g")
+    kept = tmp_path / "kept"
+    shutil.copytree(old, kept)
+    save(store, tmp_path / "g", {"n": 2})
+    shutil.copytree(kept, old)  # the old directory back ...
+    (old / "ui_indptr.npy").unlink()  # ... half removed
+    current, calls = snapshot._current, []
+    monkeypatch.setattr(snapshot, "_current", lambda path: old if not calls.append(1) and len(calls) == 1
+                        else current(path))
+    loaded, extra = snapshot.load_with_extra(tmp_path / "g")
+    assert old.is_dir() and extra == {"n": 2} and loaded.num_co_edges() == store.num_co_edges()
+    with pytest.raises(snapshot.SnapshotError, match="unreadable"):  # the current one itself broken: an error
+        (snapshot._current(tmp_path / "g") / "ui_indptr.npy").unlink()
+        snapshot.load_with_extra(tmp_path / "g")
 
 
 def _format_2(store: GraphStore, path: Path, version: int = 2) -> None:

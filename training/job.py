@@ -93,8 +93,9 @@ def validation_lists(cand: Candidate, scorer_cfg: ScorerConfig, max_orders: int 
     """The lists the candidate would publish before the validation orders, and (a seeded sample of at most
     ``max_orders`` of) those orders: the store before validation, the update of every item of the sampled
     orders and of every item their lists name (an item's fit with its complements is read both ways), and
-    the orders as item ids. Empty when the candidate has no decoder or no validation orders. Call before
-    :func:`full_store` releases the store. Its seconds are the job's ``validation_lists`` phase."""
+    the orders as item ids. Empty when the candidate has no decoder or no validation orders. Call it once,
+    before :func:`full_store` releases the store; it releases the candidate's views and decoder rows. Its
+    seconds are the job's ``validation_lists`` phase."""
     phases = Phases()
     split, lists = cand.split, cand.result.fit_lists
     if split.fit is None or cand.text_fit is None:
@@ -115,6 +116,7 @@ def validation_lists(cand: Candidate, scorer_cfg: ScorerConfig, max_orders: int 
         for c in u.complements:
             if c.item_id not in updates:
                 updates[c.item_id] = scorer.update(c.item_id)
+    cand.result.fit_lists = None  # read once: 1.6 KB an item at the default decoder_top_k
     phases.done("validation_lists", orders=len(orders), lists=len(updates))
     cand.result.phases.update(phases.seconds)
     return store, list(updates.values()), orders
@@ -124,7 +126,7 @@ def full_store(cand: Candidate, events: Events, graph_cfg: GraphConfig) -> Graph
     """The store of every event, every order kept, built afresh. Without a window the candidate's fit store
     is released first (nothing reads it after training), so two stores are never held together."""
     if cand.split.train is None:
-        cand.split.fit, cand.text_fit, cand.result.fit_lists = None, None, None
+        cand.split.fit, cand.text_fit = None, None
     store = GraphStore(graph_cfg.model_copy(update={"order_window_days": None}))  # the decoder reads every order
     store.apply_all(events() if callable(events) else events)
     return store
