@@ -46,6 +46,8 @@ bench: $(STAMP)
 		--seeds 0,1 --held-out 0 --json bench/results/eval_online_retail_ii_full.json
 	$(BIN)/bundlegnn evaluate --config configs/completejourney.yaml --seeds 0,1,2 --held-out 0 --json bench/results/eval_completejourney.json
 	$(BIN)/bundlegnn evaluate --task bundle --seeds 0,1,2 --json bench/results/bundles.json
+	BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.95 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 \
+		$(BIN)/bundlegnn evaluate --task bundle --seeds 0 --json bench/results/bundles_relaxed.json
 	$(BIN)/python bench/bundle_fit.py
 	$(BIN)/python bench/youshu.py --seeds 0,1,2
 	$(BIN)/python bench/render.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -306,10 +307,14 @@ def _evaluate_bundles(settings: Settings, data: Optional[Path], domains: list[st
     summaries = [summarise([evaluate_domain(d, settings.graph, settings.training, settings.scoring,
                                             settings.serving.rules, encoder, seed=s) for s in seeds]) for d in sets]
     ran = machine()
+    overrides = sorted(f"{k}={v}" for k, v in os.environ.items()  # the settings that changed the run; no secrets
+                       if k.startswith("BUNDLEGNN_") and not k.startswith("BUNDLEGNN_PATHS__")
+                       and not any(w in k for w in ("KEY", "SECRET", "PASSWORD", "TOKEN")))
     tables = (f"# Bundles against real bundles\n\n{describe(ran)}. `bundlegnn evaluate --task bundle --seeds "
-              f"{','.join(map(str, seeds))}`, configs/default.yaml.\n\n" + markdown(summaries))
+              f"{','.join(map(str, seeds))}`, configs/default.yaml"
+              + (f", with {', '.join(overrides)}" if overrides else "") + ".\n\n" + markdown(summaries))
     if json_path:
-        _write_report(json_path, {"machine": ran, "domains": summaries}, tables)
+        _write_report(json_path, {"machine": ran, "settings_from_environment": overrides, "domains": summaries}, tables)
     typer.echo(tables)
 
 
