@@ -497,7 +497,11 @@ def serve(
 
         art = load_artifact(path)
         if cfg.rules.fitted and art.manifest.get("pair_model"):
-            pair_model = PairModel.model_validate(art.manifest["pair_model"])
+            try:
+                pair_model = PairModel.model_validate(art.manifest["pair_model"])
+            except ValueError as exc:
+                logging.getLogger("bundlegnn.serve").warning(
+                    "model %s: its pair model is unusable (%s); bundles are ranked by relevance", art.version, exc)
         seeded = view.seed_from_model(art.version, art.item_ids, art.src, art.dst, art.prior, art.model.temperature,
                                       cfg.seed_top_k, art.decoder_rows)
         decoder = art.manifest.get("decoder")

@@ -22,10 +22,9 @@ from __future__ import annotations
 import logging
 import math
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from scipy.optimize import minimize
 
 from graph.store import GraphStore
@@ -39,7 +38,7 @@ FEATURES = ("relevance", "relevance_back", "log_rank", "same_category", "title_o
 
 
 class PairModel(BaseModel):
-    """Standardised logistic regression over :data:`FEATURES` (a JSON file beside a model artifact)."""
+    """Standardised logistic regression over :data:`FEATURES` (``pair_model`` in a model artifact's manifest)."""
 
     features: tuple[str, ...] = FEATURES
     mean: list[float]
@@ -73,15 +72,12 @@ class PairModel(BaseModel):
         """Log-odds of each pair of ``x`` (``... × features``)."""
         return (x - np.asarray(self.mean)) / np.asarray(self.scale) @ np.asarray(self.weights) + self.intercept
 
-    def save(self, path: Path) -> None:
-        path.write_text(self.model_dump_json(indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> PairModel:
-        model = cls.model_validate_json(path.read_text())
-        if tuple(model.features) != FEATURES:
-            raise ValueError(f"{path}: fitted on features {model.features}, this version computes {FEATURES}")
-        return model
+    @model_validator(mode="after")
+    def _same_features(self) -> PairModel:
+        if tuple(self.features) != FEATURES or not len(self.mean) == len(self.scale) == len(self.weights) == len(FEATURES):
+            raise ValueError(f"a pair model over features {tuple(self.features)} ({len(self.weights)} weights); this "
+                             f"version computes {FEATURES}")
+        return self
 
 
 @lru_cache(maxsize=1 << 18)
@@ -111,8 +107,7 @@ def pair_features(view: BundleView, sources: list[str], targets: list[str]) -> n
             rows.append((ra.get(b, 0.0), rel[b].get(a, 0.0), rank.get(b, unlisted),
                          cat is not None and cat == infos[b].category, len(wa & wb) / union if union else 0.0,
                          b in sa or a in subs[b], ob))
-    out = np.array(rows, np.float64).reshape(len(sources), len(targets), len(FEATURES))
-    return out
+    return np.array(rows, np.float64).reshape(len(sources), len(targets), len(FEATURES))
 
 
 def fit_on_orders(view: BundleView, orders: list[list[str]], c: float = 0.1) -> PairModel:
