@@ -1,7 +1,7 @@
 """Bundle construction: small sets of complements that fit the anchor *and* each other.
 
-With the model's fitted pair model (:mod:`serving.bundle_fit`, in every artifact ``bundlegnn train``
-writes) candidates are ranked by its log-odds that they join an order with the anchors, and a set grows by
+With the model's fitted pair model (:mod:`serving.bundle_fit`, which ``bundlegnn train`` fits whenever
+it has a decoder and validation orders) candidates are ranked by its log-odds that they join an order with the anchors, and a set grows by
 each candidate's log-odds plus ``rules.pair_weight`` × its mean log-odds with the members already chosen.
 Without one (``rules.fitted: false``, an older artifact) a bundle's score is
 the mean pairwise compatibility over all its pairs that involve a new member:
