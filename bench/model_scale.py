@@ -4,8 +4,8 @@ Shops: K copies of Online Retail II full (the scale-ups of ``bench/scale.py``, w
 1×, 4× and 10×, and The Complete Journey. Each is trained by ``bundlegnn train`` in a subprocess under
 ``/usr/bin/time -v``; its summary gives each phase's seconds and the peak RSS so far when the phase ended
 (split and stores, text encoding, graph, GNN epochs, decoder tuning, user weight, the lists the bundle
-builder's pair model is fitted on, the final decoder and artifact). Writes ``bench/results/model_scale.{json,md}``. Usage: ``python bench/model_scale.py
-[--scales 1,4,10] [--no-cj]``.
+builder's pair model is fitted on, the final decoder and artifact). Writes
+``bench/results/model_scale.{json,md}``. Usage: ``python bench/model_scale.py [--scales 1,4,10] [--no-cj]``.
 """
 
 from __future__ import annotations

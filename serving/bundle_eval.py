@@ -145,11 +145,10 @@ def serve(data: IntentBundles, cut: float, graph_cfg: GraphConfig, train_cfg: Tr
     return Served(view, store, text, summary, fit)
 
 
-def methods(served: Served, rules: BundleRules, scorer_cfg: ScorerConfig,
-            fit: PairModel | None = None) -> dict[str, Method]:
-    """The builder (with the fitted pair model, if any, and without it) and the baselines over one served
+def methods(served: Served, rules: BundleRules, scorer_cfg: ScorerConfig) -> dict[str, Method]:
+    """The builder (with the served pair model, if any, and without it) and the baselines over one served
     model."""
-    view, store = served.view, served.store
+    view, store, fit = served.view, served.store, served.fit
     ids = store.items.ids
     no_model = ComplementScorer(store, scorer_cfg)
     rows = np.flatnonzero(served.text.any(1))
@@ -225,7 +224,7 @@ def evaluate_domain(data: IntentBundles, graph_cfg: GraphConfig, train_cfg: Trai
     report: dict = {"settings": {}, "per_query": {}, "timings": {"train_s": round(trained_s, 1)},
                     "pair_model": fit.model_dump() if fit is not None else None}
     named: list[tuple[BundleQuery, list[str]]] = []
-    answering = methods(served, rules, scorer_cfg, fit)
+    answering = methods(served, rules, scorer_cfg)
     for setting in SETTINGS:
         queries = bundle_queries(test_bundles, setting, known)
         report["settings"][setting], report["per_query"][setting] = {}, {}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from functools import lru_cache
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
@@ -80,18 +79,13 @@ class PairModel(BaseModel):
         return self
 
 
-@lru_cache(maxsize=1 << 18)
-def _words(title: str) -> frozenset[str]:
-    return title_words(title)
-
-
 def pair_features(view: BundleView, sources: list[str], targets: list[str]) -> np.ndarray:
     """:data:`FEATURES` of every pair ``a → b``, ``a`` in ``sources`` and ``b`` in ``targets``:
     ``len(sources) × len(targets) × 7`` (one array per call: the builder asks for tens of pairs per request)."""
     entries = {i: view.entries.get(i) for i in (*sources, *targets)}
     rel = {i: e.relevance if e else {} for i, e in entries.items()}
     infos = {i: view.info(i) for i in entries}
-    words = {i: _words(infos[i].title) for i in entries}
+    words = {i: title_words(infos[i].title) for i in entries}
     subs = {i: e.substitutes if e else frozenset() for i, e in entries.items()}
     orders = [math.log1p(entries[b].orders or 0) if entries[b] is not None else 0.0 for b in targets]
     rows = []

@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.bundle_fit import PairModel, pair_features
@@ -195,21 +196,19 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
     history = view.history(user_id)
     cands = _candidates(view, anchors, rules, history)
     ids = [c.item_id for c in cands]
+    if fit is not None:  # seeds: the best fit first
+        logit = fit.logits(pair_features(view, anchors, ids)).mean(0) if ids else np.zeros(0)
+        logit += [rules.history_boost if i in history else 0.0 for i in ids]
+        order = sorted(range(len(cands)), key=lambda j: (-logit[j], ids[j]))
+        cands, ids, base = [cands[j] for j in order], [ids[j] for j in order], logit[order].tolist()
+        full = fit.logits(pair_features(view, ids, ids))
+        pair = ((full + full.T) / 2).tolist()
+    entries = [view.entries.get(i) for i in ids]
     if fit is None:
         base = [c.relevance for c in cands]
-        entries = [view.entries.get(i) for i in ids]
         rel = [e.relevance if e else {} for e in entries]
         pair = [[max(rel[x].get(b, 0.0), rel[y].get(a, 0.0)) if x != y else 0.0 for y, b in enumerate(ids)]
                 for x, a in enumerate(ids)]
-    else:
-        boost = [rules.history_boost if i in history else 0.0 for i in ids]
-        base = (fit.logits(pair_features(view, anchors, ids)).mean(0) + boost).tolist()
-        full = fit.logits(pair_features(view, ids, ids))
-        pair = ((full + full.T) / 2).tolist()
-        order = sorted(range(len(cands)), key=lambda j: (-base[j], ids[j]))  # seeds: the best fit first
-        cands, ids, base = [cands[j] for j in order], [ids[j] for j in order], [base[j] for j in order]
-        pair = [[pair[x][y] for y in order] for x in order]
-    entries = [view.entries.get(i) for i in ids]
     subs = [e.substitutes if e else frozenset() for e in entries]
     subst = [[x != y and (b in subs[x] or a in subs[y]) for y, b in enumerate(ids)] for x, a in enumerate(ids)]
     info = [view.items.get(i) for i in ids]

@@ -46,7 +46,7 @@ def test_pair_features_read_from_the_view(view: BundleView) -> None:
     assert list(a_g) == pytest.approx([0.5, 1.0, math.log1p(1), 0.0, 2 / 5, 0.0, math.log1p(30)])  # trail, tent
     assert x[1, 2, 5] == 1.0 and x[1, 2, 3] == 1.0  # G and T: published substitutes, one category
     assert a_t[2] == pytest.approx(math.log1p(3))  # rank 3 in A's list
-    assert x[1, 0, 2] == pytest.approx(math.log1p(2)) and x[1, 0, 1] == 0.0  # nor G in P's  # P is not in G's list: the rank after its last
+    assert x[1, 0, 2] == pytest.approx(math.log1p(2)) and x[1, 0, 1] == 0.0  # P not in G's list (the rank after its last), nor G in P's
 
 
 def test_logistic_fit_finds_the_sign_and_round_trips() -> None:

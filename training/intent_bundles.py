@@ -26,6 +26,7 @@ import html
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 
 from graph.events import EARLIEST, ItemUpserted, Order, OrderLine
@@ -152,7 +153,10 @@ class IntentBundles:
             min_title_similarity
 
 
+@lru_cache(maxsize=1 << 18)
 def title_words(title: str) -> frozenset[str]:
+    """The lower-cased words of a title (two or more letters or digits): cached, titles repeat in every pair
+    the bundle builder and the labels score."""
     return frozenset(w for w in "".join(c.lower() if c.isalnum() else " " for c in title).split() if len(w) > 1)
 
 
