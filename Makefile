@@ -49,6 +49,7 @@ bench: $(STAMP)
 	BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.95 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 \
 		$(BIN)/bundlegnn evaluate --task bundle --seeds 0 --json bench/results/bundles_relaxed.json
 	$(BIN)/python bench/bundle_fit.py
+	$(BIN)/python bench/bundle_rules.py
 	$(BIN)/python bench/youshu.py --seeds 0,1,2
 	$(BIN)/python bench/render.py
 

@@ -366,6 +366,39 @@ def test_the_gnn_user_head_adds_standardised_scores_scaled_to_the_base_spread_fo
     assert pipeline_scores(plain, graph, 0.0, head, 0.0) is plain and pipeline_scores(plain, graph, 0.0, None, 1.0) is plain
 
 
+def test_a_weight_grid_is_ranked_in_one_pass_with_the_same_scores_as_one_weight_at_a_time() -> None:
+    """tune_weight ranks every weight of a grid chunk by chunk: the base scorer (behind last_chunk) runs once a
+    chunk, the head's user scores once a chunk, and each weight's NDCG@10 equals ranking it alone."""
+    from training.train import UserHead, last_chunk, ndcg, pipeline_scores, tune_weight
+
+    store = _tiny_store()
+    n = store.num_items
+    graph = Graph.build(store, np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32), torch.device("cpu"))
+    torch.manual_seed(0)
+    head = UserHead.of(BundleGNN(graph.x.size(1), 8, 1), graph)
+    rng = np.random.default_rng(1)
+    num = 1100  # three chunks of 512
+    base = torch.from_numpy(rng.normal(size=(num, n)).astype(np.float32))
+    q = Queries([np.array([r % n]) for r in range(num)], np.array([(r + 1 + r // n) % n for r in range(num)]),
+                rng.integers(-1, graph.num_users, num), np.zeros(num, bool))
+    calls: list[tuple[int, int]] = []
+
+    def counted(qq: Queries, a: int, b: int) -> torch.Tensor:
+        calls.append((a, b))
+        return base[a:b]
+
+    user_scores = head.model.user_scores
+    head_calls: list[int] = []
+    head.model.user_scores = lambda h, users: (head_calls.append(len(users)), user_scores(h, users))[1]  # type: ignore[method-assign]
+    shared = last_chunk(counted)
+    grid = [0.0, 0.05, 0.5, 2.0]
+    got = tune_weight(lambda w: pipeline_scores(shared, graph, 0.2, head, w), grid, q, n)
+    assert calls == [(0, 512), (512, 1024), (1024, 1100)] and len(head_calls) == 3
+    alone = {w: ndcg(pipeline_scores(lambda qq, a, b: base[a:b], graph, 0.2, head, w), q, n) for w in grid}
+    assert got == alone and len(set(got.values())) > 1
+    assert tune_weight(lambda w: pipeline_scores(shared, graph, 0.2, head, w), grid, q, n, without=0.123)[0.0] == 0.123
+
+
 def test_training_keeps_an_answer_whose_item_the_catalog_updated_after_the_last_order() -> None:
     """With every known item as a negative (a small catalog), an item re-listed after the last order is not a
     negative, but it is still an answer of the orders that hold it: it stays among the candidates."""

@@ -245,19 +245,29 @@ def rank_queries(score: ScoreFn, queries: Queries, num_items: int, chunk: int = 
     """Rank every query's hidden item among the items not in its query, ``chunk`` queries at a time: the full
     ``(queries × items)`` score matrix of a large catalog would not fit in memory. ``top``: each query's top 10
     too (for coverage; without it they are left 0)."""
-    rank, top10 = np.zeros(len(queries)), np.zeros((len(queries), min(10, num_items)), np.int64)
+    return rank_many([score], queries, num_items, chunk, top)[0]
+
+
+def rank_many(scores: Sequence[ScoreFn], queries: Queries, num_items: int, chunk: int = 512,
+              top: bool = True) -> list[Ranked]:
+    """:func:`rank_queries` of several scorers, every scorer on a chunk before the next chunk, so scorers that
+    share a part (one decoder's scores under several weights of a user term) can compute it once a chunk
+    (:func:`training.train.tune_weight`)."""
+    rank = [np.zeros(len(queries)) for _ in scores]
+    top10 = [np.zeros((len(queries), min(10, num_items)), np.int64) for _ in scores]
     for start in range(0, len(queries), chunk):
         stop = min(start + chunk, len(queries))
         part = queries.subset(np.arange(len(queries))[start:stop])
-        out = score(queries, start, stop)
-        if sp.issparse(out) and not top:
-            rank[start:stop] = sparse_ranks(out, part)
-            continue
-        scores = _masked(dense(out).float().clone(), part)  # a copy: a scorer may keep its own
-        rank[start:stop] = _ranks(scores, part).numpy()
-        if top:
-            top10[start:stop] = scores.topk(top10.shape[1], dim=1).indices.numpy()
-    return Ranked(rank, top10)
+        for k, score in enumerate(scores):
+            out = score(queries, start, stop)
+            if sp.issparse(out) and not top:
+                rank[k][start:stop] = sparse_ranks(out, part)
+                continue
+            masked = _masked(dense(out).float().clone(), part)  # a copy: a scorer may keep its own
+            rank[k][start:stop] = _ranks(masked, part).numpy()
+            if top:
+                top10[k][start:stop] = masked.topk(top10[k].shape[1], dim=1).indices.numpy()
+    return [Ranked(r, t) for r, t in zip(rank, top10)]
 
 
 def _masked(scores: torch.Tensor, queries: Queries) -> torch.Tensor:

@@ -46,7 +46,7 @@ from graph.export import CO, IU, UI, to_heterodata
 from graph.store import GraphStore
 from training.baselines import item_gram
 from training.models import Adjacency, BundleGNN, Decoder, DecoderConfig, fit_decoders, side_view
-from training.protocol import Queries, ScoreFn, dense, rank_queries
+from training.protocol import Queries, ScoreFn, dense, rank_many, rank_queries
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,7 @@ class UserHead:
 
     model: BundleGNN
     h: dict[str, torch.Tensor]  # :meth:`Graph.embed` of the graph whose users the queries name
+    _last: tuple[bytes, torch.Tensor] | None = field(default=None, repr=False)  # the last users' standardised scores
 
     @classmethod
     def of(cls, model: BundleGNN, graph: Graph) -> "UserHead":
@@ -328,21 +329,24 @@ class UserHead:
         if not len(known) or not weight:
             return scores
         rows = torch.from_numpy(known)
-        head = self.model.user_scores(self.h, torch.from_numpy(users[known]).to(self.h["user"].device)).float().cpu()
-        head = (head - head.mean(1, keepdim=True)) / head.std(1, keepdim=True).clamp_min(1e-12)
-        scores[rows] += weight * scores[rows].std(1, keepdim=True) * head
+        scores[rows] += weight * scores[rows].std(1, keepdim=True) * self._standardised(users[known])
         return scores
+
+    def _standardised(self, users: np.ndarray) -> torch.Tensor:
+        """Each user's head scores over the catalog, standardised; the last users' are kept, so the weights of
+        a grid ranked chunk by chunk (:func:`tune_weight`) compute them once a chunk."""
+        key = users.tobytes()
+        if self._last is None or self._last[0] != key:
+            head = self.model.user_scores(self.h, torch.from_numpy(users).to(self.h["user"].device)).float().cpu()
+            self._last = (key, (head - head.mean(1, keepdim=True)) / head.std(1, keepdim=True).clamp_min(1e-12))
+        return self._last[1]
 
 
 def pipeline_scores(base: ScoreFn | Decoder, graph: Graph, user_weight: float = 0.0, head: UserHead | None = None,
                     head_weight: float = 0.0) -> ScoreFn:
     """A decoder's (or another scorer's) scores plus ``head_weight`` times the GNN's user head (scaled by
     those scores' spread, :class:`UserHead`) plus ``user_weight`` times the query's user's history."""
-    n = graph.num_items
-    score = base
-    if isinstance(base, Decoder):  # a neighbourhood decoder's rows stay sparse (see protocol.sparse_ranks)
-        score = (lambda q, a, b: base.sparse_scores(q.csr(n, a, b))) if sp.issparse(base.weights) else \
-            (lambda q, a, b: base.scores(q.csr(n, a, b)))
+    score = decoder_scores(base, graph.num_items) if isinstance(base, Decoder) else base
     head_weight = head_weight if head is not None else 0.0
     if not user_weight and not head_weight:
         return score
@@ -352,6 +356,28 @@ def pipeline_scores(base: ScoreFn | Decoder, graph: Graph, user_weight: float = 
         if head_weight:
             head.add(out, users, head_weight)
         return graph.add_user_scores(out, users, user_weight) if user_weight else out
+
+    return scored
+
+
+def decoder_scores(decoder: Decoder, num_items: int) -> ScoreFn:
+    """A decoder's scores of the queries' baskets (a neighbourhood decoder's rows stay sparse: see
+    :func:`training.protocol.sparse_ranks`)."""
+    if sp.issparse(decoder.weights):
+        return lambda q, a, b: decoder.sparse_scores(q.csr(num_items, a, b))
+    return lambda q, a, b: decoder.scores(q.csr(num_items, a, b))
+
+
+def last_chunk(score: ScoreFn) -> ScoreFn:
+    """``score`` that keeps its last answer: the scorers of a weight grid built on it and ranked chunk by
+    chunk (:func:`training.protocol.rank_many`) compute it once a chunk. Its callers must not change the
+    answer in place (:func:`pipeline_scores` copies it)."""
+    last: list = [None, None, None, None]  # queries (held: their id is never another's), a, b, answer
+
+    def scored(q: Queries, a: int, b: int) -> torch.Tensor | sp.csr_matrix:
+        if last[0] is not q or last[1:3] != [a, b]:
+            last[:] = [q, a, b, score(q, a, b)]
+        return last[3]
 
     return scored
 
@@ -397,10 +423,14 @@ def sample(queries: Queries, at_most: int, seed: list[int]) -> Queries:
 def tune_weight(make: Callable[[float], ScoreFn], grid: list[float], val: Queries, num_items: int,
                 without: float | None = None) -> dict[float, float]:
     """Validation NDCG@10 of ``make(w)`` for each weight ``w`` of a user term (queries without a user are
-    unaffected); ``without``: the score at weight 0, when already measured (it is not ranked again)."""
+    unaffected), all weights ranked in one pass over the queries (parts they share, :func:`last_chunk` and
+    :class:`UserHead`'s scores, are computed once a chunk); ``without``: the score at weight 0, when already
+    measured (it is not ranked again)."""
     if not (val.users >= 0).any():
         return {0.0: float("nan")}
-    return {w: without if w == 0 and without is not None else ndcg(make(w), val, num_items) for w in grid}
+    todo = [w for w in grid if not (w == 0 and without is not None)]
+    ranked = dict(zip(todo, rank_many([make(w) for w in todo], val, num_items, top=False)))
+    return {w: without if w not in ranked else ranked[w].metrics(num_items)["ndcg@10"] for w in grid}
 
 
 def best_weight(val: dict[float, float]) -> float:
@@ -587,10 +617,11 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
         result.decoder_val, chosen = tune_decoder(model, val_graph, val, cfg, head.h["item"])
         result.decoder = chosen.config
         phases.done("decoder_tuning", fits=len(result.decoder_val))
-        result.user_val = tune_weight(lambda w: pipeline_scores(chosen, val_graph, w), cfg.user_weights, val, n,
-                                      result.decoder_val[result.decoder])
+        chosen_scores = last_chunk(decoder_scores(chosen, n))
+        result.user_val = tune_weight(lambda w: pipeline_scores(chosen_scores, val_graph, w), cfg.user_weights, val,
+                                      n, result.decoder_val[result.decoder])
         result.user_weight = best_weight(result.user_val)
-        result.head_val = tune_weight(lambda w: pipeline_scores(chosen, val_graph, result.user_weight, head, w),
+        result.head_val = tune_weight(lambda w: pipeline_scores(chosen_scores, val_graph, result.user_weight, head, w),
                                       cfg.head_weights, val, n, result.user_val[result.user_weight])
         result.head_weight = best_weight(result.head_val)
         with torch.no_grad():

@@ -200,8 +200,10 @@ def neighbourhood_fits(g: sp.csr_matrix, sides: Sequence[tuple[str, np.ndarray]]
             en = e[torch.from_numpy(idx)] * m[..., None]
             side_nn[name] = en @ en.transpose(1, 2)
             side_nb[name] = (en @ e[torch.from_numpy(targets)][..., None]).squeeze(-1)
+        g_nn, g_nb = torch.empty_like(base), torch.empty_like(b_co)  # every point fills the same buffers
         for p, (lam, alphas) in enumerate(points):
-            g_nn, g_nb = base.clone(), b_co.clone()
+            g_nn.copy_(base)
+            g_nb.copy_(b_co)
             for name, alpha in alphas.items():
                 if alpha:
                     g_nn.add_(side_nn[name], alpha=alpha)

@@ -1,0 +1,113 @@
+"""The builder's rules as a trade-off: F1 against substitute rate on *validation* bundles (issue 20).
+
+The default rules (``scoring.substitute_similarity`` 0.85: two never co-purchased items of one category
+with text cosine ≥ 0.85 are substitutes, never in one bundle; ``serving.rules.max_per_category`` 2) keep the
+builder's substitute rate at a third of the anchors' top complements', and its F1 below theirs on Clothing
+and Food; relaxed rules lift F1 and the substitute rate together (bench/results/bundles*.md). Which point to
+serve is the shop's call; this program measures the curve where a choice may be made: on each domain the
+model is trained on the events before a *validation* cut (the last 20 % of the training bundles by time, as
+``evaluate --task bundle`` cuts its test bundles), every item's list is published, and the builder (with the
+model's pair model) and the top complements answer the validation bundles' ``one_item`` queries under each
+rule setting: the substitute threshold (1.0 and above: no substitute rule) × the category cap. F1 of the
+first set and its substitute rate (the data's label,
+:meth:`~training.intent_bundles.IntentBundles.interchangeable`).
+
+Writes bench/results/bundle_rules.{json,md}. Usage: ``python bench/bundle_rules.py [--domains electronic,...]
+[--seed 0]`` (about 7 min a domain on 2 cores: one training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from scale import OUT, machine  # noqa: E402
+
+from bundlegnn.config import load_settings  # noqa: E402
+from serving.bundle_eval import bundle_queries, methods, scores, serve  # noqa: E402
+from training.complements import ComplementScorer  # noqa: E402
+from training.intent_bundles import IntentBundles  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "amazon_intent_bundles"
+THRESHOLDS = (0.85, 0.9, 0.95, 1.01)  # 1.01: no substitute rule
+CAPS = (2, 3, None)
+
+
+def domain(name: str, seed: int) -> dict:
+    """Every rule setting's F1 and substitute rate on one domain's validation bundles."""
+    settings = load_settings(None)
+    encoder = settings.encoder.build(settings.paths.text_cache)
+    data = IntentBundles.read(DATA / name)
+    train_bundles, _, _ = data.split(0.2)
+    cut = train_bundles[min(int(len(train_bundles) * 0.8), len(train_bundles) - 1)].epoch
+    val_bundles = [b for b in train_bundles if b.epoch >= cut]
+    served = serve(data, cut, settings.graph, settings.training.model_copy(update={"seed": seed}), settings.scoring,
+                   encoder)
+    queries = bundle_queries(val_bundles, "one_item", set(served.store.items.ids))
+    text_rows = np.flatnonzero(served.text.any(1))
+    published = dict(served.view.entries)
+    rows = []
+    for threshold, cap in itertools.product(THRESHOLDS, CAPS):
+        scoring = settings.scoring.model_copy(update={"substitute_similarity": min(threshold, 1.0)} if threshold <= 1
+                                              else {"max_substitutes": 0})
+        scorer = ComplementScorer(served.store, scoring)
+        scorer.set_text(text_rows, served.text[text_rows])
+        for item, entry in published.items():  # the lists as published; their substitutes under this threshold
+            served.view.entries[item] = dataclasses.replace(entry, substitutes=frozenset(scorer.substitutes(item)))
+        answer = methods(served, settings.serving.rules.model_copy(update={"max_per_category": cap}), scoring)
+        row: dict = {"substitute_similarity": threshold if threshold <= 1 else None, "max_per_category": cap}
+        for method in ("builder", "top_complements"):
+            got = [scores(q, answer[method](q, 5), data) for q in queries]
+            row[method] = {m: float(np.mean([g[m] for g in got])) for m in ("f1_top1", "substitute_rate")}
+        row["f1_gain"] = row["builder"]["f1_top1"] / row["top_complements"]["f1_top1"] - 1
+        rows.append(row)
+        print(f"  {name} {row}", flush=True)
+    served.view.entries.update(published)
+    return {"domain": name, "seed": seed, "validation_bundles": len(val_bundles), "queries": len(queries),
+            "cut": cut, "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = ["# Bundle rules: F1 against substitute rate on validation bundles", "",
+             f"{m['date']}, commit {m['commit']}, {m['cpus']} cores. `python bench/bundle_rules.py`; seed "
+             f"{report['domains'][0]['seed']}; one_item queries of the last 20 % of each domain's training bundles "
+             "(by time), the model trained on the events before them. substitute_similarity: none = no substitute "
+             "rule; top complements do not depend on the rules (their lists are the same).", ""]
+    for d in report["domains"]:
+        lines += [f"## {d['domain']}: {d['validation_bundles']} validation bundles, {d['queries']} queries", "",
+                  "| substitute_similarity | max_per_category | builder F1 | builder substitute rate | "
+                  "top complements F1 | top complements substitute rate | F1 gain |", "|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            b, t = r["builder"], r["top_complements"]
+            lines.append(f"| {r['substitute_similarity'] or 'none'} | {r['max_per_category'] or 'none'} | "
+                         f"{b['f1_top1']:.4f} | {b['substitute_rate']:.4f} | {t['f1_top1']:.4f} | "
+                         f"{t['substitute_rate']:.4f} | {r['f1_gain']:+.1%} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domains", default="electronic,clothing,food")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    report = {"machine": machine(), "domains": [domain(d, args.seed) for d in args.domains.split(",")]}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "bundle_rules.json").write_text(json.dumps(report, indent=2))
+    (OUT / "bundle_rules.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
