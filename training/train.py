@@ -372,7 +372,7 @@ def last_chunk(score: ScoreFn) -> ScoreFn:
     """``score`` that keeps its last answer: the scorers of a weight grid built on it and ranked chunk by
     chunk (:func:`training.protocol.rank_many`) compute it once a chunk. Its callers must not change the
     answer in place (:func:`pipeline_scores` copies it)."""
-    last: list = [None, None, None, None]  # queries (held: their id is never another's), a, b, answer
+    last: list = [None, None, None, None]  # the queries (matched by identity), a, b, the answer
 
     def scored(q: Queries, a: int, b: int) -> torch.Tensor | sp.csr_matrix:
         if last[0] is not q or last[1:3] != [a, b]:
