@@ -63,7 +63,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay")
     epochs: int = Field(60, ge=1, description="most GNN epochs")
     patience: int = Field(8, ge=1, description="epochs without a better validation NDCG@10 before stopping")
-    gnn_budget_s: float | None = Field(900.0, gt=0, description="seconds the GNN epochs may take: after the epoch "
+    gnn_budget_s: float | None = Field(600.0, gt=0, description="seconds the GNN epochs may take: after the epoch "
                                        "that passes it training keeps the best epoch so far (a retraining job has "
                                        "a time slot; null: no limit)")
     early_stop_queries: int = Field(2000, ge=1, description="validation queries (a seeded sample) ranked after "
