@@ -260,7 +260,8 @@ def evaluate(
     started = time.perf_counter()
     summary = summarise([run(events, settings.graph, settings.training, encoder, seed=s, held_out=held_out)
                          for s in seed_list])
-    command = ("bundlegnn evaluate" + (f" --config {config}" if config else "") + (f" --data {data}" if data else "")
+    command = ("".join(f"{o} " for o in _environment_overrides()) + "bundlegnn evaluate"
+               + (f" --config {config}" if config else "") + (f" --data {data}" if data else "")
                + (f" --held-out {held_out:g}" if held_out != 0.1 else "") + f" --seeds {seeds}")
     summary["provenance"] = {**machine(), "command": command, "wall_s": round(time.perf_counter() - started)}
     _item_report(summary, json_path, png)
@@ -307,15 +308,21 @@ def _evaluate_bundles(settings: Settings, data: Optional[Path], domains: list[st
     summaries = [summarise([evaluate_domain(d, settings.graph, settings.training, settings.scoring,
                                             settings.serving.rules, encoder, seed=s) for s in seeds]) for d in sets]
     ran = machine()
-    overrides = sorted(f"{k}={v}" for k, v in os.environ.items()  # the settings that changed the run; no secrets
-                       if k.startswith("BUNDLEGNN_") and not k.startswith("BUNDLEGNN_PATHS__")
-                       and not any(w in k for w in ("KEY", "SECRET", "PASSWORD", "TOKEN")))
+    overrides = _environment_overrides()
     tables = (f"# Bundles against real bundles\n\n{describe(ran)}. `bundlegnn evaluate --task bundle --seeds "
               f"{','.join(map(str, seeds))}`, configs/default.yaml"
               + (f", with {', '.join(overrides)}" if overrides else "") + ".\n\n" + markdown(summaries))
     if json_path:
         _write_report(json_path, {"machine": ran, "settings_from_environment": overrides, "domains": summaries}, tables)
     typer.echo(tables)
+
+
+def _environment_overrides() -> list[str]:
+    """``NAME=value`` of every setting the environment changed for this run (paths and secrets left out): a
+    report names them beside its command."""
+    return sorted(f"{k}={v}" for k, v in os.environ.items()
+                  if k.startswith("BUNDLEGNN_") and not k.startswith("BUNDLEGNN_PATHS__")
+                  and not any(w in k for w in ("KEY", "SECRET", "PASSWORD", "TOKEN")))
 
 
 def _write_report(json_path: Path, report: dict, tables: str) -> None:

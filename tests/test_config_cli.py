@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,18 @@ def test_sigterm_stops_the_broker_command_and_its_tansu(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_reports_name_the_settings_the_environment_changed_but_no_paths_or_secrets(monkeypatch) -> None:
+    """An evaluation report's command names each BUNDLEGNN_ override (a run is reproducible from it); paths and
+    anything that looks like a secret are left out."""
+    from bundlegnn.cli import _environment_overrides
+
+    for name in [k for k in os.environ if k.startswith("BUNDLEGNN_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("BUNDLEGNN_TRAINING__GNN_BUDGET_S", "600")
+    monkeypatch.setenv("BUNDLEGNN_SCORING__TOP_K", "10")
+    monkeypatch.setenv("BUNDLEGNN_PATHS__STATE_DIR", "/tmp/x")
+    monkeypatch.setenv("BUNDLEGNN_STREAM__SASL_PASSWORD", "hunter2")
+    monkeypatch.setenv("OTHER_SETTING", "1")
+    assert _environment_overrides() == ["BUNDLEGNN_SCORING__TOP_K=10", "BUNDLEGNN_TRAINING__GNN_BUDGET_S=600"]
