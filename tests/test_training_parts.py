@@ -379,7 +379,7 @@ def test_a_weight_grid_is_ranked_in_one_pass_with_the_same_scores_as_one_weight_
     rng = np.random.default_rng(1)
     num = 1100  # three chunks of 512
     base = torch.from_numpy(rng.normal(size=(num, n)).astype(np.float32))
-    q = Queries([np.array([r % n]) for r in range(num)], np.array([(r + 1 + r // n) % n for r in range(num)]),
+    q = Queries([np.array([r % n]) for r in range(num)], np.array([(r + 1) % n for r in range(num)]),
                 rng.integers(-1, graph.num_users, num), np.zeros(num, bool))
     calls: list[tuple[int, int]] = []
 
