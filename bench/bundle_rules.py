@@ -8,7 +8,7 @@ serve is the shop's call; this program measures the curve where a choice may be 
 model is trained on the events before a *validation* cut (the last 20 % of the training bundles by time, as
 ``evaluate --task bundle`` cuts its test bundles), every item's list is published, and the builder (with the
 model's pair model) and the top complements answer the validation bundles' ``one_item`` queries under each
-rule setting: the substitute threshold (1.0 and above: no substitute rule) × the category cap. F1 of the
+rule setting: the substitute threshold (None: no substitute rule) × the category cap. F1 of the
 first set and its substitute rate (the data's label,
 :meth:`~training.intent_bundles.IntentBundles.interchangeable`).
 
@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from scale import OUT, machine  # noqa: E402
 
 from bundlegnn.config import load_settings  # noqa: E402
-from serving.bundle_eval import bundle_queries, methods, scores, serve  # noqa: E402
+from serving.bundle_eval import Method, bundle_queries, methods, scores, serve  # noqa: E402
 from training.complements import ComplementScorer  # noqa: E402
 from training.intent_bundles import IntentBundles  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "amazon_intent_bundles"
-THRESHOLDS = (0.85, 0.9, 0.95, 1.01)  # 1.01: no substitute rule
+THRESHOLDS = (0.85, 0.9, 0.95, None)  # None: no substitute rule
 CAPS = (2, 3, None)
 
 
@@ -56,23 +56,28 @@ def domain(name: str, seed: int) -> dict:
     queries = bundle_queries(val_bundles, "one_item", set(served.store.items.ids))
     text_rows = np.flatnonzero(served.text.any(1))
     published = dict(served.view.entries)
+
+    def mean_scores(method: Method) -> dict[str, float]:
+        got = [scores(q, method(q, 5), data) for q in queries]
+        return {m: float(np.mean([g[m] for g in got])) for m in ("f1_top1", "substitute_rate")}
+
+    # the published lists, best first: the rules do not change them
+    top = mean_scores(methods(served, settings.serving.rules, settings.scoring)["top_complements"])
     rows = []
     for threshold, cap in itertools.product(THRESHOLDS, CAPS):
-        scoring = settings.scoring.model_copy(update={"substitute_similarity": min(threshold, 1.0)} if threshold <= 1
+        scoring = settings.scoring.model_copy(update={"substitute_similarity": threshold} if threshold is not None
                                               else {"max_substitutes": 0})
         scorer = ComplementScorer(served.store, scoring)
         scorer.set_text(text_rows, served.text[text_rows])
         for item, entry in published.items():  # the lists as published; their substitutes under this threshold
             served.view.entries[item] = dataclasses.replace(entry, substitutes=frozenset(scorer.substitutes(item)))
-        answer = methods(served, settings.serving.rules.model_copy(update={"max_per_category": cap}), scoring)
-        row: dict = {"substitute_similarity": threshold if threshold <= 1 else None, "max_per_category": cap}
-        for method in ("builder", "top_complements"):
-            got = [scores(q, answer[method](q, 5), data) for q in queries]
-            row[method] = {m: float(np.mean([g[m] for g in got])) for m in ("f1_top1", "substitute_rate")}
-        row["f1_gain"] = row["builder"]["f1_top1"] / row["top_complements"]["f1_top1"] - 1
+        rules = settings.serving.rules.model_copy(update={"max_per_category": cap})
+        builder = methods(served, rules, scoring)["builder"]
+        row = {"substitute_similarity": threshold, "max_per_category": cap, "builder": mean_scores(builder),
+               "top_complements": top}
+        row["f1_gain"] = row["builder"]["f1_top1"] / top["f1_top1"] - 1
         rows.append(row)
         print(f"  {name} {row}", flush=True)
-    served.view.entries.update(published)
     return {"domain": name, "seed": seed, "validation_bundles": len(val_bundles), "queries": len(queries),
             "cut": cut, "rows": rows}
 
