@@ -162,6 +162,7 @@ def save(cand: Candidate, store: GraphStore, train_cfg: TrainConfig, encoder: Te
         "head_weight": cand.result.head_weight,
         "gnn_used": cand.result.gnn_used,
         "best_epoch": cand.result.best_epoch,
+        "gnn_steps": cand.result.gnn_steps,
         "epochs_run": len(history),
         "items": store.num_items,
         "device": str(select_device(train_cfg.device)),

@@ -38,7 +38,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch_geometric.utils import scatter
 from tqdm import tqdm
 
@@ -47,8 +47,12 @@ from graph.store import GraphStore
 from training.baselines import item_gram
 from training.models import Adjacency, BundleGNN, Decoder, DecoderConfig, fit_decoders, side_view
 from training.protocol import Queries, ScoreFn, dense, rank_many, rank_queries
+from training.sampling import NeighbourSample, sample_neighbourhood
 
 log = logging.getLogger(__name__)
+
+STEP_BYTES_PER_NODE_CHANNEL = 40.0  # per node, channel and layer (measured: bench/gnn_steps.py)
+STEP_BYTES_PER_EDGE = 100.0  # per edge of the three relations
 
 
 class TrainConfig(BaseModel):
@@ -68,7 +72,14 @@ class TrainConfig(BaseModel):
                                        "a time slot; null: no limit)")
     early_stop_queries: int = Field(2000, ge=1, description="validation queries (a seeded sample) ranked after "
                                     "each epoch for early stopping")
-    batch_size: int = Field(2048, ge=1, description="examples per full-graph step")
+    batch_size: int = Field(2048, ge=1, description="examples per training step")
+    gnn_steps: Literal["auto", "full", "sampled"] = Field(
+        "auto", description="full-graph training steps, or steps on a sampled neighbourhood of the batch "
+        "(training.sampling); auto: sampled when a full-graph step's estimated memory passes gnn_memory_gb")
+    gnn_memory_gb: float | None = Field(None, gt=0, description="memory a full-graph step may take before auto "
+                                        "switches to sampled steps (null: a quarter of the machine's memory)")
+    fanouts: list[int] | None = Field(None, description="sampled steps: neighbours drawn per node, relation and "
+                                      "layer, one entry per layer, the batch's own layer first (null: 10 per layer)")
     examples_per_epoch: int = Field(20_000, ge=1, description="(basket, hidden item) pairs drawn per epoch")
     negatives: int = Field(4096, ge=1, description="sampled negatives; all items when the catalog is smaller")
     drop_edge: float = Field(0.3, ge=0, lt=1, description="share of co-purchase edges dropped in each step "
@@ -105,6 +116,16 @@ class TrainConfig(BaseModel):
     head_weights: list[float] = Field([0.0, 0.05, 0.15, 0.5], min_length=1,
                                       description="grid of the weight of the GNN's user → item score for a known "
                                       "user, in units of the spread of the decoder's scores of the query")
+
+    @model_validator(mode="after")
+    def _fanout_per_layer(self) -> "TrainConfig":
+        if self.fanouts is not None and (len(self.fanouts) != self.layers or min(self.fanouts) < 1):
+            raise ValueError(f"training.fanouts needs one positive entry per layer ({self.layers}), got {self.fanouts}")
+        return self
+
+    @property
+    def layer_fanouts(self) -> list[int]:
+        return self.fanouts if self.fanouts is not None else [10] * self.layers
 
     def decoder_method(self, num_items: int) -> Literal["dense", "neighbourhood"]:
         return "dense" if num_items <= self.decoder_dense_max_items else "neighbourhood"
@@ -231,6 +252,21 @@ class Graph:
         weight = weight or self.edge_weight
         adj_t = {rel: structure(weight[rel]) for rel, structure in self.adjacency.items()}
         return model(self.x, adj_t, self.id_index if ids is None else ids)
+
+    def sampled(self, items: torch.Tensor, users: torch.Tensor, fanouts: list[int]) -> tuple["Graph", NeighbourSample]:
+        """The subgraph of a sampled computation graph for the seed ``items`` and ``users``
+        (:func:`~training.sampling.sample_neighbourhood`): its nodes, their sampled in-edges with the
+        weights normalised again over them, and how parent ids map to its rows."""
+        picked = sample_neighbourhood(self.adjacency, self.edge_weight, items, users, fanouts, self.num_items,
+                                      self.num_users)
+        index, weight = {}, {}
+        for rel, ids in picked.edges.items():
+            src, dst = self.edge_index[rel][:, ids]
+            index[rel] = torch.stack([picked.local(rel[0], src), picked.local(rel[2], dst)])
+            weight[rel] = self.edge_weight[rel][ids]
+        sub = Graph(self.x[picked.items], len(picked.users), index, weight, self.id_index[picked.items], self.store)
+        sub.edge_weight = sub.normalised(weight)
+        return sub, picked
 
     def training_view(self, drop_edge: float, cold: float) -> tuple[dict, torch.Tensor]:
         """Edge weights and ID rows for one training step.
@@ -478,6 +514,7 @@ class TrainResult:
     user_weight: float = 0.0
     user_val: dict[float, float] = field(default_factory=dict)
     head_weight: float = 0.0  # of the GNN's user head (:class:`UserHead`)
+    gnn_steps: str = "full"  # full-graph or sampled training steps (:func:`step_kind`)
     head_val: dict[float, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds and peak RSS (GB) per phase
     fit_lists: FitLists | None = None  # what the model publishes over the training store (set with a decoder)
@@ -521,6 +558,28 @@ def _batch(indptr: np.ndarray, items: np.ndarray, batch: np.ndarray, n: int) -> 
     return q, hidden
 
 
+def full_step_gb(graph: Graph, cfg: TrainConfig) -> float:
+    """Estimated peak memory of one full-graph training step: every node's activations of every layer kept
+    for the backward pass, and each relation's weights, masks and CSR copies for the step. The constants are
+    measured (``bench/gnn_steps.py``)."""
+    nodes = graph.num_items + graph.num_users
+    edges = sum(int(index.size(1)) for index in graph.edge_index.values())
+    return (STEP_BYTES_PER_NODE_CHANNEL * nodes * cfg.hidden * cfg.layers + STEP_BYTES_PER_EDGE * edges) / 1e9
+
+
+def step_kind(graph: Graph, cfg: TrainConfig) -> Literal["full", "sampled"]:
+    """``cfg.gnn_steps``, with auto decided by :func:`full_step_gb` against ``cfg.gnn_memory_gb``."""
+    if cfg.gnn_steps != "auto":
+        return cfg.gnn_steps
+    budget = cfg.gnn_memory_gb if cfg.gnn_memory_gb is not None else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4e9
+    estimate = full_step_gb(graph, cfg)
+    kind: Literal["full", "sampled"] = "sampled" if estimate > budget else "full"
+    log.info("GNN steps: %s (a full-graph step takes about %.1f GB, training.gnn_memory_gb allows %.1f)", kind,
+             estimate, budget)
+    return kind
+
+
 def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | None = None,
           val_graph: Graph | None = None, progress: bool = True) -> TrainResult:
     """Train on ``store``'s orders; early-stop on ``val`` queries when given; tune the decoder and user weight."""
@@ -543,6 +602,7 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
     known = torch.tensor([it.updated <= last_order for it in store.catalog], device=device)
     known_rows = known.nonzero().squeeze(1)
     rng = np.random.default_rng(cfg.seed)
+    sampled = step_kind(graph, cfg) == "sampled"
     stop_on = None
     if val is not None and len(val):
         stop_on = sample(val, cfg.early_stop_queries, [cfg.seed, 2])
@@ -571,14 +631,24 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             in_query = torch.zeros(len(batch), len(cand_np), dtype=torch.bool)
             in_query[torch.from_numpy(qc.row[hit].astype(np.int64)), torch.from_numpy(at[hit].astype(np.int64))] = True
             in_query = in_query.to(device)
-            h = graph.embed(model, *graph.training_view(cfg.drop_edge, cfg.cold_share))
             batch_users = torch.from_numpy(users[batch[:, 0]]).to(device)
             has_user = batch_users >= 0
+            step_users = batch_users[has_user] if cfg.user_loss_weight else batch_users[:0]
+            q = sparse_rows(q_csr, device)
+            view = graph
+            if sampled:
+                seeds = torch.cat([torch.from_numpy(q_csr.indices.astype(np.int64)).to(device), cand])
+                view, picked = graph.sampled(seeds, step_users, cfg.layer_fanouts)
+                q = sparse_rows(sp.csr_matrix((q_csr.data, picked.local("item", torch.from_numpy(
+                    q_csr.indices.astype(np.int64)).to(device)).cpu().numpy(), q_csr.indptr),
+                    shape=(len(batch), view.num_items)), device)
+                cand, step_users = picked.local("item", cand), picked.local("user", step_users)
+            h = view.embed(model, *view.training_view(cfg.drop_edge, cfg.cold_share))
             with autocast(cfg.precision, device):
-                logits = model.complement_scores(h, sparse_rows(q_csr, device), cand).masked_fill(in_query, -torch.inf)
+                logits = model.complement_scores(h, q, cand).masked_fill(in_query, -torch.inf)
                 loss = torch.nn.functional.cross_entropy(logits, target)
-                if cfg.user_loss_weight and bool(has_user.any()):
-                    ulogits = model.user_scores(h, batch_users[has_user], cand)
+                if cfg.user_loss_weight and len(step_users):
+                    ulogits = model.user_scores(h, step_users, cand)
                     loss = loss + cfg.user_loss_weight * torch.nn.functional.cross_entropy(ulogits, target[has_user])
             opt.zero_grad()
             loss.backward()
@@ -607,8 +677,8 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             break
     model.load_state_dict(best_state)
     model.eval()
-    phases.done("gnn_epochs", epochs=len(history), stopped_by_budget=int(over_budget))
-    result = TrainResult(model, best_epoch, history, phases=phases.seconds)
+    phases.done("gnn_epochs", epochs=len(history), stopped_by_budget=int(over_budget), sampled=int(sampled))
+    result = TrainResult(model, best_epoch, history, phases=phases.seconds, gnn_steps="sampled" if sampled else "full")
     if not cfg.decoder:
         return result
     if val is not None and len(val):

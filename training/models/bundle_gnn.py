@@ -51,6 +51,7 @@ class Adjacency:
 
     def __init__(self, edge_index: Tensor, num_dst: int, num_src: int) -> None:
         src, dst = edge_index
+        self.src = src
         self.order, self.crow, self.col = self._csr(dst, src, num_dst, num_src)
         self.order_t, self.crow_t, self.col_t = self._csr(src, dst, num_src, num_dst)
         self.size = (num_dst, num_src)
@@ -64,6 +65,10 @@ class Adjacency:
         crow = torch.zeros(num_rows + 1, dtype=torch.long, device=rows.device)
         crow[1:] = torch.cumsum(torch.bincount(rows, minlength=num_rows), 0)
         return order, crow, cols[order]
+
+    def src_of(self, edges: Tensor) -> Tensor:
+        """The source nodes of the given edges (ids in ``edge_index`` order)."""
+        return self.src[edges]
 
     def __call__(self, edge_weight: Tensor) -> Propagation:
         """The relation with ``edge_weight`` (one per edge, in ``edge_index`` order) as its weights."""

@@ -1,0 +1,110 @@
+"""Neighbour sampling for GNN training steps on graphs too large for a full-graph step.
+
+A full-graph step keeps every node's activations of every layer for the backward pass, so its memory grows
+with the whole graph (items and users) whatever the batch. A sampled step computes only the embeddings the
+batch's loss reads: those of its seed nodes (the queries' items, the candidates and the batch's users)
+through a computation graph of at most ``fanouts[l]`` sampled neighbours per node, relation and layer, as
+in GraphSAGE (Hamilton et al., "Inductive Representation Learning on Large Graphs", NeurIPS 2017). The
+sampled nodes and edges form one subgraph on which the unchanged model runs, as in ShaDow-GNN (Zeng et al.,
+"Decoupling the Depth and Scope of Graph Neural Networks", NeurIPS 2021): a seed's embedding on it is
+exactly its embedding on the full graph restricted to the sampled edges, so with fanouts at least the
+largest degree it equals the full-graph embedding (a test checks it).
+
+Neighbours are drawn without replacement with probability proportional to the edge weight (the
+exponential-keys method of Efraimidis and Spirakis, "Weighted random sampling with a reservoir", IPL 2006),
+and a target's sampled weights are normalised again to a weighted mean. Every step is vectorised torch on
+the graph's device, so the same code runs on CPU and CUDA. pyg-lib's sampler is not used: it is not on the
+package registries this project installs from, and these steps need the edge weights and the
+user-as-mean-of-items input that torch-geometric's loaders do not carry.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from training.models import Adjacency
+from training.models.bundle_gnn import CO, IU, UI
+
+
+def sample_in_edges(adj: Adjacency, weight: Tensor, targets: Tensor, fanout: int) -> Tensor:
+    """Ids (in ``edge_index`` order) of at most ``fanout`` in-edges of each target, drawn without replacement
+    with probability proportional to ``weight``; every in-edge of a target with at most ``fanout`` of them."""
+    start, end = adj.crow[targets], adj.crow[targets + 1]
+    degree = end - start
+    total = int(degree.sum())
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long, device=targets.device)
+    first = torch.cumsum(degree, 0) - degree  # each target's first slot among the gathered edges
+    row = torch.repeat_interleave(torch.arange(len(targets), device=targets.device), degree)
+    pos = start[row] + torch.arange(total, device=targets.device) - first[row]
+    edges = adj.order[pos]
+    if int(degree.max()) <= fanout:
+        return edges
+    # Efraimidis–Spirakis: the k smallest Exp(1) / w keys are a weighted sample without replacement.
+    keys = torch.empty(total, device=targets.device).exponential_() / weight[edges].clamp(min=1e-30)
+    by_key = torch.argsort(keys)
+    by_row = by_key[torch.argsort(row[by_key], stable=True)]  # grouped by target, smallest key first
+    rank = torch.arange(total, device=targets.device) - first[row[by_row]]
+    return edges[by_row[rank < fanout]]
+
+
+class NeighbourSample:
+    """The nodes and edges of one sampled computation graph, in the parent graph's ids.
+
+    ``items`` and ``users`` list the sampled nodes, the seeds first; ``edges`` holds each relation's sampled
+    edge ids. :meth:`local` maps parent ids to rows of the subgraph.
+    """
+
+    def __init__(self, items: Tensor, users: Tensor, edges: dict[tuple[str, str, str], Tensor], num_items: int,
+                 num_users: int) -> None:
+        self.items, self.users, self.edges = items, users, edges
+        self._item_row = torch.full((num_items,), -1, dtype=torch.long, device=items.device)
+        self._item_row[items] = torch.arange(len(items), device=items.device)
+        self._user_row = torch.full((num_users,), -1, dtype=torch.long, device=items.device)
+        self._user_row[users] = torch.arange(len(users), device=items.device)
+
+    def local(self, kind: str, ids: Tensor) -> Tensor:
+        """Rows in the subgraph of the parent's ``kind`` ("item" or "user") nodes ``ids`` (-1: not sampled)."""
+        return (self._item_row if kind == "item" else self._user_row)[ids]
+
+
+def sample_neighbourhood(adjacency: dict[tuple[str, str, str], Adjacency], weight: dict[tuple[str, str, str], Tensor],
+                         seed_items: Tensor, seed_users: Tensor, fanouts: list[int], num_items: int,
+                         num_users: int) -> NeighbourSample:
+    """The computation graph of :class:`~training.models.BundleGNN` for the seeds, one layer per fanout.
+
+    A node first reached at hop ``d`` needs its layer ``L - d`` embedding, so its in-edges are sampled at hop
+    ``d + 1`` for ``d < L``; each node's neighbours are drawn once. A user's input is the mean of its items'
+    inputs (:meth:`BundleGNN.forward`), so users reached at the last hop also get their item edges drawn.
+    """
+    device = seed_items.device
+    seen = {"item": torch.zeros(num_items, dtype=torch.bool, device=device),
+            "user": torch.zeros(num_users, dtype=torch.bool, device=device)}
+    order = {"item": [torch.unique(seed_items)], "user": [torch.unique(seed_users)]}
+    for kind in seen:
+        seen[kind][order[kind][0]] = True
+    edges: dict[tuple[str, str, str], list[Tensor]] = {rel: [] for rel in (CO, UI, IU)}
+    frontier = {kind: order[kind][0] for kind in seen}
+
+    def expand(rels: tuple[tuple[str, str, str], ...], fanout: int) -> dict[str, Tensor]:
+        found: dict[str, list[Tensor]] = {"item": [], "user": []}
+        for rel in rels:
+            src_kind, _, dst_kind = rel
+            picked = sample_in_edges(adjacency[rel], weight[rel], frontier[dst_kind], fanout)
+            edges[rel].append(picked)
+            found[src_kind].append(adjacency[rel].src_of(picked))
+        new = {}
+        for kind, ids in found.items():
+            ids = torch.unique(torch.cat(ids)) if ids else torch.zeros(0, dtype=torch.long, device=device)
+            ids = ids[~seen[kind][ids]]
+            seen[kind][ids] = True
+            order[kind].append(ids)
+            new[kind] = ids
+        return new
+
+    for fanout in fanouts:
+        frontier = expand((CO, UI, IU), fanout)
+    expand((IU,), fanouts[-1])  # the last hop's users: their input is the mean of their items'
+    return NeighbourSample(torch.cat(order["item"]), torch.cat(order["user"]),
+                           {rel: torch.cat(ids) for rel, ids in edges.items()}, num_items, num_users)
