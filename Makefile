@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/decoder.py
 	$(BIN)/python bench/model_scale.py
+	$(BIN)/python bench/gnn_steps.py
 	$(BIN)/python bench/worker_throughput.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/train_devices.py

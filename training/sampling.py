@@ -7,15 +7,14 @@ through a computation graph of at most ``fanouts[l]`` sampled neighbours per nod
 in GraphSAGE (Hamilton et al., "Inductive Representation Learning on Large Graphs", NeurIPS 2017). The
 sampled nodes and edges form one subgraph on which the unchanged model runs, as in ShaDow-GNN (Zeng et al.,
 "Decoupling the Depth and Scope of Graph Neural Networks", NeurIPS 2021): a seed's embedding on it is
-exactly its embedding on the full graph restricted to the sampled edges, so with fanouts at least the
-largest degree it equals the full-graph embedding (a test checks it).
+exactly its full-graph embedding with each aggregation over the drawn neighbours, so with fanouts at least
+the largest degree it equals the full-graph embedding (a test checks it).
 
-Neighbours are drawn without replacement with probability proportional to the edge weight (the
-exponential-keys method of Efraimidis and Spirakis, "Weighted random sampling with a reservoir", IPL 2006),
-and a target's sampled weights are normalised again to a weighted mean. Every step is vectorised torch on
-the graph's device, so the same code runs on CPU and CUDA. pyg-lib's sampler is not used: it is not on the
-package registries this project installs from, and these steps need the edge weights and the
-user-as-mean-of-items input that torch-geometric's loaders do not carry.
+A node with more neighbours than the fanout draws them with replacement in proportion to the edge weights
+(:func:`sample_in_edges`), so the mean over the draws estimates its weighted mean without bias. Every step
+is vectorised torch on the graph's device, so the same code runs on CPU and CUDA. pyg-lib's sampler is not
+used: it is not on the package registries this project installs from, and these steps need the edge
+weights and the user-as-mean-of-items input that torch-geometric's loaders do not carry.
 """
 
 from __future__ import annotations
@@ -27,38 +26,54 @@ from training.models import Adjacency
 from training.models.bundle_gnn import CO, IU, UI
 
 
-def sample_in_edges(adj: Adjacency, weight: Tensor, targets: Tensor, fanout: int) -> Tensor:
-    """Ids (in ``edge_index`` order) of at most ``fanout`` in-edges of each target, drawn without replacement
-    with probability proportional to ``weight``; every in-edge of a target with at most ``fanout`` of them."""
+def cumulative_weights(adj: Adjacency, weight: Tensor) -> Tensor:
+    """``weight`` summed along the relation's CSR order (float64, a leading 0): target ``t``'s edges span
+    ``[c[crow[t]], c[crow[t + 1]])``, so a uniform draw in it picks an edge in proportion to its weight."""
+    return torch.cat([torch.zeros(1, dtype=torch.float64, device=weight.device),
+                      torch.cumsum(weight[adj.order].double(), 0)])
+
+
+def sample_in_edges(adj: Adjacency, cumulative: Tensor, weight: Tensor, targets: Tensor,
+                    fanout: int) -> tuple[Tensor, Tensor]:
+    """In-edges of each target (ids in ``edge_index`` order) and their weights in the sample.
+
+    A target with at most ``fanout`` in-edges keeps them all with their own weights. A target with more
+    draws ``fanout`` of them with replacement, in proportion to their weights (inverse transform on
+    :func:`cumulative_weights`: a binary search per draw, no sort of the target's edges), and each drawn
+    edge weighs its number of draws: the mean over the draws is an unbiased estimate of the target's
+    weighted mean, which a sample without replacement is not.
+    """
+    device = targets.device
     start, end = adj.crow[targets], adj.crow[targets + 1]
     degree = end - start
-    total = int(degree.sum())
-    if total == 0:
-        return torch.zeros(0, dtype=torch.long, device=targets.device)
-    first = torch.cumsum(degree, 0) - degree  # each target's first slot among the gathered edges
-    row = torch.repeat_interleave(torch.arange(len(targets), device=targets.device), degree)
-    pos = start[row] + torch.arange(total, device=targets.device) - first[row]
-    edges = adj.order[pos]
-    if int(degree.max()) <= fanout:
-        return edges
-    # Efraimidis–Spirakis: the k smallest Exp(1) / w keys are a weighted sample without replacement.
-    keys = torch.empty(total, device=targets.device).exponential_() / weight[edges].clamp(min=1e-30)
-    by_key = torch.argsort(keys)
-    by_row = by_key[torch.argsort(row[by_key], stable=True)]  # grouped by target, smallest key first
-    rank = torch.arange(total, device=targets.device) - first[row[by_row]]
-    return edges[by_row[rank < fanout]]
+    light = degree <= fanout
+    # every edge of the light targets
+    few = degree * light
+    first = torch.cumsum(few, 0) - few
+    row = torch.repeat_interleave(torch.arange(len(targets), device=device), few)
+    light_edges = adj.order[start[row] + torch.arange(len(row), device=device) - first[row]]
+    heavy = targets[~light]
+    if not len(heavy):
+        return light_edges, weight[light_edges]
+    lo, hi = cumulative[adj.crow[heavy]], cumulative[adj.crow[heavy + 1]]
+    u = torch.rand(len(heavy), fanout, dtype=torch.float64, device=device)
+    pos = torch.searchsorted(cumulative, lo[:, None] + u * (hi - lo)[:, None], right=True) - 1
+    pos = torch.minimum(torch.maximum(pos, adj.crow[heavy][:, None]), adj.crow[heavy + 1][:, None] - 1)
+    drawn, counts = torch.unique(adj.order[pos.reshape(-1)], return_counts=True)
+    return torch.cat([light_edges, drawn]), torch.cat([weight[light_edges], counts.to(weight.dtype)])
 
 
 class NeighbourSample:
     """The nodes and edges of one sampled computation graph, in the parent graph's ids.
 
     ``items`` and ``users`` list the sampled nodes, the seeds first; ``edges`` holds each relation's sampled
-    edge ids. :meth:`local` maps parent ids to rows of the subgraph.
+    edge ids and ``weights`` their weights in the sample (:func:`sample_in_edges`; not yet normalised per
+    target). :meth:`local` maps parent ids to rows of the subgraph.
     """
 
-    def __init__(self, items: Tensor, users: Tensor, edges: dict[tuple[str, str, str], Tensor], num_items: int,
-                 num_users: int) -> None:
-        self.items, self.users, self.edges = items, users, edges
+    def __init__(self, items: Tensor, users: Tensor, edges: dict[tuple[str, str, str], Tensor],
+                 weights: dict[tuple[str, str, str], Tensor], num_items: int, num_users: int) -> None:
+        self.items, self.users, self.edges, self.weights = items, users, edges, weights
         self._item_row = torch.full((num_items,), -1, dtype=torch.long, device=items.device)
         self._item_row[items] = torch.arange(len(items), device=items.device)
         self._user_row = torch.full((num_users,), -1, dtype=torch.long, device=items.device)
@@ -69,9 +84,9 @@ class NeighbourSample:
         return (self._item_row if kind == "item" else self._user_row)[ids]
 
 
-def sample_neighbourhood(adjacency: dict[tuple[str, str, str], Adjacency], weight: dict[tuple[str, str, str], Tensor],
-                         seed_items: Tensor, seed_users: Tensor, fanouts: list[int], num_items: int,
-                         num_users: int) -> NeighbourSample:
+def sample_neighbourhood(adjacency: dict[tuple[str, str, str], Adjacency], cumulative: dict[tuple[str, str, str], Tensor],
+                         weight: dict[tuple[str, str, str], Tensor], seed_items: Tensor, seed_users: Tensor,
+                         fanouts: list[int], num_items: int, num_users: int) -> NeighbourSample:
     """The computation graph of :class:`~training.models.BundleGNN` for the seeds, one layer per fanout.
 
     A node first reached at hop ``d`` needs its layer ``L - d`` embedding, so its in-edges are sampled at hop
@@ -85,14 +100,16 @@ def sample_neighbourhood(adjacency: dict[tuple[str, str, str], Adjacency], weigh
     for kind in seen:
         seen[kind][order[kind][0]] = True
     edges: dict[tuple[str, str, str], list[Tensor]] = {rel: [] for rel in (CO, UI, IU)}
+    weights: dict[tuple[str, str, str], list[Tensor]] = {rel: [] for rel in (CO, UI, IU)}
     frontier = {kind: order[kind][0] for kind in seen}
 
     def expand(rels: tuple[tuple[str, str, str], ...], fanout: int) -> dict[str, Tensor]:
         found: dict[str, list[Tensor]] = {"item": [], "user": []}
         for rel in rels:
             src_kind, _, dst_kind = rel
-            picked = sample_in_edges(adjacency[rel], weight[rel], frontier[dst_kind], fanout)
+            picked, w = sample_in_edges(adjacency[rel], cumulative[rel], weight[rel], frontier[dst_kind], fanout)
             edges[rel].append(picked)
+            weights[rel].append(w)
             found[src_kind].append(adjacency[rel].src_of(picked))
         new = {}
         for kind, ids in found.items():
@@ -107,4 +124,5 @@ def sample_neighbourhood(adjacency: dict[tuple[str, str, str], Adjacency], weigh
         frontier = expand((CO, UI, IU), fanout)
     expand((IU,), fanouts[-1])  # the last hop's users: their input is the mean of their items'
     return NeighbourSample(torch.cat(order["item"]), torch.cat(order["user"]),
-                           {rel: torch.cat(ids) for rel, ids in edges.items()}, num_items, num_users)
+                           {rel: torch.cat(ids) for rel, ids in edges.items()},
+                           {rel: torch.cat(w) for rel, w in weights.items()}, num_items, num_users)

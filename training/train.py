@@ -1,9 +1,11 @@
-"""Full-graph training of :class:`~training.models.BundleGNN` on basket completion, and the model it serves.
+"""Training of :class:`~training.models.BundleGNN` on basket completion, and the model it serves.
 
 Every training order with two or more items gives one example per item:
 that item hidden, the rest the query, the hidden item the positive against
 sampled negatives (softmax cross-entropy). An epoch draws up to
-``examples_per_epoch`` of them; one full-graph forward serves ``batch_size``.
+``examples_per_epoch`` of them; one forward serves ``batch_size``: over the
+full graph where a full-graph step fits in memory, else over a sampled
+neighbourhood of the batch (:mod:`training.sampling`; ``gnn_steps``).
 Baskets are sparse rows and logits cover only the positives and the sampled
 negatives, so nothing in a step has the size of batch × catalog. Message
 passing uses each item's ``co_edges_per_item`` heaviest co-purchase edges
@@ -47,7 +49,7 @@ from graph.store import GraphStore
 from training.baselines import item_gram
 from training.models import Adjacency, BundleGNN, Decoder, DecoderConfig, fit_decoders, side_view
 from training.protocol import Queries, ScoreFn, dense, rank_many, rank_queries
-from training.sampling import NeighbourSample, sample_neighbourhood
+from training.sampling import NeighbourSample, cumulative_weights, sample_neighbourhood
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +250,11 @@ class Graph:
         sizes = {"item": self.x.size(0), "user": self.num_users}
         return {rel: Adjacency(index, sizes[rel[2]], sizes[rel[0]]) for rel, index in self.edge_index.items()}
 
+    @cached_property
+    def cumulative_weights(self) -> dict[tuple[str, str, str], torch.Tensor]:
+        """Each relation's weights summed along its CSR order, for drawing neighbours (computed once)."""
+        return {rel: cumulative_weights(adj, self.edge_weight[rel]) for rel, adj in self.adjacency.items()}
+
     def embed(self, model: BundleGNN, weight: dict | None = None, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         weight = weight or self.edge_weight
         adj_t = {rel: structure(weight[rel]) for rel, structure in self.adjacency.items()}
@@ -257,15 +264,15 @@ class Graph:
         """The subgraph of a sampled computation graph for the seed ``items`` and ``users``
         (:func:`~training.sampling.sample_neighbourhood`): its nodes, their sampled in-edges with the
         weights normalised again over them, and how parent ids map to its rows."""
-        picked = sample_neighbourhood(self.adjacency, self.edge_weight, items, users, fanouts, self.num_items,
-                                      self.num_users)
-        index, weight = {}, {}
+        picked = sample_neighbourhood(self.adjacency, self.cumulative_weights, self.edge_weight, items, users,
+                                      fanouts, self.num_items, self.num_users)
+        index = {}
         for rel, ids in picked.edges.items():
             src, dst = self.edge_index[rel][:, ids]
             index[rel] = torch.stack([picked.local(rel[0], src), picked.local(rel[2], dst)])
-            weight[rel] = self.edge_weight[rel][ids]
-        sub = Graph(self.x[picked.items], len(picked.users), index, weight, self.id_index[picked.items], self.store)
-        sub.edge_weight = sub.normalised(weight)
+        sub = Graph(self.x[picked.items], len(picked.users), index, picked.weights, self.id_index[picked.items],
+                    self.store)
+        sub.edge_weight = sub.normalised(picked.weights)
         return sub, picked
 
     def training_view(self, drop_edge: float, cold: float) -> tuple[dict, torch.Tensor]:
@@ -308,7 +315,8 @@ def sparse_rows(q: sp.csr_matrix, device: torch.device) -> torch.Tensor:
     """A scipy CSR matrix as a torch sparse COO tensor on ``device``."""
     coo = q.tocoo()
     index = torch.from_numpy(np.stack([coo.row, coo.col]).astype(np.int64))
-    return torch.sparse_coo_tensor(index, torch.from_numpy(coo.data.astype(np.float32)), coo.shape).to(device)
+    return torch.sparse_coo_tensor(index, torch.from_numpy(coo.data.astype(np.float32)), coo.shape,
+                                   check_invariants=False).to(device)  # indices from scipy: in range
 
 
 @torch.no_grad()
@@ -636,12 +644,12 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             step_users = batch_users[has_user] if cfg.user_loss_weight else batch_users[:0]
             q = sparse_rows(q_csr, device)
             view = graph
-            if sampled:
-                seeds = torch.cat([torch.from_numpy(q_csr.indices.astype(np.int64)).to(device), cand])
-                view, picked = graph.sampled(seeds, step_users, cfg.layer_fanouts)
-                q = sparse_rows(sp.csr_matrix((q_csr.data, picked.local("item", torch.from_numpy(
-                    q_csr.indices.astype(np.int64)).to(device)).cpu().numpy(), q_csr.indptr),
-                    shape=(len(batch), view.num_items)), device)
+            if sampled:  # the same step on the subgraph that computes what the loss reads, in its own rows
+                query_items = torch.from_numpy(q_csr.indices.astype(np.int64)).to(device)
+                view, picked = graph.sampled(torch.cat([query_items, cand]), step_users, cfg.layer_fanouts)
+                cols = picked.local("item", query_items).cpu().numpy()
+                q = sparse_rows(sp.csr_matrix((q_csr.data, cols, q_csr.indptr), shape=(len(batch), view.num_items)),
+                                device)
                 cand, step_users = picked.local("item", cand), picked.local("user", step_users)
             h = view.embed(model, *view.training_view(cfg.drop_edge, cfg.cold_share))
             with autocast(cfg.precision, device):
