@@ -3,10 +3,11 @@
 For each shop (K time-ordered copies of Online Retail II full, as in ``bench/model_scale.py``) and each kind
 of step (``training.gnn_steps``: full, sampled), a child process splits the shop, encodes its text, and trains
 the GNN alone (no decoder) for ``--epochs`` epochs with the shipped settings. It reports seconds per epoch,
-the memory the epochs took above what the process held before training (the kernel's resident high-water
-mark, reset through ``/proc/self/clear_refs`` just before training; no early stopping in the epochs), the
-validation NDCG@10 of the GNN's own head after the last epoch (on the early-stopping sample), and :func:`training.train.full_step_gb`'s estimate (which picks the kind under
-``auto``). Writes ``bench/results/gnn_steps.{json,md}``.
+the memory the epochs took above what the process held once training had built its graph (the kernel's
+resident high-water mark, reset through ``/proc/self/clear_refs`` then; no early stopping in the epochs), the
+validation NDCG@10 of the GNN's own head after the last epoch (on the early-stopping sample), and
+:func:`training.train.full_step_gb`'s estimate (which picks the kind under ``auto``).
+Writes ``bench/results/gnn_steps.{json,md}``.
 Usage: ``python bench/gnn_steps.py [--scales 1,10,40] [--epochs 3]``.
 """
 
@@ -18,6 +19,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -38,8 +41,8 @@ def _status_kb(field: str) -> int:
 def child(data: Path, kind: str, epochs: int) -> dict:
     """Split, encode and train the GNN alone with ``kind`` steps in this process; the measurements."""
     from bundlegnn.cli import _read, _settings
+    from training import train as training
     from training.protocol import rank_queries, time_split
-    from training.train import Graph, full_step_gb, head_scores, sample, select_device, train
 
     settings = _settings(None)
     events, _ = _read(settings, data)
@@ -47,35 +50,49 @@ def child(data: Path, kind: str, epochs: int) -> dict:
                                                "decoder": False})
     split = time_split(events, settings.graph, seed=cfg.seed, test_frac=0.0, with_train=False)
     text = settings.encoder.build(settings.paths.text_cache).encode([it.text for it in split.fit.catalog])
-    graph = Graph.build(split.fit, text, select_device(cfg.device), co_per_item=cfg.co_edges_per_item,
-                        ui_per_user=cfg.ui_edges_per_user)
-    estimate = full_step_gb(graph, cfg)
-    edges = sum(int(index.size(1)) for index in graph.edge_index.values())
-    before_kb = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current RSS
-    result = train(split.fit, text, cfg, progress=False)  # no early stopping: the epochs alone are measured
-    step_gb = (_status_kb("VmHWM") - before_kb) / 1e6
+    built: list = []
+    build = training.Graph.build
+
+    def measured_build(*args, **kwargs):  # the epochs' memory starts once train has built its graph
+        graph = build(*args, **kwargs)
+        built.append((graph, _status_kb("VmRSS")))
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current RSS
+        return graph
+
+    training.Graph.build = measured_build
+    result = training.train(split.fit, text, cfg, progress=False)  # no early stopping: the epochs alone
+    step_gb = (_status_kb("VmHWM") - built[0][1]) / 1e6
+    training.Graph.build = build
     assert result.gnn_steps == kind, (result.gnn_steps, kind)
-    n = split.fit.num_items
-    val = sample(split.val, cfg.early_stop_queries, [cfg.seed, 2])
-    return {"items": n, "users": split.fit.num_users, "edges": edges, "kind": kind, "epochs": len(result.history),
-            "s_per_epoch": round(result.phases["gnn_epochs_s"] / len(result.history), 1),
-            "step_gb": round(step_gb, 2), "full_step_estimate_gb": round(estimate, 2),
-            "val_ndcg@10": round(rank_queries(head_scores(result.model, graph), val, n).metrics(n)["ndcg@10"], 4)}
+    graph, n = built[0][0], split.fit.num_items
+    val = training.sample(split.val, cfg.early_stop_queries, [cfg.seed, 2])
+    ndcg = rank_queries(training.head_scores(result.model, graph), val, n).metrics(n)["ndcg@10"]
+    return {"items": n, "users": split.fit.num_users, "nodes": graph.num_items + graph.num_users,
+            "edges": sum(int(index.size(1)) for index in graph.edge_index.values()), "kind": kind,
+            "channels": cfg.hidden * cfg.layers, "epochs": len(result.history),
+            "s_per_epoch": round(result.phases["gnn_epochs_s"] / len(result.history), 1), "step_gb": round(step_gb, 2),
+            "full_step_estimate_gb": round(training.full_step_gb(graph, cfg), 2), "val_ndcg@10": round(ndcg, 4)}
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    cols = ["shop", "commit", "kind", "items", "users", "edges", "epochs", "s_per_epoch", "step_gb",
+    cols = ["shop", "commit", "kind", "items", "users", "nodes", "edges", "epochs", "s_per_epoch", "step_gb",
             "full_step_estimate_gb", "val_ndcg@10"]
     lines = ["# GNN steps: full-graph against sampled", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}. "
              f"`python bench/gnn_steps.py` ({report['epochs']} epochs each, no time budget, no decoder).", ""]
     lines += table(cols, report["rows"])
+    full = [r for r in report["rows"] if r["kind"] == "full"]
+    if len(full) >= 2:  # the constants of the estimate, fitted to these full-graph steps
+        a = np.array([[r["nodes"] * r["channels"], r["edges"]] for r in full], float)
+        (per_node, per_edge), *_ = np.linalg.lstsq(a, np.array([r["step_gb"] * 1e9 for r in full]), rcond=None)
+        lines += ["", f"Least squares over the full-graph rows: step_gb ≈ {per_node:.0f} B × nodes × hidden × "
+                  f"layers + {per_edge:.0f} B × edges (`training.train` estimates with {report['constants'][0]:g} and "
+                  f"{report['constants'][1]:g})."]
     lines += ["", "orii_K: K copies of Online Retail II full (time order), trained on the part before validation. "
               "step_gb: the resident high-water mark during the epochs above the RSS before them (the steps' "
-              "activations and the graph's tensors). full_step_estimate_gb: what `training.gnn_steps: auto` "
-              "compares with `training.gnn_memory_gb` (default a quarter of RAM). val_ndcg@10: the GNN's own "
+              "activations, and for sampled steps the drawing tables and subgraphs). full_step_estimate_gb: what "
+              "`training.gnn_steps: auto` compares with `training.gnn_memory_gb` (default a quarter of RAM). val_ndcg@10: the GNN's own "
               "head after the last epoch on the early-stopping sample of the validation queries.", ""]
     return "\n".join(lines)
 
@@ -106,7 +123,10 @@ def main() -> int:
                 rows.append(row)
         finally:
             data.unlink(missing_ok=True)
-    report = {"machine": machine(), "epochs": args.epochs, "rows": rows}
+    from training.train import STEP_BYTES_PER_EDGE, STEP_BYTES_PER_NODE_CHANNEL
+
+    report = {"machine": machine(), "epochs": args.epochs, "rows": rows,
+              "constants": [STEP_BYTES_PER_NODE_CHANNEL, STEP_BYTES_PER_EDGE]}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "gnn_steps.json").write_text(json.dumps(report, indent=2))
     (OUT / "gnn_steps.md").write_text(markdown(report))

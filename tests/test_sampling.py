@@ -62,7 +62,8 @@ def test_each_sampled_node_has_at_most_fanout_real_in_edges_per_relation(retail_
         ids = picked.edges[rel]
         assert torch.equal(parent[rel[0]][src], g.edge_index[rel][0, ids])  # every edge is the parent's edge
         assert torch.equal(parent[rel[2]][dst], g.edge_index[rel][1, ids])
-        total = torch.zeros(sub.num_items if rel[2] == "item" else sub.num_users).index_add_(0, dst, sub.edge_weight[rel])
+        size = sub.num_items if rel[2] == "item" else sub.num_users
+        total = torch.zeros(size).index_add_(0, dst, sub.edge_weight[rel])
         assert torch.allclose(total[total > 0], torch.ones(1))  # weights normalised again over the drawn edges
     # every user in the subgraph has items to take its input from
     assert set(sub.edge_index[IU][1].tolist()) == set(range(sub.num_users))

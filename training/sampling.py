@@ -25,6 +25,8 @@ from torch import Tensor
 from training.models import Adjacency
 from training.models.bundle_gnn import CO, IU, UI
 
+Relation = tuple[str, str, str]
+
 
 def cumulative_weights(adj: Adjacency, weight: Tensor) -> Tensor:
     """``weight`` summed along the relation's CSR order (float64, a leading 0): target ``t``'s edges span
@@ -71,8 +73,8 @@ class NeighbourSample:
     target). :meth:`local` maps parent ids to rows of the subgraph.
     """
 
-    def __init__(self, items: Tensor, users: Tensor, edges: dict[tuple[str, str, str], Tensor],
-                 weights: dict[tuple[str, str, str], Tensor], num_items: int, num_users: int) -> None:
+    def __init__(self, items: Tensor, users: Tensor, edges: dict[Relation, Tensor], weights: dict[Relation, Tensor],
+                 num_items: int, num_users: int) -> None:
         self.items, self.users, self.edges, self.weights = items, users, edges, weights
         self._item_row = torch.full((num_items,), -1, dtype=torch.long, device=items.device)
         self._item_row[items] = torch.arange(len(items), device=items.device)
@@ -84,9 +86,9 @@ class NeighbourSample:
         return (self._item_row if kind == "item" else self._user_row)[ids]
 
 
-def sample_neighbourhood(adjacency: dict[tuple[str, str, str], Adjacency], cumulative: dict[tuple[str, str, str], Tensor],
-                         weight: dict[tuple[str, str, str], Tensor], seed_items: Tensor, seed_users: Tensor,
-                         fanouts: list[int], num_items: int, num_users: int) -> NeighbourSample:
+def sample_neighbourhood(adjacency: dict[Relation, Adjacency], cumulative: dict[Relation, Tensor],
+                         weight: dict[Relation, Tensor], seed_items: Tensor, seed_users: Tensor, fanouts: list[int],
+                         num_items: int, num_users: int) -> NeighbourSample:
     """The computation graph of :class:`~training.models.BundleGNN` for the seeds, one layer per fanout.
 
     A node first reached at hop ``d`` needs its layer ``L - d`` embedding, so its in-edges are sampled at hop
@@ -99,11 +101,11 @@ def sample_neighbourhood(adjacency: dict[tuple[str, str, str], Adjacency], cumul
     order = {"item": [torch.unique(seed_items)], "user": [torch.unique(seed_users)]}
     for kind in seen:
         seen[kind][order[kind][0]] = True
-    edges: dict[tuple[str, str, str], list[Tensor]] = {rel: [] for rel in (CO, UI, IU)}
-    weights: dict[tuple[str, str, str], list[Tensor]] = {rel: [] for rel in (CO, UI, IU)}
+    edges: dict[Relation, list[Tensor]] = {rel: [] for rel in (CO, UI, IU)}
+    weights: dict[Relation, list[Tensor]] = {rel: [] for rel in (CO, UI, IU)}
     frontier = {kind: order[kind][0] for kind in seen}
 
-    def expand(rels: tuple[tuple[str, str, str], ...], fanout: int) -> dict[str, Tensor]:
+    def expand(rels: tuple[Relation, ...], fanout: int) -> dict[str, Tensor]:
         found: dict[str, list[Tensor]] = {"item": [], "user": []}
         for rel in rels:
             src_kind, _, dst_kind = rel
