@@ -92,8 +92,9 @@ def markdown(report: dict) -> str:
     lines += ["", "orii_K: K copies of Online Retail II full (time order), trained on the part before validation. "
               "step_gb: the resident high-water mark during the epochs above the RSS before them (the steps' "
               "activations, and for sampled steps the drawing tables and subgraphs). full_step_estimate_gb: what "
-              "`training.gnn_steps: auto` compares with `training.gnn_memory_gb` (default a quarter of RAM). val_ndcg@10: the GNN's own "
-              "head after the last epoch on the early-stopping sample of the validation queries.", ""]
+              "`training.gnn_steps: auto` compares with `training.gnn_memory_gb` (default a quarter of RAM). "
+              "val_ndcg@10: the GNN's own head after the last epoch on the early-stopping sample of the validation "
+              "queries.", ""]
     return "\n".join(lines)
 
 

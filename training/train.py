@@ -53,8 +53,12 @@ from training.sampling import NeighbourSample, cumulative_weights, sample_neighb
 
 log = logging.getLogger(__name__)
 
-STEP_BYTES_PER_NODE_CHANNEL = 40.0  # per node, channel and layer (measured: bench/gnn_steps.py)
-STEP_BYTES_PER_EDGE = 100.0  # per edge of the three relations
+# A full-graph step's memory (:func:`full_step_gb`): about ten tensors of 4-byte floats kept per node, channel
+# and layer, and per edge of the three relations the step's weights, masks and CSR values and their
+# sparse-product buffers. Close to the measured step at 200 k items (7.45 GB estimated, 7.01 GB measured:
+# bench/results/gnn_steps.md) and below it for small shops, whose steps are far from any budget.
+STEP_BYTES_PER_NODE_CHANNEL = 40.0
+STEP_BYTES_PER_EDGE = 100.0
 
 
 class TrainConfig(BaseModel):
@@ -568,8 +572,8 @@ def _batch(indptr: np.ndarray, items: np.ndarray, batch: np.ndarray, n: int) -> 
 
 def full_step_gb(graph: Graph, cfg: TrainConfig) -> float:
     """Estimated peak memory of one full-graph training step: every node's activations of every layer kept
-    for the backward pass, and each relation's weights, masks and CSR copies for the step. The constants are
-    measured (``bench/gnn_steps.py``)."""
+    for the backward pass, and each relation's weights, masks and CSR copies for the step (constants: see
+    :data:`STEP_BYTES_PER_EDGE`)."""
     nodes = graph.num_items + graph.num_users
     edges = sum(int(index.size(1)) for index in graph.edge_index.values())
     return (STEP_BYTES_PER_NODE_CHANNEL * nodes * cfg.hidden * cfg.layers + STEP_BYTES_PER_EDGE * edges) / 1e9
