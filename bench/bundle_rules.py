@@ -8,8 +8,9 @@ serve is the shop's call; this program measures the curve where a choice may be 
 model is trained on the events before a *validation* cut (the last 20 % of the training bundles by time, as
 ``evaluate --task bundle`` cuts its test bundles), every item's list is published, and the builder (with the
 model's pair model) and the top complements answer the validation bundles' ``one_item`` queries under each
-rule setting: the substitute threshold (None: no substitute rule) × the category cap. F1 of the
-first set and its substitute rate (the data's label,
+rule setting: the substitute threshold (None: no substitute rule) × the category cap × the weight of the
+pair model's set term (``serving.rules.pair_weight``; 0: each candidate ranked by its fit with the anchor
+alone). F1 of the first set and its substitute rate (the data's label,
 :meth:`~training.intent_bundles.IntentBundles.interchangeable`).
 
 Writes bench/results/bundle_rules.{json,md}. Usage: ``python bench/bundle_rules.py [--domains electronic,...]
@@ -41,6 +42,7 @@ from training.intent_bundles import IntentBundles  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "amazon_intent_bundles"
 THRESHOLDS = (0.85, 0.9, 0.95, None)  # None: no substitute rule
 CAPS = (2, 3, None)
+PAIR_WEIGHTS = (0.0, 0.25, 1.0)
 
 
 def domain(name: str, seed: int) -> dict:
@@ -71,13 +73,14 @@ def domain(name: str, seed: int) -> dict:
         scorer.set_text(text_rows, served.text[text_rows])
         for item, entry in published.items():  # the lists as published; their substitutes under this threshold
             served.view.entries[item] = dataclasses.replace(entry, substitutes=frozenset(scorer.substitutes(item)))
-        rules = settings.serving.rules.model_copy(update={"max_per_category": cap})
-        builder = methods(served, rules, scoring)["builder"]
-        row = {"substitute_similarity": threshold, "max_per_category": cap, "builder": mean_scores(builder),
-               "top_complements": top}
-        row["f1_gain"] = row["builder"]["f1_top1"] / top["f1_top1"] - 1
-        rows.append(row)
-        print(f"  {name} {row}", flush=True)
+        for pair_weight in PAIR_WEIGHTS:
+            rules = settings.serving.rules.model_copy(update={"max_per_category": cap, "pair_weight": pair_weight})
+            builder = methods(served, rules, scoring)["builder"]
+            row = {"substitute_similarity": threshold, "max_per_category": cap, "pair_weight": pair_weight,
+                   "builder": mean_scores(builder), "top_complements": top}
+            row["f1_gain"] = row["builder"]["f1_top1"] / top["f1_top1"] - 1
+            rows.append(row)
+            print(f"  {name} {row}", flush=True)
     return {"domain": name, "seed": seed, "validation_bundles": len(val_bundles), "queries": len(queries),
             "cut": cut, "rows": rows}
 
@@ -91,12 +94,12 @@ def markdown(report: dict) -> str:
              "rule; top complements do not depend on the rules (their lists are the same).", ""]
     for d in report["domains"]:
         lines += [f"## {d['domain']}: {d['validation_bundles']} validation bundles, {d['queries']} queries", "",
-                  "| substitute_similarity | max_per_category | builder F1 | builder substitute rate | "
-                  "top complements F1 | top complements substitute rate | F1 gain |", "|---|---|---|---|---|---|---|"]
+                  "| substitute_similarity | max_per_category | pair_weight | builder F1 | builder substitute rate | "
+                  "top complements F1 | top complements substitute rate | F1 gain |", "|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
             b, t = r["builder"], r["top_complements"]
             lines.append(f"| {r['substitute_similarity'] or 'none'} | {r['max_per_category'] or 'none'} | "
-                         f"{b['f1_top1']:.4f} | {b['substitute_rate']:.4f} | {t['f1_top1']:.4f} | "
+                         f"{r['pair_weight']:g} | {b['f1_top1']:.4f} | {b['substitute_rate']:.4f} | {t['f1_top1']:.4f} | "
                          f"{t['substitute_rate']:.4f} | {r['f1_gain']:+.1%} |")
         lines.append("")
     return "\n".join(lines)
