@@ -587,7 +587,7 @@ def step_kind(graph: Graph, cfg: TrainConfig) -> Literal["full", "sampled"]:
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4e9
     estimate = full_step_gb(graph, cfg)
     kind: Literal["full", "sampled"] = "sampled" if estimate > budget else "full"
-    log.info("GNN steps: %s (a full-graph step takes about %.1f GB, training.gnn_memory_gb allows %.1f)", kind,
+    log.info("GNN steps: %s (a full-graph step takes about %.2f GB, training.gnn_memory_gb allows %.1f)", kind,
              estimate, budget)
     return kind
 
