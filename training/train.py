@@ -5,7 +5,9 @@ that item hidden, the rest the query, the hidden item the positive against
 sampled negatives (softmax cross-entropy). An epoch draws up to
 ``examples_per_epoch`` of them; one forward serves ``batch_size``: over the
 full graph where a full-graph step fits in memory, else over a sampled
-neighbourhood of the batch (:mod:`training.sampling`; ``gnn_steps``).
+neighbourhood of the batch (:mod:`training.sampling`; ``gnn_steps``), in
+parts of at most ``sampled_seeds`` seed items whose gradients add up to one
+step, so a sampled step's memory is bounded whatever the batch.
 Baskets are sparse rows and logits cover only the positives and the sampled
 negatives, so nothing in a step has the size of batch × catalog. Message
 passing uses each item's ``co_edges_per_item`` heaviest co-purchase edges
@@ -86,6 +88,9 @@ class TrainConfig(BaseModel):
                                         "switches to sampled steps (null: a quarter of the machine's memory)")
     fanouts: list[int] | None = Field(None, description="sampled steps: neighbours drawn per node, relation and "
                                       "layer, one entry per layer, the batch's own layer first (null: 10 per layer)")
+    sampled_seeds: int = Field(8192, ge=1, description="sampled steps: a batch whose queries, answers and "
+                               "negatives name more items is trained in parts of about this many, each on its own "
+                               "subgraph with its share of the negatives, their gradients summed into one step")
     examples_per_epoch: int = Field(20_000, ge=1, description="(basket, hidden item) pairs drawn per epoch")
     negatives: int = Field(4096, ge=1, description="sampled negatives; all items when the catalog is smaller")
     drop_edge: float = Field(0.3, ge=0, lt=1, description="share of co-purchase edges dropped in each step "
@@ -592,6 +597,56 @@ def step_kind(graph: Graph, cfg: TrainConfig) -> Literal["full", "sampled"]:
     return kind
 
 
+def step_parts(indptr: np.ndarray, batch: np.ndarray, negatives: int, max_seeds: int) -> int:
+    """Parts a sampled step splits ``batch`` into so that each part's seeds (its queries' items, answers and
+    share of the ``negatives``; repeats counted) stay within about ``max_seeds``: a sampled subgraph grows
+    with its seeds, and a large batch of large baskets seeds much of a big graph (33 k items a batch on the
+    40× shop of ``bench/results/gnn_steps.md``)."""
+    seeds = int((indptr[batch[:, 0] + 1] - indptr[batch[:, 0]]).sum()) + negatives
+    return max(1, min(len(batch), math.ceil(seeds / max_seeds)))
+
+
+def _loss(model: BundleGNN, graph: Graph, cfg: TrainConfig, indptr: np.ndarray, items: np.ndarray,
+          users: np.ndarray, batch: np.ndarray, negatives: torch.Tensor, sampled: bool) -> torch.Tensor:
+    """The training loss of one batch (or part of one) of ``(basket, hidden position)`` examples: softmax
+    cross-entropy of each hidden item against the ``negatives`` and the batch's other answers, plus the
+    user → item loss; on the full graph, or on the batch's sampled subgraph (:meth:`Graph.sampled`) when
+    ``sampled``."""
+    device = graph.x.device
+    q_csr, hidden_np = _batch(indptr, items, batch, graph.num_items)
+    hidden = torch.from_numpy(hidden_np).to(device)
+    # the batch's answers are candidates too: an item the catalog updated after the last order can be one
+    cand = torch.unique(torch.cat([hidden, negatives]))
+    target = torch.searchsorted(cand, hidden)
+    # a query's own items among the candidates are not answers
+    qc = q_csr.tocoo()
+    cand_np = cand.cpu().numpy()
+    at = np.minimum(np.searchsorted(cand_np, qc.col), len(cand_np) - 1)
+    hit = cand_np[at] == qc.col
+    in_query = torch.zeros(len(batch), len(cand_np), dtype=torch.bool)
+    in_query[torch.from_numpy(qc.row[hit].astype(np.int64)), torch.from_numpy(at[hit].astype(np.int64))] = True
+    in_query = in_query.to(device)
+    batch_users = torch.from_numpy(users[batch[:, 0]]).to(device)
+    has_user = batch_users >= 0
+    step_users = batch_users[has_user] if cfg.user_loss_weight else batch_users[:0]
+    q = sparse_rows(q_csr, device)
+    view = graph
+    if sampled:  # the same step on the subgraph that computes what the loss reads, in its own rows
+        query_items = torch.from_numpy(q_csr.indices.astype(np.int64)).to(device)
+        view, picked = graph.sampled(torch.cat([query_items, cand]), step_users, cfg.layer_fanouts)
+        cols = picked.local("item", query_items).cpu().numpy()
+        q = sparse_rows(sp.csr_matrix((q_csr.data, cols, q_csr.indptr), shape=(len(batch), view.num_items)), device)
+        cand, step_users = picked.local("item", cand), picked.local("user", step_users)
+    h = view.embed(model, *view.training_view(cfg.drop_edge, cfg.cold_share))
+    with autocast(cfg.precision, device):
+        logits = model.complement_scores(h, q, cand).masked_fill(in_query, -torch.inf)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        if cfg.user_loss_weight and len(step_users):
+            ulogits = model.user_scores(h, step_users, cand)
+            loss = loss + cfg.user_loss_weight * torch.nn.functional.cross_entropy(ulogits, target[has_user])
+    return loss
+
+
 def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | None = None,
           val_graph: Graph | None = None, progress: bool = True) -> TrainResult:
     """Train on ``store``'s orders; early-stop on ``val`` queries when given; tune the decoder and user weight."""
@@ -628,44 +683,16 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
         total = 0.0
         for start in range(0, len(epoch_examples), cfg.batch_size):
             batch = epoch_examples[start : start + cfg.batch_size]
-            q_csr, hidden_np = _batch(indptr, items, batch, n)
-            hidden = torch.from_numpy(hidden_np).to(device)
             negatives = known_rows if cfg.negatives >= len(known_rows) else \
                 known_rows[torch.randint(len(known_rows), (cfg.negatives,), device=device)]
-            # the batch's answers are candidates too: an item the catalog updated after the last order can be one
-            cand = torch.unique(torch.cat([hidden, negatives]))
-            target = torch.searchsorted(cand, hidden)
-            # a query's own items among the candidates are not answers
-            qc = q_csr.tocoo()
-            cand_np = cand.cpu().numpy()
-            at = np.minimum(np.searchsorted(cand_np, qc.col), len(cand_np) - 1)
-            hit = cand_np[at] == qc.col
-            in_query = torch.zeros(len(batch), len(cand_np), dtype=torch.bool)
-            in_query[torch.from_numpy(qc.row[hit].astype(np.int64)), torch.from_numpy(at[hit].astype(np.int64))] = True
-            in_query = in_query.to(device)
-            batch_users = torch.from_numpy(users[batch[:, 0]]).to(device)
-            has_user = batch_users >= 0
-            step_users = batch_users[has_user] if cfg.user_loss_weight else batch_users[:0]
-            q = sparse_rows(q_csr, device)
-            view = graph
-            if sampled:  # the same step on the subgraph that computes what the loss reads, in its own rows
-                query_items = torch.from_numpy(q_csr.indices.astype(np.int64)).to(device)
-                view, picked = graph.sampled(torch.cat([query_items, cand]), step_users, cfg.layer_fanouts)
-                cols = picked.local("item", query_items).cpu().numpy()
-                q = sparse_rows(sp.csr_matrix((q_csr.data, cols, q_csr.indptr), shape=(len(batch), view.num_items)),
-                                device)
-                cand, step_users = picked.local("item", cand), picked.local("user", step_users)
-            h = view.embed(model, *view.training_view(cfg.drop_edge, cfg.cold_share))
-            with autocast(cfg.precision, device):
-                logits = model.complement_scores(h, q, cand).masked_fill(in_query, -torch.inf)
-                loss = torch.nn.functional.cross_entropy(logits, target)
-                if cfg.user_loss_weight and len(step_users):
-                    ulogits = model.user_scores(h, step_users, cand)
-                    loss = loss + cfg.user_loss_weight * torch.nn.functional.cross_entropy(ulogits, target[has_user])
             opt.zero_grad()
-            loss.backward()
+            # sampled steps: parts of at most cfg.sampled_seeds seed items, each with its share of the negatives
+            parts = step_parts(indptr, batch, len(negatives), cfg.sampled_seeds) if sampled else 1
+            for part, share in zip(np.array_split(batch, parts), torch.tensor_split(negatives, parts)):
+                loss = _loss(model, graph, cfg, indptr, items, users, part, share, sampled)
+                (loss * (len(part) / len(batch))).backward()
+                total += float(loss.detach()) * len(part)
             opt.step()
-            total += float(loss.detach()) * len(batch)
         row = {"epoch": epoch, "loss": total / len(epoch_examples)}
         if stop_on is not None:
             model.eval()
