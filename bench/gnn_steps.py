@@ -7,8 +7,9 @@ the memory the epochs took above what the process held once training had built i
 resident high-water mark, reset through ``/proc/self/clear_refs`` then; no early stopping in the epochs), the
 validation NDCG@10 of the GNN's own head after the last epoch (on the early-stopping sample), and
 :func:`training.train.full_step_gb`'s estimate (which picks the kind under ``auto``).
-Writes ``bench/results/gnn_steps.{json,md}``.
-Usage: ``python bench/gnn_steps.py [--scales 1,10,40] [--epochs 3]``.
+Writes ``bench/results/gnn_steps.{json,md}``; with ``--kinds`` a subset, the recorded rows of the other kinds
+stay (each row names its commit).
+Usage: ``python bench/gnn_steps.py [--scales 1,10,40] [--epochs 3] [--kinds full,sampled]``.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scales", default="1,10,40")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="kinds of step to run; the recorded rows of the "
+                        "others are kept")
     parser.add_argument("--child", nargs=2, metavar=("DATA", "KIND"))
     args = parser.parse_args()
     if args.child:
@@ -109,12 +112,23 @@ def main() -> int:
         return 0
     WORK.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BUNDLEGNN_PATHS__STATE_DIR": str(WORK / "gnn-steps")}
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not set(kinds) <= set(KINDS):
+        parser.error(f"--kinds: each of {KINDS}, got {args.kinds!r}")
+    scales = [int(s) for s in args.scales.split(",") if s]
+    kept = []
+    if set(kinds) != set(KINDS) and (OUT / "gnn_steps.json").exists():  # the rows this run does not repeat
+        recorded = json.loads((OUT / "gnn_steps.json").read_text())
+        if recorded["epochs"] != args.epochs:
+            parser.error(f"the recorded rows ran {recorded['epochs']} epochs, not --epochs {args.epochs}")
+        rerun = {(f"orii_{k}", kind) for k in scales for kind in kinds}
+        kept = [r for r in recorded["rows"] if (r["shop"], r["kind"]) not in rerun]
     rows = []
-    for k in [int(s) for s in args.scales.split(",") if s]:
+    for k in scales:
         data = WORK / f"orii_{k}_sorted.csv"
         write_copies(k, data, in_time_order=True)
         try:
-            for kind in KINDS:
+            for kind in kinds:
                 done = subprocess.run([sys.executable, __file__, "--epochs", str(args.epochs), "--child", str(data),
                                        kind], cwd=ROOT, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
@@ -126,6 +140,7 @@ def main() -> int:
             data.unlink(missing_ok=True)
     from training.train import STEP_BYTES_PER_EDGE, STEP_BYTES_PER_NODE_CHANNEL
 
+    rows = sorted(kept + rows, key=lambda r: (int(r["shop"].split("_")[1]), KINDS.index(r["kind"])))
     report = {"machine": machine(), "epochs": args.epochs, "rows": rows,
               "constants": [STEP_BYTES_PER_NODE_CHANNEL, STEP_BYTES_PER_EDGE]}
     OUT.mkdir(parents=True, exist_ok=True)
