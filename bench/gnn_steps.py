@@ -2,10 +2,10 @@
 
 For each shop (K time-ordered copies of Online Retail II full, as in ``bench/model_scale.py``) and each kind
 of step (``training.gnn_steps``: full, sampled), a child process splits the shop, encodes its text, and trains
-the GNN alone (no decoder) for ``--epochs`` epochs with the shipped settings. It reports seconds per epoch,
-the memory the epochs took above what the process held once training had built its graph (the kernel's
-resident high-water mark, reset through ``/proc/self/clear_refs`` then; no early stopping in the epochs), the
-validation NDCG@10 of the GNN's own head after the last epoch (on the early-stopping sample), and
+the GNN alone (no decoder) for ``--epochs`` epochs with the shipped settings. It reports seconds per epoch
+(wall, and processor seconds of both cores, which other jobs on the machine change less), the memory the
+epochs took above what the process held once training had built its graph (the kernel's resident high-water
+mark, reset through ``/proc/self/clear_refs`` then; no early stopping in the epochs), the validation NDCG@10 of the GNN's own head after the last epoch (on the early-stopping sample), and
 :func:`training.train.full_step_gb`'s estimate (which picks the kind under ``auto``).
 Writes ``bench/results/gnn_steps.{json,md}``; with ``--kinds`` a subset, the recorded rows of the other kinds
 stay (each row names its commit).
@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +57,13 @@ def child(data: Path, kind: str, epochs: int) -> dict:
 
     def measured_build(*args, **kwargs):  # the epochs' memory starts once train has built its graph
         graph = build(*args, **kwargs)
-        built.append((graph, _status_kb("VmRSS")))
+        built.append((graph, _status_kb("VmRSS"), time.process_time()))
         Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current RSS
         return graph
 
     training.Graph.build = measured_build
     result = training.train(split.fit, text, cfg, progress=False)  # no early stopping: the epochs alone
+    cpu_s = time.process_time() - built[0][2]
     step_gb = (_status_kb("VmHWM") - built[0][1]) / 1e6
     training.Graph.build = build
     assert result.gnn_steps == kind, (result.gnn_steps, kind)
@@ -71,13 +73,15 @@ def child(data: Path, kind: str, epochs: int) -> dict:
     return {"items": n, "users": split.fit.num_users, "nodes": graph.num_items + graph.num_users,
             "edges": sum(int(index.size(1)) for index in graph.edge_index.values()), "kind": kind,
             "channels": cfg.hidden * cfg.layers, "epochs": len(result.history),
-            "s_per_epoch": round(result.phases["gnn_epochs_s"] / len(result.history), 1), "step_gb": round(step_gb, 2),
+            "s_per_epoch": round(result.phases["gnn_epochs_s"] / len(result.history), 1),
+            "cpu_s_per_epoch": round(cpu_s / len(result.history), 1), "step_gb": round(step_gb, 2),
             "full_step_estimate_gb": round(training.full_step_gb(graph, cfg), 2), "val_ndcg@10": round(ndcg, 4)}
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    cols = ["shop", "commit", "kind", "items", "users", "nodes", "edges", "epochs", "s_per_epoch", "step_gb",
+    cols = ["shop", "commit", "kind", "items", "users", "nodes", "edges", "epochs", "s_per_epoch", "cpu_s_per_epoch",
+            "step_gb",
             "full_step_estimate_gb", "val_ndcg@10"]
     lines = ["# GNN steps: full-graph against sampled", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}. "
