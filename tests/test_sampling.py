@@ -16,7 +16,7 @@ from training.models import Adjacency, BundleGNN
 from training.models.bundle_gnn import CO, IU, UI
 from training.protocol import time_split
 from training.sampling import cumulative_weights, sample_in_edges
-from training.train import Graph, TrainConfig, full_step_gb, step_parts, train
+from training.train import Graph, TrainConfig, full_step_gb, train
 
 
 @pytest.fixture(scope="module")
@@ -106,34 +106,6 @@ def test_sampled_training_runs_repeats_and_is_recorded(caplog: pytest.LogCapture
                       progress=False)
     assert (tight.gnn_steps, roomy.gnn_steps) == ("sampled", "full")
     assert "GNN steps: sampled" in caplog.text and "GNN steps: full" in caplog.text
-
-
-def test_a_sampled_step_splits_a_batch_by_its_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
-    indptr = np.array([0, 3, 5, 9])  # baskets of 3, 2 and 4 items
-    batch = np.array([[0, 1], [2, 0], [2, 3], [1, 1]])  # seeds: 3 + 4 + 4 + 2 basket items, then the negatives
-    assert step_parts(indptr, batch, 7, 100) == 1
-    assert step_parts(indptr, batch, 7, 10) == 2  # 20 seeds
-    assert step_parts(indptr, batch, 7, 1) == 4  # never more parts than examples
-    # training runs every part on its own subgraph: one per example here, all before the step's update
-    store = _tiny_store()
-    text = np.random.default_rng(0).normal(size=(store.num_items, 16)).astype(np.float32)
-    cfg = TrainConfig(hidden=8, epochs=2, negatives=4, batch_size=4, device="cpu", seed=3, decoder=False,
-                      gnn_steps="sampled", fanouts=[1, 1], sampled_seeds=1)
-    calls: list[int] = []
-    sampled = Graph.sampled
-
-    def counted(self: Graph, items: torch.Tensor, users: torch.Tensor, fanouts: list[int]):
-        calls.append(len(items))
-        return sampled(self, items, users, fanouts)
-
-    monkeypatch.setattr(Graph, "sampled", counted)
-    a = train(store, text, cfg, progress=False)
-    examples = 14  # the six baskets' items, each hidden once
-    assert len(calls) == examples * cfg.epochs
-    whole = train(store, text, cfg.model_copy(update={"sampled_seeds": 10**6}), progress=False)
-    assert len(calls) == examples * cfg.epochs + 4 * cfg.epochs  # four batches an epoch, one part each
-    assert all(np.isfinite(r["loss"]) for r in a.history + whole.history)
-    assert [r["loss"] for r in a.history] != [r["loss"] for r in whole.history]
 
 
 def test_fanouts_need_one_entry_per_layer() -> None:

@@ -5,9 +5,7 @@ that item hidden, the rest the query, the hidden item the positive against
 sampled negatives (softmax cross-entropy). An epoch draws up to
 ``examples_per_epoch`` of them; one forward serves ``batch_size``: over the
 full graph where a full-graph step fits in memory, else over a sampled
-neighbourhood of the batch (:mod:`training.sampling`; ``gnn_steps``), in
-parts of at most ``sampled_seeds`` seed items whose gradients add up to one
-step, so a sampled step's memory is bounded whatever the batch.
+neighbourhood of the batch (:mod:`training.sampling`; ``gnn_steps``).
 Baskets are sparse rows and logits cover only the positives and the sampled
 negatives, so nothing in a step has the size of batch × catalog. Message
 passing uses each item's ``co_edges_per_item`` heaviest co-purchase edges
@@ -88,9 +86,6 @@ class TrainConfig(BaseModel):
                                         "switches to sampled steps (null: a quarter of the machine's memory)")
     fanouts: list[int] | None = Field(None, description="sampled steps: neighbours drawn per node, relation and "
                                       "layer, one entry per layer, the batch's own layer first (null: 10 per layer)")
-    sampled_seeds: int = Field(8192, ge=1, description="sampled steps: a batch whose queries, answers and "
-                               "negatives name more items is trained in parts of about this many, each on its own "
-                               "subgraph with its share of the negatives, their gradients summed into one step")
     examples_per_epoch: int = Field(20_000, ge=1, description="(basket, hidden item) pairs drawn per epoch")
     negatives: int = Field(4096, ge=1, description="sampled negatives; all items when the catalog is smaller")
     drop_edge: float = Field(0.3, ge=0, lt=1, description="share of co-purchase edges dropped in each step "
@@ -597,18 +592,9 @@ def step_kind(graph: Graph, cfg: TrainConfig) -> Literal["full", "sampled"]:
     return kind
 
 
-def step_parts(indptr: np.ndarray, batch: np.ndarray, negatives: int, max_seeds: int) -> int:
-    """Parts a sampled step splits ``batch`` into so that each part's seeds (its queries' items, answers and
-    share of the ``negatives``; repeats counted) stay within about ``max_seeds``: a sampled subgraph grows
-    with its seeds, and a large batch of large baskets seeds much of a big graph (33 k items a batch on the
-    40× shop of ``bench/results/gnn_steps.md``)."""
-    seeds = int((indptr[batch[:, 0] + 1] - indptr[batch[:, 0]]).sum()) + negatives
-    return max(1, min(len(batch), math.ceil(seeds / max_seeds)))
-
-
 def _loss(model: BundleGNN, graph: Graph, cfg: TrainConfig, indptr: np.ndarray, items: np.ndarray,
           users: np.ndarray, batch: np.ndarray, negatives: torch.Tensor, sampled: bool) -> torch.Tensor:
-    """The training loss of one batch (or part of one) of ``(basket, hidden position)`` examples: softmax
+    """The training loss of one batch of ``(basket, hidden position)`` examples: softmax
     cross-entropy of each hidden item against the ``negatives`` and the batch's other answers, plus the
     user → item loss; on the full graph, or on the batch's sampled subgraph (:meth:`Graph.sampled`) when
     ``sampled``."""
@@ -686,12 +672,9 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
             negatives = known_rows if cfg.negatives >= len(known_rows) else \
                 known_rows[torch.randint(len(known_rows), (cfg.negatives,), device=device)]
             opt.zero_grad()
-            # sampled steps: parts of at most cfg.sampled_seeds seed items, each with its share of the negatives
-            parts = step_parts(indptr, batch, len(negatives), cfg.sampled_seeds) if sampled else 1
-            for part, share in zip(np.array_split(batch, parts), torch.tensor_split(negatives, parts)):
-                loss = _loss(model, graph, cfg, indptr, items, users, part, share, sampled)
-                (loss * (len(part) / len(batch))).backward()
-                total += float(loss.detach()) * len(part)
+            loss = _loss(model, graph, cfg, indptr, items, users, batch, negatives, sampled)
+            loss.backward()
+            total += float(loss.detach()) * len(batch)
             opt.step()
         row = {"epoch": epoch, "loss": total / len(epoch_examples)}
         if stop_on is not None:
