@@ -5,7 +5,8 @@ of step (``training.gnn_steps``: full, sampled), a child process splits the shop
 the GNN alone (no decoder) for ``--epochs`` epochs with the shipped settings. It reports seconds per epoch
 (wall, and processor seconds of both cores, which other jobs on the machine change less), the memory the
 epochs took above what the process held once training had built its graph (the kernel's resident high-water
-mark, reset through ``/proc/self/clear_refs`` then; no early stopping in the epochs), the validation NDCG@10 of the GNN's own head after the last epoch (on the early-stopping sample), and
+mark, reset through ``/proc/self/clear_refs`` then; no early stopping in the epochs), the validation NDCG@10
+of the GNN's own head after the last epoch (on the early-stopping sample), and
 :func:`training.train.full_step_gb`'s estimate (which picks the kind under ``auto``).
 Writes ``bench/results/gnn_steps.{json,md}``; with ``--kinds`` a subset, the recorded rows of the other kinds
 stay (each row names its commit).
