@@ -512,10 +512,7 @@ def serve(
         seeded = view.seed_from_model(art.version, art.item_ids, art.src, art.dst, art.prior, art.model.temperature,
                                       cfg.seed_top_k, art.decoder_rows)
         decoder = art.manifest.get("decoder")
-        info = ModelInfo(version=art.version, decoder=decoder.get("method", "dense") if decoder else None,
-                         gnn_weight=decoder["gnn_weight"] if decoder else None,
-                         user_weight=art.manifest.get("user_weight", 0.0),
-                         head_weight=art.manifest.get("head_weight", 0.0), pair_model=pair_model is not None)
+        info = ModelInfo.of(art.version, art.manifest, pair_model is not None)
         typer.echo(f"model {art.version}: seeded {seeded} complement lists"
                    + (" (the GNN's embeddings have weight 0 in its decoder)" if decoder and not decoder["gnn_weight"]
                       else ""), err=True)

@@ -97,6 +97,17 @@ class ModelInfo(BaseModel):
                                "(scored in evaluation and the promotion window, not served yet)")
     pair_model: bool = Field(False, description="bundles are ranked by the pair model fitted on the model's "
                                                 "validation orders (false: by relevance)")
+    gnn_steps: str | None = Field(None, description="'full' or 'sampled': the GNN's training steps over the whole "
+                                  "graph or a sampled neighbourhood of each batch (null: not recorded)")
+
+    @classmethod
+    def of(cls, version: str, manifest: dict, pair_model: bool) -> ModelInfo:
+        """The model info of an artifact from its manifest (the train summary)."""
+        decoder = manifest.get("decoder")
+        return cls(version=version, decoder=decoder.get("method", "dense") if decoder else None,
+                   gnn_weight=decoder["gnn_weight"] if decoder else None, user_weight=manifest.get("user_weight", 0.0),
+                   head_weight=manifest.get("head_weight", 0.0), pair_model=pair_model,
+                   gnn_steps=manifest.get("gnn_steps"))
 
 
 class SearchResponse(BaseModel):

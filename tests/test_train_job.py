@@ -69,6 +69,12 @@ def test_train_writes_a_loadable_versioned_artifact(tmp_path: Path, monkeypatch:
     pair = PairModel.model_validate(art.manifest["pair_model"])
     assert 0 < pair.positives < pair.pairs and len(pair.weights) == len(FEATURES) == 7
     assert np.isfinite(pair.weights).all() and summary["pair_model"] == art.manifest["pair_model"]
+    # what the API's /healthz says of the model it loaded (`bundlegnn serve`)
+    from serving.api import ModelInfo
+
+    info = ModelInfo.of(art.version, art.manifest, pair_model=True)
+    assert (info.decoder, info.gnn_weight, info.head_weight, info.gnn_steps) == \
+        ("dense", summary["gnn_weight"], summary["head_weight"], "full")
 
 
 def test_load_artifact_refuses_other_directories(tmp_path: Path) -> None:
