@@ -82,8 +82,7 @@ def child(data: Path, kind: str, epochs: int) -> dict:
 def markdown(report: dict) -> str:
     m = report["machine"]
     cols = ["shop", "commit", "kind", "items", "users", "nodes", "edges", "epochs", "s_per_epoch", "cpu_s_per_epoch",
-            "step_gb",
-            "full_step_estimate_gb", "val_ndcg@10"]
+            "step_gb", "full_step_estimate_gb", "val_ndcg@10"]
     lines = ["# GNN steps: full-graph against sampled", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores, {m['ram_gb']} GB RAM, {m['cpu']}. "
              f"`python bench/gnn_steps.py` ({report['epochs']} epochs each, no time budget, no decoder).", ""]

@@ -511,10 +511,9 @@ def serve(
                     "model %s: its pair model is unusable (%s); bundles are ranked by relevance", art.version, exc)
         seeded = view.seed_from_model(art.version, art.item_ids, art.src, art.dst, art.prior, art.model.temperature,
                                       cfg.seed_top_k, art.decoder_rows)
-        decoder = art.manifest.get("decoder")
         info = ModelInfo.of(art.version, art.manifest, pair_model is not None)
         typer.echo(f"model {art.version}: seeded {seeded} complement lists"
-                   + (" (the GNN's embeddings have weight 0 in its decoder)" if decoder and not decoder["gnn_weight"]
+                   + (" (the GNN's embeddings have weight 0 in its decoder)" if info.decoder and not info.gnn_weight
                       else ""), err=True)
     t = settings.stream.topics
     def settle() -> None:  # the view's start-up bulk will live long: keep it out of GC scans (tail latency)
