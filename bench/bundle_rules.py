@@ -10,11 +10,16 @@ model is trained on the events before a *validation* cut (the last 20 % of the t
 model's pair model) and the top complements answer the validation bundles' ``one_item`` queries under each
 rule setting: the substitute threshold (None: no substitute rule) × the category cap × the weight of the
 pair model's set term (``serving.rules.pair_weight``; 0: each candidate ranked by its fit with the anchor
-alone). F1 of the first set and its substitute rate (the data's label,
-:meth:`~training.intent_bundles.IntentBundles.interchangeable`).
+alone); then, with no category cap, the substitute rule as a cost (``serving.rules.substitute_penalty``:
+log-odds off per substitute pair) at thresholds 0.85 and 0.9. F1 of the first set and its substitute rate (the
+data's label, :meth:`~training.intent_bundles.IntentBundles.interchangeable`).
+
+Why the rules cost F1 (``picks``): of the items the builder (no substitute rule, no cap) and the top
+complements put in the first set, the share interchangeable with the anchor by the data's label, and flagged
+by the worker's detector at 0.85, each with its hit rate (the item is a real member) beside the other picks'.
 
 Writes bench/results/bundle_rules.{json,md}. Usage: ``python bench/bundle_rules.py [--domains electronic,...]
-[--seed 0]`` (about 7 min a domain on 2 cores: one training).
+[--seed 0]`` (about 12 min a domain on 2 cores: one training, 42 rule settings).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from scale import OUT, machine  # noqa: E402
 
 from bundlegnn.config import load_settings  # noqa: E402
-from serving.bundle_eval import Method, bundle_queries, methods, scores, serve  # noqa: E402
+from serving.bundle_eval import BundleQuery, Method, bundle_queries, methods, scores, serve  # noqa: E402
 from training.complements import ComplementScorer  # noqa: E402
 from training.intent_bundles import IntentBundles  # noqa: E402
 
@@ -43,6 +48,7 @@ DATA = ROOT.parent / "shared" / "data" / "amazon_intent_bundles"
 THRESHOLDS = (0.85, 0.9, 0.95, None)  # None: no substitute rule
 CAPS = (2, 3, None)
 PAIR_WEIGHTS = (0.0, 0.25, 1.0)
+PENALTIES = (0.5, 1.0, 2.0)  # with thresholds 0.85 and 0.9, no cap, pair weight 0.25
 
 
 def domain(name: str, seed: int) -> dict:
@@ -65,24 +71,54 @@ def domain(name: str, seed: int) -> dict:
 
     # the published lists, best first: the rules do not change them
     top = mean_scores(methods(served, settings.serving.rules, settings.scoring)["top_complements"])
-    rows = []
-    for threshold, cap in itertools.product(THRESHOLDS, CAPS):
+    grid = [(t, c, w, None) for t, c, w in itertools.product(THRESHOLDS, CAPS, PAIR_WEIGHTS)]
+    grid += [(t, None, 0.25, p) for t in (0.85, 0.9) for p in PENALTIES]
+    grid.sort(key=lambda g: (g[0] is None, g[0] or 0.0))  # one scorer per threshold; no substitute rule (None) last
+    rows, flags = [], {}
+    for threshold, settings_at in itertools.groupby(grid, key=lambda g: g[0]):
         scoring = settings.scoring.model_copy(update={"substitute_similarity": threshold} if threshold is not None
                                               else {"max_substitutes": 0})
         scorer = ComplementScorer(served.store, scoring)
         scorer.set_text(text_rows, served.text[text_rows])
         for item, entry in published.items():  # the lists as published; their substitutes under this threshold
             served.view.entries[item] = dataclasses.replace(entry, substitutes=frozenset(scorer.substitutes(item)))
-        for pair_weight in PAIR_WEIGHTS:
-            rules = settings.serving.rules.model_copy(update={"max_per_category": cap, "pair_weight": pair_weight})
+        if threshold == 0.85:
+            flags = {item: e.substitutes for item, e in served.view.entries.items()}
+        for _, cap, pair_weight, penalty in settings_at:
+            rules = settings.serving.rules.model_copy(update={"max_per_category": cap, "pair_weight": pair_weight,
+                                                              "substitute_penalty": penalty})
             builder = methods(served, rules, scoring)["builder"]
             row = {"substitute_similarity": threshold, "max_per_category": cap, "pair_weight": pair_weight,
-                   "builder": mean_scores(builder), "top_complements": top}
+                   "substitute_penalty": penalty, "builder": mean_scores(builder), "top_complements": top}
             row["f1_gain"] = row["builder"]["f1_top1"] / top["f1_top1"] - 1
             rows.append(row)
             print(f"  {name} {row}", flush=True)
+    # the view is at threshold None now (no substitutes): the builder without the rule, and the top complements
+    free = settings.serving.rules.model_copy(update={"max_per_category": None, "pair_weight": 0.25})
+    answering = methods(served, free, settings.scoring)
+    picks = {m: _picks(answering[m], queries, data, flags) for m in ("builder", "top_complements")}
     return {"domain": name, "seed": seed, "validation_bundles": len(val_bundles), "queries": len(queries),
-            "cut": cut, "rows": rows}
+            "cut": cut, "rows": rows, "picks": picks}
+
+
+def _picks(method: Method, queries: list[BundleQuery], data: IntentBundles, flags: dict[str, frozenset[str]]) -> dict:
+    """Over the first set of every query: how many picks, their hit rate, and for picks interchangeable with
+    the anchor (the data's label) and flagged with it by the detector (``flags``: each item's substitutes), their
+    share and hit rate beside the other picks'."""
+    rows = []
+    for q in queries:
+        found = method(q, 1)
+        for item in found[0] if found else []:
+            rows.append((item in q.hidden, any(data.interchangeable(a, item) for a in q.anchors),
+                         any(item in flags.get(a, ()) or a in flags.get(item, ()) for a in q.anchors)))
+    hit, label, flagged = (np.array(c, bool) for c in zip(*rows)) if rows else (np.zeros(0, bool),) * 3
+
+    def split(mask: np.ndarray) -> dict[str, float]:
+        return {"share": float(mask.mean()), "hit": float(hit[mask].mean()) if mask.any() else float("nan"),
+                "hit_others": float(hit[~mask].mean()) if (~mask).any() else float("nan")}
+
+    return {"picks": len(rows), "hit": float(hit.mean()) if rows else float("nan"),
+            "interchangeable": split(label), "flagged_085": split(flagged)}
 
 
 def markdown(report: dict) -> str:
@@ -91,16 +127,28 @@ def markdown(report: dict) -> str:
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores. `python bench/bundle_rules.py`; seed "
              f"{report['domains'][0]['seed']}; one_item queries of the last 20 % of each domain's training bundles "
              "(by time), the model trained on the events before them. substitute_similarity: none = no substitute "
-             "rule; top complements do not depend on the rules (their lists are the same).", ""]
+             "rule; substitute_penalty: never = substitutes are excluded, a number = the log-odds a substitute pair costs; top "
+             "complements do not depend on the rules (their lists are the same).", ""]
     for d in report["domains"]:
         lines += [f"## {d['domain']}: {d['validation_bundles']} validation bundles, {d['queries']} queries", "",
-                  "| substitute_similarity | max_per_category | pair_weight | builder F1 | builder substitute rate | "
-                  "top complements F1 | top complements substitute rate | F1 gain |", "|---|---|---|---|---|---|---|---|"]
+                  "| substitute_similarity | max_per_category | pair_weight | substitute_penalty | builder F1 | "
+                  "builder substitute rate | top complements F1 | top complements substitute rate | F1 gain |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
-            b, t = r["builder"], r["top_complements"]
+            b, t, penalty = r["builder"], r["top_complements"], r.get("substitute_penalty")
             lines.append(f"| {r['substitute_similarity'] or 'none'} | {r['max_per_category'] or 'none'} | "
-                         f"{r['pair_weight']:g} | {b['f1_top1']:.4f} | {b['substitute_rate']:.4f} | {t['f1_top1']:.4f} | "
-                         f"{t['substitute_rate']:.4f} | {r['f1_gain']:+.1%} |")
+                         f"{r['pair_weight']:g} | {'' if r['substitute_similarity'] is None else 'never' if penalty is None else f'{penalty:g}'} | {b['f1_top1']:.4f} | "
+                         f"{b['substitute_rate']:.4f} | {t['f1_top1']:.4f} | {t['substitute_rate']:.4f} | "
+                         f"{r['f1_gain']:+.1%} |")
+        lines += ["", "Picks of the first set (builder: no substitute rule, no cap, pair weight 0.25), and the hit "
+                  "rate of those interchangeable with the anchor (the data's label) or flagged with it by the "
+                  "detector at 0.85, beside the other picks':", "",
+                  "| method | picks | hit rate | interchangeable: share / hit / others' hit | flagged at 0.85: "
+                  "share / hit / others' hit |", "|---|---|---|---|---|"]
+        for m, p in d.get("picks", {}).items():
+            cells = [f"{p[k]['share']:.3f} / {p[k]['hit']:.3f} / {p[k]['hit_others']:.3f}"
+                     for k in ("interchangeable", "flagged_085")]
+            lines.append(f"| {m} | {p['picks']} | {p['hit']:.3f} | {cells[0]} | {cells[1]} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -17,6 +17,11 @@ Rules, applied to every member: in stock (unless disabled), never two
 substitutes of each other (near-identical text, no co-purchase evidence, as
 published by the worker) nor a substitute of an anchor, at most
 ``max_per_category`` members of one category, and an optional total price cap.
+With a fitted pair model, ``substitute_penalty`` turns the substitute rule
+into a cost: a substitute may join, its log-odds lowered by the penalty for
+each anchor or member it is a substitute of. On the Amazon intent bundles
+people do bundle near-identical items (colours, flavours), so the detector's
+flags are often real members: ``bench/bundle_rules.py`` measures both.
 
 Each bundle has a short *label* for people, made from its items alone
 (:func:`label`): the category most of them share, or their two commonest, after
@@ -53,6 +58,10 @@ class BundleRules(BaseModel):
                                           "when it has one; false: by relevance")
     pair_weight: float = Field(0.25, ge=0, description="with a fitted pair model: weight of a candidate's mean "
                                                        "log-odds with the members already chosen")
+    substitute_penalty: float | None = Field(None, ge=0, description="with a fitted pair model: log-odds taken off "
+                                                                    "a candidate for each substitute (of an anchor "
+                                                                    "or a member) it would join; null: substitutes "
+                                                                    "never join")
 
 
 class Member(BaseModel):
@@ -124,7 +133,8 @@ class _Candidate:
     complement: Complement
 
 
-def _candidates(view: BundleView, anchors: list[str], rules: BundleRules, history: frozenset[str]) -> list[_Candidate]:
+def _candidates(view: BundleView, anchors: list[str], rules: BundleRules, history: frozenset[str],
+                keep_substitutes: bool = False) -> list[_Candidate]:
     """The anchors' complements by their mean relevance over the anchors (every item of a cart votes, 0 where
     it does not list the candidate; the best voter is quoted in the why), plus the history boost, under the
     stock and substitute rules. On the Electronic carts of ``evaluate --task bundle`` (all but one member
@@ -146,7 +156,7 @@ def _candidates(view: BundleView, anchors: list[str], rules: BundleRules, histor
         info = view.items.get(cand.item_id)
         if cand.item_id in anchors or (rules.in_stock_only and info is not None and not info.in_stock):
             continue
-        if any(view.substitutes(cand.item_id, a) for a in anchors):
+        if not keep_substitutes and any(view.substitutes(cand.item_id, a) for a in anchors):
             continue
         out.append(cand)
         if len(out) == rules.candidates:
@@ -194,11 +204,14 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
     to ``size`` under the rules is returned smaller (after all full ones) rather than not at all.
     """
     history = view.history(user_id)
-    cands = _candidates(view, anchors, rules, history)
+    penalty = rules.substitute_penalty if fit is not None else None  # None: substitutes are excluded
+    cands = _candidates(view, anchors, rules, history, keep_substitutes=penalty is not None)
     ids = [c.item_id for c in cands]
     if fit is not None:  # seeds: the best fit first
         logit = fit.logits(pair_features(view, anchors, ids)).mean(0) if ids else np.zeros(0)
         logit += [rules.history_boost if i in history else 0.0 for i in ids]
+        if penalty is not None:
+            logit -= [penalty * sum(view.substitutes(i, a) for a in anchors) for i in ids]
         order = sorted(range(len(cands)), key=lambda j: (-logit[j], ids[j]))
         cands, ids, base = [cands[j] for j in order], [ids[j] for j in order], logit[order].tolist()
         full = fit.logits(pair_features(view, ids, ids))
@@ -215,7 +228,7 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
     anchor_price = sum((view.info(a).price or 0.0) for a in anchors) if include_anchor else 0.0
 
     def allowed(j: int, members: list[int], price: float) -> bool:
-        if j in members or any(subst[j][m] for m in members):
+        if j in members or (penalty is None and any(subst[j][m] for m in members)):
             return False
         p = info[j].price if info[j] is not None else None
         if max_price is not None and price + (p or 0.0) > max_price:
@@ -228,7 +241,10 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
 
     def gain(j: int, members: list[int]) -> float:
         together = sum(pair[j][m] for m in members)
-        return base[j] + (together if fit is None else rules.pair_weight * together / len(members))
+        if fit is None:
+            return base[j] + together
+        clash = penalty * sum(subst[j][m] for m in members) if penalty is not None else 0.0
+        return base[j] + rules.pair_weight * together / len(members) - clash
 
     found: dict[frozenset[int], tuple[float, list[int]]] = {}
     for seed in range(len(cands)):

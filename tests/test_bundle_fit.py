@@ -85,3 +85,24 @@ def test_builder_ranks_by_the_fitted_score_under_the_same_rules(view: BundleView
     assert all(not {"G", "T"} <= {m.item_id for m in b.items} for b in fitted)  # substitutes never together
     assert 0 < fitted[0].score < 1 and [b.score for b in fitted] == sorted((b.score for b in fitted), reverse=True)
     assert build_bundles(view, ["A"], 1, 2, rules.model_copy(update={"in_stock_only": True}), fit=model)[0].why
+
+
+def test_substitute_penalty_turns_the_substitute_rule_into_a_cost(view: BundleView) -> None:
+    model = fit_on_orders(view, [["A", "G"], ["A", "L"], ["A", "G", "L"], ["G", "L"], ["P", "L"]] * 4)
+    both = {"G", "T"}
+
+    def pairs(penalty: float | None, fit: PairModel | None = model) -> list[bool]:
+        rules = BundleRules(max_per_category=None, substitute_penalty=penalty)
+        return [both <= {m.item_id for m in b.items} for b in build_bundles(view, ["A"], 5, 2, rules, fit=fit)]
+
+    assert any(pairs(0.0))  # no cost: the twins may join one bundle
+    assert not any(pairs(100.0)) and not any(pairs(None))  # a high cost or none at all: never together
+    assert not any(pairs(0.0, fit=None))  # without a pair model the rule stays a rule
+    def scores(penalty: float) -> dict[frozenset[str], float]:
+        rules = BundleRules(max_per_category=None, substitute_penalty=penalty)
+        return {frozenset(m.item_id for m in b.items): b.score for b in build_bundles(view, ["A"], 5, 2, rules, fit=model)}
+
+    free, costly = scores(0.0), scores(1.0)
+    twins = [key for key in free if both <= key]
+    assert twins and all(costly.get(k, 0.0) < free[k] for k in twins)  # the twins cost the penalty (here: drop out)
+    assert all(costly[k] == free[k] for k in free.keys() & costly.keys() if not both <= k)  # the others do not
