@@ -127,8 +127,8 @@ def markdown(report: dict) -> str:
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores. `python bench/bundle_rules.py`; seed "
              f"{report['domains'][0]['seed']}; one_item queries of the last 20 % of each domain's training bundles "
              "(by time), the model trained on the events before them. substitute_similarity: none = no substitute "
-             "rule; substitute_penalty: never = substitutes are excluded, a number = the log-odds a substitute pair costs; top "
-             "complements do not depend on the rules (their lists are the same).", ""]
+             "rule; substitute_penalty: never = substitutes are excluded, a number = the log-odds a substitute "
+             "pair costs; top complements do not depend on the rules (their lists are the same).", ""]
     for d in report["domains"]:
         lines += [f"## {d['domain']}: {d['validation_bundles']} validation bundles, {d['queries']} queries", "",
                   "| substitute_similarity | max_per_category | pair_weight | substitute_penalty | builder F1 | "
@@ -136,8 +136,9 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
             b, t, penalty = r["builder"], r["top_complements"], r.get("substitute_penalty")
+            cost = "" if r["substitute_similarity"] is None else "never" if penalty is None else f"{penalty:g}"
             lines.append(f"| {r['substitute_similarity'] or 'none'} | {r['max_per_category'] or 'none'} | "
-                         f"{r['pair_weight']:g} | {'' if r['substitute_similarity'] is None else 'never' if penalty is None else f'{penalty:g}'} | {b['f1_top1']:.4f} | "
+                         f"{r['pair_weight']:g} | {cost} | {b['f1_top1']:.4f} | "
                          f"{b['substitute_rate']:.4f} | {t['f1_top1']:.4f} | {t['substitute_rate']:.4f} | "
                          f"{r['f1_gain']:+.1%} |")
         lines += ["", "Picks of the first set (builder: no substitute rule, no cap, pair weight 0.25), and the hit "

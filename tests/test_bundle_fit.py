@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from serving.bundle_fit import FEATURES, PairModel, fit_on_orders, pair_features
-from serving.bundles import BundleRules, build_bundles
+from serving.bundles import Bundle, BundleRules, build_bundles
 from serving.view import BundleView
 from tests.test_serving import NOW, catalog
 from training.complements import BundleUpdate, Complement
@@ -98,11 +98,14 @@ def test_substitute_penalty_turns_the_substitute_rule_into_a_cost(view: BundleVi
     assert any(pairs(0.0))  # no cost: the twins may join one bundle
     assert not any(pairs(100.0)) and not any(pairs(None))  # a high cost or none at all: never together
     assert not any(pairs(0.0, fit=None))  # without a pair model the rule stays a rule
-    def scores(penalty: float) -> dict[frozenset[str], float]:
-        rules = BundleRules(max_per_category=None, substitute_penalty=penalty)
-        return {frozenset(m.item_id for m in b.items): b.score for b in build_bundles(view, ["A"], 5, 2, rules, fit=model)}
 
-    free, costly = scores(0.0), scores(1.0)
+    def built(penalty: float) -> dict[frozenset[str], Bundle]:
+        rules = BundleRules(max_per_category=None, substitute_penalty=penalty)
+        return {frozenset(m.item_id for m in b.items): b for b in build_bundles(view, ["A"], 5, 2, rules, fit=model)}
+
+    free, costly = built(0.0), built(1.0)
     twins = [key for key in free if both <= key]
-    assert twins and all(costly.get(k, 0.0) < free[k] for k in twins)  # the twins cost the penalty (here: drop out)
-    assert all(costly[k] == free[k] for k in free.keys() & costly.keys() if not both <= k)  # the others do not
+    assert twins and any("interchangeable" in w for w in free[twins[0]].why)  # the why says a substitute was kept
+    assert all(k not in costly or costly[k].score < free[k].score for k in twins)  # at a cost of 1 they drop out
+    assert all(costly[k].score == free[k].score and not any("interchangeable" in w for w in free[k].why)
+               for k in free.keys() & costly.keys() if not both <= k)  # the other bundles pay nothing
