@@ -19,7 +19,7 @@ complements put in the first set, the share interchangeable with the anchor by t
 by the worker's detector at 0.85, each with its hit rate (the item is a real member) beside the other picks'.
 
 Writes bench/results/bundle_rules.{json,md}. Usage: ``python bench/bundle_rules.py [--domains electronic,...]
-[--seed 0]`` (about 12 min a domain on 2 cores: one training, 42 rule settings).
+[--seed 0]`` (about 5 min a domain on 2 cores: one training, 42 rule settings).
 """
 
 from __future__ import annotations

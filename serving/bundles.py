@@ -270,12 +270,12 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
         found.setdefault(frozenset(members), (score, members))
 
     ranked = sorted(found.values(), key=lambda sm: (len(sm[1]) < size, -sm[0], [ids[m] for m in sm[1]]))[:k]
-    return [_bundle(view, anchors, [cands[m] for m in members], score, history, include_anchor)
+    return [_bundle(view, anchors, [cands[m] for m in members], score, history, include_anchor, penalty is not None)
             for score, members in ranked]
 
 
 def _bundle(view: BundleView, anchors: list[str], members: list[_Candidate], score: float, history: frozenset[str],
-            include_anchor: bool) -> Bundle:
+            include_anchor: bool, substitutes_kept: bool = False) -> Bundle:
     items = []
     if include_anchor:
         for a in anchors:
@@ -289,10 +289,11 @@ def _bundle(view: BundleView, anchors: list[str], members: list[_Candidate], sco
                             why=describe(view, c.anchor, c.complement, c.item_id in history)))
     why = [f"{m.title!r}: {m.why}" for m in items if m.why != "anchor"]
     why += [r for x, a in enumerate(members) for b in members[x + 1:] if (r := _pair_reason(view, a.item_id, b.item_id))]
-    chosen = [*anchors, *(c.item_id for c in members)]  # substitutes kept under substitute_penalty: say so
-    why += [f"{view.info(a).title!r} and {view.info(b).title!r} look interchangeable (near-identical text, never "
-            "bought together) but fit this bundle well enough to outweigh the substitute penalty"
-            for x, a in enumerate(chosen) for b in chosen[x + 1:] if view.substitutes(a, b)]
+    if substitutes_kept:  # only under substitute_penalty can a bundle hold substitutes: say which
+        chosen = [*anchors, *(c.item_id for c in members)]
+        why += [f"{view.info(a).title!r} and {view.info(b).title!r} look interchangeable (near-identical text, never "
+                "bought together) but fit this bundle well enough to outweigh the substitute penalty"
+                for x, a in enumerate(chosen) for b in chosen[x + 1:] if view.substitutes(a, b)]
     prices = [m.price for m in items if m.price is not None]
     named = label([view.info(a) for a in anchors] + [view.info(c.item_id) for c in members])
     return Bundle(items=items, score=round(score, 4), total_price=round(sum(prices), 2) if prices else None, why=why,

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from bundlegnn.cli import app
+from serving.api import ModelInfo
 from tests.conftest import DATA
 from training.artifact import load_artifact
 
@@ -70,8 +71,6 @@ def test_train_writes_a_loadable_versioned_artifact(tmp_path: Path, monkeypatch:
     assert 0 < pair.positives < pair.pairs and len(pair.weights) == len(FEATURES) == 7
     assert np.isfinite(pair.weights).all() and summary["pair_model"] == art.manifest["pair_model"]
     # what the API's /healthz says of the model it loaded (`bundlegnn serve`)
-    from serving.api import ModelInfo
-
     info = ModelInfo.of(art.version, art.manifest, pair_model=True)
     assert (info.decoder, info.gnn_weight, info.head_weight, info.gnn_steps) == \
         ("dense", summary["gnn_weight"], summary["head_weight"], "full")
