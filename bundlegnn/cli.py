@@ -164,7 +164,7 @@ def train(
     """
     from graph.events import Order, OrderFacts
     from graph.snapshot import save as save_snapshot
-    from serving.bundle_fit import fit_published
+    from serving.bundle_fit import fit_candidate
     from training import job
     from training.artifact import latest_artifact, load_artifact
     from training.promote import judge
@@ -188,7 +188,7 @@ def train(
     encoder = settings.encoder.build(settings.paths.text_cache)
     gate = settings.promotion
     cand = job.fit(events, settings.training, settings.graph, encoder, gate.val_frac, gate.window_frac if promote else 0.0)
-    pair_model = fit_published(*job.validation_lists(cand, settings.scoring))
+    pair_model = fit_candidate(cand, events, settings.training, settings.graph, encoder, settings.scoring)
     store = job.full_store(cand, events, settings.graph)
     snapshot_id = save_snapshot(store, settings.paths.snapshot)
     extra: dict = {"source": source, "pair_model": pair_model.model_dump() if pair_model is not None else None}

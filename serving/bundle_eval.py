@@ -45,7 +45,7 @@ import numpy as np
 
 from graph.events import ItemUpserted
 from graph.store import GraphConfig, GraphStore
-from serving.bundle_fit import PairModel, fit_published
+from serving.bundle_fit import PairModel, fit_candidate
 from serving.bundles import BundleRules, build_bundles, label
 from serving.view import BundleView
 from training import job
@@ -124,7 +124,7 @@ def serve(data: IntentBundles, cut: float, graph_cfg: GraphConfig, train_cfg: Tr
     would; return the API's view of them."""
     events = data.events(cut)
     cand = job.fit(events, train_cfg, graph_cfg, encoder)
-    fit = fit_published(*job.validation_lists(cand, scorer_cfg))
+    fit = fit_candidate(cand, events, train_cfg, graph_cfg, encoder, scorer_cfg)
     store = job.full_store(cand, events, graph_cfg)
     with tempfile.TemporaryDirectory() as models:
         path, summary = job.save(cand, store, train_cfg, encoder, models, f"intent-{data.domain}")

@@ -4,7 +4,8 @@ A logistic regression (standardised features, L2 penalty) over the facts of a pa
 view holds (:data:`FEATURES`): ``b``'s relevance in ``a``'s published list and back, ``b``'s rank there,
 whether the two share a category, the overlap of their titles' words, the worker's substitute flag, and
 ``b``'s order count (published with its list). Fitted on orders the lists' model never saw, a validation
-period after its training data (:func:`fit_on_orders`): for each order and each of its items as the anchor,
+period after its training data, and optionally earlier such periods of earlier models (:func:`fit_candidate`):
+for each order and each of its items as the anchor,
 the anchor's listed complements are the examples and those in the order the positives. It learns what a
 single relevance cannot weigh: on the Amazon intent bundles the weight of popularity is clearly negative (a
 best seller tops many lists but completes few bundles) and that of a shared category or title words positive
@@ -26,10 +27,14 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 from scipy.optimize import minimize
 
-from graph.store import GraphStore
+from graph.store import GraphConfig, GraphStore
 from serving.view import BundleView, ItemInfo
-from training.complements import BundleUpdate
+from training import job
+from training.complements import BundleUpdate, ScorerConfig
+from training.encoder import TextEncoder
 from training.intent_bundles import title_words
+from training.protocol import Events
+from training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +109,11 @@ def pair_features(view: BundleView, sources: list[str], targets: list[str]) -> n
     return np.array(rows, np.float64).reshape(len(sources), len(targets), len(FEATURES))
 
 
-def fit_on_orders(view: BundleView, orders: list[list[str]], c: float = 0.1) -> PairModel:
-    """Fit on ``orders`` (item ids, each a set bought together) that the lists of ``view`` were not made from:
-    each item of an order with a published list is an anchor, its listed complements the examples, those in
-    the order the positives."""
-    xs, ys = [], []
+def order_examples(view: BundleView, orders: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """The examples of ``orders`` (item ids, each a set bought together) against the lists of ``view``: each
+    item of an order with a published list is an anchor, its listed complements the examples (pairs ×
+    :data:`FEATURES`), those in the order the positives."""
+    xs, ys = [np.zeros((0, len(FEATURES)))], [np.zeros(0, bool)]
     for order in orders:
         members = set(order)
         for a in members:
@@ -117,23 +122,50 @@ def fit_on_orders(view: BundleView, orders: list[list[str]], c: float = 0.1) -> 
             if listed:
                 xs.append(pair_features(view, [a], listed)[0])
                 ys.append(np.array([b in members for b in listed]))
-    if not xs:
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_on_orders(view: BundleView, orders: list[list[str]], c: float = 0.1) -> PairModel:
+    """Fit on ``orders`` that the lists of ``view`` were not made from (:func:`order_examples`)."""
+    x, y = order_examples(view, orders)
+    if not len(y):
         raise ValueError("no order holds an item with a published complement list: nothing to fit on")
-    return PairModel.fit(np.concatenate(xs), np.concatenate(ys), c)
+    return PairModel.fit(x, y, c)
 
 
-def fit_published(store: GraphStore, updates: list[BundleUpdate], orders: list[list[str]]) -> PairModel | None:
-    """The pair model of a freshly trained candidate (``bundlegnn train``, ``evaluate --task bundle``), from
-    :func:`training.job.validation_lists`: the lists it publishes over the store before its validation
-    orders, and those orders. None, with the reason logged, when there is nothing to fit on (no decoder, no
-    validation orders, or no order item among the lists): the builder then ranks by relevance."""
+def published_examples(store: GraphStore, updates: list[BundleUpdate],
+                       orders: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`order_examples` of the lists ``updates`` publish over ``store`` (the three parts of
+    :func:`training.job.validation_lists`)."""
     view = BundleView()
     for item, it in zip(store.items.ids, store.catalog):
         view.items[item] = ItemInfo(item, it.title or item, it.category, it.price, it.in_stock)
     for u in updates:
         view.apply_update(u)
+    return order_examples(view, orders)
+
+
+def fit_candidate(cand: job.Candidate, events: Events, train_cfg: TrainConfig, graph_cfg: GraphConfig,
+                  encoder: TextEncoder, scorer_cfg: ScorerConfig) -> PairModel | None:
+    """The pair model of a freshly trained candidate (``bundlegnn train``, ``evaluate --task bundle``), fitted
+    on the lists it publishes over the store before its validation orders and those orders
+    (:func:`training.job.validation_lists`), and with ``training.pair_folds`` > 1 on those of as many more
+    models trained on earlier events (:func:`training.job.earlier_folds`: each adds a slice of orders no list
+    was made from; on the intent bundles three folds fit the builder better than one,
+    ``bench/results/bundles_tuned_*.md``). Releases the candidate's fit store. None, with the reason logged,
+    when there is nothing to fit on (no decoder, no validation orders, or no order item among the lists): the
+    builder then ranks by relevance."""
+    examples = [published_examples(*job.validation_lists(cand, scorer_cfg))]
+    job.release_fit(cand)
+    if len(examples[0][1]):
+        for fold in job.earlier_folds(events, cand, train_cfg.pair_folds - 1, train_cfg, graph_cfg, encoder,
+                                      scorer_cfg):
+            examples.append(published_examples(*fold))
+    x, y = np.concatenate([x for x, _ in examples]), np.concatenate([y for _, y in examples])
     try:
-        return fit_on_orders(view, orders)
+        if not len(y):
+            raise ValueError("no order holds an item with a published complement list: nothing to fit on")
+        return PairModel.fit(x, y)
     except ValueError as exc:
         log.warning("no pair model for the bundle builder (%s): bundles are ranked by relevance", exc)
         return None

@@ -15,9 +15,12 @@ is gigabytes: the 40× Online Retail II shop's is about 5 GB).
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from training.train import (Graph, Phases, TrainConfig, TrainResult, UserHead, d
                             pipeline_scores, select_device, side_views, train)
 
 Event = ItemUpserted | Interaction | Order
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,11 +126,47 @@ def validation_lists(cand: Candidate, scorer_cfg: ScorerConfig, max_orders: int 
     return store, list(updates.values()), orders
 
 
+def release_fit(cand: Candidate) -> None:
+    """Drop the candidate's fit store and its text when nothing reads them any more (no window: training and
+    :func:`validation_lists` are done), so a later store is never held beside it."""
+    if cand.split.train is None:
+        cand.split.fit, cand.text_fit = None, None
+
+
+def before(events: Events, epoch: float) -> Events:
+    """The events dated before ``epoch`` (events are in time order): a list for a list, a function that reads
+    them afresh for a function."""
+    if callable(events):
+        return lambda: itertools.takewhile(lambda e: e.epoch < epoch, events())
+    return list(itertools.takewhile(lambda e: e.epoch < epoch, events))
+
+
+def earlier_folds(events: Events, cand: Candidate, folds: int, train_cfg: TrainConfig, graph_cfg: GraphConfig,
+                  encoder: TextEncoder, scorer_cfg: ScorerConfig, min_orders: int = 20
+                  ) -> Iterator[tuple[GraphStore, list[BundleUpdate], list[list[str]]]]:
+    """:func:`validation_lists` of ``folds`` more candidates, one at a time, each trained (as ``cand``) on the
+    events before the previous one's validation orders, so each fold's orders are new to every list: more
+    orders to fit the bundle builder's pair model on than one validation slice holds
+    (``training.pair_folds``). Stops early, with a warning, when a fold would validate on fewer than
+    ``min_orders`` orders. Release ``cand``'s fit store first (:func:`release_fit`): each fold holds its
+    own while it trains."""
+    val_frac, until = cand.split.protocol["val_frac"], cand.split.protocol["val_from_epoch"]
+    orders = cand.split.protocol["train_orders"]
+    for k in range(folds):
+        orders = int(orders * (1 - val_frac))  # the orders before the previous fold's validation
+        if orders * val_frac < min_orders:
+            log.warning("pair model: %d of %d earlier folds trained; the next would validate on %d orders, "
+                        "fewer than %d", k, folds, int(orders * val_frac), min_orders)
+            return
+        fold = fit(before(events, until), train_cfg, graph_cfg, encoder, val_frac)
+        yield validation_lists(fold, scorer_cfg)
+        until = fold.split.protocol["val_from_epoch"]
+
+
 def full_store(cand: Candidate, events: Events, graph_cfg: GraphConfig) -> GraphStore:
     """The store of every event, every order kept, built afresh. Without a window the candidate's fit store
     is released first (nothing reads it after training), so two stores are never held together."""
-    if cand.split.train is None:
-        cand.split.fit, cand.text_fit = None, None
+    release_fit(cand)
     store = GraphStore(graph_cfg.model_copy(update={"order_window_days": None}))  # the decoder reads every order
     store.apply_all(events() if callable(events) else events)
     return store

@@ -208,7 +208,7 @@ def time_split(
         "train_orders": len(train_placed), "val_queries": len(val), "test_queries": len(test),
         "cold_start_test_queries": int(test.cold.sum()), "catalog_items": widest.num_items,
         "test_from": iso(cut) if cut < len(placed) else None,
-        "val_from": iso(val_at),
+        "val_from": iso(val_at), "val_from_epoch": times[val_at],
     }
     split = Split(fit, train, val, test, protocol, held)
     if held_out:
