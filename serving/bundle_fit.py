@@ -4,9 +4,9 @@ A logistic regression (standardised features, L2 penalty) over the facts of a pa
 view holds (:data:`FEATURES`): ``b``'s relevance in ``a``'s published list and back, ``b``'s rank there,
 whether the two share a category, the overlap of their titles' words, the worker's substitute flag, and
 ``b``'s order count (published with its list). Fitted on orders the lists' model never saw, a validation
-period after its training data, and optionally earlier such periods of earlier models (:func:`fit_candidate`):
-for each order and each of its items as the anchor,
-the anchor's listed complements are the examples and those in the order the positives. It learns what a
+period after its training data, and optionally earlier such periods against earlier models' lists
+(:func:`fit_candidate`): for each order and each of its items as the anchor, the anchor's listed complements
+are the examples and those in the order the positives. It learns what a
 single relevance cannot weigh: on the Amazon intent bundles the weight of popularity is clearly negative (a
 best seller tops many lists but completes few bundles) and that of a shared category or title words positive
 (``bench/results/bundle_fit.md``).

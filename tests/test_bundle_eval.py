@@ -103,3 +103,40 @@ def test_the_api_builder_on_real_bundles(data: IntentBundles, encoder: TextEncod
     assert {m["item_id"] for m in ex["built"]["items"][1:]} & {r["item_id"] for r in ex["real"][1:]}
     text = markdown([summarise([report])])
     assert "builder vs top_complements" in text and "Substitute detectors" in text
+
+
+def test_earlier_folds_give_the_pair_model_orders_no_list_was_made_from(data: IntentBundles, encoder: TextEncoder,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """``training.pair_folds``: each earlier fold trains on the events before the previous fold's validation
+    orders and validates on the slice before them, so its orders are new to its lists; the pair model is fitted
+    on every fold's examples; too few orders for a fold: fewer folds, with a warning."""
+    from serving.bundle_fit import fit_candidate, published_examples
+    from training import job
+
+    cfg = TrainConfig(epochs=2, hidden=16, decoder_lambdas=[25.0], decoder_text_weights=[30.0],
+                      decoder_gnn_weights=[0.0], user_weights=[0.0], head_weights=[0.0], gnn_budget_s=30)
+    events = data.events(data.split(0.2)[2])
+    cand = job.fit(events, cfg, GraphConfig(), encoder)
+    main = job.validation_lists(cand, ScorerConfig())
+    job.release_fit(cand)
+    assert cand.split.fit is None and cand.text_fit is None
+    folds = list(job.earlier_folds(events, cand, 2, cfg, GraphConfig(), encoder, ScorerConfig(), min_orders=5))
+    assert len(folds) == 2
+    # the lists of each fold are made over 90 % of the orders before the later one's (fewer: the orders dated
+    # with the first of a later validation slice go with it)
+    n = cand.split.protocol["train_orders"]
+    placed = [s.stats.orders_placed for s, _, _ in (main, *folds)]
+    assert placed[0] > placed[1] > placed[2] and placed == pytest.approx([n * 0.9, n * 0.81, n * 0.729], rel=0.03)
+    assert all(len(orders) >= 5 for _, _, orders in folds)
+    examples = [published_examples(*f) for f in (main, *folds)]
+    assert all(y.any() and not y.all() for _, y in examples)
+
+    fitted = {k: fit_candidate(job.fit(events, cfg.model_copy(update={"pair_folds": k}), GraphConfig(), encoder), events,
+                               cfg.model_copy(update={"pair_folds": k}), GraphConfig(), encoder, ScorerConfig())
+              for k in (1, 3)}
+    assert fitted[1].pairs == len(examples[0][1])  # one fold: the validation orders alone, as before
+    assert fitted[3].pairs == sum(len(y) for _, y in examples)
+    with caplog.at_level("WARNING", logger="training.job"):
+        assert list(job.earlier_folds(events, cand, 2, cfg, GraphConfig(), encoder, ScorerConfig(),
+                                      min_orders=10_000)) == []
+    assert "0 of 2 earlier folds trained" in caplog.text
