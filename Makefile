@@ -52,10 +52,15 @@ bench: $(STAMP)
 	# each domain under the rules bench/bundle_rules.py found best on its validation bundles
 	BUNDLEGNN_SCORING__MAX_SUBSTITUTES=0 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=3 BUNDLEGNN_SERVING__RULES__PAIR_WEIGHT=1 \
 		$(BIN)/bundlegnn evaluate --task bundle --domains electronic --seeds 0,1,2 --json bench/results/bundles_tuned_electronic.json
-	BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 BUNDLEGNN_SERVING__RULES__SUBSTITUTE_PENALTY=1 \
+	BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 BUNDLEGNN_SERVING__RULES__SUBSTITUTE_PENALTY=1 BUNDLEGNN_TRAINING__PAIR_FOLDS=3 \
 		$(BIN)/bundlegnn evaluate --task bundle --domains clothing --seeds 0,1,2 --json bench/results/bundles_tuned_clothing.json
 	BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.9 BUNDLEGNN_SERVING__RULES__SUBSTITUTE_PENALTY=2 \
 		$(BIN)/bundlegnn evaluate --task bundle --domains food --seeds 0,1,2 --json bench/results/bundles_tuned_food.json
+	# the pair model on three time folds of orders: Food under its rules above, Electronic under the default rules
+	BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.9 BUNDLEGNN_SERVING__RULES__SUBSTITUTE_PENALTY=2 \
+		BUNDLEGNN_TRAINING__PAIR_FOLDS=3 $(BIN)/bundlegnn evaluate --task bundle --domains food --seeds 0,1,2 --json bench/results/bundles_folds_food.json
+	BUNDLEGNN_TRAINING__PAIR_FOLDS=3 \
+		$(BIN)/bundlegnn evaluate --task bundle --domains electronic --seeds 0,1,2 --json bench/results/bundles_folds_electronic.json
 	$(BIN)/python bench/bundle_fit.py
 	$(BIN)/python bench/bundle_rules.py
 	$(BIN)/python bench/youshu.py --seeds 0,1,2

@@ -377,7 +377,8 @@ def markdown(summaries: list[dict]) -> str:
         fitted = [m for m in s.get("pair_models", []) if m]
         if fitted:
             mean = np.mean([m["weights"] for m in fitted], 0)
-            lines.append(f"\nThe builder's pair model, fitted on each seed's validation orders ({fitted[0]['pairs']} "
+            lines.append("\nThe builder's pair model, fitted on each seed's validation orders (and, with "
+                         f"training.pair_folds > 1, earlier folds' orders; {fitted[0]['pairs']} "
                          f"pairs, {fitted[0]['positives']} positive, seed {s['seeds'][0]}); mean weights of the "
                          "standardised features: " + ", ".join(f"{k} {w:+.2f}" for k, w in zip(fitted[0]["features"], mean))
                          + ".\n")

@@ -116,8 +116,9 @@ class TrainConfig(BaseModel):
                                       "grid and the user weight are tuned on: ranking is per query and catalog item")
     decoder_top_k: int = Field(200, ge=1, description="complements per item the artifact keeps from the decoder")
     pair_folds: int = Field(1, ge=1, description="time folds the bundle builder's pair model is fitted on: 1, the "
-                            "validation orders; each more trains one more model on the orders before the previous "
-                            "fold's validation slice and adds that slice (serving.bundle_fit.fit_candidate)")
+                            "validation orders; each more trains one more model (a training each) on the events "
+                            "before the previous fold's validation orders and adds its own validation orders "
+                            "(serving.bundle_fit.fit_candidate)")
     decoder_cold_weight: float = Field(0.03, ge=0, description="text cosine towards items without orders (fixed, "
                                        "not tuned: validation holds too few such items)")
     user_weights: list[float] = Field([0.0, 0.05, 0.2, 0.5], min_length=1,
