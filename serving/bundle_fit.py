@@ -6,10 +6,9 @@ whether the two share a category, the overlap of their titles' words, the worker
 ``b``'s order count (published with its list). Fitted on orders the lists' model never saw, a validation
 period after its training data, and optionally earlier such periods against earlier models' lists
 (:func:`fit_candidate`): for each order and each of its items as the anchor, the anchor's listed complements
-are the examples and those in the order the positives. It learns what a
-single relevance cannot weigh: on the Amazon intent bundles the weight of popularity is clearly negative (a
-best seller tops many lists but completes few bundles) and that of a shared category or title words positive
-(``bench/results/bundle_fit.md``).
+are the examples and those in the order the positives. It learns what a single relevance cannot weigh: on
+the Amazon intent bundles the weight of popularity is clearly negative (a best seller tops many lists but
+completes few bundles) and that of a shared category or title words positive (``bench/results/bundle_fit.md``).
 
 The bundle builder (:func:`serving.bundles.build_bundles`) ranks candidates by the fitted log-odds with the
 anchors and adds, for a set, ``pair_weight`` × the mean log-odds between a candidate and the members already
@@ -56,7 +55,9 @@ class PairModel(BaseModel):
     def fit(cls, x: np.ndarray, y: np.ndarray, c: float = 0.1) -> PairModel:
         """Fit by L-BFGS on ``x`` (pairs × features) and labels ``y``; ``c``: inverse L2 strength, as in
         scikit-learn's ``LogisticRegression``."""
-        if len(x) == 0 or y.all() or not y.any():
+        if len(x) == 0:
+            raise ValueError("no order holds an item with a published complement list: nothing to fit on")
+        if y.all() or not y.any():
             raise ValueError(f"a pair model needs positive and negative pairs: {int(y.sum())} of {len(y)} positive")
         mean, scale = x.mean(0), x.std(0) + 1e-9
         z = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
@@ -127,10 +128,7 @@ def order_examples(view: BundleView, orders: list[list[str]]) -> tuple[np.ndarra
 
 def fit_on_orders(view: BundleView, orders: list[list[str]], c: float = 0.1) -> PairModel:
     """Fit on ``orders`` that the lists of ``view`` were not made from (:func:`order_examples`)."""
-    x, y = order_examples(view, orders)
-    if not len(y):
-        raise ValueError("no order holds an item with a published complement list: nothing to fit on")
-    return PairModel.fit(x, y, c)
+    return PairModel.fit(*order_examples(view, orders), c)
 
 
 def published_examples(store: GraphStore, updates: list[BundleUpdate],
@@ -152,10 +150,9 @@ def fit_candidate(cand: job.Candidate, events: Events, train_cfg: TrainConfig, g
     (:func:`training.job.validation_lists`), and with ``training.pair_folds`` > 1 on those of as many more
     models trained on earlier events (:func:`training.job.earlier_folds`: each adds a slice of orders no list
     was made from; on Clothing's intent bundles three folds lift the builder's F1 over one,
-    ``bench/results/bundles_tuned_clothing.md``, on Food's and Electronic's they do not,
-    ``bundles_folds_*.md``). Releases the candidate's fit store. None, with the reason logged,
-    when there is nothing to fit on (no decoder, no validation orders, or no order item among the lists): the
-    builder then ranks by relevance."""
+    ``bench/results/bundles_tuned_clothing.md``, on Food's and Electronic's they do not, ``bundles_folds_*.md``).
+    Releases the candidate's fit store. None, with the reason logged, when there is nothing to fit on (no
+    decoder, no validation orders, or no order item among the lists): the builder then ranks by relevance."""
     examples = [published_examples(*job.validation_lists(cand, scorer_cfg))]
     job.release_fit(cand)
     if len(examples[0][1]):
@@ -164,8 +161,6 @@ def fit_candidate(cand: job.Candidate, events: Events, train_cfg: TrainConfig, g
             examples.append(published_examples(*fold))
     x, y = np.concatenate([x for x, _ in examples]), np.concatenate([y for _, y in examples])
     try:
-        if not len(y):
-            raise ValueError("no order holds an item with a published complement list: nothing to fit on")
         return PairModel.fit(x, y)
     except ValueError as exc:
         log.warning("no pair model for the bundle builder (%s): bundles are ranked by relevance", exc)
