@@ -159,6 +159,7 @@ def fit_candidate(cand: job.Candidate, events: Events, train_cfg: TrainConfig, g
         for fold in job.earlier_folds(events, cand, train_cfg.pair_folds - 1, train_cfg, graph_cfg, encoder,
                                       scorer_cfg):
             examples.append(published_examples(*fold))
+            del fold  # its store: not held while the next fold trains
     x, y = np.concatenate([x for x, _ in examples]), np.concatenate([y for _, y in examples])
     try:
         return PairModel.fit(x, y)

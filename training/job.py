@@ -150,17 +150,17 @@ def earlier_folds(events: Events, cand: Candidate, folds: int, train_cfg: TrainC
     (``training.pair_folds``). Stops early, with a warning, when a fold would validate on fewer than
     ``min_orders`` orders. Release ``cand``'s fit store first (:func:`release_fit`): each fold holds its
     own while it trains."""
-    val_frac, until = cand.split.protocol["val_frac"], cand.split.protocol["val_from_epoch"]
-    orders = cand.split.protocol["train_orders"]
+    later = cand
     for k in range(folds):
-        orders = int(orders * (1 - val_frac))  # the orders before the previous fold's validation
-        if orders * val_frac < min_orders:
+        val_frac, until = later.split.protocol["val_frac"], later.split.protocol["val_from_epoch"]
+        validating = int(later.split.protocol["train_orders"] * (1 - val_frac) * val_frac)  # about: ties at the cut
+        if validating < min_orders:
             log.warning("pair model: %d of %d earlier folds trained; the next would validate on %d orders, "
-                        "fewer than %d", k, folds, int(orders * val_frac), min_orders)
+                        "fewer than %d", k, folds, validating, min_orders)
             return
-        fold = fit(before(events, until), train_cfg, graph_cfg, encoder, val_frac)
-        yield validation_lists(fold, scorer_cfg)
-        until = fold.split.protocol["val_from_epoch"]
+        later = fit(before(events, until), train_cfg, graph_cfg, encoder, val_frac)
+        yield validation_lists(later, scorer_cfg)
+        release_fit(later)  # read by the caller before it asks for the next fold
 
 
 def full_store(cand: Candidate, events: Events, graph_cfg: GraphConfig) -> GraphStore:
