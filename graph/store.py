@@ -401,7 +401,6 @@ class GraphStore:
             rows = np.fromiter(chain.from_iterable(o[0] for o in orders), np.int64, int(sizes.sum()))
             sign = np.fromiter((o[2] for o in orders), np.float64, len(orders))
             unit = np.fromiter((o[3] for o in orders), np.float64, len(orders))
-            indptr = np.concatenate([[0], np.cumsum(sizes)])
             kept = None  # the lines whose item gets the change: all of them unless the store is partitioned
             if self.partition_of is not None:
                 kept = self._part[rows] == np.repeat(np.fromiter((o[5] for o in orders), np.int32, len(orders)), sizes)

@@ -12,7 +12,7 @@ import pytest
 
 from streaming.producer import replay
 from tests.kafka_helpers import ROOT, Reader, WorkerProcess, stream_env, topic
-from tests.test_streaming import SAMPLE, producer_for, update_of
+from tests.test_streaming import SAMPLE, producer_for
 from training.artifact import latest_artifact, load_artifact
 from tests.conftest import retail_events
 from training.promote import PromotionConfig, decide

@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Literal, TextIO
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Literal, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -45,6 +45,9 @@ from tqdm import tqdm
 
 from graph.events import Event, Interaction, ItemUpserted, Order, OrderFacts, OrderLine, Rejected, parse_event
 from graph.store import GraphStore
+
+if TYPE_CHECKING:
+    import multiprocessing
 
 __all__ = ["BadRow", "CatalogColumns", "CsvMapping", "DataConfig", "ImportReport", "Imported", "Sourced",
            "import_into", "in_time_order", "read_events", "read_source", "read_source_in_process"]
@@ -528,7 +531,7 @@ def read_source(cfg: DataConfig, report: ImportReport | None = None, progress: b
     return _csv_events(cfg, mapping, report, progress)
 
 
-def _read_in_process(cfg: DataConfig, queue: "multiprocessing.Queue", progress: bool, chunk: int) -> None:
+def _read_in_process(cfg: DataConfig, queue: multiprocessing.Queue, progress: bool, chunk: int) -> None:
     """A reader process: ``(line, event)`` rows in chunks on ``queue``, orders as their facts, then the report."""
     report = ImportReport()
     rows: list[Sourced] = []
