@@ -110,8 +110,9 @@ def similar_users(y: Youshu) -> tuple[float, np.ndarray]:
     """:meth:`Youshu.similar_users` at the λ whose scores alone rank the tuning pairs best, and that λ."""
     best: tuple[float, float, np.ndarray] | None = None
     users = np.flatnonzero(np.asarray(y.tune.sum(1)).ravel() > 0)
+    kernel = y.user_kernel()  # one kernel, a solve per λ
     for lam in USER_LAMBDAS:
-        s = y.similar_users(lam)
+        s = y.similar_users(lam, kernel)
         recall = ranked_metrics(torch.from_numpy(s[users]), y.train[users], y.tune[users])["recall"]
         if best is None or recall > best[0]:
             best = (recall, lam, s)

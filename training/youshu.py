@@ -43,6 +43,11 @@ from graph.store import GraphConfig, GraphStore
 from training.protocol import Queries
 
 
+def _idf(m: sp.spmatrix) -> np.ndarray:
+    """Each column's inverse document frequency: log(rows / rows holding it), a column in no row as in one."""
+    return np.log(m.shape[0] / np.maximum(np.asarray((m > 0).sum(0)).ravel(), 1))
+
+
 def _pairs(path: Path, shape: tuple[int, int]) -> sp.csr_matrix:
     with gzip.open(path, "rt") as fh:
         rows = np.loadtxt(fh, dtype=np.int64, ndmin=2)
@@ -87,8 +92,7 @@ class Youshu:
         """Each bundle's composition as ``dim`` numbers: the truncated SVD of the tf-idf weighted, row-normalised
         bundle × book matrix (the place text embeddings take in a shop)."""
         m = self.bundle_item.astype(np.float64)
-        idf = np.log(m.shape[0] / np.maximum(np.asarray((m > 0).sum(0)).ravel(), 1))
-        m = (m @ sp.diags(idf)).tocsr()
+        m = (m @ sp.diags(_idf(m))).tocsr()
         norms = np.sqrt(np.asarray(m.multiply(m).sum(1)).ravel())
         m = sp.diags(1 / np.maximum(norms, 1e-12)) @ m
         u, s, _ = svds(m, k=dim, random_state=seed)
@@ -101,19 +105,23 @@ class Youshu:
         top = np.maximum(count.max(1).toarray().ravel(), 1e-12)
         return (sp.diags(1 / top) @ count).tocsr().astype(np.float32)
 
-    def similar_users(self, lam: float) -> np.ndarray:
+    def user_kernel(self) -> np.ndarray:
+        """users × users (float64): the bundles and the books two users share, each weighted by its idf
+        (``Y W Yᵀ + R V Rᵀ``; Y: training user × bundle, R: user × book), a rare one counting more."""
+        kernel = np.zeros((self.train.shape[0], self.train.shape[0]))
+        for m in (self.train.astype(np.float64), self.user_item.astype(np.float64)):
+            kernel += (m @ sp.diags(_idf(m)) @ m.T).toarray()
+        return kernel
+
+    def similar_users(self, lam: float, kernel: np.ndarray | None = None) -> np.ndarray:
         """users × bundles (float32): ``K (K + λI)⁻¹ Y``, the kernel ridge regression of the training user × bundle
-        matrix ``Y`` with the user kernel ``K = Y W Yᵀ + R V Rᵀ`` (R: user × book; W, V: the bundles' and books'
-        idf), i.e. shared bundles plus shared books, a rare one counting more. A user's row is a smoothed vote of
-        the users like them: their training bundles weighted by how much the regression trusts each. One dense
-        solve over users (8,039 on Youshu: seconds); ``λ`` is chosen on the tuning pairs (3,000–6,000 rank best
-        there; without the idf, Recall@20 on the tuning pairs is 0.001 lower, on the test pairs 0.002)."""
-        y = self.train.astype(np.float64)
-        kernel = np.zeros((y.shape[0], y.shape[0]))
-        for m in (y, self.user_item.astype(np.float64)):
-            idf = np.log(m.shape[0] / np.maximum(np.asarray(m.sum(0)).ravel(), 1))
-            kernel += (m @ sp.diags(idf) @ m.T).toarray()
-        weights = solve(kernel + lam * np.eye(len(kernel)), y.toarray(), assume_a="pos")
+        matrix ``Y`` with the user kernel ``K`` (:meth:`user_kernel`; pass it to try several ``λ`` on one).
+        A user's row is a smoothed vote of the users like them: their training bundles weighted by how much
+        the regression trusts each. One dense solve over users (8,039 on Youshu: seconds); ``λ`` is chosen on
+        the tuning pairs (3,000–6,000 rank best there; without the idf, Recall@20 on the tuning pairs is 0.001
+        lower, on the test pairs 0.002)."""
+        kernel = self.user_kernel() if kernel is None else kernel
+        weights = solve(kernel + lam * np.eye(len(kernel)), self.train.astype(np.float64).toarray(), assume_a="pos")
         return (kernel @ weights).astype(np.float32)
 
     def queries(self, store: GraphStore, pairs: sp.csr_matrix) -> Queries:
