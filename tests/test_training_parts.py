@@ -190,22 +190,33 @@ def test_model_shapes_gradients_and_an_unseen_item() -> None:
 def test_message_passing_and_its_gradient_equal_the_dense_products() -> None:
     """A relation's :class:`Propagation` multiplies by its weighted adjacency, and its backward by the cached
     transpose: the same values and input gradients as dense matrices (repeated edges in either direction,
-    a target without edges, a source without edges)."""
+    a target without edges, a source without edges), whether the edges come in the transpose's CSR order,
+    in the adjacency's own (no copy of the order kept) or in neither. The transpose is built only for a
+    gradient."""
     from training.models import Adjacency
 
     rng = np.random.default_rng(4)
     src, dst = rng.integers(0, 7, 40), rng.integers(0, 5, 40)
-    pairs = np.unique(np.stack([src, dst]), axis=1)
+    pairs = np.unique(np.stack([src, dst]), axis=1)  # sorted by source: the transpose's CSR order
     pairs = pairs[:, (pairs[1] != 3) & (pairs[0] != 6)]
-    w = torch.from_numpy(rng.random(pairs.shape[1]))
-    a = torch.zeros(5, 7, dtype=torch.float64)
-    a[pairs[1], pairs[0]] = w
-    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    out = Adjacency(torch.from_numpy(pairs), 5, 7)(w)(x)
-    grad = torch.randn(5, 3, dtype=torch.float64)
-    out.backward(grad)
-    assert torch.allclose(out.detach(), a @ x.detach()) and torch.allclose(x.grad, a.T @ grad)
-    assert float(out.detach()[3].abs().sum()) == 0 and float(x.grad[6].abs().sum()) == 0
+    by_source, by_target = np.arange(pairs.shape[1]), np.lexsort((pairs[0], pairs[1]))
+    for order in (by_source, by_target, rng.permutation(pairs.shape[1])):
+        edges = pairs[:, order]
+        w = torch.from_numpy(rng.random(edges.shape[1]))
+        a = torch.zeros(5, 7, dtype=torch.float64)
+        a[edges[1], edges[0]] = w
+        x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+        adj = Adjacency(torch.from_numpy(edges), 5, 7)
+        assert (adj.csr.order is None) == (order is by_target)
+        with torch.no_grad():
+            assert torch.allclose(adj(w)(x), a @ x)
+        assert "csr_t" not in adj.__dict__  # nothing asked for a gradient yet
+        out = adj(w)(x)
+        grad = torch.randn(5, 3, dtype=torch.float64)
+        out.backward(grad)
+        assert torch.allclose(out.detach(), a @ x.detach()) and torch.allclose(x.grad, a.T @ grad)
+        assert (adj.csr_t.order is None) == (order is by_source)
+        assert float(out.detach()[3].abs().sum()) == 0 and float(x.grad[6].abs().sum()) == 0
     with pytest.raises(ValueError, match="duplicate edges"):
         Adjacency(torch.tensor([[0, 0], [1, 1]]), 2, 2)
 

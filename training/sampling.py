@@ -32,7 +32,7 @@ def cumulative_weights(adj: Adjacency, weight: Tensor) -> Tensor:
     """``weight`` summed along the relation's CSR order (float64, a leading 0): target ``t``'s edges span
     ``[c[crow[t]], c[crow[t + 1]])``, so a uniform draw in it picks an edge in proportion to its weight."""
     return torch.cat([torch.zeros(1, dtype=torch.float64, device=weight.device),
-                      torch.cumsum(weight[adj.order].double(), 0)])
+                      torch.cumsum(adj.csr.values(weight).double(), 0)])
 
 
 def sample_in_edges(adj: Adjacency, cumulative: Tensor, weight: Tensor, targets: Tensor,
@@ -46,22 +46,23 @@ def sample_in_edges(adj: Adjacency, cumulative: Tensor, weight: Tensor, targets:
     weighted mean, which a sample without replacement is not.
     """
     device = targets.device
-    start, end = adj.crow[targets], adj.crow[targets + 1]
+    crow = adj.csr.crow
+    start, end = crow[targets], crow[targets + 1]
     degree = end - start
     light = degree <= fanout
     # every edge of the light targets
     few = degree * light
     first = torch.cumsum(few, 0) - few
     row = torch.repeat_interleave(torch.arange(len(targets), device=device), few)
-    light_edges = adj.order[start[row] + torch.arange(len(row), device=device) - first[row]]
+    light_edges = adj.csr.edges(start[row] + torch.arange(len(row), device=device) - first[row])
     heavy = targets[~light]
     if not len(heavy):
         return light_edges, weight[light_edges]
-    lo, hi = cumulative[adj.crow[heavy]], cumulative[adj.crow[heavy + 1]]
+    lo, hi = cumulative[crow[heavy]], cumulative[crow[heavy + 1]]
     u = torch.rand(len(heavy), fanout, dtype=torch.float64, device=device)
     pos = torch.searchsorted(cumulative, lo[:, None] + u * (hi - lo)[:, None], right=True) - 1
-    pos = torch.minimum(torch.maximum(pos, adj.crow[heavy][:, None]), adj.crow[heavy + 1][:, None] - 1)
-    drawn, counts = torch.unique(adj.order[pos.reshape(-1)], return_counts=True)
+    pos = torch.minimum(torch.maximum(pos, crow[heavy][:, None]), crow[heavy + 1][:, None] - 1)
+    drawn, counts = torch.unique(adj.csr.edges(pos.reshape(-1)), return_counts=True)
     return torch.cat([light_edges, drawn]), torch.cat([weight[light_edges], counts.to(weight.dtype)])
 
 

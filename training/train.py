@@ -547,31 +547,29 @@ class TrainResult:
         return bool(self.gnn_weight or self.head_weight)
 
 
-def _examples(store: GraphStore) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Training baskets of two or more items as ``(indptr, items, users)``, and every (basket, position) example."""
+def _baskets(store: GraphStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training baskets of two or more items as ``(indptr, items, users)``. An example is a (basket, hidden
+    position) pair, named by its flat position in ``items``: no table of the examples is built (at 200 k
+    items it would hold 34 M pairs, 1 GB more at the peak)."""
     _, users, indptr, items = store.placed_orders()
     sizes = np.diff(indptr)
-    keep = np.flatnonzero(sizes >= 2)
-    take = np.concatenate([np.arange(indptr[k], indptr[k + 1]) for k in keep.tolist()]) if len(keep) else \
-        np.zeros(0, np.int64)
+    keep = sizes >= 2
     sizes = sizes[keep]
-    indptr = np.concatenate([[0], np.cumsum(sizes)])
-    examples = np.stack([np.repeat(np.arange(len(keep)), sizes), np.concatenate([np.arange(s) for s in sizes])
-                         if len(sizes) else np.zeros(0, np.int64)], 1)
-    return indptr, items[take], users[keep], examples
+    return np.concatenate([[0], np.cumsum(sizes)]), items[np.repeat(keep, np.diff(indptr))], users[keep]
 
 
-def _batch(indptr: np.ndarray, items: np.ndarray, batch: np.ndarray, n: int) -> tuple[sp.csr_matrix, np.ndarray]:
-    """The batch's queries (each basket without its hidden item, 1/|query| on its items) and hidden items."""
-    baskets, positions = batch[:, 0], batch[:, 1]
+def _batch(indptr: np.ndarray, items: np.ndarray, batch: np.ndarray,
+           n: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """The batch's queries (each basket without its hidden item, 1/|query| on its items), hidden items and
+    baskets, for ``batch``: flat positions in ``items`` (:func:`_baskets`)."""
+    baskets = np.searchsorted(indptr, batch, side="right") - 1
     starts, sizes = indptr[baskets], indptr[baskets + 1] - indptr[baskets]
-    hidden = items[starts + positions]
     rows = np.repeat(np.arange(len(batch)), sizes - 1)
-    offsets = np.concatenate([np.arange(s) for s in sizes.tolist()])
-    rest = offsets[offsets != np.repeat(positions, sizes)]  # each basket's positions except the hidden one
-    cols = items[np.repeat(starts, sizes - 1) + rest]
-    q = sp.csr_matrix((np.repeat(1.0 / (sizes - 1), sizes - 1), (rows, cols)), shape=(len(batch), n))
-    return q, hidden
+    # each basket's flat positions except the hidden one
+    flat = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes - starts, sizes)
+    rest = flat[flat != np.repeat(batch, sizes)]
+    q = sp.csr_matrix((np.repeat(1.0 / (sizes - 1), sizes - 1), (rows, items[rest])), shape=(len(batch), n))
+    return q, items[batch], baskets
 
 
 def full_step_gb(graph: Graph, cfg: TrainConfig) -> float:
@@ -598,11 +596,11 @@ def step_kind(graph: Graph, cfg: TrainConfig) -> Literal["full", "sampled"]:
 
 def _loss(model: BundleGNN, graph: Graph, cfg: TrainConfig, indptr: np.ndarray, items: np.ndarray,
           users: np.ndarray, batch: np.ndarray, negatives: torch.Tensor, sampled: bool) -> torch.Tensor:
-    """The training loss of one batch of ``(basket, hidden position)`` examples: softmax cross-entropy of each
+    """The training loss of one batch of examples (flat positions, :func:`_baskets`): softmax cross-entropy of each
     hidden item against the ``negatives`` and the batch's other answers, plus the user → item loss; on the full
     graph, or on the batch's sampled subgraph (:meth:`Graph.sampled`) when ``sampled``."""
     device = graph.x.device
-    q_csr, hidden_np = _batch(indptr, items, batch, graph.num_items)
+    q_csr, hidden_np, baskets = _batch(indptr, items, batch, graph.num_items)
     hidden = torch.from_numpy(hidden_np).to(device)
     # the batch's answers are candidates too: an item the catalog updated after the last order can be one
     cand = torch.unique(torch.cat([hidden, negatives]))
@@ -615,7 +613,7 @@ def _loss(model: BundleGNN, graph: Graph, cfg: TrainConfig, indptr: np.ndarray, 
     in_query = torch.zeros(len(batch), len(cand_np), dtype=torch.bool)
     in_query[torch.from_numpy(qc.row[hit].astype(np.int64)), torch.from_numpy(at[hit].astype(np.int64))] = True
     in_query = in_query.to(device)
-    batch_users = torch.from_numpy(users[batch[:, 0]]).to(device)
+    batch_users = torch.from_numpy(users[baskets]).to(device)
     has_user = batch_users >= 0
     step_users = batch_users[has_user] if cfg.user_loss_weight else batch_users[:0]
     q = sparse_rows(q_csr, device)
@@ -649,8 +647,8 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
     num_ids = int((graph.id_index >= 0).sum()) if cfg.id_embeddings else 0
     model = BundleGNN(graph.x.size(1), cfg.hidden, cfg.layers, cfg.dropout, num_ids, cfg.temperature).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    indptr, items, users, examples = _examples(store)
-    if not len(examples):
+    indptr, items, users = _baskets(store)
+    if not len(items):
         raise ValueError("no training orders with two or more items")
     # Items the catalog lists only after the last training event are never positives;
     # as negatives they would teach the model that new items never sell.
@@ -668,7 +666,7 @@ def train(store: GraphStore, text: np.ndarray, cfg: TrainConfig, val: Queries | 
     began, over_budget = time.perf_counter(), False
     for epoch in bar:
         model.train()
-        epoch_examples = examples[rng.permutation(len(examples))[: cfg.examples_per_epoch]]
+        epoch_examples = rng.permutation(len(items))[: cfg.examples_per_epoch]
         total = 0.0
         for start in range(0, len(epoch_examples), cfg.batch_size):
             batch = epoch_examples[start : start + cfg.batch_size]
