@@ -95,7 +95,8 @@ def pair_features(m: dict, x: int, js: np.ndarray) -> np.ndarray:
 def fit(queries: list[dict]) -> PairModel:
     x = np.concatenate([pair_features(m, 0, np.arange(1, len(m["items"]))) for m in queries])
     y = np.concatenate([[i in m["hidden"] for i in m["items"][1:]] for m in queries])
-    return PairModel.fit(x, y)
+    group = np.repeat(np.arange(len(queries)), [len(m["items"]) - 1 for m in queries])
+    return PairModel.fit(x, y, group)
 
 
 def answer(m: dict, model: PairModel | None, pair_weight: float, threshold: float | None) -> list[str]:

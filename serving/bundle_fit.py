@@ -1,6 +1,6 @@
 """A fitted bundle-fit score: how likely item ``b`` joins an order with item ``a``, from what the view knows.
 
-A logistic regression (standardised features, L2 penalty) over the facts of a pair ``a → b`` that the API's
+A log-linear model (standardised features, L2 penalty) over the facts of a pair ``a → b`` that the API's
 view holds (:data:`FEATURES`): ``b``'s relevance in ``a``'s published list and back, ``b``'s rank there,
 whether the two share a category, the overlap of their titles' words, the worker's substitute flag, and
 ``b``'s order count (published with its list). Fitted on orders the lists' model never saw, a validation
@@ -9,6 +9,14 @@ period after its training data, and optionally earlier such periods against earl
 are the examples and those in the order the positives. It learns what a single relevance cannot weigh: on
 the Amazon intent bundles the weight of popularity is clearly negative (a best seller tops many lists but
 completes few bundles) and that of a shared category or title words positive (``bench/results/bundle_fit.md``).
+
+The builder only ever compares candidates of one anchor's list, so the weights are fitted for that: a
+conditional logit (McFadden, "Conditional logit analysis of qualitative choice behavior", 1974; the softmax
+loss of listwise learning to rank), each order's members against the rest of their anchor's list, which
+what sets lists apart (an anchor with many members in its orders, a long list) cannot sway. The intercept is
+then fitted by pointwise logistic likelihood with those weights fixed, so :meth:`PairModel.logits` stay
+log-odds (the bundle's score, the substitute penalty). On the validation bundles of all three domains the
+builder's F1 is higher with these weights than with a pointwise logistic regression's (docs/evaluation.md).
 
 The bundle builder (:func:`serving.bundles.build_bundles`) ranks candidates by the fitted log-odds with the
 anchors and adds, for a set, ``pair_weight`` × the mean log-odds between a candidate and the members already
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
@@ -52,25 +61,26 @@ class PairModel(BaseModel):
     positives: int
 
     @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, c: float = 0.1) -> PairModel:
-        """Fit by L-BFGS on ``x`` (pairs × features) and labels ``y``; ``c``: inverse L2 strength, as in
-        scikit-learn's ``LogisticRegression``."""
+    def fit(cls, x: np.ndarray, y: np.ndarray, group: np.ndarray, c: float = 0.1) -> PairModel:
+        """Fit on ``x`` (pairs × features), labels ``y`` and each pair's list ``group`` (:class:`Examples`):
+        the weights by conditional likelihood within the lists that hold a positive, then the intercept by
+        logistic likelihood over all pairs. ``c``: inverse L2 strength, as in scikit-learn's
+        ``LogisticRegression``."""
         if len(x) == 0:
             raise ValueError("no order holds an item with a published complement list: nothing to fit on")
         if y.all() or not y.any():
             raise ValueError(f"a pair model needs positive and negative pairs: {int(y.sum())} of {len(y)} positive")
         mean, scale = x.mean(0), x.std(0) + 1e-9
-        z = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
-        t = y.astype(np.float64)
+        z = (x - mean) / scale
+        w = _conditional_logit(z, y, group, c)
+        s, t = z @ w, y.astype(np.float64)
 
-        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
-            s = z @ w
-            p = 1 / (1 + np.exp(-s))
-            return (np.logaddexp(0, s).sum() - t @ s + 0.5 / c * (w[:-1] @ w[:-1]),
-                    z.T @ (p - t) + np.append(w[:-1] / c, 0.0))
+        def intercept_loss(b: np.ndarray) -> tuple[float, np.ndarray]:
+            p = 1 / (1 + np.exp(-(s + b[0])))
+            return float(np.logaddexp(0, s + b[0]).sum() - t @ (s + b[0])), np.array([float((p - t).sum())])
 
-        w = minimize(loss, np.zeros(z.shape[1]), jac=True, method="L-BFGS-B").x
-        return cls(mean=mean.tolist(), scale=scale.tolist(), weights=w[:-1].tolist(), intercept=float(w[-1]),
+        b = minimize(intercept_loss, np.zeros(1), jac=True, method="L-BFGS-B").x[0]
+        return cls(mean=mean.tolist(), scale=scale.tolist(), weights=w.tolist(), intercept=float(b),
                    pairs=len(y), positives=int(y.sum()))
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -83,6 +93,43 @@ class PairModel(BaseModel):
             raise ValueError(f"a pair model over features {tuple(self.features)} ({len(self.weights)} weights); this "
                              f"version computes {FEATURES}")
         return self
+
+
+def _conditional_logit(z: np.ndarray, y: np.ndarray, group: np.ndarray, c: float) -> np.ndarray:
+    """Weights maximising Σ over positives of log softmax(z·w) within their group, minus ‖w‖² / 2c (groups
+    without a positive carry no information here and are left out)."""
+    keep = np.isin(group, group[y])
+    z, y = z[keep], y[keep]
+    g = np.unique(group[keep], return_inverse=True)[1]
+    ng = int(g.max()) + 1
+    positives = np.bincount(g, weights=y, minlength=ng)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        s = z @ w
+        top = np.full(ng, -np.inf)
+        np.maximum.at(top, g, s)
+        e = np.exp(s - top[g])
+        total = np.bincount(g, weights=e, minlength=ng)
+        value = positives @ (top + np.log(total)) - s[y].sum() + 0.5 / c * (w @ w)
+        return float(value), z.T @ (positives[g] * e / total[g] - y) + w / c
+
+    return minimize(loss, np.zeros(z.shape[1]), jac=True, method="L-BFGS-B").x
+
+
+class Examples(NamedTuple):
+    """Pairs for fitting: features (pairs × :data:`FEATURES`), labels, and each pair's list (one id per
+    order and anchor: the candidates the builder would compare)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    group: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: list[Examples]) -> Examples:
+        """One set of examples from several, their lists kept apart."""
+        offsets = np.cumsum([0] + [int(p.group.max()) + 1 if len(p.group) else 0 for p in parts[:-1]])
+        return cls(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
+                   np.concatenate([p.group + o for p, o in zip(parts, offsets)]))
 
 
 def pair_features(view: BundleView, sources: list[str], targets: list[str]) -> np.ndarray:
@@ -110,11 +157,11 @@ def pair_features(view: BundleView, sources: list[str], targets: list[str]) -> n
     return np.array(rows, np.float64).reshape(len(sources), len(targets), len(FEATURES))
 
 
-def order_examples(view: BundleView, orders: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+def order_examples(view: BundleView, orders: list[list[str]]) -> Examples:
     """The examples of ``orders`` (item ids, each a set bought together) against the lists of ``view``: each
-    item of an order with a published list is an anchor, its listed complements the examples (pairs ×
-    :data:`FEATURES`), those in the order the positives."""
-    xs, ys = [np.zeros((0, len(FEATURES)))], [np.zeros(0, bool)]
+    item of an order with a published list is an anchor, its listed complements the examples (a group), those
+    in the order the positives."""
+    xs, ys, groups = [np.zeros((0, len(FEATURES)))], [np.zeros(0, bool)], [np.zeros(0, np.int64)]
     for order in orders:
         members = set(order)
         for a in members:
@@ -123,7 +170,8 @@ def order_examples(view: BundleView, orders: list[list[str]]) -> tuple[np.ndarra
             if listed:
                 xs.append(pair_features(view, [a], listed)[0])
                 ys.append(np.array([b in members for b in listed]))
-    return np.concatenate(xs), np.concatenate(ys)
+                groups.append(np.full(len(listed), len(groups) - 1))
+    return Examples(np.concatenate(xs), np.concatenate(ys), np.concatenate(groups))
 
 
 def fit_on_orders(view: BundleView, orders: list[list[str]], c: float = 0.1) -> PairModel:
@@ -131,8 +179,7 @@ def fit_on_orders(view: BundleView, orders: list[list[str]], c: float = 0.1) -> 
     return PairModel.fit(*order_examples(view, orders), c)
 
 
-def published_examples(store: GraphStore, updates: list[BundleUpdate],
-                       orders: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+def published_examples(store: GraphStore, updates: list[BundleUpdate], orders: list[list[str]]) -> Examples:
     """:func:`order_examples` of the lists ``updates`` publish over ``store`` (the three parts of
     :func:`training.job.validation_lists`)."""
     view = BundleView()
@@ -155,14 +202,13 @@ def fit_candidate(cand: job.Candidate, events: Events, train_cfg: TrainConfig, g
     decoder, no validation orders, or no order item among the lists): the builder then ranks by relevance."""
     examples = [published_examples(*job.validation_lists(cand, scorer_cfg))]
     job.release_fit(cand)
-    if len(examples[0][1]):
+    if len(examples[0].y):
         for fold in job.earlier_folds(events, cand, train_cfg.pair_folds - 1, train_cfg, graph_cfg, encoder,
                                       scorer_cfg):
             examples.append(published_examples(*fold))
             del fold  # its store: not held while the next fold trains
-    x, y = np.concatenate([x for x, _ in examples]), np.concatenate([y for _, y in examples])
     try:
-        return PairModel.fit(x, y)
+        return PairModel.fit(*Examples.concat(examples))
     except ValueError as exc:
         log.warning("no pair model for the bundle builder (%s): bundles are ranked by relevance", exc)
         return None

@@ -129,13 +129,13 @@ def test_earlier_folds_give_the_pair_model_orders_no_list_was_made_from(data: In
     assert placed[0] > placed[1] > placed[2] and placed == pytest.approx([n * 0.9, n * 0.81, n * 0.729], rel=0.03)
     assert all(len(orders) >= 5 for _, _, orders in folds)
     examples = [published_examples(*f) for f in (main, *folds)]
-    assert all(y.any() and not y.all() for _, y in examples)
+    assert all(e.y.any() and not e.y.all() for e in examples)
 
     fitted = {k: fit_candidate(job.fit(events, cfg.model_copy(update={"pair_folds": k}), GraphConfig(), encoder), events,
                                cfg.model_copy(update={"pair_folds": k}), GraphConfig(), encoder, ScorerConfig())
               for k in (1, 3)}
-    assert fitted[1].pairs == len(examples[0][1])  # one fold: the validation orders alone, as before
-    assert fitted[3].pairs == sum(len(y) for _, y in examples)
+    assert fitted[1].pairs == len(examples[0].y)  # one fold: the validation orders alone, as before
+    assert fitted[3].pairs == sum(len(e.y) for e in examples)
     with caplog.at_level("WARNING", logger="training.job"):
         assert list(job.earlier_folds(events, cand, 2, cfg, GraphConfig(), encoder, ScorerConfig(),
                                       min_orders=10_000)) == []

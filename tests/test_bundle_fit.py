@@ -1,4 +1,4 @@
-"""The builder's fitted pair score: the logistic fit, the pair features read from the view, and the builder
+"""The builder's fitted pair score: the conditional fit, the pair features read from the view, and the builder
 ranking by it under the same rules."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 import pytest
+from scipy.optimize import minimize
 
-from serving.bundle_fit import FEATURES, PairModel, fit_on_orders, pair_features
+from serving.bundle_fit import FEATURES, Examples, PairModel, fit_on_orders, order_examples, pair_features
 from serving.bundles import Bundle, BundleRules, build_bundles
 from serving.view import BundleView
 from tests.test_serving import NOW, catalog
@@ -49,19 +50,71 @@ def test_pair_features_read_from_the_view(view: BundleView) -> None:
     assert x[1, 0, 2] == pytest.approx(math.log1p(2)) and x[1, 0, 1] == 0.0  # P not in G's list (the rank after its last), nor G in P's
 
 
-def test_logistic_fit_finds_the_sign_and_round_trips() -> None:
+def _one_member_per_list(logits: np.ndarray, lists: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Labels: one member per list of ``size`` candidates, drawn with probability ∝ exp(logit)."""
+    p = np.exp(logits.reshape(lists, size))
+    p /= p.sum(1, keepdims=True)
+    y = np.zeros((lists, size), bool)
+    y[np.arange(lists), [rng.choice(size, p=row) for row in p]] = True
+    return y.ravel()
+
+
+def test_fit_finds_the_weights_and_the_intercept_and_round_trips() -> None:
+    """2,000 lists of 10 candidates, one member each drawn by a softmax over 2 x₀ − 3 x₆: the conditional fit
+    finds those weights, and the intercept fitted after them makes the log-odds calibrated (as many members
+    expected as there are)."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2000, len(FEATURES)))
-    y = rng.random(2000) < 1 / (1 + np.exp(-(2 * x[:, 0] - 3 * x[:, 6] - 1)))
-    model = PairModel.fit(x, y)
-    assert model.weights[0] > 1 and model.weights[6] < -1.5 and all(abs(w) < 0.3 for w in model.weights[1:6])
-    assert (model.pairs, model.positives) == (2000, int(y.sum()))
+    x = rng.normal(size=(20_000, len(FEATURES)))
+    y = _one_member_per_list(2 * x[:, 0] - 3 * x[:, 6], 2000, 10, rng)
+    group = np.repeat(np.arange(2000), 10)
+    model = PairModel.fit(x, y, group, c=10.0)
+    assert model.weights[0] == pytest.approx(2, rel=0.1) and model.weights[6] == pytest.approx(-3, rel=0.1)
+    assert all(abs(w) < 0.15 for w in model.weights[1:6])
+    p = 1 / (1 + np.exp(-model.logits(x)))
+    assert p.sum() == pytest.approx(y.sum(), rel=1e-4)  # the intercept's score equation
+    assert (model.pairs, model.positives) == (20_000, 2000)
     again = PairModel.model_validate_json(model.model_dump_json())  # as the API reads it from a manifest
     assert np.allclose(again.logits(x), model.logits(x))
     with pytest.raises(ValueError, match="this version computes"):
         PairModel.model_validate({**model.model_dump(), "features": ["relevance"]})
     with pytest.raises(ValueError, match="positive and negative"):
-        PairModel.fit(x[:10], np.ones(10, bool))
+        PairModel.fit(x[:10], np.ones(10, bool), group[:10])
+
+
+def test_the_weights_rank_within_lists_whatever_sets_lists_apart() -> None:
+    """Whether a list holds a member at all (an anchor whose orders hold many items) predicts membership
+    pointwise but ranks nothing within a list: the conditional fit gives the feature that marks such lists
+    about no weight, where a pointwise logistic regression gives it a large one; lists without a member do
+    not move the weights."""
+    rng = np.random.default_rng(1)
+    lists, size = 600, 8
+    group = np.repeat(np.arange(lists), size)
+    busy = rng.random(lists) < 0.5
+    x = np.zeros((lists * size, len(FEATURES)))
+    x[:, 0] = rng.normal(size=lists * size)  # ranks within a list
+    x[:, 1] = np.repeat(busy, size) + rng.normal(scale=0.05, size=lists * size)  # marks a list, ranks nothing
+    has_member = np.repeat(rng.random(lists) < np.where(busy, 0.9, 0.1), size)
+    y = _one_member_per_list(1.5 * x[:, 0], lists, size, rng) & has_member
+    model = PairModel.fit(x, y, group)
+    assert model.weights[0] > 1 and abs(model.weights[1]) < 0.1
+    z = np.hstack([(x - x.mean(0)) / (x.std(0) + 1e-9), np.ones((len(x), 1))])
+
+    def pointwise(w: np.ndarray) -> tuple[float, np.ndarray]:  # logistic likelihood, all pairs alike
+        return np.logaddexp(0, z @ w).sum() - y @ (z @ w), z.T @ (1 / (1 + np.exp(-z @ w)) - y)
+
+    assert minimize(pointwise, np.zeros(z.shape[1]), jac=True).x[1] > 1
+    x[~has_member, 0] *= -1  # what lists without a member hold
+    assert PairModel.fit(x, y, group).weights == pytest.approx(model.weights, rel=1e-3)  # up to the standardisation
+
+
+def test_examples_of_orders_group_each_anchor_s_list(view: BundleView) -> None:
+    got = order_examples(view, [["A", "G"], ["G", "L"]])
+    # A's list (P, G, L, T) and G's (A, L) in the first order; G's (A, L) and L's (G, A) in the second: one
+    # member each
+    assert np.array_equal(got.group, np.sort(got.group)) and sorted(np.bincount(got.group)) == [2, 2, 2, 4]
+    assert np.bincount(got.group, weights=got.y).tolist() == [1, 1, 1, 1]
+    both = Examples.concat([got, got])
+    assert both.group.tolist() == got.group.tolist() + (got.group + 4).tolist() and len(both.x) == 20
 
 
 def test_fit_on_orders_learns_that_a_best_seller_completes_few_orders(view: BundleView) -> None:
@@ -74,11 +127,20 @@ def test_fit_on_orders_learns_that_a_best_seller_completes_few_orders(view: Bund
         fit_on_orders(view, [["X", "Y"]])
 
 
+def _model(**weights: float) -> PairModel:
+    """A pair model with the given weights on the raw features (the others 0)."""
+    return PairModel(mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
+                     weights=[weights.get(f, 0.0) for f in FEATURES], intercept=0.0, pairs=1, positives=1)
+
+
+SPECIFIC = {"relevance": 2.0, "log_rank": -1.0, "log_orders": -0.5}  # high in the list, not a best seller
+
+
 def test_builder_ranks_by_the_fitted_score_under_the_same_rules(view: BundleView) -> None:
     rules = BundleRules(max_per_category=None)
     by_relevance = build_bundles(view, ["A"], 1, 2, rules)[0]
     assert [m.item_id for m in by_relevance.items] == ["A", "P", "L"]  # the best seller first
-    model = fit_on_orders(view, [["A", "G"], ["A", "L"], ["A", "G", "L"], ["G", "L"], ["P", "L"]] * 4)
+    model = _model(**SPECIFIC)
     fitted = build_bundles(view, ["A"], 3, 2, rules, fit=model)
     first = [m.item_id for m in fitted[0].items]
     assert first[0] == "A" and set(first[1:]) == {"G", "L"}  # not the best seller; pegs and lamp fit each other
@@ -88,7 +150,7 @@ def test_builder_ranks_by_the_fitted_score_under_the_same_rules(view: BundleView
 
 
 def test_substitute_penalty_turns_the_substitute_rule_into_a_cost(view: BundleView) -> None:
-    model = fit_on_orders(view, [["A", "G"], ["A", "L"], ["A", "G", "L"], ["G", "L"], ["P", "L"]] * 4)
+    model = _model(**SPECIFIC)
     both = {"G", "T"}
 
     def pairs(penalty: float | None, fit: PairModel | None = model) -> list[bool]:
