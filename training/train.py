@@ -596,9 +596,9 @@ def step_kind(graph: Graph, cfg: TrainConfig) -> Literal["full", "sampled"]:
 
 def _loss(model: BundleGNN, graph: Graph, cfg: TrainConfig, indptr: np.ndarray, items: np.ndarray,
           users: np.ndarray, batch: np.ndarray, negatives: torch.Tensor, sampled: bool) -> torch.Tensor:
-    """The training loss of one batch of examples (flat positions, :func:`_baskets`): softmax cross-entropy of each
-    hidden item against the ``negatives`` and the batch's other answers, plus the user → item loss; on the full
-    graph, or on the batch's sampled subgraph (:meth:`Graph.sampled`) when ``sampled``."""
+    """The training loss of one batch of examples (flat positions, :func:`_baskets`): softmax cross-entropy
+    of each hidden item against the ``negatives`` and the batch's other answers, plus the user → item loss; on
+    the full graph, or on the batch's sampled subgraph (:meth:`Graph.sampled`) when ``sampled``."""
     device = graph.x.device
     q_csr, hidden_np, baskets = _batch(indptr, items, batch, graph.num_items)
     hidden = torch.from_numpy(hidden_np).to(device)
