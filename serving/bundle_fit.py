@@ -12,11 +12,12 @@ completes few bundles) and that of a shared category or title words positive (``
 
 The builder only ever compares candidates of one anchor's list, so the weights are fitted for that: a
 conditional logit (McFadden, "Conditional logit analysis of qualitative choice behavior", 1974; the softmax
-loss of listwise learning to rank), each order's members against the rest of their anchor's list, which
-what sets lists apart (an anchor with many members in its orders, a long list) cannot sway. The intercept is
-then fitted by pointwise logistic likelihood with those weights fixed, so :meth:`PairModel.logits` stay
-log-odds (the bundle's score, the substitute penalty). On the validation bundles of all three domains the
-builder's F1 is higher with these weights than with a pointwise logistic regression's (docs/evaluation.md).
+loss of listwise learning to rank): each member of an order against the whole of its anchor's list, so
+what sets lists apart (an anchor with many members in its orders, a long list) cannot sway the weights. The
+intercept is then fitted by pointwise logistic likelihood with those weights fixed, so
+:meth:`PairModel.logits` stay log-odds (the bundle's score, the substitute penalty). On the validation
+bundles of all three domains the builder's F1 is higher with these weights than with a pointwise logistic
+regression's under the strict rules (docs/evaluation.md).
 
 The bundle builder (:func:`serving.bundles.build_bundles`) ranks candidates by the fitted log-odds with the
 anchors and adds, for a set, ``pair_weight`` × the mean log-odds between a candidate and the members already
