@@ -10,16 +10,18 @@ model is trained on the events before a *validation* cut (the last 20 % of the t
 model's pair model) and the top complements answer the validation bundles' ``one_item`` queries under each
 rule setting: the substitute threshold (None: no substitute rule) × the category cap × the weight of the
 pair model's set term (``serving.rules.pair_weight``; 0: each candidate ranked by its fit with the anchor
-alone); then, with no category cap, the substitute rule as a cost (``serving.rules.substitute_penalty``:
-log-odds off per substitute pair) at thresholds 0.85 and 0.9. F1 of the first set and its substitute rate (the
-data's label, :meth:`~training.intent_bundles.IntentBundles.interchangeable`).
+alone); then, with no category cap and with a cap of 3, the substitute rule as a cost
+(``serving.rules.substitute_penalty``: log-odds off per substitute pair) at thresholds 0.85 and 0.9. F1 of the
+first set and its substitute rate (the data's label, :meth:`~training.intent_bundles.IntentBundles.interchangeable`).
+The pair model is fitted on ``--pair-folds`` time folds of orders (``training.pair_folds``; 3, as the tuned lines
+of ``make bench`` use).
 
 Why the rules cost F1 (``picks``): of the items the builder (no substitute rule, no cap) and the top
 complements put in the first set, the share interchangeable with the anchor by the data's label, and flagged
 by the worker's detector at 0.85, each with its hit rate (the item is a real member) beside the other picks'.
 
 Writes bench/results/bundle_rules.{json,md}. Usage: ``python bench/bundle_rules.py [--domains electronic,...]
-[--seed 0]`` (about 5 min a domain on 2 cores: one training, 42 rule settings).
+[--seed 0] [--pair-folds 3]`` (about 15 min a domain on 2 cores: three trainings, 52 rule settings).
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ DATA = ROOT.parent / "shared" / "data" / "amazon_intent_bundles"
 THRESHOLDS = (0.85, 0.9, 0.95, None)  # None: no substitute rule
 CAPS = (2, 3, None)
 PAIR_WEIGHTS = (0.0, 0.25, 1.0)
-PENALTIES = (0.5, 1.0, 2.0)  # with thresholds 0.85 and 0.9, no cap, pair weight 0.25
+PENALTIES = (0.25, 0.5, 1.0, 2.0)  # with thresholds 0.85 and 0.9, no cap or a cap of 3, pair weight 0.25
 
 
-def domain(name: str, seed: int) -> dict:
+def domain(name: str, seed: int, pair_folds: int) -> dict:
     """Every rule setting's F1 and substitute rate on one domain's validation bundles."""
     settings = load_settings(None)
     encoder = settings.encoder.build(settings.paths.text_cache)
@@ -59,7 +61,7 @@ def domain(name: str, seed: int) -> dict:
     train_bundles, _, _ = data.split(0.2)
     cut = train_bundles[min(int(len(train_bundles) * 0.8), len(train_bundles) - 1)].epoch
     val_bundles = [b for b in train_bundles if b.epoch >= cut]
-    served = serve(data, cut, settings.graph, settings.training.model_copy(update={"seed": seed}), settings.scoring,
+    served = serve(data, cut, settings.graph, settings.training.model_copy(update={"seed": seed, "pair_folds": pair_folds}), settings.scoring,
                    encoder)
     queries = bundle_queries(val_bundles, "one_item", set(served.store.items.ids))
     text_rows = np.flatnonzero(served.text.any(1))
@@ -72,7 +74,7 @@ def domain(name: str, seed: int) -> dict:
     # the published lists, best first: the rules do not change them
     top = mean_scores(methods(served, settings.serving.rules, settings.scoring)["top_complements"])
     grid = [(t, c, w, None) for t, c, w in itertools.product(THRESHOLDS, CAPS, PAIR_WEIGHTS)]
-    grid += [(t, None, 0.25, p) for t in (0.85, 0.9) for p in PENALTIES]
+    grid += [(t, c, 0.25, p) for t in (0.85, 0.9) for c in (None, 3) for p in PENALTIES]
     grid.sort(key=lambda g: (g[0] is None, g[0] or 0.0))  # one scorer per threshold; no substitute rule (None) last
     rows, flags = [], {}
     for threshold, settings_at in itertools.groupby(grid, key=lambda g: g[0]):
@@ -97,7 +99,7 @@ def domain(name: str, seed: int) -> dict:
     free = settings.serving.rules.model_copy(update={"max_per_category": None, "pair_weight": 0.25})
     answering = methods(served, free, settings.scoring)
     picks = {m: _picks(answering[m], queries, data, flags) for m in ("builder", "top_complements")}
-    return {"domain": name, "seed": seed, "validation_bundles": len(val_bundles), "queries": len(queries),
+    return {"domain": name, "seed": seed, "pair_folds": pair_folds, "validation_bundles": len(val_bundles), "queries": len(queries),
             "cut": cut, "rows": rows, "picks": picks}
 
 
@@ -125,7 +127,8 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = ["# Bundle rules: F1 against substitute rate on validation bundles", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores. `python bench/bundle_rules.py`; seed "
-             f"{report['domains'][0]['seed']}; one_item queries of the last 20 % of each domain's training bundles "
+             f"{report['domains'][0]['seed']}; the pair model on {report['domains'][0].get('pair_folds', 1)} time "
+             "fold(s) of orders; one_item queries of the last 20 % of each domain's training bundles "
              "(by time), the model trained on the events before them. substitute_similarity: none = no substitute "
              "rule; substitute_penalty: never = substitutes are excluded, a number = the log-odds a substitute "
              "pair costs; top complements do not depend on the rules (their lists are the same).", ""]
@@ -158,8 +161,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domains", default="electronic,clothing,food")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pair-folds", type=int, default=3, help="training.pair_folds of the pair model")
     args = parser.parse_args()
-    report = {"machine": machine(), "domains": [domain(d, args.seed) for d in args.domains.split(",")]}
+    report = {"machine": machine(), "domains": [domain(d, args.seed, args.pair_folds) for d in args.domains.split(",")]}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bundle_rules.json").write_text(json.dumps(report, indent=2))
     (OUT / "bundle_rules.md").write_text(markdown(report))
