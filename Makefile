@@ -50,7 +50,7 @@ bench: $(STAMP)
 	BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.95 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 \
 		$(BIN)/bundlegnn evaluate --task bundle --seeds 0 --json bench/results/bundles_relaxed.json
 	# each domain under the rules bench/bundle_rules.py found best on its validation bundles
-	BUNDLEGNN_SCORING__MAX_SUBSTITUTES=0 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=3 BUNDLEGNN_SERVING__RULES__PAIR_WEIGHT=1 \
+	BUNDLEGNN_SCORING__MAX_SUBSTITUTES=0 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=3 BUNDLEGNN_SERVING__RULES__PAIR_WEIGHT=0 \
 		$(BIN)/bundlegnn evaluate --task bundle --domains electronic --seeds 0,1,2 --json bench/results/bundles_tuned_electronic.json
 	BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 BUNDLEGNN_SERVING__RULES__SUBSTITUTE_PENALTY=1 BUNDLEGNN_TRAINING__PAIR_FOLDS=3 \
 		$(BIN)/bundlegnn evaluate --task bundle --domains clothing --seeds 0,1,2 --json bench/results/bundles_tuned_clothing.json
