@@ -21,7 +21,7 @@ complements put in the first set, the share interchangeable with the anchor by t
 by the worker's detector at 0.85, each with its hit rate (the item is a real member) beside the other picks'.
 
 Writes bench/results/bundle_rules.{json,md}. Usage: ``python bench/bundle_rules.py [--domains electronic,...]
-[--seed 0] [--pair-folds 3]`` (about 15 min a domain on 2 cores: three trainings, 52 rule settings).
+[--seed 0] [--pair-folds 3]`` (about 20 min a domain on 2 cores: three trainings, 52 rule settings).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def domain(name: str, seed: int, pair_folds: int) -> dict:
     train_bundles, _, _ = data.split(0.2)
     cut = train_bundles[min(int(len(train_bundles) * 0.8), len(train_bundles) - 1)].epoch
     val_bundles = [b for b in train_bundles if b.epoch >= cut]
-    served = serve(data, cut, settings.graph, settings.training.model_copy(update={"seed": seed, "pair_folds": pair_folds}), settings.scoring,
-                   encoder)
+    training = settings.training.model_copy(update={"seed": seed, "pair_folds": pair_folds})
+    served = serve(data, cut, settings.graph, training, settings.scoring, encoder)
     queries = bundle_queries(val_bundles, "one_item", set(served.store.items.ids))
     text_rows = np.flatnonzero(served.text.any(1))
     published = dict(served.view.entries)
@@ -99,8 +99,8 @@ def domain(name: str, seed: int, pair_folds: int) -> dict:
     free = settings.serving.rules.model_copy(update={"max_per_category": None, "pair_weight": 0.25})
     answering = methods(served, free, settings.scoring)
     picks = {m: _picks(answering[m], queries, data, flags) for m in ("builder", "top_complements")}
-    return {"domain": name, "seed": seed, "pair_folds": pair_folds, "validation_bundles": len(val_bundles), "queries": len(queries),
-            "cut": cut, "rows": rows, "picks": picks}
+    return {"domain": name, "seed": seed, "pair_folds": pair_folds, "validation_bundles": len(val_bundles),
+            "queries": len(queries), "cut": cut, "rows": rows, "picks": picks}
 
 
 def _picks(method: Method, queries: list[BundleQuery], data: IntentBundles, flags: dict[str, frozenset[str]]) -> dict:
@@ -163,7 +163,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pair-folds", type=int, default=3, help="training.pair_folds of the pair model")
     args = parser.parse_args()
-    report = {"machine": machine(), "domains": [domain(d, args.seed, args.pair_folds) for d in args.domains.split(",")]}
+    report = {"machine": machine(),
+              "domains": [domain(d, args.seed, args.pair_folds) for d in args.domains.split(",")]}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bundle_rules.json").write_text(json.dumps(report, indent=2))
     (OUT / "bundle_rules.md").write_text(markdown(report))
