@@ -49,6 +49,9 @@ bench: $(STAMP)
 	$(BIN)/bundlegnn evaluate --task bundle --seeds 0,1,2 --json bench/results/bundles.json
 	BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.95 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 \
 		$(BIN)/bundlegnn evaluate --task bundle --seeds 0 --json bench/results/bundles_relaxed.json
+	# Electronic under the relaxed rules on three seeds (both halves of issue 20's goal on seed 0 above)
+	BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.95 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 $(BIN)/bundlegnn evaluate \
+		--task bundle --domains electronic --seeds 0,1,2 --json bench/results/bundles_relaxed_electronic.json
 	# each domain under rules its validation bundles favour (bench/bundle_rules.py; docs/evaluation.md says why):
 	# Electronic the grid's best at a lower substitute rate; Clothing and Food 0.85 as a cost of 1
 	# (Food's best, 0.9 as a cost of 2, is the folds line below)
