@@ -127,7 +127,7 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = ["# Bundle rules: F1 against substitute rate on validation bundles", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores. `python bench/bundle_rules.py`; seed "
-             f"{report['domains'][0]['seed']}; the pair model on {report['domains'][0].get('pair_folds', 1)} time "
+             f"{report['domains'][0]['seed']}; the pair model on {report['domains'][0]['pair_folds']} time "
              "fold(s) of orders; one_item queries of the last 20 % of each domain's training bundles "
              "(by time), the model trained on the events before them. substitute_similarity: none = no substitute "
              "rule; substitute_penalty: never = substitutes are excluded, a number = the log-odds a substitute "
