@@ -61,7 +61,7 @@ bench: $(STAMP)
 		$(BIN)/bundlegnn evaluate --task bundle --domains clothing --seeds 0,1,2 --json bench/results/bundles_tuned_clothing.json
 	BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 BUNDLEGNN_SERVING__RULES__SUBSTITUTE_PENALTY=1 BUNDLEGNN_TRAINING__PAIR_FOLDS=3 \
 		$(BIN)/bundlegnn evaluate --task bundle --domains food --seeds 0,1,2 --json bench/results/bundles_tuned_food.json
-	# the pair model on three time folds of orders: Food under 0.9 as a cost of 2 (its setting under the pointwise fit), Electronic under the default rules
+	# the pair model on three time folds of orders: Food under 0.9 as a cost of 2 (its validation pick, bundle_rules.md), Electronic under the default rules
 	BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.9 BUNDLEGNN_SERVING__RULES__SUBSTITUTE_PENALTY=2 \
 		BUNDLEGNN_TRAINING__PAIR_FOLDS=3 $(BIN)/bundlegnn evaluate --task bundle --domains food --seeds 0,1,2 --json bench/results/bundles_folds_food.json
 	BUNDLEGNN_TRAINING__PAIR_FOLDS=3 \
