@@ -47,9 +47,9 @@ bench: $(STAMP)
 		--seeds 0,1 --held-out 0 --json bench/results/eval_online_retail_ii_full.json
 	$(BIN)/bundlegnn evaluate --config configs/completejourney.yaml --seeds 0,1,2 --held-out 0 --json bench/results/eval_completejourney.json
 	$(BIN)/bundlegnn evaluate --task bundle --seeds 0,1,2 --json bench/results/bundles.json
+	# the relaxed rules: Clothing and Food on seed 0, Electronic (both halves of issue 20's goal) on three seeds
 	BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.95 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 \
-		$(BIN)/bundlegnn evaluate --task bundle --seeds 0 --json bench/results/bundles_relaxed.json
-	# Electronic under the relaxed rules on three seeds (both halves of issue 20's goal on seed 0 above)
+		$(BIN)/bundlegnn evaluate --task bundle --domains clothing,food --seeds 0 --json bench/results/bundles_relaxed.json
 	BUNDLEGNN_SCORING__SUBSTITUTE_SIMILARITY=0.95 BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY=20 $(BIN)/bundlegnn evaluate \
 		--task bundle --domains electronic --seeds 0,1,2 --json bench/results/bundles_relaxed_electronic.json
 	# each domain under rules its validation bundles favour (bench/bundle_rules.py; docs/evaluation.md says why):
