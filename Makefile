@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/gnn_steps.py
 	$(BIN)/python bench/worker_throughput.py
 	$(BIN)/python bench/api.py
-	$(BIN)/python bench/train_devices.py
+	$(BIN)/python bench/train_devices.py --data ../shared/data/online_retail_ii_full/online_retail_ii.csv.gz
 	$(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml --seeds 0,1,2 --json bench/results/eval_online_retail_ii.json
 	$(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml --data ../shared/data/online_retail_ii_full/online_retail_ii.csv.gz \
 		--seeds 0,1 --held-out 0 --json bench/results/eval_online_retail_ii_full.json

@@ -35,12 +35,14 @@ def test_encoder_offline_on_real_titles(encoder, monkeypatch: pytest.MonkeyPatch
     sim = e @ e.T
     assert sim[0, 1] > sim[0, 2] + 0.2  # two lunch boxes vs a hot water bottle
     assert sim[3, 4] > sim[3, 2] + 0.2  # two mugs
-    # a second encoder over the same cache encodes nothing
+    # a second encoder over the same cache encodes nothing and never loads the model
     from training.encoder import TextEncoder
 
     again = TextEncoder(cache_dir=encoder.cache_path.parent)
     monkeypatch.setattr(again, "_encode_batch", lambda texts: pytest.fail(f"re-encoded {texts}"))
     assert np.array_equal(again.encode(titles, progress=False), e)
+    assert again.dim == 384 and "_model" not in vars(again)
+    assert again.encode([], progress=False).shape == (0, 384)
 
 
 def test_encoder_refuses_a_directory_without_a_model(tmp_path: Path) -> None:

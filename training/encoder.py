@@ -6,12 +6,15 @@ A ``transformers`` AutoTokenizer/AutoModel loaded from a local directory
 (Reimers & Gurevych, 2019). Never downloads: ``local_files_only`` is set.
 
 Embeddings are cached on disk keyed by (model id, SHA-1 of the text), so a
-retrain only encodes new or changed items.
+retrain only encodes new or changed items, and one whose texts are all cached
+never loads the model (the id comes from the directory's files, not the weights).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -43,23 +46,27 @@ class TextEncoder:
         max_length: int = 64,
         device: str = "cpu",
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         if not (self.model_dir / "config.json").exists():
             raise FileNotFoundError(f"no transformers model in {self.model_dir} (config.json missing)")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True).to(device).eval()
         self.device = device
         self.batch_size = batch_size
         self.max_length = max_length
-        self.dim: int = self.model.config.hidden_size
+        self.dim: int = json.loads((self.model_dir / "config.json").read_text())["hidden_size"]
         digest = hashlib.sha1((self.model_dir / "config.json").read_bytes())
         for weights in sorted(self.model_dir.glob("*.safetensors")) + sorted(self.model_dir.glob("*.bin")):
             digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
         self.model_id = f"{self.model_dir.name}-{digest.hexdigest()[:12]}-{max_length}"
         self.cache_path = Path(cache_dir) / f"{self.model_id}.npz" if cache_dir else None
         self._cache: dict[str, np.ndarray] = self._load_cache()
+
+    @functools.cached_property
+    def _model(self) -> tuple:
+        """The tokenizer and the model, loaded when a text is first missing from the cache."""
+        from transformers import AutoModel, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        return tokenizer, AutoModel.from_pretrained(self.model_dir, local_files_only=True).to(self.device).eval()
 
     def _load_cache(self) -> dict[str, np.ndarray]:
         if self.cache_path is None or not self.cache_path.exists():
@@ -78,9 +85,10 @@ class TextEncoder:
 
     @torch.no_grad()
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        tokenizer, model = self._model
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        tokens = self.model(**batch).last_hidden_state
+        tokens = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
