@@ -189,6 +189,20 @@ def test_model_shapes_gradients_and_an_unseen_item() -> None:
     assert model.gates.grad is not None  # the message-passing gates are trained
 
 
+def test_a_basket_view_is_pooled_in_fp32_under_bf16_autocast() -> None:
+    """CUDA has no bf16 kernel for sparse @ dense (found on an H200): the pooling leaves autocast, on every device."""
+    from training.models.bundle_gnn import BundleGNN
+    from training.train import autocast
+
+    query = torch.sparse_coo_tensor(torch.tensor([[0, 0, 1], [0, 2, 1]]), torch.tensor([0.5, 0.5, 1.0]), (2, 3))
+    src = torch.tensor([[1.0, 2.0], [3.0, 1 / 3], [1 + 2**-10, 0.0]])
+    with autocast("bf16", torch.device("cpu")):
+        pooled = BundleGNN.pool(query, src)
+        assert (query @ src).dtype == torch.bfloat16  # what autocast would have done
+    assert pooled.dtype == torch.float32
+    assert torch.equal(pooled, torch.tensor([[(2 + 2**-10) / 2, 1.0], [3.0, 1 / 3]]))
+
+
 def test_message_passing_and_its_gradient_equal_the_dense_products() -> None:
     """A relation's :class:`Propagation` multiplies by its weighted adjacency, and its backward by the cached
     transpose: the same values and input gradients as dense matrices (repeated edges in either direction,

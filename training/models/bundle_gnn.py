@@ -226,7 +226,14 @@ class BundleGNN(nn.Module):
         of its items' source views.
         """
         pick = slice(None) if candidates is None else candidates
-        return self._cosine(query @ h["src"], h["dst"][pick]) + self.prior(h["item"][pick]).squeeze(-1)
+        return self._cosine(self.pool(query, h["src"]), h["dst"][pick]) + self.prior(h["item"][pick]).squeeze(-1)
+
+    @staticmethod
+    def pool(query: Tensor, src: Tensor) -> Tensor:
+        """``query @ src`` in fp32 under any autocast: a sum over the basket's items, and a sparse product, which
+        CUDA has no bf16 kernel for ("addmm_sparse_cuda" not implemented for 'BFloat16')."""
+        with torch.autocast(src.device.type, enabled=False):
+            return query.float() @ src.float()
 
     def user_scores(self, h: dict[str, Tensor], users: Tensor, candidates: Tensor | None = None) -> Tensor:
         """Scores of candidates for the given users."""
