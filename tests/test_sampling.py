@@ -16,7 +16,7 @@ from training.models import Adjacency, BundleGNN
 from training.models.bundle_gnn import CO, IU, UI
 from training.protocol import time_split
 from training.sampling import cumulative_weights, sample_in_edges
-from training.train import Graph, TrainConfig, full_step_gb, train
+from training.train import Graph, TrainConfig, full_step_gb, step_memory_gb, train
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,19 @@ def test_sampled_training_runs_repeats_and_is_recorded(caplog: pytest.LogCapture
                       progress=False)
     assert (tight.gnn_steps, roomy.gnn_steps) == ("sampled", "full")
     assert "GNN steps: sampled" in caplog.text and "GNN steps: full" in caplog.text
+
+
+def test_the_default_step_memory_is_a_quarter_of_ram_and_on_a_gpu_at_most_half_of_its_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import types
+
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    assert step_memory_gb(torch.device("cpu")) == pytest.approx(ram_gb / 4)
+    for gpu_gb, want in [(ram_gb / 4, ram_gb / 8), (4 * ram_gb, ram_gb / 4)]:  # a small GPU bounds it, a large not
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, gb=gpu_gb: types.SimpleNamespace(total_memory=gb * 1e9))
+        assert step_memory_gb(torch.device("cuda")) == pytest.approx(want)
 
 
 def test_fanouts_need_one_entry_per_layer() -> None:

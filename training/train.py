@@ -83,7 +83,8 @@ class TrainConfig(BaseModel):
         "auto", description="full-graph training steps, or steps on a sampled neighbourhood of the batch "
         "(training.sampling); auto: sampled when a full-graph step's estimated memory passes gnn_memory_gb")
     gnn_memory_gb: float | None = Field(None, gt=0, description="memory a full-graph step may take before auto "
-                                        "switches to sampled steps (null: a quarter of the machine's memory)")
+                                        "switches to sampled steps (null: a quarter of the machine's memory, "
+                                        "and on a GPU no more than half of the GPU's)")
     fanouts: list[int] | None = Field(None, description="sampled steps: neighbours drawn per node, relation and "
                                       "layer, one entry per layer, the batch's own layer first (null: 10 per layer)")
     examples_per_epoch: int = Field(20_000, ge=1, description="(basket, hidden item) pairs drawn per epoch")
@@ -581,12 +582,20 @@ def full_step_gb(graph: Graph, cfg: TrainConfig) -> float:
     return (STEP_BYTES_PER_NODE_CHANNEL * nodes * cfg.hidden * cfg.layers + STEP_BYTES_PER_EDGE * edges) / 1e9
 
 
+def step_memory_gb(device: torch.device) -> float:
+    """What a full-graph step may take by default: a quarter of the machine's memory, and where the step runs
+    on a GPU no more than half of the GPU's (the graph and the model sit there too)."""
+    budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4e9
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.get_device_properties(device).total_memory / 2e9)
+    return budget
+
+
 def step_kind(graph: Graph, cfg: TrainConfig) -> Literal["full", "sampled"]:
     """``cfg.gnn_steps``, with auto decided by :func:`full_step_gb` against ``cfg.gnn_memory_gb``."""
     if cfg.gnn_steps != "auto":
         return cfg.gnn_steps
-    budget = cfg.gnn_memory_gb if cfg.gnn_memory_gb is not None else \
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4e9
+    budget = cfg.gnn_memory_gb if cfg.gnn_memory_gb is not None else step_memory_gb(graph.x.device)
     estimate = full_step_gb(graph, cfg)
     kind: Literal["full", "sampled"] = "sampled" if estimate > budget else "full"
     log.info("GNN steps: %s (a full-graph step takes about %.2f GB, training.gnn_memory_gb allows %.1f)", kind,
