@@ -66,8 +66,9 @@ def main() -> int:
     for row in rows:
         row["speedup_vs_cpu"] = round(rows[0]["s_per_epoch"] / row["s_per_epoch"], 2)
         row["gnn_speedup_vs_cpu"] = round(rows[0]["gnn_epochs_s"] / row["gnn_epochs_s"], 2)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    report = {"machine": machine(), "dataset": str(data), "items": store.num_items, "users": store.num_users,
+    where = machine()
+    gpu = None if where["gpu"] == "no GPU" else where["gpu"]
+    report = {"machine": where, "dataset": str(data), "items": store.num_items, "users": store.num_users,
               "co_purchase_edges": store.num_co_edges(), "threads": torch.get_num_threads(), "gpu": gpu, "runs": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "train_devices_cuda" if gpu else "train_devices_cpu"
