@@ -15,6 +15,7 @@ from serving.bundles import BundleRules
 from training.complements import ScorerConfig
 from training.encoder import TextEncoder
 from training.intent_bundles import IntentBundles, RealBundle, category_path, title_overlap
+from training.protocol import time_split
 from training.train import TrainConfig
 
 SAMPLE = Path(__file__).parent / "data" / "intent_bundles_electronic"
@@ -56,6 +57,23 @@ def test_time_split_keeps_every_test_session_and_bundle_out_of_training(data: In
     assert {f"bundle:{b.bundle_id}" for b in train} <= ids and not {f"bundle:{b.bundle_id}" for b in test} & ids
     assert len([e for e in events if isinstance(e, ItemUpserted)]) == 906
 
+
+
+def test_a_validation_period_never_starts_inside_a_day(data: IntentBundles) -> None:
+    """A session and the bundle marked in it are two orders of one day: were the day split, the bundle would
+    validate the pair model on items already bought together in training."""
+    _, _, cut = data.split(0.2)
+    events = data.events(cut)
+    days = [e.epoch for e in events if isinstance(e, Order)]
+    straddled = 0
+    for val_frac in (0.1, 0.15, 0.2, 0.25, 0.3):
+        k = int(len(days) * (1 - val_frac))
+        straddled += days[k - 1] == days[k]  # where a cut by count alone would split a day
+        split = time_split(events, GraphConfig(), test_frac=0.0, val_frac=val_frac, with_train=False)
+        start = split.protocol["val_from_epoch"]
+        assert split.fit.stats.orders_placed == sum(d < start for d in days) > 0
+        assert sum(d >= start for d in days) >= len(days) - k
+    assert straddled >= 2
 
 def test_queries_and_set_metrics_by_hand() -> None:
     b = RealBundle("1", ("a", "b", "c"), "intent", "u", "s", 0.0)

@@ -1,7 +1,8 @@
 """The evaluation protocol: a time split of orders and leave-one-out basket queries.
 
 Earlier invoices train, the last ``test_frac`` of placed orders test, and the
-last ``val_frac`` of the training orders validate (tuning and early stopping).
+last ``val_frac`` of the training orders validate (tuning and early stopping);
+orders of one time are never split between two periods.
 Each test basket with at least two distinct items hides one item (seeded); the
 rest is the query; every catalog item not in the query is ranked. Items that
 first appear in the test period are in the catalog (their text is known) but
@@ -16,6 +17,7 @@ of them.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator, Sequence
@@ -121,6 +123,20 @@ def _facts(events: Events) -> Iterator[Event | OrderFacts]:
         yield event.facts() if isinstance(event, Order) else event
 
 
+def _between_times(times: list[float], k: int) -> int:
+    """Cut ``k`` (an index into the placed orders' times, ascending) moved back to the first order of its time,
+    so that orders of one time are never split between two periods; past the last of them instead where that
+    time is the first. On the Amazon intent bundles (dates are days) a session and the bundle marked in it are
+    two orders of one day: split, the validation bundle's items were already bought together in training."""
+    if k == 0 or k >= len(times) or times[k - 1] != times[k]:
+        return k
+    first = bisect.bisect_left(times, times[k])
+    if first > 0:
+        return first
+    after = bisect.bisect_right(times, times[k])
+    return after if after < len(times) else k
+
+
 def time_split(
     events: Events, config: GraphConfig, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1,
     held_out: float = 0.0, batch: int = 20_000, with_train: bool = True,
@@ -152,10 +168,10 @@ def time_split(
             catalog[e.item_id] = e
     del seen
     total = pos + 1 if placed or catalog else 0
-    cut = int(len(placed) * (1 - test_frac))
+    cut = _between_times(times, int(len(placed) * (1 - test_frac)))
     test_start = placed[cut] if cut < len(placed) else total  # test_frac=0: no test window
     train_placed = [p for p in placed if p < test_start]
-    val_at = int(len(train_placed) * (1 - val_frac))
+    val_at = _between_times(times[:len(train_placed)], int(len(train_placed) * (1 - val_frac)))
     val_start = train_placed[val_at]
     held: frozenset[str] = frozenset()
     if held_out:
