@@ -58,7 +58,6 @@ def test_time_split_keeps_every_test_session_and_bundle_out_of_training(data: In
     assert len([e for e in events if isinstance(e, ItemUpserted)]) == 906
 
 
-
 def test_a_validation_period_never_starts_inside_a_day(data: IntentBundles) -> None:
     """A session and the bundle marked in it are two orders of one day: were the day split, the bundle would
     validate the pair model on items already bought together in training."""
@@ -74,6 +73,7 @@ def test_a_validation_period_never_starts_inside_a_day(data: IntentBundles) -> N
         assert split.fit.stats.orders_placed == sum(d < start for d in days) > 0
         assert sum(d >= start for d in days) >= len(days) - k
     assert straddled >= 2
+
 
 def test_queries_and_set_metrics_by_hand() -> None:
     b = RealBundle("1", ("a", "b", "c"), "intent", "u", "s", 0.0)
