@@ -269,7 +269,6 @@ def test_training_on_real_data_repeats_to_the_last_digit() -> None:
     assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
 
 
-
 def test_a_cut_never_splits_the_orders_of_one_time() -> None:
     from training.protocol import _between_times
 
@@ -277,6 +276,7 @@ def test_a_cut_never_splits_the_orders_of_one_time() -> None:
     assert [_between_times(times, k) for k in range(6)] == [0, 1, 1, 1, 4, 5]  # back to the first order of its time
     assert _between_times([1.0, 1.0, 1.0, 2.0], 2) == 3  # the first time: past its last order instead
     assert _between_times([1.0, 1.0, 1.0], 1) == 1  # one time only: nothing to move to
+
 
 def test_time_split_on_real_data_is_deterministic() -> None:
     events = retail_events(RETAIL_II)
