@@ -197,8 +197,8 @@ def fit_candidate(cand: job.Candidate, events: Events, train_cfg: TrainConfig, g
     on the lists it publishes over the store before its validation orders and those orders
     (:func:`training.job.validation_lists`), and with ``training.pair_folds`` > 1 on those of as many more
     models trained on earlier events (:func:`training.job.earlier_folds`: each adds a slice of orders no list
-    was made from; on Clothing's intent bundles three folds lift the builder's F1 over one,
-    ``bench/results/bundles_tuned_clothing.md``, on Food's and Electronic's they do not, ``bundles_folds_*.md``).
+    was made from; three folds are what ``bench/bundle_rules.py`` and the tuned lines of ``make bench`` fit,
+    ``docs/evaluation.md``).
     Releases the candidate's fit store. None, with the reason logged, when there is nothing to fit on (no
     decoder, no validation orders, or no order item among the lists): the builder then ranks by relevance."""
     examples = [published_examples(*job.validation_lists(cand, scorer_cfg))]
