@@ -38,6 +38,14 @@ def _pct(g: dict) -> str:
     return f"{g['gain']:+.1%} [{g['low']:+.1%}, {g['high']:+.1%}]"
 
 
+def _builder_vs_top(domain: dict) -> tuple[dict, dict, str]:
+    """One domain of a bundle evaluation, one_item queries: the builder's and the top complements' metrics and
+    the builder's F1 gain over them."""
+    s = domain["settings"]["one_item"]
+    gain = domain["comparisons"]["one_item"]["builder vs top_complements"]["f1_top1"]
+    return s["builder"], s["top_complements"], _pct(gain)
+
+
 def rows() -> list[tuple[str, str, str]]:
     """(what, result, source) for each headline figure whose file exists."""
     out: list[tuple[str, str, str]] = []
@@ -67,24 +75,16 @@ def rows() -> list[tuple[str, str, str]]:
                     f"{m[best]['hr@10']:.3f} / {m[best]['ndcg@10']:.3f}: "
                     f"{_pct(gains[f'gnn vs {best}']['hr@10'])} HR@10{own} (seeds {cj['seeds']})", source))
     if (b := _load("bundles")) is not None:
-        cells = []
-        for d in b["domains"]:
-            s = d["settings"]["one_item"]
-            gain = d["comparisons"]["one_item"]["builder vs top_complements"]["f1_top1"]
-            cells.append(f"{d['domain']} {s['builder']['f1_top1']:.3f} vs {s['top_complements']['f1_top1']:.3f} "
-                         f"({_pct(gain)})")
+        cells = [f"{d['domain']} {builder['f1_top1']:.3f} vs {top['f1_top1']:.3f} ({gain})"
+                 for d in b["domains"] for builder, top, gain in [_builder_vs_top(d)]]
         out.append(("Bundles vs real bundles, F1 of the first bundle: builder vs top complements (strict default "
                     "rules)", "; ".join(cells), _source("bundles", b.get("machine"))))
     tuned = [(name, t) for name in ("electronic", "clothing", "food") if (t := _load(f"bundles_tuned_{name}"))]
     if tuned:
-        cells, sources = [], []
-        for name, t in tuned:
-            d = t["domains"][0]
-            s = d["settings"]["one_item"]
-            gain = d["comparisons"]["one_item"]["builder vs top_complements"]["f1_top1"]
-            cells.append(f"{name} {_pct(gain)} at a substitute rate of {s['builder']['substitute_rate']:.3f} vs "
-                         f"{s['top_complements']['substitute_rate']:.3f}")
-            sources.append(_source(f"bundles_tuned_{name}", t.get("machine")))
+        cells = [f"{d['domain']} {gain} at a substitute rate of {builder['substitute_rate']:.3f} vs "
+                 f"{top['substitute_rate']:.3f}"
+                 for _, t in tuned for d in t["domains"] for builder, top, gain in [_builder_vs_top(d)]]
+        sources = [_source(f"bundles_tuned_{name}", t.get("machine")) for name, t in tuned]
         out.append(("The same under each domain's rules picked on validation bundles (variants allowed): F1 "
                     "gain, substitute rate builder vs top complements", "; ".join(cells), "; ".join(sources)))
     if (y := _load("youshu")) is not None:

@@ -75,7 +75,8 @@ def main() -> int:
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
     lines = [f"# Training on each device: {args.epochs} epochs on {Path(data).parent.name}", "",
              f"{describe(report['machine'])}; {torch.get_num_threads()} CPU threads. `python bench/train_devices.py"
-             f"{f' --data {args.data}' if args.data else ''} --epochs {args.epochs}`: {store.num_items} items, {store.num_co_edges()} co-purchase pairs, the whole "
+             f"{f' --data {args.data}' if args.data else ''} --epochs {args.epochs}`: {store.num_items} items, "
+             f"{store.num_co_edges()} co-purchase pairs, the whole "
              "`train` (graph, GNN epochs with no early stopping, validation, decoder).", "",
              "| device | precision | s/epoch (all of train) | speed-up vs CPU | GNN epochs s | GNN speed-up | steps | "
              "GPU peak GB | final loss |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
