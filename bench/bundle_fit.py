@@ -5,7 +5,7 @@ it was built in, here on matrices of one query's items, with settings the builde
 substitute rule, the pair weight, a fit on bundles instead of orders): a logistic model of
 "``b`` goes into a bundle with ``a``" over what the API's view knows of a pair (``a``'s relevance for ``b``
 and back, ``b``'s rank in ``a``'s list, same category, title word overlap, the worker's substitute flag,
-``b``'s popularity), fitted on a *validation* period: the model is trained on the events before a
+``b``'s popularity; the model now also weighs their products), fitted on a *validation* period: the model is trained on the events before a
 validation cut (as ``evaluate --task bundle`` trains on those before the test cut), every item's list is
 published, and the logistic model is fitted on the pairs of the validation period's orders (sessions: what
 any shop has) or of its bundles. Then the model of the test cut answers the test bundles' ``one_item``
@@ -158,7 +158,7 @@ def domain(name: str, seed: int) -> dict:
                          "f1_top1": float(scores.mean()),
                          "substitute_rate": float(np.mean([substitute_rate(m, c, data) for m, c in zip(test, picks)])),
                          "vs_top_complements": relative_gain([scores], [base_f1]),
-                         "weights": dict(zip((*FEATURES, "intercept"),
+                         "weights": dict(zip((*model.terms, "intercept"),
                                              np.round([*model.weights, model.intercept], 3).tolist()))})
     return {"domain": name, "seed": seed, "queries": {k: len(v) for k, v in found.items()}, "rows": rows,
             "wall_s": round(time.perf_counter() - started)}

@@ -377,11 +377,13 @@ def markdown(summaries: list[dict]) -> str:
         fitted = [m for m in s.get("pair_models", []) if m]
         if fitted:
             mean = np.mean([m["weights"] for m in fitted], 0)
+            names = fitted[0].get("terms", fitted[0]["features"])
             lines.append("\nThe builder's pair model, fitted on each seed's validation orders (and, with "
                          f"training.pair_folds > 1, earlier folds' orders; {fitted[0]['pairs']} "
                          f"pairs, {fitted[0]['positives']} positive, seed {s['seeds'][0]}); mean weights of the "
-                         "standardised features: " + ", ".join(f"{k} {w:+.2f}" for k, w in zip(fitted[0]["features"], mean))
-                         + ".\n")
+                         "standardised terms, those of 0.05 or more: "
+                         + ", ".join(f"{k} {w:+.2f}" for k, w in zip(names, mean) if abs(w) >= 0.05)
+                         + f" (of {len(names)} terms).\n")
         lab = s["labels"]
         lines += [f"\nLabels (cosine of text embeddings with the written intent, one_item queries): builder's label "
                   f"{lab['builder_label']:.3f}, anchor's title {lab['anchor_title']:.3f} (label vs title "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from serving.bundle_fit import FEATURES, Examples, PairModel, fit_on_orders, order_examples, pair_features
+from serving.bundle_fit import FEATURES, TERMS, Examples, PairModel, expand_terms, fit_on_orders, order_examples, pair_features
 from serving.bundles import Bundle, BundleRules, build_bundles
 from serving.view import BundleView
 from tests.test_serving import NOW, catalog
@@ -61,15 +61,15 @@ def _one_member_per_list(logits: np.ndarray, lists: int, size: int, rng: np.rand
 
 def test_fit_finds_the_weights_and_the_intercept_and_round_trips() -> None:
     """2,000 lists of 10 candidates, one member each drawn by a softmax over 2 x₀ − 3 x₆: the conditional fit
-    finds those weights, and the intercept fitted after them makes the log-odds calibrated (as many members
-    expected as there are)."""
+    finds those weights (and none for the products of features), and the intercept fitted after them makes the
+    log-odds calibrated (as many members expected as there are)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20_000, len(FEATURES)))
     y = _one_member_per_list(2 * x[:, 0] - 3 * x[:, 6], 2000, 10, rng)
     group = np.repeat(np.arange(2000), 10)
     model = PairModel.fit(x, y, group, c=10.0)
-    assert model.weights[0] == pytest.approx(2, rel=0.1) and model.weights[6] == pytest.approx(-3, rel=0.1)
-    assert all(abs(w) < 0.15 for w in model.weights[1:6])
+    assert model.weights[0] == pytest.approx(2, rel=0.2) and model.weights[6] == pytest.approx(-3, rel=0.2)
+    assert all(abs(w) < 0.2 for w in model.weights[1:6] + model.weights[7:]) and len(model.weights) == len(TERMS)
     p = 1 / (1 + np.exp(-model.logits(x)))
     assert p.sum() == pytest.approx(y.sum(), rel=1e-4)  # the intercept's score equation
     assert (model.pairs, model.positives) == (20_000, 2000)
@@ -81,11 +81,30 @@ def test_fit_finds_the_weights_and_the_intercept_and_round_trips() -> None:
         PairModel.fit(x[:10], np.ones(10, bool), group[:10])
 
 
+def test_second_order_terms_fit_what_one_feature_does_only_beside_another() -> None:
+    """Relevance that ranks only among candidates of the anchor's category (x₀ · x₃): the model's product term
+    carries it, where a weight per feature could not; a manifest of a model without the terms is refused."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20_000, len(FEATURES)))
+    x[:, 3] = rng.random(20_000) < 0.5  # same_category
+    assert np.allclose(expand_terms(x[:2])[:, TERMS.index("relevance*same_category")], x[:2, 0] * x[:2, 3])
+    y = _one_member_per_list(3 * x[:, 0] * x[:, 3], 2000, 10, rng)
+    model = PairModel.fit(x, y, np.repeat(np.arange(2000), 10), c=10.0)
+    w = dict(zip(TERMS, model.weights))
+    assert w["relevance*same_category"] > 1 and abs(w["relevance"]) < 0.3
+    logits = model.logits(x).reshape(2000, 10)
+    assert (logits.argmax(1) == y.reshape(2000, 10).argmax(1)).mean() > 0.5  # a random pick: 0.1
+    old = {**model.model_dump(), "terms": FEATURES, "mean": [0.0] * 7, "scale": [1.0] * 7, "weights": [0.0] * 7}
+    with pytest.raises(ValueError, match="retrain"):
+        PairModel.model_validate(old)
+
+
 def test_the_weights_rank_within_lists_whatever_sets_lists_apart() -> None:
     """Whether a list holds a member at all (an anchor whose orders hold many items) predicts membership
     pointwise but ranks nothing within a list: the conditional fit gives the feature that marks such lists
-    about no weight, where a pointwise logistic regression gives it a large one; lists without a member do
-    not move the weights."""
+    (and its square) about no weight, where a pointwise logistic regression gives it a large one, and finds
+    the slope of the feature that ranks where the members are; lists without a member do not move the
+    weights."""
     rng = np.random.default_rng(1)
     lists, size = 600, 8
     group = np.repeat(np.arange(lists), size)
@@ -96,7 +115,11 @@ def test_the_weights_rank_within_lists_whatever_sets_lists_apart() -> None:
     has_member = np.repeat(rng.random(lists) < np.where(busy, 0.9, 0.1), size)
     y = _one_member_per_list(1.5 * x[:, 0], lists, size, rng) & has_member
     model = PairModel.fit(x, y, group)
-    assert model.weights[0] > 1 and abs(model.weights[1]) < 0.1
+    w = dict(zip(TERMS, model.weights))
+    assert abs(w["relevance_back"]) < 0.1 and abs(w["relevance_back*relevance_back"]) < 0.1
+    busy_row = np.zeros((2, len(FEATURES)))
+    busy_row[:, 1], busy_row[1, 0] = 1.0, 1.0  # a candidate of a busy list, and one with x₀ higher by 1
+    assert np.diff(model.logits(busy_row))[0] == pytest.approx(1.5, rel=0.2)
     z = np.hstack([(x - x.mean(0)) / (x.std(0) + 1e-9), np.ones((len(x), 1))])
 
     def pointwise(w: np.ndarray) -> tuple[float, np.ndarray]:  # logistic likelihood, all pairs alike
@@ -128,9 +151,9 @@ def test_fit_on_orders_learns_that_a_best_seller_completes_few_orders(view: Bund
 
 
 def _model(**weights: float) -> PairModel:
-    """A pair model with the given weights on the raw features (the others 0)."""
-    return PairModel(mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
-                     weights=[weights.get(f, 0.0) for f in FEATURES], intercept=0.0, pairs=1, positives=1)
+    """A pair model with the given weights on the raw terms (the others 0)."""
+    return PairModel(mean=[0.0] * len(TERMS), scale=[1.0] * len(TERMS),
+                     weights=[weights.get(t, 0.0) for t in TERMS], intercept=0.0, pairs=1, positives=1)
 
 
 SPECIFIC = {"relevance": 2.0, "log_rank": -1.0, "log_orders": -0.5}  # high in the list, not a best seller

@@ -65,10 +65,10 @@ def test_train_writes_a_loadable_versioned_artifact(tmp_path: Path, monkeypatch:
     assert np.allclose(np.take_along_axis(b, art.decoder_index.astype(np.int64), 1), art.decoder_weight, atol=1e-5)
     assert np.allclose(art.decoder_weight[:, 0], b.max(1), atol=1e-5)
     # the bundle builder's pair model, fitted on the validation orders, travels in the manifest
-    from serving.bundle_fit import FEATURES, PairModel
+    from serving.bundle_fit import TERMS, PairModel
 
     pair = PairModel.model_validate(art.manifest["pair_model"])
-    assert 0 < pair.positives < pair.pairs and len(pair.weights) == len(FEATURES) == 7
+    assert 0 < pair.positives < pair.pairs and len(pair.weights) == len(TERMS) == 33
     assert np.isfinite(pair.weights).all() and summary["pair_model"] == art.manifest["pair_model"]
     # what the API's /healthz says of the model it loaded (`bundlegnn serve`)
     info = ModelInfo.of(art.version, art.manifest, pair_model=True)
