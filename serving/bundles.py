@@ -125,6 +125,11 @@ def label(items: list[ItemInfo]) -> str | None:
     return text or None
 
 
+_GROWN = 5
+"""Full bundles grown (from the best seeds) before the best ``k`` are returned, at least: so the first bundle
+is the same whatever ``k`` a request asks for (``evaluate --task bundle`` asks for 5)."""
+
+
 @dataclass
 class _Candidate:
     item_id: str
@@ -194,7 +199,8 @@ def _pair_reason(view: BundleView, a: str, b: str) -> str | None:
 def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules: BundleRules,
                   max_price: float | None = None, user_id: str | None = None,
                   include_anchor: bool = True, fit: PairModel | None = None) -> list[Bundle]:
-    """Up to ``k`` distinct bundles of ``size`` new items around ``anchors``, best first.
+    """Up to ``k`` distinct bundles of ``size`` new items around ``anchors``, best first (of at least
+    ``_GROWN`` grown, so the first is the same for any ``k``).
 
     Without ``fit`` a candidate's gain is its relevance plus its compatibility with each member chosen, and a
     bundle's score the mean over its pairs (the module docstring). With a fitted pair model
@@ -248,7 +254,7 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
 
     found: dict[frozenset[int], tuple[float, list[int]]] = {}
     for seed in range(len(cands)):
-        if sum(1 for key in found if len(key) == size) >= k:
+        if sum(1 for key in found if len(key) == size) >= max(k, _GROWN):
             break
         if not allowed(seed, [], anchor_price):
             continue

@@ -172,6 +172,20 @@ def test_builder_ranks_by_the_fitted_score_under_the_same_rules(view: BundleView
     assert build_bundles(view, ["A"], 1, 2, rules.model_copy(update={"in_stock_only": True}), fit=model)[0].why
 
 
+def test_the_first_bundle_does_not_depend_on_k() -> None:
+    """X's best complement B goes with nothing else; C and D, next in X's list, go with each other: the bundle
+    grown from C scores higher than the one grown from B, and a request for one bundle gets it too."""
+    v = BundleView()
+    for k in "XBCD":
+        catalog(v, k, f"item {k}", price=1.0, category=f"cat {k}")
+    publish(v, "X", [("B", 1.0), ("C", 0.9), ("D", 0.85)], orders=10)
+    publish(v, "C", [("D", 1.0)], orders=10)
+    publish(v, "D", [("C", 1.0)], orders=10)
+    rules = BundleRules(max_per_category=None)
+    firsts = [[m.item_id for m in build_bundles(v, ["X"], k, 2, rules)[0].items] for k in (1, 3)]
+    assert firsts[0] == firsts[1] == ["X", "C", "D"]
+
+
 def test_substitute_penalty_turns_the_substitute_rule_into_a_cost(view: BundleView) -> None:
     model = _model(**SPECIFIC)
     both = {"G", "T"}
