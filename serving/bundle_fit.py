@@ -8,12 +8,14 @@ pairwise products, a second-order (degree-2 polynomial) logit, so that one fact 
 beside another (a shared title word within the anchor's category or across it, a rank in a list of
 popular items or of rare ones). On the Food validation bundles (two seeds) the products lifted the
 builder's F1 over top complements from +11.0 / +12.4 % to +13.6 / +14.9 % at a lower substitute rate
-(0.070 against 0.081); ``docs/evaluation.md`` has every domain. Fitted on orders the lists' model never saw, a validation
-period after its training data, and optionally earlier such periods against earlier models' lists
-(:func:`fit_candidate`): for each order and each of its items as the anchor, the anchor's listed complements
-are the examples and those in the order the positives. It learns what a single relevance cannot weigh: on
-the Amazon intent bundles the weight of popularity is clearly negative (a best seller tops many lists but
-completes few bundles) and that of a shared category or title words positive (``bench/results/bundle_fit.md``).
+(0.070 against 0.081); ``docs/evaluation.md`` has every domain.
+
+Fitted on orders the lists' model never saw, a validation period after its training data, and optionally
+earlier such periods against earlier models' lists (:func:`fit_candidate`): for each order and each of its
+items as the anchor, the anchor's listed complements are the examples and those in the order the positives. It
+learns what a single relevance cannot weigh: on the Amazon intent bundles the weight of popularity is clearly
+negative (a best seller tops many lists but completes few bundles) and that of a shared category or title
+words positive (``bench/results/bundle_fit.md``).
 
 The builder only ever compares candidates of one anchor's list, so the weights are fitted for that: a
 conditional logit (McFadden, "Conditional logit analysis of qualitative choice behavior", 1974; the softmax
@@ -55,8 +57,8 @@ log = logging.getLogger(__name__)
 
 FEATURES = ("relevance", "relevance_back", "log_rank", "same_category", "title_overlap", "substitute", "log_orders")
 _BINARY = ("same_category", "substitute")  # their squares are themselves
-_PRODUCTS = tuple((FEATURES.index(u), FEATURES.index(v)) for u, v in itertools.combinations_with_replacement(FEATURES, 2)
-                  if not (u == v and u in _BINARY))
+_PRODUCTS = tuple((FEATURES.index(u), FEATURES.index(v))
+                  for u, v in itertools.combinations_with_replacement(FEATURES, 2) if not (u == v and u in _BINARY))
 TERMS = FEATURES + tuple(f"{FEATURES[i]}*{FEATURES[j]}" for i, j in _PRODUCTS)
 """The model's terms: the features and their products (second-order, as in a degree-2 polynomial logit)."""
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from serving.bundle_fit import FEATURES, TERMS, Examples, PairModel, expand_terms, fit_on_orders, order_examples, pair_features
+from serving.bundle_fit import (FEATURES, TERMS, Examples, PairModel, expand_terms, fit_on_orders, order_examples,
+                                pair_features)
 from serving.bundles import Bundle, BundleRules, build_bundles
 from serving.view import BundleView
 from tests.test_serving import NOW, catalog
