@@ -40,7 +40,7 @@ from scale import OUT, machine  # noqa: E402
 from bundlegnn.config import load_settings  # noqa: E402
 from bundlegnn.provenance import describe  # noqa: E402
 from serving.bundle_eval import BundleQuery, Served, _merged, bundle_queries, serve  # noqa: E402
-from serving.bundle_fit import FEATURES, PairModel  # noqa: E402
+from serving.bundle_fit import PairModel  # noqa: E402
 from training.complements import unit  # noqa: E402
 from training.evaluation import gain_cell  # noqa: E402
 from training.intent_bundles import IntentBundles, RealBundle, title_overlap  # noqa: E402
@@ -82,7 +82,7 @@ def found_share(m: dict, chosen: list[str]) -> float:
 
 
 def pair_features(m: dict, x: int, js: np.ndarray) -> np.ndarray:
-    """:data:`FEATURES` of the pairs (``x`` → ``j``) for ``j`` in ``js`` (indices into ``m["items"]``)."""
+    """:data:`serving.bundle_fit.FEATURES` of the pairs (``x`` → ``j``) for ``j`` in ``js`` (indices into ``m["items"]``)."""
     rel = m["rel"]
     order = np.argsort(-rel[x], kind="stable")
     rank = np.empty(len(order))

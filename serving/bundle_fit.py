@@ -61,12 +61,12 @@ _PRODUCTS = tuple((FEATURES.index(u), FEATURES.index(v))
                   for u, v in itertools.combinations_with_replacement(FEATURES, 2) if not (u == v and u in _BINARY))
 TERMS = FEATURES + tuple(f"{FEATURES[i]}*{FEATURES[j]}" for i, j in _PRODUCTS)
 """The model's terms: the features and their products (second-order, as in a degree-2 polynomial logit)."""
+_LEFT, _RIGHT = (np.array(k) for k in zip(*_PRODUCTS))
 
 
 def expand_terms(x: np.ndarray) -> np.ndarray:
     """:data:`TERMS` of feature rows ``x`` (``... × FEATURES`` → ``... × TERMS``)."""
-    i, j = (np.array(k) for k in zip(*_PRODUCTS))
-    return np.concatenate([x, x[..., i] * x[..., j]], -1)
+    return np.concatenate([x, x[..., _LEFT] * x[..., _RIGHT]], -1)
 
 
 class PairModel(BaseModel):

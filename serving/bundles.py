@@ -126,8 +126,9 @@ def label(items: list[ItemInfo]) -> str | None:
 
 
 _GROWN = 5
-"""Full bundles grown (from the best seeds) before the best ``k`` are returned, at least: so the first bundle
-is the same whatever ``k`` a request asks for (``evaluate --task bundle`` asks for 5)."""
+"""Full bundles grown (from the best seeds) before the best ``k`` are returned, at least: so a request for up to
+five bundles gets the same first ones whatever its ``k`` (``evaluate --task bundle`` asks for 5; a larger ``k``
+grows more and may find a better one)."""
 
 
 @dataclass
@@ -200,7 +201,7 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
                   max_price: float | None = None, user_id: str | None = None,
                   include_anchor: bool = True, fit: PairModel | None = None) -> list[Bundle]:
     """Up to ``k`` distinct bundles of ``size`` new items around ``anchors``, best first (of at least
-    ``_GROWN`` grown, so the first is the same for any ``k``).
+    ``_GROWN`` grown, so the first is the same for any ``k`` up to that).
 
     Without ``fit`` a candidate's gain is its relevance plus its compatibility with each member chosen, and a
     bundle's score the mean over its pairs (the module docstring). With a fitted pair model
