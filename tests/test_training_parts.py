@@ -122,6 +122,9 @@ def test_relative_gain_and_its_interval_by_hand() -> None:
     assert noisy["low"] < 0 < noisy["high"]
     with pytest.raises(ValueError, match="same runs"):
         relative_gain([a], [b[:10]])
+    # b scores on 2 queries of 100: many draws miss both, an unbounded gain; the upper bound says +inf, not nan
+    rare = relative_gain([np.r_[np.ones(30), np.zeros(70)]], [np.r_[np.ones(2), np.zeros(98)]])
+    assert rare["gain"] == pytest.approx(14.0) and rare["high"] == math.inf and 0 < rare["low"] < 14
 
 
 def _tiny_store() -> GraphStore:

@@ -385,7 +385,11 @@ def relative_gain(a: Sequence[np.ndarray], b: Sequence[np.ndarray], resamples: i
         draws = sum_a[runs, slots].sum(1) / sum_b[runs, slots].sum(1) - 1
         each = [float(x.sum() / y.sum() - 1) for x, y in zip(a, b)]
         gain = float(sum(x.sum() for x in a) / sum(y.sum() for y in b) - 1)
-    low, high = np.nanpercentile(draws, [2.5, 97.5]) if np.isfinite(draws).any() else (float("nan"),) * 2
+    # a draw where b scores 0 and a does not is an unbounded gain (+inf): the percentiles then take draws
+    # themselves (interpolating between two +inf is nan), so such a bound reads +inf, not nan
+    method = "linear" if np.isfinite(draws[~np.isnan(draws)]).all() else "nearest"
+    low, high = np.nanpercentile(draws, [2.5, 97.5], method=method) if not np.isnan(draws).all() \
+        else (float("nan"),) * 2
     return {"gain": gain, "low": float(low), "high": float(high), "runs": each}
 
 
