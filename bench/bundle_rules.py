@@ -14,7 +14,8 @@ alone); then, with no category cap and with a cap of 3, the substitute rule as a
 (``serving.rules.substitute_penalty``: log-odds off per substitute pair) at thresholds 0.85 and 0.9. F1 of the
 first set and its substitute rate (the data's label, :meth:`~training.intent_bundles.IntentBundles.interchangeable`).
 The pair model is fitted on ``--pair-folds`` time folds of orders (``training.pair_folds``; 3, as the tuned lines
-of ``make bench`` use).
+of ``make bench`` use), once per threshold with the substitute flags of that threshold, as a run under it fits it
+(:func:`serving.bundle_fit.refit`).
 
 Why the rules cost F1 (``picks``): of the items the builder (no substitute rule, no cap) and the top
 complements put in the first set, the share interchangeable with the anchor by the data's label, and flagged
@@ -43,6 +44,7 @@ from scale import OUT, machine  # noqa: E402
 
 from bundlegnn.config import load_settings  # noqa: E402
 from serving.bundle_eval import BundleQuery, Method, bundle_queries, methods, scores, serve  # noqa: E402
+from serving.bundle_fit import Fold, refit  # noqa: E402
 from training.complements import ComplementScorer  # noqa: E402
 from training.intent_bundles import IntentBundles  # noqa: E402
 
@@ -62,7 +64,8 @@ def domain(name: str, seed: int, pair_folds: int) -> dict:
     cut = train_bundles[min(int(len(train_bundles) * 0.8), len(train_bundles) - 1)].epoch
     val_bundles = [b for b in train_bundles if b.epoch >= cut]
     training = settings.training.model_copy(update={"seed": seed, "pair_folds": pair_folds})
-    served = serve(data, cut, settings.graph, training, settings.scoring, encoder)
+    folds: list[Fold] = []
+    served = serve(data, cut, settings.graph, training, settings.scoring, encoder, folds)
     queries = bundle_queries(val_bundles, "one_item", set(served.store.items.ids))
     text_rows = np.flatnonzero(served.text.any(1))
     published = dict(served.view.entries)
@@ -86,6 +89,8 @@ def domain(name: str, seed: int, pair_folds: int) -> dict:
             served.view.entries[item] = dataclasses.replace(entry, substitutes=frozenset(scorer.substitutes(item)))
         if threshold == 0.85:
             flags = {item: e.substitutes for item, e in served.view.entries.items()}
+        if served.fit is not None:  # the pair model a run under this threshold fits
+            served.fit = refit(folds, scoring, served.store.items.index, served.text)
         for _, cap, pair_weight, penalty in settings_at:
             rules = settings.serving.rules.model_copy(update={"max_per_category": cap, "pair_weight": pair_weight,
                                                               "substitute_penalty": penalty})
@@ -128,8 +133,8 @@ def markdown(report: dict) -> str:
     lines = ["# Bundle rules: F1 against substitute rate on validation bundles", "",
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores. `python bench/bundle_rules.py`; seed "
              f"{report['domains'][0]['seed']}; the pair model on {report['domains'][0]['pair_folds']} time "
-             "fold(s) of orders; one_item queries of the last 20 % of each domain's training bundles "
-             "(by time), the model trained on the events before them. substitute_similarity: none = no substitute "
+             "fold(s) of orders, refitted under each threshold's substitute flags; one_item queries of the last "
+             "20 % of each domain's training bundles (by time), the model trained on the events before them. substitute_similarity: none = no substitute "
              "rule; substitute_penalty: never = substitutes are excluded, a number = the log-odds a substitute "
              "pair costs; top complements do not depend on the rules (their lists are the same).", ""]
     for d in report["domains"]:

@@ -45,7 +45,7 @@ import numpy as np
 
 from graph.events import ItemUpserted
 from graph.store import GraphConfig, GraphStore
-from serving.bundle_fit import PairModel, fit_candidate
+from serving.bundle_fit import Fold, PairModel, fit_candidate
 from serving.bundles import BundleRules, build_bundles, label
 from serving.view import BundleView
 from training import job
@@ -119,12 +119,12 @@ class Served:
 
 
 def serve(data: IntentBundles, cut: float, graph_cfg: GraphConfig, train_cfg: TrainConfig, scorer_cfg: ScorerConfig,
-          encoder: TextEncoder) -> Served:
+          encoder: TextEncoder, folds_out: list[Fold] | None = None) -> Served:
     """Train as ``bundlegnn train`` does on the events before ``cut``; publish every item's list as the worker
-    would; return the API's view of them."""
+    would; return the API's view of them. ``folds_out``: as in :func:`~serving.bundle_fit.fit_candidate`."""
     events = data.events(cut)
     cand = job.fit(events, train_cfg, graph_cfg, encoder)
-    fit = fit_candidate(cand, events, train_cfg, graph_cfg, encoder, scorer_cfg)
+    fit = fit_candidate(cand, events, train_cfg, graph_cfg, encoder, scorer_cfg, folds_out)
     store = job.full_store(cand, events, graph_cfg)
     with tempfile.TemporaryDirectory() as models:
         path, summary = job.save(cand, store, train_cfg, encoder, models, f"intent-{data.domain}")

@@ -47,7 +47,7 @@ from scipy.optimize import minimize
 from graph.store import GraphConfig, GraphStore
 from serving.view import BundleView, ItemInfo
 from training import job
-from training.complements import BundleUpdate, ScorerConfig
+from training.complements import BundleUpdate, ComplementScorer, ScorerConfig
 from training.encoder import TextEncoder
 from training.intent_bundles import title_words
 from training.protocol import Events
@@ -216,8 +216,35 @@ def published_examples(store: GraphStore, updates: list[BundleUpdate], orders: l
     return order_examples(view, orders)
 
 
+Fold = tuple[GraphStore, list[BundleUpdate], list[list[str]]]
+"""What one validation slice fits on (:func:`training.job.validation_lists`): the store before it, the lists
+published over that store, and its orders."""
+
+
+def flagged_examples(fold: Fold, scorer_cfg: ScorerConfig, index: dict[str, int], text: np.ndarray) -> Examples:
+    """:func:`published_examples` of ``fold`` with its lists' substitute flags (a feature) as ``scorer_cfg``
+    makes them over the fold's store; ``text``: the items' text embeddings, row ``index[item_id]``."""
+    store, updates, orders = fold
+    ids = store.items.ids
+    scorer = ComplementScorer(store, scorer_cfg)
+    rows = np.array([r for r, it in enumerate(store.catalog) if it.has_text and ids[r] in index], np.int64)
+    scorer.set_text(rows, text[[index[ids[r]] for r in rows.tolist()]])
+    return published_examples(store, [u.model_copy(update={"substitutes": scorer.substitutes(u.item_id)})
+                                      for u in updates], orders)
+
+
+def refit(folds: list[Fold], scorer_cfg: ScorerConfig, index: dict[str, int], text: np.ndarray) -> PairModel:
+    """The pair model that a run under ``scorer_cfg`` would fit on the same ``folds`` (kept by
+    :func:`fit_candidate`): their substitute flags made under it (:func:`flagged_examples`). A model fitted
+    under the default threshold and read under another gave the builder 0.7–2 points less F1 gain at thresholds
+    0.9 and above on the Clothing and Food validation bundles (seed 0; the same picks), so
+    ``bench/bundle_rules.py`` refits per threshold."""
+    return PairModel.fit(*Examples.concat([flagged_examples(f, scorer_cfg, index, text) for f in folds]))
+
+
 def fit_candidate(cand: job.Candidate, events: Events, train_cfg: TrainConfig, graph_cfg: GraphConfig,
-                  encoder: TextEncoder, scorer_cfg: ScorerConfig) -> PairModel | None:
+                  encoder: TextEncoder, scorer_cfg: ScorerConfig, folds_out: list[Fold] | None = None
+                  ) -> PairModel | None:
     """The pair model of a freshly trained candidate (``bundlegnn train``, ``evaluate --task bundle``), fitted
     on the lists it publishes over the store before its validation orders and those orders
     (:func:`training.job.validation_lists`), and with ``training.pair_folds`` > 1 on those of as many more
@@ -225,14 +252,22 @@ def fit_candidate(cand: job.Candidate, events: Events, train_cfg: TrainConfig, g
     was made from; three folds are what ``bench/bundle_rules.py`` and the tuned lines of ``make bench`` fit,
     ``docs/evaluation.md``).
     Releases the candidate's fit store. None, with the reason logged, when there is nothing to fit on (no
-    decoder, no validation orders, or no order item among the lists): the builder then ranks by relevance."""
-    examples = [published_examples(*job.validation_lists(cand, scorer_cfg))]
+    decoder, no validation orders, or no order item among the lists): the builder then ranks by relevance.
+    ``folds_out``: a list that receives every fold (and so holds their stores), for a caller that refits under
+    other scoring settings (``bench/bundle_rules.py``: the substitute flags of each threshold it measures)."""
+    first = job.validation_lists(cand, scorer_cfg)
+    examples = [published_examples(*first)]
     job.release_fit(cand)
+    if folds_out is not None:
+        folds_out.append(first)
+    del first
     if len(examples[0].y):
         for fold in job.earlier_folds(events, cand, train_cfg.pair_folds - 1, train_cfg, graph_cfg, encoder,
                                       scorer_cfg):
             examples.append(published_examples(*fold))
-            del fold  # its store: not held while the next fold trains
+            if folds_out is not None:
+                folds_out.append(fold)
+            del fold  # its store: not held while the next fold trains (unless folds_out keeps it)
     try:
         return PairModel.fit(*Examples.concat(examples))
     except ValueError as exc:

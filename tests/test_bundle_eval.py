@@ -128,7 +128,7 @@ def test_earlier_folds_give_the_pair_model_orders_no_list_was_made_from(data: In
     """``training.pair_folds``: each earlier fold trains on the events before the previous fold's validation
     orders and validates on the slice before them, so its orders are new to its lists; the pair model is fitted
     on every fold's examples; too few orders for a fold: fewer folds, with a warning."""
-    from serving.bundle_fit import fit_candidate, published_examples
+    from serving.bundle_fit import FEATURES, fit_candidate, flagged_examples, published_examples, refit
     from training import job
 
     cfg = TrainConfig(epochs=2, hidden=16, decoder_lambdas=[25.0], decoder_text_weights=[30.0],
@@ -149,11 +149,26 @@ def test_earlier_folds_give_the_pair_model_orders_no_list_was_made_from(data: In
     examples = [published_examples(*f) for f in (main, *folds)]
     assert all(e.y.any() and not e.y.all() for e in examples)
 
+    kept: list = []
     fitted = {k: fit_candidate(job.fit(events, cfg.model_copy(update={"pair_folds": k}), GraphConfig(), encoder), events,
-                               cfg.model_copy(update={"pair_folds": k}), GraphConfig(), encoder, ScorerConfig())
+                               cfg.model_copy(update={"pair_folds": k}), GraphConfig(), encoder, ScorerConfig(),
+                               kept if k == 3 else None)
               for k in (1, 3)}
     assert fitted[1].pairs == len(examples[0].y)  # one fold: the validation orders alone, as before
     assert fitted[3].pairs == sum(len(e.y) for e in examples)
+    # the folds it kept refit to the same model under the same scoring, and without substitutes flag none
+    assert len(kept) == 3 and [len(o) for *_, o in kept] == [len(o) for *_, o in (main, *folds)]
+    store = kept[0][0]
+    rows = [r for r, it in enumerate(store.catalog) if it.has_text]
+    index = {store.items.ids[r]: k for k, r in enumerate(rows)}
+    text = encoder.encode([store.catalog[r].text for r in rows], progress=False)
+    same = ScorerConfig()
+    assert all(np.array_equal(flagged_examples(f, same, index, text).x, published_examples(*f).x) for f in kept)
+    assert refit(kept, same, index, text).weights == pytest.approx(fitted[3].weights, abs=1e-6)
+    column = FEATURES.index("substitute")
+    flagged = [published_examples(*f).x[:, column].sum() for f in kept]
+    assert sum(flagged) > 0 and all(not flagged_examples(f, same.model_copy(update={"max_substitutes": 0}), index,
+                                                        text).x[:, column].any() for f in kept)
     with caplog.at_level("WARNING", logger="training.job"):
         assert list(job.earlier_folds(events, cand, 2, cfg, GraphConfig(), encoder, ScorerConfig(),
                                       min_orders=10_000)) == []
