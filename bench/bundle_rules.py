@@ -134,9 +134,10 @@ def markdown(report: dict) -> str:
              f"{m['date']}, commit {m['commit']}, {m['cpus']} cores. `python bench/bundle_rules.py`; seed "
              f"{report['domains'][0]['seed']}; the pair model on {report['domains'][0]['pair_folds']} time "
              "fold(s) of orders, refitted under each threshold's substitute flags; one_item queries of the last "
-             "20 % of each domain's training bundles (by time), the model trained on the events before them. substitute_similarity: none = no substitute "
-             "rule; substitute_penalty: never = substitutes are excluded, a number = the log-odds a substitute "
-             "pair costs; top complements do not depend on the rules (their lists are the same).", ""]
+             "20 % of each domain's training bundles (by time), the model trained on the events before them. "
+             "substitute_similarity: none = no substitute rule; substitute_penalty: never = substitutes are "
+             "excluded, a number = the log-odds a substitute pair costs; top complements do not depend on the "
+             "rules (their lists are the same).", ""]
     for d in report["domains"]:
         lines += [f"## {d['domain']}: {d['validation_bundles']} validation bundles, {d['queries']} queries", "",
                   "| substitute_similarity | max_per_category | pair_weight | substitute_penalty | builder F1 | "
