@@ -71,6 +71,7 @@ def domain(name: str, seed: int, pair_folds: int) -> dict:
     queries = bundle_queries(val_bundles, "one_item", set(served.store.items.ids))
     text_rows = np.flatnonzero(served.text.any(1))
     published = dict(served.view.entries)
+    fitted = served.fit  # under settings.scoring
 
     def mean_scores(method: Method) -> dict[str, float]:
         got = [scores(q, method(q, 5), data) for q in queries]
@@ -91,8 +92,9 @@ def domain(name: str, seed: int, pair_folds: int) -> dict:
             served.view.entries[item] = dataclasses.replace(entry, substitutes=frozenset(scorer.substitutes(item)))
         if threshold == 0.85:
             flags = {item: e.substitutes for item, e in served.view.entries.items()}
-        if served.fit is not None:  # the pair model a run under this threshold fits
-            served.fit = refit(folds, scoring, served.store.items.index, served.text)
+        if fitted is not None:  # the pair model a run under this threshold fits (the served one: as served)
+            served.fit = fitted if scoring == settings.scoring else refit(folds, scoring, served.store.items.index,
+                                                                          served.text)
         for _, cap, pair_weight, penalty in settings_at:
             rules = settings.serving.rules.model_copy(update={"max_per_category": cap, "pair_weight": pair_weight,
                                                               "substitute_penalty": penalty})
