@@ -5,7 +5,7 @@ it was built in, here on matrices of one query's items, with settings the builde
 substitute rule, the pair weight, a fit on bundles instead of orders): a logistic model of "``b`` goes into a
 bundle with ``a``" over what the API's view knows of a pair (``a``'s relevance for ``b`` and back, ``b``'s
 rank in ``a``'s list, same category, title word overlap, the worker's substitute flag, ``b``'s popularity; the
-model now also weighs their products), fitted on a *validation* period: the model is trained on the events
+model now also weighs the rarest shared title word and their products), fitted on a *validation* period: the model is trained on the events
 before a validation cut (as ``evaluate --task bundle`` trains on those before the test cut), every item's list
 is published, and the logistic model is fitted on the pairs of the validation period's orders (sessions: what
 any shop has) or of its bundles. Then the model of the test cut answers the test bundles' ``one_item``
@@ -43,7 +43,7 @@ from serving.bundle_eval import BundleQuery, Served, _merged, bundle_queries, se
 from serving.bundle_fit import PairModel  # noqa: E402
 from training.complements import unit  # noqa: E402
 from training.evaluation import gain_cell  # noqa: E402
-from training.intent_bundles import IntentBundles, RealBundle, title_overlap  # noqa: E402
+from training.intent_bundles import IntentBundles, RealBundle, title_overlap, title_words  # noqa: E402
 from training.protocol import relative_gain  # noqa: E402
 
 CANDIDATES = 50
@@ -62,10 +62,13 @@ def query_matrices(served: Served, q: BundleQuery) -> dict:
     rel = np.array([[view.relevance(x, y) for y in items] for x in items], np.float32)
     cats = [view.info(i).category for i in items]
     titles = [view.info(i).title for i in items]
+    words = [title_words(t) for t in titles]
     return {"items": items, "hidden": set(q.hidden), "rel": rel, "text": text @ text.T,
             "same": np.array([[c is not None and c == d for d in cats] for c in cats], np.float32),
             "overlap": np.array([[title_overlap(s, t) for t in titles] for s in titles], np.float32),
             "subst": np.array([[view.substitutes(x, y) for y in items] for x in items], np.float32),
+            "rare": np.array([[max((view.rarity(w) for w in s & t), default=0.0) for t in words] for s in words],
+                             np.float32),
             "orders": np.log1p(store.item_order_counts()[rows]).astype(np.float32)}
 
 
@@ -89,7 +92,7 @@ def pair_features(m: dict, x: int, js: np.ndarray) -> np.ndarray:
     rank[order] = np.arange(len(order))
     rank = np.where(rel[x] > 0, rank, len(order))
     return np.stack([rel[x, js], rel[js, x], np.log1p(rank[js]), m["same"][x, js], m["overlap"][x, js],
-                     m["subst"][x, js], m["orders"][js]], 1)
+                     m["subst"][x, js], m["orders"][js], m["rare"][x, js]], 1)
 
 
 def fit(queries: list[dict]) -> PairModel:

@@ -2,8 +2,10 @@
 
 A log-linear model (standardised terms, L2 penalty) over the facts of a pair ``a → b`` that the API's
 view holds (:data:`FEATURES`): ``b``'s relevance in ``a``'s published list and back, ``b``'s rank there,
-whether the two share a category, the overlap of their titles' words, the worker's substitute flag, and
-``b``'s order count (published with its list); its terms (:data:`TERMS`) are those features and their
+whether the two share a category, the overlap of their titles' words, the worker's substitute flag,
+``b``'s order count (published with its list), and how rare the rarest title word they share is in the
+catalog (its inverse document frequency, as in tf-idf: two items that share a brand or a product line say
+more than two that share "tea"); its terms (:data:`TERMS`) are those features and their
 pairwise products, a second-order (degree-2 polynomial) logit, so that one fact may weigh differently
 beside another (a shared title word within the anchor's category or across it, a rank in a list of
 popular items or of rare ones). On the Food validation bundles (two seeds) the products lifted the
@@ -55,7 +57,8 @@ from training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("relevance", "relevance_back", "log_rank", "same_category", "title_overlap", "substitute", "log_orders")
+FEATURES = ("relevance", "relevance_back", "log_rank", "same_category", "title_overlap", "substitute", "log_orders",
+            "rare_shared_word")
 _BINARY = ("same_category", "substitute")  # their squares are themselves
 _PRODUCTS = tuple((FEATURES.index(u), FEATURES.index(v))
                   for u, v in itertools.combinations_with_replacement(FEATURES, 2) if not (u == v and u in _BINARY))
@@ -160,11 +163,14 @@ class Examples(NamedTuple):
 
 def pair_features(view: BundleView, sources: list[str], targets: list[str]) -> np.ndarray:
     """:data:`FEATURES` of every pair ``a → b``, ``a`` in ``sources`` and ``b`` in ``targets``:
-    ``len(sources) × len(targets) × 7`` (one array per call: the builder asks for tens of pairs per request)."""
+    ``len(sources) × len(targets) × 8`` (one array per call: the builder asks for tens of pairs per request).
+    ``rare_shared_word``: the largest :meth:`~serving.view.BundleView.rarity` among the title words the two
+    share (0 when they share none)."""
     entries = {i: view.entries.get(i) for i in (*sources, *targets)}
     rel = {i: e.relevance if e else {} for i, e in entries.items()}
     infos = {i: view.info(i) for i in entries}
     words = {i: title_words(infos[i].title) for i in entries}
+    rarity = {w: view.rarity(w) for i in entries for w in words[i]}
     subs = {i: e.substitutes if e else frozenset() for i, e in entries.items()}
     orders = [math.log1p(entries[b].orders or 0) if entries[b] is not None else 0.0 for b in targets]
     rows = []
@@ -176,10 +182,11 @@ def pair_features(view: BundleView, sources: list[str], targets: list[str]) -> n
         ra, wa, sa, cat = rel[a], words[a], subs[a], infos[a].category
         for b, ob in zip(targets, orders):
             wb = words[b]
+            shared = wa & wb
             union = len(wa | wb) if wa and wb else 0
             rows.append((ra.get(b, 0.0), rel[b].get(a, 0.0), rank.get(b, unlisted),
-                         cat is not None and cat == infos[b].category, len(wa & wb) / union if union else 0.0,
-                         b in sa or a in subs[b], ob))
+                         cat is not None and cat == infos[b].category, len(shared) / union if union else 0.0,
+                         b in sa or a in subs[b], ob, max((rarity[w] for w in shared), default=0.0)))
     return np.array(rows, np.float64).reshape(len(sources), len(targets), len(FEATURES))
 
 
@@ -210,7 +217,8 @@ def published_examples(store: GraphStore, updates: list[BundleUpdate], orders: l
     :func:`training.job.validation_lists`)."""
     view = BundleView()
     for item, it in zip(store.items.ids, store.catalog):
-        view.items[item] = ItemInfo(item, it.title or item, it.category, it.price, it.in_stock)
+        if it.has_text:  # an item seen only in orders: view.info's stand-in, as in the API's view
+            view.set_item(ItemInfo(item, it.title, it.category, it.price, it.in_stock))
     for u in updates:
         view.apply_update(u)
     return order_examples(view, orders)

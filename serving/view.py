@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from graph.events import ItemUpserted
 from training.complements import BundleUpdate, Complement, model_logits, unit
+from training.intent_bundles import title_words
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class BundleView:
     last_update: float | None = None  # when the newest bundle update arrived (epoch s)
     counters: dict[str, int] = field(default_factory=lambda: {"catalog": 0, "updates": 0, "user_events": 0,
                                                               "rejected": 0})
+    word_items: Counter[str] = field(default_factory=Counter)  # title word → catalog items whose title holds it
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _bump(self, item_id: str) -> None:
@@ -82,9 +84,18 @@ class BundleView:
 
     # ---- writers (the feed thread, start-up) ---------------------------------
     def upsert_item(self, event: ItemUpserted) -> None:
-        self.items[event.item_id] = ItemInfo(event.item_id, event.title, event.category, event.price, event.in_stock)
-        self._bump(event.item_id)
+        self.set_item(ItemInfo(event.item_id, event.title, event.category, event.price, event.in_stock))
         self.counters["catalog"] += 1
+
+    def set_item(self, info: ItemInfo) -> None:
+        """Add or replace a catalog item, keeping :attr:`word_items` (what :meth:`rarity` reads) in step."""
+        old = self.items.get(info.item_id)
+        if old is None or old.title != info.title:
+            if old is not None:
+                self.word_items.subtract(title_words(old.title))
+            self.word_items.update(title_words(info.title))
+        self.items[info.item_id] = info
+        self._bump(info.item_id)
 
     def apply_update(self, update: BundleUpdate, received_at: float | None = None) -> None:
         comps = tuple(update.complements)
@@ -149,6 +160,12 @@ class BundleView:
 
     def info(self, item_id: str) -> ItemInfo:
         return self.items.get(item_id) or ItemInfo(item_id, item_id)
+
+    def rarity(self, word: str) -> float:
+        """The inverse document frequency of a title word over the catalog, ``log((n + 1) / (m + 1))`` for
+        ``n`` catalog items of which ``m`` hold it in their title (0 for a word every title holds): a word few
+        titles share (a brand, a product line) says more about two items than one most titles hold."""
+        return math.log((len(self.items) + 1) / (self.word_items.get(word, 0) + 1))
 
     def relevance(self, a: str, b: str) -> float:
         """How strongly ``a``'s published list recommends ``b`` (0 when it does not list it)."""

@@ -44,11 +44,22 @@ def test_pair_features_read_from_the_view(view: BundleView) -> None:
     x = pair_features(view, ["A", "G"], ["P", "G", "T"])
     assert x.shape == (2, 3, len(FEATURES))
     a_p, a_g, a_t = x[0]
-    assert list(a_p) == pytest.approx([1.0, 0.2, 0.0, 0.0, 0.0, 0.0, math.log1p(5000)])
-    assert list(a_g) == pytest.approx([0.5, 1.0, math.log1p(1), 0.0, 2 / 5, 0.0, math.log1p(30)])  # trail, tent
+    assert list(a_p) == pytest.approx([1.0, 0.2, 0.0, 0.0, 0.0, 0.0, math.log1p(5000), 0.0])
+    # trail, tent: each in 3 of the 5 titles
+    assert list(a_g) == pytest.approx([0.5, 1.0, math.log1p(1), 0.0, 2 / 5, 0.0, math.log1p(30), math.log(6 / 4)])
     assert x[1, 2, 5] == 1.0 and x[1, 2, 3] == 1.0  # G and T: published substitutes, one category
+    assert x[1, 2, 7] == pytest.approx(math.log(6 / 3))  # and they share "pegs", in 2 of the 5 titles
     assert a_t[2] == pytest.approx(math.log1p(3))  # rank 3 in A's list
     assert x[1, 0, 2] == pytest.approx(math.log1p(2)) and x[1, 0, 1] == 0.0  # P not in G's list (the rank after its last), nor G in P's
+
+
+def test_a_renamed_item_moves_the_word_counts_rarity_reads(view: BundleView) -> None:
+    assert view.word_items["pegs"] == 2 and view.rarity("pegs") == pytest.approx(math.log(6 / 3))
+    catalog(view, "T", "steel stakes", price=5.0, category="Tent parts")
+    catalog(view, "T", "steel stakes", price=6.0, category="Tent parts")  # the same title again: counted once
+    assert view.word_items["pegs"] == 1 and view.word_items["stakes"] == 1 and view.word_items["trail"] == 2
+    assert view.rarity("pegs") == pytest.approx(math.log(6 / 2)) and view.rarity("never") == pytest.approx(math.log(6))
+    assert pair_features(view, ["G"], ["T"])[0, 0, 7] == 0.0  # no shared word left
 
 
 def _one_member_per_list(logits: np.ndarray, lists: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -95,7 +106,7 @@ def test_second_order_terms_fit_what_one_feature_does_only_beside_another() -> N
     assert w["relevance*same_category"] > 1 and abs(w["relevance"]) < 0.3
     logits = model.logits(x).reshape(2000, 10)
     assert (logits.argmax(1) == y.reshape(2000, 10).argmax(1)).mean() > 0.5  # a random pick: 0.1
-    old = {**model.model_dump(), "terms": FEATURES, "mean": [0.0] * 7, "scale": [1.0] * 7, "weights": [0.0] * 7}
+    old = {**model.model_dump(), "terms": FEATURES, "mean": [0.0] * 8, "scale": [1.0] * 8, "weights": [0.0] * 8}
     with pytest.raises(ValueError, match="retrain"):
         PairModel.model_validate(old)
 
