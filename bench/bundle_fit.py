@@ -1,20 +1,20 @@
 """A learned bundle-fit score against the anchor's top complements, on the Amazon intent bundles (issue 20).
 
-Measured the set builder's fitted score (:mod:`serving.bundle_fit`, now built into ``serving.bundles``) before
-it was built in, here on matrices of one query's items, with settings the builder does not have (a text-cosine
-substitute rule, the pair weight, a fit on bundles instead of orders): a logistic model of "``b`` goes into a
-bundle with ``a``" over what the API's view knows of a pair (``a``'s relevance for ``b`` and back, ``b``'s
-rank in ``a``'s list, same category, title word overlap, the worker's substitute flag, ``b``'s popularity; the
-model now also weighs the rarest shared title word and their products), fitted on a *validation* period: the model is trained on the events
-before a validation cut (as ``evaluate --task bundle`` trains on those before the test cut), every item's list
-is published, and the logistic model is fitted on the pairs of the validation period's orders (sessions: what
-any shop has) or of its bundles. Then the model of the test cut answers the test bundles' ``one_item``
-queries, as in ``evaluate --task bundle``: the anchor's top complements, or its candidates re-ranked by the
-fitted score, greedily, each new member's score plus ``pair_weight`` × its mean score with the members already
-chosen (a set term), optionally under a substitute rule (same category and text cosine ≥ t). F1 of the first
-set (the real bundle's size) and its substitute rate (the data's label:
-:meth:`~training.intent_bundles.IntentBundles.interchangeable`), with the paired bootstrap interval of the F1
-gain over top complements.
+Measured the set builder's fitted score (:mod:`serving.bundle_fit`, now built into ``serving.bundles``) before it
+was built in, here on matrices of one query's items, with settings the builder does not have (a text-cosine
+substitute rule, the pair weight, a fit on bundles instead of orders): a logistic model of "``b`` goes into a bundle
+with ``a``" over what the API's view knows of a pair (``a``'s relevance for ``b`` and back, ``b``'s rank in ``a``'s
+list, same category, title word overlap, the worker's substitute flag, ``b``'s popularity; the model now also weighs
+the rarest shared title word and their products), fitted on a *validation* period: the model is trained on the
+events before a validation cut (as ``evaluate --task bundle`` trains on those before the test cut), every item's
+list is published, and the logistic model is fitted on the pairs of the validation period's orders (sessions: what
+any shop has) or of its bundles. Then the model of the test cut answers the test bundles' ``one_item`` queries, as
+in ``evaluate --task bundle``: the anchor's top complements, or its candidates re-ranked by the fitted score,
+greedily, each new member's score plus ``pair_weight`` × its mean score with the members already chosen (a set
+term), optionally under a substitute rule (same category and text cosine ≥ t). F1 of the first set (the real
+bundle's size) and its substitute rate (the data's label:
+:meth:`~training.intent_bundles.IntentBundles.interchangeable`), with the paired bootstrap interval of the F1 gain
+over top complements.
 
 Writes bench/results/bundle_fit.{json,md}. Usage: ``python bench/bundle_fit.py [--domains electronic,...]
 [--seed 0]`` (about 10 min a domain on 2 cores: two trainings).
