@@ -68,7 +68,7 @@ def test_train_writes_a_loadable_versioned_artifact(tmp_path: Path, monkeypatch:
     from serving.bundle_fit import TERMS, PairModel
 
     pair = PairModel.model_validate(art.manifest["pair_model"])
-    assert 0 < pair.positives < pair.pairs and len(pair.weights) == len(TERMS) == 33
+    assert 0 < pair.positives < pair.pairs and len(pair.weights) == len(TERMS) == 42
     assert np.isfinite(pair.weights).all() and summary["pair_model"] == art.manifest["pair_model"]
     # what the API's /healthz says of the model it loaded (`bundlegnn serve`)
     info = ModelInfo.of(art.version, art.manifest, pair_model=True)
