@@ -43,7 +43,8 @@ from serving.bundle_eval import BundleQuery, Served, _merged, bundle_queries, se
 from serving.bundle_fit import PairModel  # noqa: E402
 from training.complements import unit  # noqa: E402
 from training.evaluation import gain_cell  # noqa: E402
-from training.intent_bundles import IntentBundles, RealBundle, title_overlap, title_words  # noqa: E402
+from training.intent_bundles import IntentBundles, RealBundle  # noqa: E402
+from training.titles import title_overlap, title_words  # noqa: E402
 from training.protocol import relative_gain  # noqa: E402
 
 CANDIDATES = 50

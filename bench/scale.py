@@ -140,7 +140,7 @@ def _texts(store, copies: bool) -> tuple[np.ndarray, np.ndarray]:
     from training.encoder import TextEncoder
 
     encoder = TextEncoder(cache_dir=WORK / "cache" / "text")  # the cache a worker with state_dir WORK uses
-    rows = np.array([r for r, it in enumerate(store.catalog) if it.has_text], np.int64)
+    rows = store.text_rows()
     if not copies:
         return rows, encoder.encode([store.catalog[r].text for r in rows], progress=False)
     ids = store.items.ids

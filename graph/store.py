@@ -642,6 +642,11 @@ class GraphStore:
     def num_users(self) -> int:
         return len(self.users)
 
+    def text_rows(self) -> np.ndarray:
+        """The catalog rows of items with catalog text, ascending: the rows a text encoder embeds (an item seen
+        only in orders has none)."""
+        return np.array([r for r, it in enumerate(self.catalog) if it.has_text], np.int64)
+
     def num_co_edges(self) -> int:
         """Undirected co-purchase edges."""
         return len(self.co)

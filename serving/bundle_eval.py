@@ -130,7 +130,7 @@ def serve(data: IntentBundles, cut: float, graph_cfg: GraphConfig, train_cfg: Tr
         path, summary = job.save(cand, store, train_cfg, encoder, models, f"intent-{data.domain}")
         artifact = load_artifact(path)
     scorer = ComplementScorer(store, scorer_cfg)
-    rows = np.array([r for r, it in enumerate(store.catalog) if it.has_text], np.int64)
+    rows = store.text_rows()
     text = np.zeros((store.num_items, encoder.dim), np.float32)
     text[rows] = encoder.encode([store.catalog[r].text for r in rows], progress=False)
     scorer.set_text(rows, text[rows])

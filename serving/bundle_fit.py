@@ -51,7 +51,7 @@ from serving.view import BundleView, ItemInfo
 from training import job
 from training.complements import BundleUpdate, ComplementScorer, ScorerConfig
 from training.encoder import TextEncoder
-from training.intent_bundles import title_words
+from training.titles import title_words
 from training.protocol import Events
 from training.train import TrainConfig
 
@@ -235,7 +235,7 @@ def flagged_examples(fold: Fold, scorer_cfg: ScorerConfig, index: dict[str, int]
     store, updates, orders = fold
     ids = store.items.ids
     scorer = ComplementScorer(store, scorer_cfg)
-    rows = np.array([r for r, it in enumerate(store.catalog) if it.has_text and ids[r] in index], np.int64)
+    rows = np.array([r for r in store.text_rows().tolist() if ids[r] in index], np.int64)
     scorer.set_text(rows, text[[index[ids[r]] for r in rows.tolist()]])
     return published_examples(store, [u.model_copy(update={"substitutes": scorer.substitutes(u.item_id)})
                                       for u in updates], orders)

@@ -25,7 +25,7 @@ import numpy as np
 
 from graph.events import ItemUpserted
 from training.complements import BundleUpdate, Complement, model_logits, unit
-from training.intent_bundles import title_words
+from training.titles import title_words
 
 
 @dataclass(frozen=True)

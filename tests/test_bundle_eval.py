@@ -14,7 +14,8 @@ from serving.bundle_eval import BundleQuery, bundle_queries, evaluate_domain, ma
 from serving.bundles import BundleRules
 from training.complements import ScorerConfig
 from training.encoder import TextEncoder
-from training.intent_bundles import IntentBundles, RealBundle, category_path, title_overlap
+from training.intent_bundles import IntentBundles, RealBundle, category_path
+from training.titles import title_overlap
 from training.protocol import time_split
 from training.train import TrainConfig
 

@@ -128,12 +128,14 @@ def test_catalog_upserts_fill_placeholders_and_ignore_stale_or_same(store: Graph
     assert store.apply(up).changed
     assert store.catalog[0].has_text and store.catalog[0].text == "Red mug. Stoneware"
     assert store.stats.placeholder_items == 1
+    assert store.text_rows().tolist() == [0]  # B is known only from the order
     assert not store.apply(up.model_copy(update={"ts": at(2)})).changed  # same content
     assert not store.apply(up.model_copy(update={"title": "Old", "ts": at(0.5)})).changed  # older
     assert store.apply(up.model_copy(update={"in_stock": False, "ts": at(3)})).changed
     assert not store.catalog[0].in_stock and store.catalog[0].title == "Red mug"
     new = store.apply(ItemUpserted(item_id="Z", title="New lamp", ts=at(4)))
     assert new.changed and store.items.get("Z") == 2 and store.num_items == 2 + 1
+    assert store.text_rows().tolist() == [0, 2]
 
 
 def test_max_order_items_skips_pairs_of_huge_orders() -> None:

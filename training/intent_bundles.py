@@ -26,10 +26,10 @@ import html
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 
 from graph.events import EARLIEST, ItemUpserted, Order, OrderLine
+from training.titles import title_overlap
 
 DOMAINS = ("electronic", "clothing", "food")
 
@@ -151,19 +151,6 @@ class IntentBundles:
         la, lb = self.leaf(a), self.leaf(b)
         return la is not None and la == lb and title_overlap(self.titles.get(a, ""), self.titles.get(b, "")) >= \
             min_title_similarity
-
-
-@lru_cache(maxsize=1 << 18)
-def title_words(title: str) -> frozenset[str]:
-    """The lower-cased words of a title (two or more letters or digits): cached, titles repeat in every pair
-    the bundle builder and the labels score."""
-    return frozenset(w for w in "".join(c.lower() if c.isalnum() else " " for c in title).split() if len(w) > 1)
-
-
-def title_overlap(a: str, b: str) -> float:
-    """Jaccard similarity of two titles' word sets."""
-    wa, wb = title_words(a), title_words(b)
-    return len(wa & wb) / len(wa | wb) if wa and wb else 0.0
 
 
 def _utc(epoch: float) -> datetime:

@@ -111,7 +111,7 @@ def validation_lists(cand: Candidate, scorer_cfg: ScorerConfig, max_orders: int 
     ids = store.items.ids
     orders = [[ids[r] for r in (*split.val.items[q].tolist(), int(split.val.hidden[q]))] for q in sorted(picked)]
     scorer = ComplementScorer(store, scorer_cfg)
-    rows = np.array([r for r, it in enumerate(store.catalog) if it.has_text], np.int64)
+    rows = store.text_rows()
     scorer.set_text(rows, cand.text_fit[rows])
     scorer.set_views("validation", ids, lists.src, lists.dst, lists.prior, cand.result.model.temperature,
                      (ids, lists.index, lists.weight))
