@@ -44,8 +44,8 @@ from serving.bundle_fit import PairModel  # noqa: E402
 from training.complements import unit  # noqa: E402
 from training.evaluation import gain_cell  # noqa: E402
 from training.intent_bundles import IntentBundles, RealBundle  # noqa: E402
-from training.titles import title_overlap, title_words  # noqa: E402
 from training.protocol import relative_gain  # noqa: E402
+from training.titles import title_overlap, title_words  # noqa: E402
 
 CANDIDATES = 50
 PAIR_WEIGHTS = (0.0, 0.25, 0.5)

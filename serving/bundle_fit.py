@@ -51,8 +51,8 @@ from serving.view import BundleView, ItemInfo
 from training import job
 from training.complements import BundleUpdate, ComplementScorer, ScorerConfig
 from training.encoder import TextEncoder
-from training.titles import title_words
 from training.protocol import Events
+from training.titles import title_words
 from training.train import TrainConfig
 
 log = logging.getLogger(__name__)

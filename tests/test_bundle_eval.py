@@ -15,8 +15,8 @@ from serving.bundles import BundleRules
 from training.complements import ScorerConfig
 from training.encoder import TextEncoder
 from training.intent_bundles import IntentBundles, RealBundle, category_path
-from training.titles import title_overlap
 from training.protocol import time_split
+from training.titles import title_overlap
 from training.train import TrainConfig
 
 SAMPLE = Path(__file__).parent / "data" / "intent_bundles_electronic"
