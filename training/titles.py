@@ -15,7 +15,7 @@ from functools import lru_cache
 @lru_cache(maxsize=1 << 18)
 def title_words(title: str) -> frozenset[str]:
     """The lower-cased words of a title (two or more letters or digits): cached, titles repeat in every pair
-    the bundle builder and the labels score."""
+    the bundle builder scores (labels use :func:`serving.bundles._words`, which keeps case and order)."""
     return frozenset(w for w in "".join(c.lower() if c.isalnum() else " " for c in title).split() if len(w) > 1)
 
 
