@@ -1,8 +1,9 @@
 """Bundle construction: small sets of complements that fit the anchor *and* each other.
 
 With the model's fitted pair model (:mod:`serving.bundle_fit`, which ``bundlegnn train`` fits whenever
-it has a decoder and validation orders) candidates are ranked by its log-odds that they join an order with the anchors, and a set grows by
-each candidate's log-odds plus ``rules.pair_weight`` × its mean log-odds with the members already chosen.
+it has a decoder and validation orders) candidates are ranked by its log-odds that they join an order with the
+anchors (for a cart, the log of the mean of its odds with each item), and a set grows by each candidate's
+log-odds plus ``rules.pair_weight`` × its mean log-odds with the members already chosen.
 Without one (``rules.fitted: false``, an older artifact) a bundle's score is
 the mean pairwise compatibility over all its pairs that involve a new member:
 member–anchor pairs use the member's relevance in the anchors' published lists (the mean over a cart's items), member–member pairs use
@@ -38,6 +39,7 @@ from functools import lru_cache
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.special import logsumexp
 
 from serving.bundle_fit import PairModel, pair_features
 from serving.view import BundleView, ItemInfo
@@ -197,6 +199,16 @@ def _pair_reason(view: BundleView, a: str, b: str) -> str | None:
     return f"{ta!r} and {tb!r} fit together (model score {c.model_score:.2f})" if c.model_score is not None else None
 
 
+def _log_mean_odds(logits: np.ndarray) -> np.ndarray:
+    """Per candidate (column), the log of the mean over the anchors (rows) of its odds with each: with one
+    anchor its log-odds; with a cart, a soft maximum, so an item that completes one of the cart's items is
+    not held back by the others, as it is under the mean log-odds (the geometric mean of the odds). On the
+    validation bundles as carts (all but one member given) the builder's F1 over top complements went from
+    +12.6 / +7.5 % to +20.8 / +17.5 % on Clothing (seeds 0 / 1) and from +3.6 / +1.7 % to +14.2 / +12.6 % on
+    Food; on Electronic it stayed at +0.0 % (the hard maximum: +8.2 / +8.5, +10.7 / +8.0 and +1.7 %)."""
+    return logsumexp(logits, axis=0) - math.log(len(logits))
+
+
 def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules: BundleRules,
                   max_price: float | None = None, user_id: str | None = None,
                   include_anchor: bool = True, fit: PairModel | None = None) -> list[Bundle]:
@@ -205,17 +217,18 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
 
     Without ``fit`` a candidate's gain is its relevance plus its compatibility with each member chosen, and a
     bundle's score the mean over its pairs (the module docstring). With a fitted pair model
-    (:mod:`serving.bundle_fit`) the gain is the candidate's mean log-odds with the anchors plus
-    ``rules.pair_weight`` × its mean symmetric log-odds with the members chosen, and the score the logistic
-    of the mean gain. Deterministic for a given view: ties break on item id. A bundle that cannot be filled
-    to ``size`` under the rules is returned smaller (after all full ones) rather than not at all.
+    (:mod:`serving.bundle_fit`) the gain is the candidate's log-odds with the anchors (with several, the log
+    of its mean odds: :func:`_log_mean_odds`) plus ``rules.pair_weight`` × its mean symmetric log-odds with
+    the members chosen, and the score the logistic of the mean gain. Deterministic for a given view: ties
+    break on item id. A bundle that cannot be filled to ``size`` under the rules is returned smaller (after
+    all full ones) rather than not at all.
     """
     history = view.history(user_id)
     penalty = rules.substitute_penalty if fit is not None else None  # None: substitutes are excluded
     cands = _candidates(view, anchors, rules, history, keep_substitutes=penalty is not None)
     ids = [c.item_id for c in cands]
     if fit is not None:  # seeds: the best fit first
-        logit = fit.logits(pair_features(view, anchors, ids)).mean(0) if ids else np.zeros(0)
+        logit = _log_mean_odds(fit.logits(pair_features(view, anchors, ids))) if ids else np.zeros(0)
         logit += [rules.history_boost if i in history else 0.0 for i in ids]
         if penalty is not None:
             logit -= [penalty * sum(view.substitutes(i, a) for a in anchors) for i in ids]
