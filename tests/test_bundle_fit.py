@@ -220,3 +220,23 @@ def test_substitute_penalty_turns_the_substitute_rule_into_a_cost(view: BundleVi
     assert all(k not in costly or costly[k].score < free[k].score for k in twins)  # at a cost of 1 they drop out
     assert all(costly[k].score == free[k].score and not any("interchangeable" in w for w in free[k].why)
                for k in free.keys() & costly.keys() if not both <= k)  # the other bundles pay nothing
+
+
+def test_a_cart_item_s_best_complement_is_not_held_back_by_the_other_items() -> None:
+    """Cart X, Y: C completes X alone (relevance 1, not in Y's list), E completes Y alone, D fits both a little
+    (0.6 each). Under the mean log-odds D would win (2.4 against 2); the log of the mean odds ranks C and E
+    first (3.3 against 2.4), and a single anchor keeps its own log-odds."""
+    v = BundleView()
+    for k in "XYCDE":
+        catalog(v, k, f"item {k}", price=1.0, category=f"cat {k}")
+    publish(v, "X", [("C", 1.0), ("D", 0.6)], orders=10)
+    publish(v, "Y", [("E", 1.0), ("D", 0.6)], orders=10)
+    model = _model(relevance=4.0)
+    rules = BundleRules(max_per_category=None)
+    cart = build_bundles(v, ["X", "Y"], 3, 1, rules, include_anchor=False, fit=model)
+    assert [b.items[0].item_id for b in cart] == ["C", "E", "D"]
+    assert cart[0].score == pytest.approx(1 / (1 + 2 / (math.exp(4.0) + 1)), abs=1e-4)  # odds (e^4 + e^0) / 2
+    assert cart[2].score == pytest.approx(1 / (1 + math.exp(-2.4)), abs=1e-4)
+    one = build_bundles(v, ["Y"], 2, 1, rules, include_anchor=False, fit=model)
+    assert [b.items[0].item_id for b in one] == ["E", "D"]
+    assert one[1].score == pytest.approx(1 / (1 + math.exp(-2.4)), abs=1e-4)
