@@ -26,7 +26,8 @@ flags are often real members: ``bench/bundle_rules.py`` measures both.
 
 Each bundle has a short *label* for people, made from its items alone
 (:func:`label`): the category most of them share, or their two commonest, after
-a title word at least two of them share (a brand, a product line).
+a title word at least two of them share (a brand, a product line); without
+categories, the title words most of them share ("LUNCH BAG").
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ def _words(text: str) -> tuple[str, ...]:
 def label(items: list[ItemInfo]) -> str | None:
     """A short name for a set of items: the category more than half of them share, else their two commonest
     ("Cables & Adapters"), preceded by the commonest title word two or more of them share that is not a
-    size, colour or filler word nor already in the category ("Nikon Batteries"). None without either."""
+    size, colour or filler word nor already in the category ("Nikon Batteries"). Where none of the items has
+    a category the title words must name the set alone: up to three words that more than half of the items
+    share, in title order ("LUNCH BAG", "ROUND SNACK BOXES"), else that commonest shared word. None without
+    either."""
     cats = Counter(i.category for i in items if i.category)
     ranked = [c for c, _ in cats.most_common()]
     if not ranked:
@@ -122,7 +126,10 @@ def label(items: list[ItemInfo]) -> str | None:
                 words[key] += 1
                 shown.setdefault(key, w)
     shared = [w for w, n in words.most_common() if n >= 2]
-    text = " ".join(x for x in (shown[shared[0]] if shared else "", category) if x)
+    named = [shown[shared[0]]] if shared else []
+    if not category:
+        named = [shown[w] for w, n in words.items() if n * 2 > len(items)][:3] or named
+    text = " ".join([*named, category] if category else named)
     return text or None
 
 

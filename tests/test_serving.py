@@ -139,6 +139,21 @@ def test_bundle_labels_name_the_shared_category_and_title_word() -> None:
     assert label([ItemInfo("a", "x"), ItemInfo("b", "y")]) is None
 
 
+def test_bundle_labels_without_categories_name_the_words_most_items_share() -> None:
+    from serving.bundles import label
+    from serving.view import ItemInfo
+
+    lunch = [ItemInfo("a", "LUNCH BAG WOODLAND"), ItemInfo("b", "LUNCH BAG SPACEBOY DESIGN"),
+             ItemInfo("c", "LUNCH BAG RED RETROSPOT")]
+    assert label(lunch) == "LUNCH BAG"  # RED is a colour, SPACEBOY in one item only
+    assert label([ItemInfo("a", "ROUND SNACK BOXES SET OF4 WOODLAND"), ItemInfo("b", "ROUND SNACK BOXES SET OF 4 FRUITS"),
+                  ItemInfo("c", "SPACEBOY BIRTHDAY CARD")]) == "ROUND SNACK BOXES"
+    assert label([*lunch, ItemInfo("d", "SPACEBOY LUNCH BOX")]) == "LUNCH BAG"  # SPACEBOY: two of four, not more
+    assert label([ItemInfo("a", "SPACEBOY LUNCH BOX"), ItemInfo("b", "PARTY BUNTING"),
+                  ItemInfo("c", "SPACEBOY BIRTHDAY CARD"), ItemInfo("d", "JUMBO BAG")]) == "SPACEBOY"  # no majority
+    assert label([ItemInfo("a", "Nikon strap", "Straps"), ItemInfo("b", "Nikon lens cap")]) == "Nikon Straps"
+
+
 @pytest.fixture
 def client(view: BundleView) -> TestClient:
     state = {"ready": True}
