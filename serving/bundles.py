@@ -106,8 +106,8 @@ def label(items: list[ItemInfo]) -> str | None:
     ("Cables & Adapters"), preceded by the commonest title word two or more of them share that is not a
     size, colour or filler word nor already in the category ("Nikon Batteries"). Where none of the items has
     a category the title words must name the set alone: up to three words that more than half of the items
-    share, in title order ("LUNCH BAG", "ROUND SNACK BOXES"), else that commonest shared word. None without
-    either."""
+    share, as a title writes them ("LUNCH BAG", "PLASTERS IN TIN"), else that commonest shared word. None
+    without either."""
     cats = Counter(i.category for i in items if i.category)
     ranked = [c for c, _ in cats.most_common()]
     if not ranked:
@@ -126,11 +126,28 @@ def label(items: list[ItemInfo]) -> str | None:
                 words[key] += 1
                 shown.setdefault(key, w)
     shared = [w for w, n in words.most_common() if n >= 2]
-    named = [shown[shared[0]]] if shared else []
-    if not category:
-        named = [shown[w] for w, n in words.items() if n * 2 > len(items)][:3] or named
-    text = " ".join([*named, category] if category else named)
-    return text or None
+    if category:
+        return f"{shown[shared[0]]} {category}" if shared else category
+    most = [w for w, n in words.items() if n * 2 > len(items)][:3]
+    if most:
+        return _phrase(items, most) or " ".join(shown[w] for w in most)
+    return shown[shared[0]] if shared else None
+
+
+def _phrase(items: list[ItemInfo], keys: list[str]) -> str | None:
+    """``keys`` (lower-case title words) as the first title writes them, with the short words between
+    ("PLASTERS IN TIN", "Earth's Best Organic"); None where no title holds them in that order with only
+    such words between."""
+    for i in items:
+        tokens = i.title.split()
+        found = [[k.lower() for k in _words(t)] for t in tokens]
+        at = [next((x for x, f in enumerate(found) if key in f), -1) for key in keys]
+        if -1 in at or at != sorted(at):
+            continue
+        between = range(at[0], at[-1] + 1)
+        if all(x in at or not found[x] for x in between):
+            return " ".join(tokens[x] for x in between).rstrip(",;:-/")
+    return None
 
 
 _GROWN = 5

@@ -151,6 +151,10 @@ def test_bundle_labels_without_categories_name_the_words_most_items_share() -> N
     assert label([*lunch, ItemInfo("d", "SPACEBOY LUNCH BOX")]) == "LUNCH BAG"  # SPACEBOY: two of four, not more
     assert label([ItemInfo("a", "SPACEBOY LUNCH BOX"), ItemInfo("b", "PARTY BUNTING"),
                   ItemInfo("c", "SPACEBOY BIRTHDAY CARD"), ItemInfo("d", "JUMBO BAG")]) == "SPACEBOY"  # no majority
+    assert label([ItemInfo("a", "PLASTERS IN TIN WOODLAND ANIMALS"), ItemInfo("b", "PLASTERS IN TIN CIRCUS PARADE"),
+                  ItemInfo("c", "PLASTERS IN TIN SPACEBOY")]) == "PLASTERS IN TIN"  # as the titles write it
+    assert label([ItemInfo("a", "Earth's Best Organic Fruit"), ItemInfo("b", "Earth's Best Organic Dinner")]) == \
+        "Earth's Best Organic"
     assert label([ItemInfo("a", "Nikon strap", "Straps"), ItemInfo("b", "Nikon lens cap")]) == "Nikon Straps"
 
 
