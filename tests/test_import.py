@@ -187,7 +187,7 @@ def test_complete_journey_through_its_mapping_and_catalog_file() -> None:
 def test_json_lines_of_wire_events(tmp_path: Path) -> None:
     events = retail_events()[:300]
     path = tmp_path / "events.jsonl.gz"
-    with gzip.open(path, "wt") as fh:
+    with gzip.open(path, "wt", encoding="utf-8-sig") as fh:  # a byte-order mark first, as some exporters write
         for event in events:
             fh.write(encode(event).decode() + "\n")
         fh.write('{"type": "order", "order_id": "x"}\n')  # line 301: no items, no ts
@@ -246,6 +246,72 @@ def test_a_shop_export_with_its_own_columns_and_a_status_column(tmp_path: Path) 
     assert store.co_purchase("mug", "plate") is None  # A-1 taken back
     assert store.co_purchase("mug", "bowl").count == 1 and store.stats.orders_cancelled == 1
     assert store.catalog[store.items.index["bowl"]].title == "Bowl"
+
+
+def test_interleaved_lines_of_orders_placed_together_form_whole_orders(tmp_path: Path) -> None:
+    """Exports sorted by time interleave the lines of orders placed in the same minute (Online Retail II full:
+    698 invoices, 12,721 lines). Each is one whole order; an id that comes back further on than
+    ``mapping.interleaved_rows`` is a repeat and counts once; a status row cancels the open order."""
+    path = _csv(tmp_path / "export.csv", [
+        "order,sku,when,status",
+        "A,mug,2024-01-01T10:00:00,paid",
+        "A,plate,2024-01-01T10:00:00,",
+        "B,lamp,2024-01-01T10:00:00,paid",
+        "B,shade,2024-01-01T10:00:00,",
+        "A,bowl,2024-01-01T10:01:00,",        # more of A, two rows after its last
+        "B,bulb,2024-01-01T10:01:00,",
+        "C,mug,2024-01-01T11:00:00,paid",
+        "C,bowl,2024-01-01T11:00:00,",
+        "B,lamp,2024-01-01T11:00:00,refunded",  # B's refund, not more of its lines
+        "B,shade,2024-01-01T11:00:00,",
+        "D,cup,2024-01-01T12:00:00,paid",
+        "D,saucer,2024-01-01T12:00:00,",
+        "A,cup,2024-01-01T12:00:00,paid",     # A again, further on than the window: a repeat
+    ])
+    mapping = CsvMapping(order_id="order", item_id="sku", ts="when", cancel_if={"status": ["refunded"]},
+                         interleaved_rows=4)
+    got = [e for _, e in read_source(DataConfig(path=path, mapping=mapping)) if e.type == "order"]
+    assert [(o.order_id, o.status, o.item_ids) for o in got] == [
+        ("A", "placed", ["mug", "plate", "bowl"]), ("B", "placed", ["lamp", "shade", "bulb"]),
+        ("C", "placed", ["mug", "bowl"]), ("B", "cancelled", ["lamp", "shade"]), ("D", "placed", ["cup", "saucer"]),
+        ("A", "placed", ["cup"])]
+    store = GraphStore(GraphConfig())
+    with open(tmp_path / "dead.jsonl", "w") as dead:
+        import_into(store, read_source(DataConfig(path=path, mapping=mapping)), dead, path)
+    assert store.co_purchase("mug", "bowl").count == 2 and store.co_purchase("plate", "bowl").count == 1
+    assert store.co_purchase("lamp", "bulb") is None and store.stats.orders_cancelled == 1
+    assert store.stats.duplicates == 1 and store.co_purchase("mug", "cup") is None  # A's repeat counted once
+    consecutive = mapping.model_copy(update={"interleaved_rows": 0})  # the old rule: A and B each split in two
+    got = [e for _, e in read_source(DataConfig(path=path, mapping=consecutive)) if e.type == "order"]
+    assert [(o.order_id, o.item_ids) for o in got][:4] == [("A", ["mug", "plate"]), ("B", ["lamp", "shade"]),
+                                                             ("A", ["bowl"]), ("B", ["bulb"])]
+
+
+def test_a_spreadsheet_export_with_a_byte_order_mark_and_decimal_commas(tmp_path: Path) -> None:
+    """A European "CSV UTF-8" export: a byte-order mark before the first column's name, ';' between columns,
+    prices with a decimal comma and dots between thousands. A number the mark makes ambiguous is refused, never
+    guessed; under the default '.' a decimal comma is refused with a hint."""
+    path = tmp_path / "export.csv"
+    path.write_text("\n".join([
+        "Bestellung;Artikel;Datum;Menge;Preis",
+        "1;mug;2024-01-01T10:00:00;2;2,55",
+        "1;lamp;2024-01-01T10:00:00;1;1.234,50",
+        "1;plate;2024-01-01T10:00:00;1;2.55",                        # line 4: '.' is no decimal mark here
+        "2;mug;2024-01-02T10:00:00;1,0;3",
+    ]) + "\n", encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    mapping = CsvMapping(order_id="Bestellung", item_id="Artikel", ts="Datum", quantity="Menge", price="Preis",
+                         delimiter=";", decimal=",")
+    got = list(read_source(DataConfig(path=path, mapping=mapping)))
+    bad = {line: e.reason for line, e in got if isinstance(e, BadRow)}
+    assert bad == {4: "Preis: '2.55' is not a number with a decimal comma (mapping.decimal is ',')"}
+    orders = [e for _, e in got if not isinstance(e, BadRow) and e.type == "order"]
+    assert [[(x.item_id, x.quantity, x.price) for x in o.items] for o in orders] == [
+        [("mug", 2, 2.55), ("lamp", 1, 1234.5)], [("mug", 1, 3.0)]]
+    got = list(read_source(DataConfig(path=path, mapping=mapping.model_copy(update={"decimal": "."}))))
+    bad = {line: e.reason for line, e in got if isinstance(e, BadRow)}
+    assert bad[2] == "Preis: '2,55' is not a number (a decimal comma? set mapping.decimal: ',')"
+    assert set(bad) == {2, 3, 5}  # 1.234,50 and the quantity 1,0 are no numbers either
 
 
 def test_an_event_spool_reads_back_the_same_graph_on_every_pass_and_removes_its_file(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ file, plain or gzip:
   on the Kafka topics (see README, "Events").
 * **CSV** (``format: csv``) through a :class:`CsvMapping` that names the
   column (or ``{column}`` template) of each field; one row per order line.
-  Consecutive rows with the same order id form one order. A shop writes a
+  The rows with one order id form one order, also where other orders' rows
+  come between (``interleaved_rows``: files sorted by time). A shop writes a
   mapping for its own export (``configs/mappings/`` has Online Retail,
   Online Retail II and Complete Journey).
 
@@ -100,8 +101,14 @@ class CsvMapping(BaseModel):
                                                       "(fees, postage)")
     catalog: CatalogColumns | None = Field(None, description="columns of data.catalog_path, when items come from "
                                                              "their own file")
-    delimiter: str = Field(",", min_length=1, max_length=1)
-    encoding: str = "utf-8"
+    interleaved_rows: int = Field(1000, ge=0, description="an order id that comes back within this many rows of "
+                                                         "its last row continues that order (exports sorted by time "
+                                                         "interleave the lines of orders placed together); further "
+                                                         "on it is a repeat, counted once; 0: consecutive rows only")
+    delimiter: str = Field(",", min_length=1, max_length=1, description="';' for many European exports")
+    encoding: str = Field("utf-8", description="the file's text encoding (a leading byte-order mark is dropped)")
+    decimal: Literal[".", ","] = Field(".", description="decimal mark of prices and quantities; with ',' a '.' "
+                                                        "may group thousands ('1.234,50')")
 
     @field_validator("timezone")
     @classmethod
@@ -257,6 +264,8 @@ def _header(reader: csv.reader, path: Path) -> dict[str, int]:  # type: ignore[v
         header = next(reader)
     except StopIteration:
         raise ValueError(f"{path}: empty file, no header row") from None
+    if header:  # a byte-order mark, as spreadsheet programs write before "CSV UTF-8" exports, is not a column's name
+        header[0] = header[0].removeprefix("\ufeff")
     return {name.strip(): k for k, name in enumerate(header)}
 
 
@@ -271,7 +280,7 @@ class _Catalog:
         self.skip = {header[c] if c in header else _missing(f"mapping.catalog.skip_if.{c}", c, header): set(v)
                      for c, v in cols.skip_if.items()}
         self.ts = datetime.fromisoformat(cols.ts.replace("Z", "+00:00"))
-        self.price_column = cols.price
+        self.price_column, self.decimal = cols.price, mapping.decimal
 
     def value(self, name: str, row: list[str]) -> str:
         return self.fields[name].read(row) if name in self.fields else ""
@@ -283,7 +292,7 @@ class _Catalog:
         item_id, price = self.value("item_id", row), self.value("price", row)
         return ItemUpserted(item_id=item_id, title=self.value("title", row) or item_id,
                             description=self.value("description", row), category=self.value("category", row) or None,
-                            price=_number(price, self.price_column) if price else None, ts=self.ts)
+                            price=_number(price, self.price_column, self.decimal) if price else None, ts=self.ts)
 
 
 def _catalog_events(path: Path, mapping: CsvMapping, report: ImportReport, skipped: set[str],
@@ -324,11 +333,25 @@ def _nothing(row: list[str]) -> str:
     return ""
 
 
-def _number(raw: str, column: str | None) -> float:
+_COMMA_NUMBER = re.compile(r"[-+]?(\d{1,3}(\.\d{3})+|\d*)(,\d+)?")
+"""A number written with a decimal comma, its thousands grouped by dots or not ("1.234,50", "1234,5", "2")."""
+
+
+def _number(raw: str, column: str | None, decimal: str = ".") -> float:
+    """``raw`` as a finite float; ``decimal`` is the mapping's decimal mark. A number that does not read is an
+    error naming its column, never a guess: with ',' a "2.55" (dots only between groups of three) is refused, not
+    read as 255; with '.' a "2,55" is refused with a hint at ``mapping.decimal``."""
+    text = raw
+    if decimal == ",":
+        text = raw.strip()
+        if _COMMA_NUMBER.fullmatch(text) is None:
+            raise ValueError(f"{column}: {raw!r} is not a number with a decimal comma (mapping.decimal is ',')")
+        text = text.replace(".", "").replace(",", ".")
     try:
-        value = float(raw)
+        value = float(text)
     except ValueError:
-        raise ValueError(f"{column}: {raw!r} is not a number") from None
+        hint = " (a decimal comma? set mapping.decimal: ',')" if re.fullmatch(r"[-+]?\d+,\d+", text.strip()) else ""
+        raise ValueError(f"{column}: {raw!r} is not a number{hint}") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{column}: {raw!r} is not a finite number")
     return value
@@ -343,7 +366,7 @@ def _skipped(row: list[str], skip: list[tuple[int, frozenset[str]]]) -> bool:
 
 
 class _Lines:
-    """Order lines of a CSV export, grouped into orders (consecutive rows with one order id)."""
+    """Order lines of a CSV export, turned into events an order (its rows, :class:`_Open`) at a time."""
 
     def __init__(self, mapping: CsvMapping, header: dict[str, int], skipped: set[str], report: ImportReport) -> None:
         self.mapping, self.report, self.skipped = mapping, report, skipped
@@ -361,6 +384,11 @@ class _Lines:
         self.clock = _Clock(mapping)
         self.described: dict[str, tuple[str, str, str]] = {}  # item → the text last upserted
 
+    def cancels(self, row: list[str]) -> bool:
+        """Whether ``row``, an order's first, marks it a cancellation (``mapping.cancel_if``); a row too short to
+        say does not (its lines become bad rows)."""
+        return any(k < len(row) and row[k].strip() in values for k, values in self.cancel)
+
     def order(self, rows: list[tuple[int, list[str]]]) -> Iterator[Sourced]:
         """Upserts for changed item texts, then the order (or a BadRow per row that cannot be read)."""
         m, report, get = self.mapping, self.report, self.get
@@ -369,8 +397,8 @@ class _Lines:
         skip, skipped, described, dropped = self.skip, self.skipped, self.described, report.dropped
         first_line, first = rows[0]
         order_id = get["order_id"](first)
-        cancelled = (bool(m.cancel_prefix) and order_id.startswith(m.cancel_prefix)  # type: ignore[arg-type]
-                     or bool(self.cancel) and _skipped(first, self.cancel))
+        prefix = m.cancel_prefix
+        cancelled = bool(prefix) and order_id.startswith(prefix) or self.cancels(first)  # type: ignore[arg-type]
         try:
             ts = self.clock(get["ts"](first))
         except ValueError as exc:
@@ -389,12 +417,13 @@ class _Lines:
                     dropped["not_a_product"] += 1
                     continue
                 raw_quantity = quantity_of(row)
-                quantity = int(raw_quantity) if raw_quantity.isdigit() else int(_number(raw_quantity or "1", m.quantity))
+                quantity = int(raw_quantity) if raw_quantity.isdigit() else \
+                    int(_number(raw_quantity or "1", m.quantity, m.decimal))
                 if quantity == 0 or (quantity < 0 and not cancelled):  # a cancellation's lines may count down
                     dropped["quantity_sign"] += 1
                     continue
                 raw_price = price_of(row)
-                price = _number(raw_price, m.price) if raw_price else None
+                price = _number(raw_price, m.price, m.decimal) if raw_price else None
                 if price is not None and price < 0:
                     dropped["negative_price"] += 1
                     continue
@@ -463,7 +492,9 @@ def _csv_events(cfg: DataConfig, mapping: CsvMapping, report: ImportReport, prog
         lines = _Lines(mapping, _header(reader, cfg.path), skipped, report)
         order_id = lines.get["order_id"]
         trim = lines.trim
-        run: list[tuple[int, list[str]]] = []
+        open_orders: dict[str, _Open] = {}  # least recently continued first
+        window = mapping.interleaved_rows
+        group = _Open()
         current: str | None = None
         for row in reader:
             report.rows += 1
@@ -476,17 +507,38 @@ def _csv_events(cfg: DataConfig, mapping: CsvMapping, report: ImportReport, prog
                 report.bad_rows += 1
                 yield reader.line_num, BadRow(reader.line_num, "too few columns", mapping.delimiter.join(row))
                 continue
-            if key != current and run:
-                yield from lines.order(run)
-                run = []
-            current = key
-            run.append((reader.line_num, row))
-        if run:
-            yield from lines.order(run)
+            if key != current:  # a run of rows begins: a new order, or more of one still open
+                group.last, current = report.rows - 1, key  # the run that ended
+                while open_orders and (stale := next(iter(open_orders.values()))).last < report.rows - 1 - window:
+                    yield from lines.order(open_orders.pop(stale.key).rows)
+                cancels = lines.cancels(row)
+                if cancels and key in open_orders and not open_orders[key].cancels:
+                    # a cancellation of the open order, not more of its lines: that order is whole, and so is every
+                    # order last continued before it
+                    while (first := next(iter(open_orders))) != key:
+                        yield from lines.order(open_orders.pop(first).rows)
+                    yield from lines.order(open_orders.pop(key).rows)
+                group = open_orders.pop(key, None) or _Open(key, cancels=cancels)
+                open_orders[key] = group  # last continued: to the end
+                append = group.rows.append
+            append((reader.line_num, row))
+        for group in open_orders.values():
+            yield from lines.order(group.rows)
+
+
+@dataclass(slots=True)
+class _Open:
+    """An order whose rows may still come: its rows so far, the row count at its last one, and whether its first
+    row marks it a cancellation (``mapping.cancel_if``)."""
+
+    key: str = ""
+    rows: list[tuple[int, list[str]]] = field(default_factory=list)
+    last: int = 0
+    cancels: bool = False
 
 
 def _jsonl_events(cfg: DataConfig, report: ImportReport, progress: bool) -> Iterator[Sourced]:
-    fh, bar = _open(cfg.path, "utf-8", progress)
+    fh, bar = _open(cfg.path, "utf-8-sig", progress)  # "-sig": a leading byte-order mark is dropped
     with fh, bar:
         for line, text in enumerate(fh, 1):
             report.rows += 1
