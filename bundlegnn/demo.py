@@ -18,6 +18,7 @@ import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -57,6 +58,11 @@ class Child:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def _path(item_id: str) -> str:
+    """``item_id`` as a URL path segment (ids may hold '/', '?', '#')."""
+    return quote(item_id, safe="")
 
 
 def _say(text: str = "") -> None:
@@ -131,7 +137,7 @@ def _live_bursts(http: httpx.Client, bootstrap: str, settings: Settings, anchor:
             producer.flush()
             started, deadline = time.perf_counter(), time.perf_counter() + 60
             while True:  # until the API shows the anchor's list with every order sent so far
-                comps = http.get(f"/items/{anchor}/complements", params={"k": 100}).json()["complements"]
+                comps = http.get(f"/items/{_path(anchor)}/complements", params={"k": 100}).json()["complements"]
                 rank = next((n for n, c in enumerate(comps, 1) if c["item_id"] == partner and c["orders"] == known + sent),
                             None)
                 if rank is not None:
@@ -141,7 +147,7 @@ def _live_bursts(http: httpx.Client, bootstrap: str, settings: Settings, anchor:
                     raise RuntimeError(f"{sent} orders of {anchor} + {partner} not visible in the API after 60 s: "
                                        f"it lists {seen} orders of both, {known} before the bursts")
                 time.sleep(0.05)
-            body = http.get(f"/items/{anchor}/bundles", params={"k": 3, "size": 3}).json()
+            body = http.get(f"/items/{_path(anchor)}/bundles", params={"k": 3, "size": 3}).json()
             where = [n for n, b in enumerate(body["bundles"], 1) if partner in [m["item_id"] for m in b["items"]]]
             _say(f"  {sent:3d} orders sent → visible in the API after {time.perf_counter() - started:.2f} s: "
                  f"complement #{rank}" + (f", in bundle {where[0]}" if where else ", in no bundle yet"))
@@ -219,14 +225,14 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
 
             _say("5/6 real bundles")
             for item_id, _ in orders.most_common(3):
-                body = http.get(f"/items/{item_id}/bundles", params={"k": 2, "size": 3}).json()
+                body = http.get(f"/items/{_path(item_id)}/bundles", params={"k": 2, "size": 3}).json()
                 _say(f"\n  GET {url}/items/{item_id}/bundles?k=2&size=3   anchor: {body['anchor']['title']}")
                 _show_bundles(body)
 
             _say("\n6/6 bursts of new orders, live")
             anchor = orders.most_common(1)[0][0]
-            listed = http.get(f"/items/{anchor}/complements", params={"k": 100}).json()
-            in_bundles = {m["item_id"] for b in http.get(f"/items/{anchor}/bundles", params={"k": 3, "size": 3})
+            listed = http.get(f"/items/{_path(anchor)}/complements", params={"k": 100}).json()
+            in_bundles = {m["item_id"] for b in http.get(f"/items/{_path(anchor)}/bundles", params={"k": 3, "size": 3})
                           .json()["bundles"] for m in b["items"]}
             outside = [(n, c) for n, c in enumerate(listed["complements"], 1) if c["item_id"] not in in_bundles]
             rank, chosen = outside[len(outside) // 2]

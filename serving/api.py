@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 _UI = pathlib.Path(__file__).parent / "static" / "ui.html"
 
-ItemId = Annotated[str, Path(min_length=1, max_length=256, description="catalog item id")]
+ItemId = Annotated[str, Path(min_length=1, max_length=256, description="catalog item id, URL-encoded ('SKU%2F12' "
+                                                                       "for 'SKU/12')")]
+"""Routes take it as ``{item_id:path}``: a shop's ids may hold '/', which the server decodes before routing."""
 
 
 class ItemRef(BaseModel):
@@ -175,7 +177,7 @@ class _Timing:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = getattr(scope.get("route"), "path", "other")
+            route = getattr(scope.get("route"), "path", "other").replace(":path}", "}")
             self.histogram.labels(route, str(status[0])).observe(time.perf_counter() - started)
 
 
@@ -305,7 +307,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
             if view.model_version is not None:
                 metrics.model.labels(view.model_version).set(1)
 
-    @app.get("/items/{item_id}/bundles", response_model=BundlesResponse,
+    @app.get("/items/{item_id:path}/bundles", response_model=BundlesResponse,
              responses={404: {"description": "unknown item"}})
     async def item_bundles(item_id: ItemId, k: Annotated[int, Query(ge=1, le=20)] = 3,
                      size: Annotated[int, Query(ge=2, le=5, description="items per bundle, anchor included")] = 3,
@@ -328,7 +330,7 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
             return Response(build().model_dump_json().encode(), media_type="application/json")
         return cached(("bundles", item_id, k, size, max_price), [item_id], build)
 
-    @app.get("/items/{item_id}/complements", response_model=ComplementsResponse,
+    @app.get("/items/{item_id:path}/complements", response_model=ComplementsResponse,
              responses={404: {"description": "unknown item"}})
     async def item_complements(item_id: ItemId, k: Annotated[int, Query(ge=1, le=100)] = 10) -> Response:
         """The item's ranked complements as the stream worker last published them."""

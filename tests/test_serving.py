@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -191,6 +192,27 @@ def test_item_bundles_contract(client: TestClient) -> None:
     assert body["bundles"][0]["total_price"] == 30.0 and body["personalized"] is False
     assert set(body["bundles"][0]) == {"items", "score", "total_price", "why", "label"}
     assert body["bundles"][0]["label"] == "tea"  # the word two of its titles share; the items have no category
+
+
+def test_item_ids_with_slashes_spaces_and_url_characters_are_served() -> None:
+    """Any id an event may carry can be looked up, URL-encoded: a shop's SKUs hold '/' ("SKU/12"), which the
+    server decodes before routing, and '?', '#', spaces or letters beyond ASCII."""
+    v = BundleView()
+    ids = ["SKU/12", "a b", "x?y#z", "über-1", "cups/bundles"]
+    for k in ids:
+        catalog(v, k, f"item {k}")
+    publish(v, "SKU/12", [(k, 0.9 - 0.1 * n, 5) for n, k in enumerate(ids[1:])])
+    publish(v, "cups/bundles", [("SKU/12", 0.5, 2)])
+    client = TestClient(create_app(v, BundleRules(), health=lambda: (True, None)), raise_server_exceptions=False)
+    body = client.get(f"/items/{quote('SKU/12', safe='')}/complements").json()
+    assert [c["item_id"] for c in body["complements"]] == ids[1:] and body["item"]["item_id"] == "SKU/12"
+    assert client.get("/items/SKU/12/complements").json()["item"]["item_id"] == "SKU/12"  # unencoded, the same
+    bundles = client.get(f"/items/{quote('cups/bundles', safe='')}/bundles", params={"size": 2}).json()["bundles"]
+    assert [m["item_id"] for m in bundles[0]["items"]] == ["cups/bundles", "SKU/12"]
+    for k in ids[1:4]:
+        assert client.get(f"/items/{quote(k, safe='')}/complements").json()["item"]["item_id"] == k
+    r = client.get(f"/items/{quote('SKU/13', safe='')}/bundles")
+    assert r.status_code == 404 and r.json() == {"detail": "unknown item 'SKU/13'"}
 
 
 def test_bad_input_gets_4xx_with_a_json_body(client: TestClient) -> None:
