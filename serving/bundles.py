@@ -151,9 +151,10 @@ def _phrase(items: list[ItemInfo], keys: list[str]) -> str | None:
 
 
 _GROWN = 5
-"""Full bundles grown (from the best seeds) before the best ``k`` are returned, at least: so a request for up to
-five bundles gets the same first ones whatever its ``k`` (``evaluate --task bundle`` asks for 5; a larger ``k``
-grows more and may find a better one)."""
+"""Full bundles grown (from the best seeds) and ranked by score before any more: ``evaluate --task bundle`` asks for
+5 and reads the first. A ``k`` above it adds bundles grown from the next seeds, in seed order, after these five, so
+the answer to a smaller ``k`` is always the start of the answer to a larger one (ranking them all by score
+reordered the first three of ten for 17 % of the demo's anchors)."""
 
 
 @dataclass
@@ -235,8 +236,9 @@ def _log_mean_odds(logits: np.ndarray) -> np.ndarray:
 def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules: BundleRules,
                   max_price: float | None = None, user_id: str | None = None,
                   include_anchor: bool = True, fit: PairModel | None = None) -> list[Bundle]:
-    """Up to ``k`` distinct bundles of ``size`` new items around ``anchors``, best first (of at least
-    ``_GROWN`` grown, so the first is the same for any ``k`` up to that).
+    """Up to ``k`` distinct bundles of ``size`` new items around ``anchors``: the best of the first ``_GROWN``
+    grown, by score, then any more in the order grown; so the answer to a smaller ``k`` starts the answer to a
+    larger one.
 
     Without ``fit`` a candidate's gain is its relevance plus its compatibility with each member chosen, and a
     bundle's score the mean over its pairs (the module docstring). With a fitted pair model
@@ -290,8 +292,12 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
         return base[j] + rules.pair_weight * together / len(members) - clash
 
     found: dict[frozenset[int], tuple[float, list[int]]] = {}
+    ranked_by_score = len(cands) + 1  # bundles found before the _GROWN-th full one: those ranked by score
     for seed in range(len(cands)):
-        if sum(1 for key in found if len(key) == size) >= max(k, _GROWN):
+        full = sum(1 for key in found if len(key) == size)
+        if full >= _GROWN:
+            ranked_by_score = min(ranked_by_score, len(found))
+        if full >= max(k, _GROWN):
             break
         if not allowed(seed, [], anchor_price):
             continue
@@ -312,7 +318,11 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
             score = 1 / (1 + math.exp(-total / n))
         found.setdefault(frozenset(members), (score, members))
 
-    ranked = sorted(found.values(), key=lambda sm: (len(sm[1]) < size, -sm[0], [ids[m] for m in sm[1]]))[:k]
+    grown = list(found.values())
+    order = sorted(range(len(grown)), key=lambda x: (len(grown[x][1]) < size, x >= ranked_by_score,
+                                                     -grown[x][0] if x < ranked_by_score else x,
+                                                     [ids[m] for m in grown[x][1]]))
+    ranked = [grown[x] for x in order[:k]]
     return [_bundle(view, anchors, [cands[m] for m in members], score, history, include_anchor, penalty is not None)
             for score, members in ranked]
 
