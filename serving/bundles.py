@@ -292,11 +292,11 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
         return base[j] + rules.pair_weight * together / len(members) - clash
 
     found: dict[frozenset[int], tuple[float, list[int]]] = {}
-    ranked_by_score = len(cands) + 1  # bundles found before the _GROWN-th full one: those ranked by score
+    head: int | None = None  # bundles found before the _GROWN-th full one: those ranked by score
     for seed in range(len(cands)):
         full = sum(1 for key in found if len(key) == size)
-        if full >= _GROWN:
-            ranked_by_score = min(ranked_by_score, len(found))
+        if head is None and full >= _GROWN:
+            head = len(found)
         if full >= max(k, _GROWN):
             break
         if not allowed(seed, [], anchor_price):
@@ -319,6 +319,7 @@ def build_bundles(view: BundleView, anchors: list[str], k: int, size: int, rules
         found.setdefault(frozenset(members), (score, members))
 
     grown = list(found.values())
+    ranked_by_score = len(grown) if head is None else head
     order = sorted(range(len(grown)), key=lambda x: (len(grown[x][1]) < size, x >= ranked_by_score,
                                                      -grown[x][0] if x < ranked_by_score else x,
                                                      [ids[m] for m in grown[x][1]]))

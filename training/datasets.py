@@ -387,7 +387,10 @@ class _Lines:
     def cancels(self, row: list[str]) -> bool:
         """Whether ``row``, an order's first, marks it a cancellation (``mapping.cancel_if``); a row too short to
         say does not (its lines become bad rows)."""
-        return any(k < len(row) and row[k].strip() in values for k, values in self.cancel)
+        try:
+            return _skipped(row, self.cancel)
+        except IndexError:
+            return False
 
     def order(self, rows: list[tuple[int, list[str]]]) -> Iterator[Sourced]:
         """Upserts for changed item texts, then the order (or a BadRow per row that cannot be read)."""
