@@ -66,12 +66,17 @@ class Interaction(_Event):
 
 
 class OrderLine(BaseModel):
-    """One line of an order. Quantities are positive; a return is a cancelled order."""
+    """One line of an order. Quantities are positive; a return is a cancelled order.
+
+    A quantity may be a fraction: goods sold by weight or length (0.35 kg of
+    apples) are bought as much as goods sold by the piece. The graph counts
+    the line, not its quantity.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
     item_id: NonEmpty
-    quantity: Annotated[int, Field(gt=0)] = 1
+    quantity: Annotated[int | float, Field(gt=0, allow_inf_nan=False)] = 1
     price: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 

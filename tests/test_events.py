@@ -22,6 +22,8 @@ def test_good_events_round_trip() -> None:
     assert order.items[1].quantity == 1
     assert order.ts.tzinfo is not None and order.ts.utcoffset().total_seconds() == 0
     assert decode(encode(order)) == order
+    weighed = decode(json.dumps({**GOOD_ORDER, "items": [{"item_id": "apples", "quantity": 0.35}]}))
+    assert isinstance(weighed, Order) and weighed.items[0].quantity == 0.35  # goods sold by weight
 
     item = decode(b'{"type":"item_upserted","item_id":"A","title":"Red mug","price":2.5,"ts":"2024-01-01T00:00:00Z"}')
     assert isinstance(item, ItemUpserted) and item.in_stock and item.description == ""
@@ -46,6 +48,10 @@ def test_timezones_are_normalised_to_utc() -> None:
         (json.dumps({**GOOD_ORDER, "items": []}).encode(), None, "items: List should have at least 1 item"),
         (json.dumps({**GOOD_ORDER, "items": [{"item_id": "A", "quantity": -1}]}).encode(), None,
          "items.0.quantity: Input should be greater than 0"),
+        (json.dumps({**GOOD_ORDER, "items": [{"item_id": "A", "quantity": 0}]}).encode(), None,
+         "items.0.quantity: Input should be greater than 0"),
+        (b'{"type":"order","order_id":"o","ts":0,"items":[{"item_id":"A","quantity":Infinity}]}', None,
+         "items.0.quantity: Input should be a finite number"),
         (json.dumps({**GOOD_ORDER, "order_id": ""}).encode(), None, "order_id: String should have at least 1"),
         (json.dumps({**GOOD_ORDER, "ts": "yesterday"}).encode(), None, "ts: Input should be a valid datetime"),
         (json.dumps({**GOOD_ORDER, "colour": "red"}).encode(), None, "colour: Extra inputs are not permitted"),

@@ -314,6 +314,28 @@ def test_a_spreadsheet_export_with_a_byte_order_mark_and_decimal_commas(tmp_path
     assert set(bad) == {2, 3, 5}  # 1.234,50 and the quantity 1,0 are no numbers either
 
 
+def test_goods_sold_by_weight_are_bought_not_dropped(tmp_path: Path) -> None:
+    """A grocer's export: loose produce is sold by the kilogram, so a line's quantity may be a fraction. Such a
+    line is part of its order (it was read as 0 and dropped before); a quantity of 0 still drops its line."""
+    path = _csv(tmp_path / "grocer.csv", [
+        "order,sku,when,kg",
+        "1,apples,2024-01-01T10:00:00,0.35",
+        "1,cheese,2024-01-01T10:00:00,0.2",
+        "1,bread,2024-01-01T10:00:00,1",
+        "1,bag,2024-01-01T10:00:00,0",
+    ])
+    mapping = CsvMapping(order_id="order", item_id="sku", ts="when", quantity="kg")
+    report = ImportReport()
+    got = [e for _, e in read_source(DataConfig(path=path, mapping=mapping), report)]
+    assert not [e for e in got if isinstance(e, BadRow)] and report.dropped["quantity_sign"] == 1
+    (order,) = [e for e in got if e.type == "order"]
+    assert [(x.item_id, x.quantity) for x in order.items] == [("apples", 0.35), ("cheese", 0.2), ("bread", 1)]
+    store = GraphStore()
+    for e in got:
+        store.apply(e)
+    assert store.num_co_edges() == 3  # apples–cheese, apples–bread, cheese–bread
+
+
 def test_an_event_spool_reads_back_the_same_graph_on_every_pass_and_removes_its_file(tmp_path: Path) -> None:
     """EventSpool: the events of a real file written once (orders as their facts, in small chunks) and read back
     twice give the store the parsed events give; reading before sealing and adding after are refused; close()

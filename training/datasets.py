@@ -420,8 +420,8 @@ class _Lines:
                     dropped["not_a_product"] += 1
                     continue
                 raw_quantity = quantity_of(row)
-                quantity = int(raw_quantity) if raw_quantity.isdigit() else \
-                    int(_number(raw_quantity or "1", m.quantity, m.decimal))
+                quantity: float = int(raw_quantity) if raw_quantity.isdigit() else \
+                    _number(raw_quantity or "1", m.quantity, m.decimal)  # 0.35 (kg) is bought, not dropped
                 if quantity == 0 or (quantity < 0 and not cancelled):  # a cancellation's lines may count down
                     dropped["quantity_sign"] += 1
                     continue
