@@ -180,7 +180,9 @@ def configuration_md() -> str:
              "the sections it imports). A config file is YAML with these keys (`configs/default.yaml`, "
              "`configs/production.yaml`); an environment variable overrides the file: "
              f"`{ENV_PREFIX}<SECTION>__<KEY>` (nested keys joined by `__`), e.g. "
-             f"`{ENV_PREFIX}GRAPH__HALF_LIFE_DAYS=30`. Unknown keys and variables are refused with their name.\n"]
+             f"`{ENV_PREFIX}GRAPH__HALF_LIFE_DAYS=30`; a list is JSON (`[10, 5]`) and `null` is null "
+             f"(`{ENV_PREFIX}TRAINING__GNN_BUDGET_S=null`: no time limit). Unknown keys and variables are refused "
+             "with their name.\n"]
     section = None
     for path, field in walk(Settings):
         if path[0] != section:

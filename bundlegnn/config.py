@@ -73,7 +73,9 @@ ENV_PREFIX = "BUNDLEGNN_"
 class Settings(BaseSettings):
     """All settings of one deployment."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+    # a variable set to "null" is YAML's null, so the keys whose null means something can take it from the environment
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
+                                      env_parse_none_str="null")
 
     data: DataConfig = Field(default_factory=DataConfig)
     graph: GraphConfig = Field(default_factory=GraphConfig)

@@ -29,6 +29,21 @@ def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.graph.interaction_weights["cart"] == 3.0  # rest of the file still applies
 
 
+def test_a_variable_set_to_null_sets_a_key_whose_null_means_something(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployments configure through the environment: "no GNN time budget", "no category cap" and "keep every
+    order" are nulls, so "null" in a variable is YAML's null (it was refused as "not a number")."""
+    monkeypatch.setenv("BUNDLEGNN_TRAINING__GNN_BUDGET_S", "null")
+    monkeypatch.setenv("BUNDLEGNN_SERVING__RULES__MAX_PER_CATEGORY", "null")
+    monkeypatch.setenv("BUNDLEGNN_GRAPH__ORDER_WINDOW_DAYS", "null")
+    monkeypatch.setenv("BUNDLEGNN_TRAINING__FANOUTS", "[5, 3]")
+    settings = load_settings(ROOT / "configs" / "default.yaml")
+    assert settings.training.gnn_budget_s is None and settings.serving.rules.max_per_category is None
+    assert settings.graph.order_window_days is None and settings.training.fanouts == [5, 3]
+    monkeypatch.setenv("BUNDLEGNN_GRAPH__HALF_LIFE_DAYS", "null")  # a key that needs a value says so
+    with pytest.raises(ConfigError, match="graph.half_life_days: Input should be a valid number"):
+        load_settings(ROOT / "configs" / "default.yaml")
+
+
 def test_wrong_key_or_value_fails_with_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("graph:\n  half_lfe_days: 3\n")
