@@ -42,8 +42,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/worker_throughput.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/train_devices.py --data ../shared/data/online_retail_ii_full/online_retail_ii.csv.gz
-	$(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml --seeds 0,1,2 --json bench/results/eval_online_retail_ii.json
-	$(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml --data ../shared/data/online_retail_ii_full/online_retail_ii.csv.gz \
+	# Online Retail II's GNN trains to its epochs and patience, not to the 600 s budget: training is deterministic
+	# under a seed, so these results do not depend on the machine's load (the budget stopped one full-data seed
+	# early); The Complete Journey keeps the budget (an epoch takes 45 s there)
+	BUNDLEGNN_TRAINING__GNN_BUDGET_S=null $(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml \
+		--seeds 0,1,2 --json bench/results/eval_online_retail_ii.json
+	BUNDLEGNN_TRAINING__GNN_BUDGET_S=null $(BIN)/bundlegnn evaluate --config configs/online_retail_ii.yaml \
+		--data ../shared/data/online_retail_ii_full/online_retail_ii.csv.gz \
 		--seeds 0,1 --held-out 0 --json bench/results/eval_online_retail_ii_full.json
 	$(BIN)/bundlegnn evaluate --config configs/completejourney.yaml --seeds 0,1,2 --held-out 0 --json bench/results/eval_completejourney.json
 	$(BIN)/bundlegnn evaluate --task bundle --seeds 0,1,2 --json bench/results/bundles.json

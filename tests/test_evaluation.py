@@ -39,6 +39,7 @@ def test_every_method_on_both_splits(tmp_path: Path) -> None:
     assert held["popularity"]["hr@10"] == held["ease"]["hr@10"] == held["cooccurrence"]["hr@10"] == 0
     assert held["text"]["hr@10"] > 0 and held["gnn"]["hr@10"] > 0
     assert report["protocol"]["gnn_decoder"] is not None and report["protocol"]["text_ease"]["gnn_weight"] == 0
+    assert report["protocol"]["gnn_epochs_run"] == 2 and report["protocol"]["gnn_epochs_stopped_by_budget"] is False
     head_val = report["protocol"]["head_weight_val_ndcg@10"]  # the head's grid, measured on validation
     assert set(head_val) == {str(w) for w in cfg.head_weights} and report["protocol"]["head_weight"] in cfg.head_weights
     assert head_val["0.0"] == report["protocol"]["user_weight_val_ndcg@10"][str(report["protocol"]["user_weight"])]

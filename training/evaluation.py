@@ -96,6 +96,8 @@ def _methods(split: Split, encoder: TextEncoder, train_cfg: TrainConfig, seed: i
     if best is not None:  # the same pipeline without the GNN's embeddings
         methods["text_ease"] = pipeline_scores(next(fits), graph, result.user_weight)
     tuned.update({"gnn_best_epoch": result.best_epoch, "gnn_epochs_run": len(result.history),
+                  # stopped by training.gnn_budget_s: what the GNN learnt then depends on the machine's speed and load
+                  "gnn_epochs_stopped_by_budget": bool(result.phases.get("gnn_epochs_stopped_by_budget")),
                   "gnn_decoder": result.decoder.model_dump() if result.decoder else None,
                   "gnn_weight": result.gnn_weight, "user_weight": result.user_weight,
                   "user_weight_val_ndcg@10": {str(k): v for k, v in result.user_val.items()},
