@@ -13,6 +13,7 @@ import collections
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,7 +45,9 @@ class Child:
         with tqdm(desc=f"start {self.name}", bar_format="{desc}: {elapsed}", disable=None) as bar:
             while marker not in self.log.read_text(errors="replace"):
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log}")
+                    tail = "\n".join("    " + line for line in self.log.read_text(errors="replace").splitlines()[-5:])
+                    raise RuntimeError(f"{self.name} exited with {self.process.returncode}; the end of {self.log}:\n"
+                                       f"{tail}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s; see {self.log}")
                 time.sleep(0.2)
@@ -58,6 +61,17 @@ class Child:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether ``serve`` would fail to listen on ``host:port`` (it binds as this does)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _path(item_id: str) -> str:
@@ -206,7 +220,11 @@ def run_demo(settings: Settings, config: Path | None, retrain: bool, hold: bool 
         children.append(worker)
         worker.wait_for("Worker]: Ready", 180)
         settings.paths.api_address.unlink(missing_ok=True)
-        api = Child("api", ["serve", *cfg, "--model", str(model)], logs / "api.log", env)
+        serving = settings.serving
+        port = [] if serving.port == 0 or not _port_taken(serving.host, serving.port) else ["--port", "0"]
+        if port:  # another program has it (a second demo, a dev server): the URLs below name the port taken
+            _say(f"    port {serving.port} is in use: the API listens on a free one")
+        api = Child("api", ["serve", *cfg, "--model", str(model), *port], logs / "api.log", env)
         children.append(api)
         api.wait_for("bundle API on", 120)
         url = settings.paths.api_address.read_text().strip()

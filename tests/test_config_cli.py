@@ -96,6 +96,32 @@ def test_the_api_socket_accepts_before_the_server_runs() -> None:
         sock.close()
 
 
+def test_the_demo_moves_off_a_port_in_use_and_shows_why_a_child_failed(tmp_path: Path) -> None:
+    """`make demo` beside another program on port 8000 (a dev server, a second demo): the API took it and
+    exited, and the demo stopped with "api exited with 2; see …/api.log". Now the demo sees the port taken
+    and asks for a free one; a child that fails anyway shows the end of its log."""
+    import socket
+
+    from bundlegnn.cli import _listen
+    from bundlegnn.demo import Child, _port_taken
+
+    sock = _listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    try:
+        assert _port_taken("127.0.0.1", port)
+        env = {**os.environ, "BUNDLEGNN_PATHS__STATE_DIR": str(tmp_path)}  # (no broker there: serve says so)
+        child = Child("api", ["serve", "--port", str(port)], tmp_path / "api.log", env)
+        with pytest.raises(RuntimeError, match=r"(?s)api exited with 2; the end of .*api.log:\n.*"
+                                               r"'embedded' but no broker runs"):
+            child.wait_for("bundle API on", 60)
+    finally:
+        sock.close()
+    assert not _port_taken("127.0.0.1", port)
+    with socket.socket() as s:  # bound but not listening still takes the port
+        s.bind(("127.0.0.1", 0))
+        assert _port_taken("127.0.0.1", s.getsockname()[1])
+
+
 def test_sigterm_stops_the_broker_command_and_its_tansu(tmp_path: Path) -> None:
     """`bundlegnn broker` under SIGTERM (docker stop, systemd) stops tansu too instead of orphaning it."""
     import os
