@@ -248,7 +248,7 @@ def evaluate(
     merge: Optional[str] = typer.Option(None, help="comma-separated reports (--json files) of the same command "
                                         "and commit on other seeds: one report of all their runs, nothing rerun"),
 ) -> None:
-    """Compare the GNN with popularity, co-occurrence, EASE^R and text baselines (``--task bundle``: the bundle
+    """Compare the GNN with popularity, co-occurrence, EASE^R and text baselines (--task bundle: the bundle
     builder with the anchors' top complements, co-occurrence, text and popularity, on real bundles)."""
     if merge:
         _merge_reports([Path(p) for p in merge.split(",")], json_path, png)

@@ -8,9 +8,10 @@ is two processes:
 
 * the Faust app (:mod:`streaming.worker`) consumes and validates events and
   forwards them here, in arrival order (the invalid ones as dead letters);
-* this one applies them to the graph (:class:`WorkerState`, the code path
-  of the batch replay), refreshes the complement lists of touched items and
-  publishes them on ``bundle-updates``, sends dead letters, loads models
+* this one applies them to the graph (:class:`streaming.state.WorkerState`,
+  the code path of the batch replay), refreshes the complement lists of
+  touched items and publishes them on ``bundle-updates``
+  (:class:`streaming.publisher.Publisher`), sends dead letters, loads models
   from ``model-updates``, embeds new items, writes the worker's checkpoints
   and serves the Prometheus metrics.
 
@@ -36,29 +37,26 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from graph.events import MAX_EVENT_BYTES, Interaction, ItemUpserted, OrderFacts
 from graph.snapshot import save as save_snapshot
-from graph.store import ROUTED, Applied, GraphConfig, GraphEvent, GraphStore, tune_gc
+from graph.store import ROUTED, Applied, GraphConfig, GraphEvent, tune_gc
 from streaming import checkpoint
 from streaming.checkpoint import Checkpoint, Held
 from streaming import repartition
-from streaming.metrics import WorkerMetrics
-from streaming.repartition import Sources, item_partition
+from streaming.publisher import Publisher
+from streaming.repartition import Sources
 from streaming.settings import StreamConfig
-from training.artifact import Artifact, load_artifact
-from training.complements import ComplementScorer, ScorerConfig, update_signature
+from streaming.state import WorkerState
+from training.complements import ScorerConfig, update_signature
 from training.encoder import EncoderConfig, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -74,154 +72,6 @@ class Record(NamedTuple):
     value: bytes | None  # None: a tombstone (dead-lettered)
     timestamp: float | None
 
-
-
-@dataclass
-class WorkerState:
-    """The worker's in-memory graph, scorer and model, and what awaits a refresh."""
-
-    graph_config: GraphConfig
-    scorer_config: ScorerConfig
-    encoder: TextEncoder | None = None
-    device: str = "cpu"
-    partitions: int = 1  # the tasks' count: items are partitioned among them (streaming.repartition)
-    store: GraphStore = field(init=False)
-    scorer: ComplementScorer = field(init=False)
-    artifact: Artifact | None = None
-    pending: dict[str, float] = field(default_factory=dict)  # item → newest source timestamp
-    new_text: set[str] = field(default_factory=set)  # items whose text needs embedding
-    needs_embedding: bool = False  # items without a model view exist
-    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
-
-    def __post_init__(self) -> None:
-        self.reset()
-
-    def reset(self, store: GraphStore | None = None, pending: dict[str, float] | None = None) -> None:
-        """Start from ``store`` (default: an empty graph) with ``pending`` items awaiting a refresh; the text of
-        its items is embedded again (from the text cache) by the next :meth:`embed_text`."""
-        self.store = store if store is not None else GraphStore(self.graph_config)
-        if self.partitions > 1:
-            self.store.partition(partial(item_partition, partitions=self.partitions))
-        self.scorer = ComplementScorer(self.store, self.scorer_config)
-        self.pending = dict(pending or {})
-        self.new_text = {k for k, it in zip(self.store.items.ids, self.store.catalog) if it.has_text}
-        if self.artifact is not None:
-            self._install(self.artifact)
-
-    def partition_of(self, item_id: str) -> int:
-        """The task whose state holds ``item_id``'s rows (the store keeps each known item's)."""
-        row = self.store.items.get(item_id)
-        return int(self.store.part_of(row)) if row is not None else item_partition(item_id, self.partitions)
-
-    def apply_many(self, events: list[GraphEvent], source_ts: list[float | None],
-                   streams: list[int] | None = None) -> list[Applied]:
-        """Apply events in order (one bulk graph update); return each one's outcome (``rejected``: a dead letter).
-
-        ``streams``: each event's source partition (the task it belongs to, the stream whose time an order's
-        window follows) or :data:`~graph.store.ROUTED` for a record of ``repartition``."""
-        now = time.time()
-        pending = self.pending
-        kinds = Counter((event.type, streams is not None and streams[k] == ROUTED) for k, event in enumerate(events))
-        results = self.store.apply_many(events, streams)
-        for event, result, ts in zip(events, results, source_ts):
-            if isinstance(event, ItemUpserted) and result.changed:
-                self.new_text.add(event.item_id)
-            if result.changed:
-                ts = ts if ts is not None else now
-                for item in result.items:  # (in a partitioned store, those of the event's task)
-                    if pending.get(item, 0.0) < ts:
-                        pending[item] = ts
-        for (kind, routed), count in kinds.items():
-            (self.metrics.routed if routed else self.metrics.events).labels(kind).inc(count)
-        return results
-
-    # ---- text and model --------------------------------------------------------
-    def text_job(self) -> tuple[np.ndarray, list[str]] | None:
-        """Rows and texts of items upserted since the last call (None: nothing to encode)."""
-        if not self.new_text or self.encoder is None:
-            self.new_text.clear()
-            return None
-        rows = np.array([self.store.items.index[k] for k in sorted(self.new_text)])
-        self.new_text.clear()
-        return rows, [self.store.catalog[r].text for r in rows]
-
-    def set_text(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        self.scorer.set_text(rows, vectors)
-        if self.artifact is not None and not all(self.scorer.has_view(int(r)) for r in rows):
-            self.needs_embedding = True  # only items the model has not seen need the inductive pass
-
-    def adopt(self, store: GraphStore, pending: dict[str, float]) -> None:
-        """Take in a task's state read from its checkpoint (:meth:`graph.store.GraphStore.adopt`): its items
-        without a text view yet are embedded by the next :meth:`text_job`."""
-        known = self.store.num_items
-        before = self.store.catalog[:known]
-        self.store.adopt(store)
-        catalog, ids = self.store.catalog, self.store.items.ids
-        self.new_text |= {ids[r] for r in range(len(catalog)) if catalog[r].has_text
-                          and (r >= known or catalog[r] is not before[r])}
-        for item, ts in pending.items():
-            self.pending[item] = max(ts, self.pending.get(item, 0.0))
-
-    def embed_text(self) -> None:
-        """Encode the text of items upserted since the last call (blocking; the worker uses a thread)."""
-        job = self.text_job()
-        if job is not None and self.encoder is not None:
-            self.set_text(job[0], self.encoder.encode(job[1], progress=False))
-
-    def load_model(self, path: str | Path) -> None:
-        """Load an artifact and score with it from now on (the hot swap)."""
-        artifact = load_artifact(path)
-        try:
-            self._install(artifact)
-        except Exception:
-            if self.artifact is not None:  # put the live model's views back: a half-installed one never serves
-                self._install(self.artifact)
-            raise
-        self.artifact = artifact
-        ids = self.store.items.ids
-        self.pending.update({ids[r]: time.time() for r in np.flatnonzero(self.store.item_order_counts()).tolist()})
-        self.metrics.model_loaded.set(time.time())
-        log.info("model %s loaded from %s", artifact.version, path)
-
-    def _install(self, artifact: Artifact) -> None:
-        self.scorer.set_views(artifact.version, artifact.item_ids, artifact.src, artifact.dst, artifact.prior,
-                              artifact.model.temperature, artifact.decoder_rows)
-        self.needs_embedding = len(self.scorer.rows_without_view()) > 0
-
-    def inductive_graph(self) -> Any | None:
-        """The current graph as GNN input when items lack a model view (None: nothing to do).
-
-        The model is inductive: one pass over the whole current graph gives
-        items the artifact has not seen views from their text and neighbours.
-        """
-        if self.artifact is None or self.encoder is None or not self.needs_embedding:
-            return None
-        from training.train import Graph
-
-        self.needs_embedding = False
-        dim = self.artifact.model.in_channels - 1  # item features: text embedding + log price
-        text = np.zeros((self.store.num_items, dim), np.float32)  # items known only from orders: no text yet
-        if len(self.scorer.text):
-            text[: len(self.scorer.text)] = self.scorer.text
-        trained = self.artifact.manifest.get("training", {})
-        return Graph.build(self.store, text, torch_device(self.device), id_items=self.artifact.manifest["id_items"],
-                           co_per_item=trained.get("co_edges_per_item"), ui_per_user=trained.get("ui_edges_per_user"))
-
-    def install_views(self, item_ids: list[str], h: dict[str, Any]) -> list[str]:
-        """Give the items the model had no view of their views from an inductive pass over ``item_ids`` (the
-        store's items when the pass began); return them."""
-        assert self.artifact is not None
-        rows = self.scorer.rows_without_view()
-        rows = rows[rows < len(item_ids)]
-        prior = self.artifact.model.prior(h["item"]).squeeze(-1).detach().numpy()
-        self.scorer.add_views(rows, h["src"].detach().numpy()[rows], h["dst"].detach().numpy()[rows], prior[rows])
-        return [item_ids[r] for r in rows.tolist()]
-
-
-def torch_device(name: str) -> Any:
-    from training.train import select_device
-
-    return select_device(name)
 
 
 @dataclass
@@ -268,7 +118,7 @@ class Scorer:
         else:
             log.warning("no model artifact: scoring from co-purchase statistics and text")
         self.names = spec.stream.topics
-        self.out = _Publisher(spec.bootstrap, self.state.metrics, must_deliver=frozenset({self.names.repartition}))
+        self.out = Publisher(spec.bootstrap, self.state.metrics, must_deliver=frozenset({self.names.repartition}))
         self.queue: asyncio.Queue[tuple] = asyncio.Queue()  # commands read from the pipe, not yet applied
         self.backlog = 0  # events on the broker the Faust app had not forwarded yet, as of its last batch
         self.backlog_at = 0.0  # when that batch came (monotonic)
@@ -853,73 +703,6 @@ def _forward(model: Any, graph: Any) -> dict[str, Any]:
 
     with torch.no_grad():
         return graph.embed(model)
-
-
-class _Publisher:
-    """An aiokafka producer started on first use (it needs the running event loop).
-
-    Sends are not awaited one by one (that would cost a round trip each);
-    a record Kafka refuses is logged and counted when its answer comes. A
-    dead letter too big for a request goes out without its value: its
-    headers say where the original is.
-    """
-
-    def __init__(self, bootstrap: str, metrics: WorkerMetrics, producer: Any = None,
-                 must_deliver: frozenset[str] = frozenset()) -> None:
-        self.bootstrap = bootstrap
-        self.metrics = metrics
-        self.must_deliver = must_deliver  # topics whose records a checkpoint may not cover undelivered
-        self.lost = 0  # records of those topics that failed
-        self.producer: AIOKafkaProducer | None = producer
-        self.lock = asyncio.Lock()
-        self.delivered: dict[tuple[str, int], int] = {}  # (topic, partition) → offset after the last delivered
-
-    async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None,
-                   droppable: bool = False, partition: int | None = None) -> None:
-        """``droppable``: the value may be left out when too big (a dead letter: its headers say where it is);
-        ``partition``: the partition to write to (default: by key)."""
-        if self.producer is None:
-            async with self.lock:
-                if self.producer is None:
-                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, max_batch_size=1 << 20)
-                    await producer.start()
-                    self.producer = producer
-        try:
-            where = {} if partition is None else {"partition": partition}
-            delivery = await self.producer.send(topic, key=key, value=value, headers=headers, **where)
-        except MessageSizeTooLargeError as exc:
-            if not droppable or value is None:  # nothing to fall back on
-                self._failed(topic, key, exc)
-                return
-            log.error("dead letter of %d bytes too big to publish; sent without its value", len(value))
-            dropped = f"{len(value)} bytes, over the producer's request size".encode()
-            headers = [*(headers or []), ("value-dropped", dropped)]
-            delivery = await self.producer.send(topic, key=key, value=None, headers=headers)
-        delivery.add_done_callback(lambda done: self._answered(topic, key, done))
-
-    def _answered(self, topic: str, key: bytes | None, delivery: asyncio.Future) -> None:
-        if not delivery.cancelled() and delivery.exception() is not None:
-            self._failed(topic, key, delivery.exception())
-        elif not delivery.cancelled():
-            meta = delivery.result()
-            at = (meta.topic, meta.partition)
-            self.delivered[at] = max(self.delivered.get(at, 0), meta.offset + 1)
-
-    def _failed(self, topic: str, key: bytes | None, exc: BaseException) -> None:
-        self.metrics.publish_failures.labels(topic).inc()
-        log.error("publishing to %s (key %r) failed: %r", topic, key, exc)
-        if topic in self.must_deliver:
-            self.lost += 1
-
-    async def flush(self) -> None:
-        """Wait until every record sent so far is delivered (or has failed, and was logged and counted)."""
-        if self.producer is not None:
-            await self.producer.flush()
-
-    async def stop(self) -> None:
-        if self.producer is not None:
-            await self.producer.stop()  # flushes what is buffered
-            self.producer = None
 
 
 def _source(record: Record) -> checkpoint.Source:

@@ -21,7 +21,8 @@ from graph.store import GraphConfig
 from streaming.codec import encode, graph_input
 from streaming import checkpoint, transport
 from streaming.metrics import WorkerMetrics
-from streaming.scorer import Record, Scorer, ScorerSpec, _Publisher
+from streaming.publisher import Publisher
+from streaming.scorer import Record, Scorer, ScorerSpec
 from streaming.settings import StreamConfig
 from tests.conftest import at
 from training.complements import ScorerConfig
@@ -56,7 +57,7 @@ def test_a_refused_record_is_logged_and_counted(caplog: pytest.LogCaptureFixture
     async def run() -> WorkerMetrics:
         metrics = WorkerMetrics()
         producer = FakeProducer()
-        publisher = _Publisher("unused", metrics, producer)
+        publisher = Publisher("unused", metrics, producer)
         await publisher.send("bundle-updates", b"A", b"{}")
         await publisher.send("bundle-updates", b"B", b"{}")
         producer.deliveries[0].set_result(delivered("bundle-updates", 0))
@@ -64,7 +65,7 @@ def test_a_refused_record_is_logged_and_counted(caplog: pytest.LogCaptureFixture
         await asyncio.sleep(0)  # done-callbacks run on the next loop pass
         return metrics
 
-    with caplog.at_level(logging.ERROR, logger="streaming.scorer"):
+    with caplog.at_level(logging.ERROR, logger="streaming.publisher"):
         metrics = asyncio.run(run())
     assert metrics.value("bundlegnn_worker_publish_failures_total", {"topic": "bundle-updates"}) == 1
     assert "key b'B'" in caplog.text and "no answer" in caplog.text and "b'A'" not in caplog.text
@@ -73,7 +74,7 @@ def test_a_refused_record_is_logged_and_counted(caplog: pytest.LogCaptureFixture
 def test_a_dead_letter_too_big_for_a_request_goes_out_without_its_value() -> None:
     async def run() -> FakeProducer:
         producer = FakeProducer(max_value=100)
-        publisher = _Publisher("unused", WorkerMetrics(), producer)
+        publisher = Publisher("unused", WorkerMetrics(), producer)
         await publisher.send("dead-letters", b"k", b"x" * 500, headers=[("reason", b"not JSON")], droppable=True)
         return producer
 
@@ -88,7 +89,7 @@ def scorer(checkpoints: Path | None = None, **stream: object) -> Scorer:
     spec = ScorerSpec(StreamConfig(**{"partitions": 1, **stream}), GraphConfig(), ScorerConfig(), "unused",
                       checkpoints=checkpoints)
     work = Scorer(spec)
-    work.out = _Publisher("unused", work.state.metrics, FakeProducer(max_value=10_000), must_deliver=work.out.must_deliver)
+    work.out = Publisher("unused", work.state.metrics, FakeProducer(max_value=10_000), must_deliver=work.out.must_deliver)
 
     async def no_dead_letters_topic(saved: dict) -> None:
         """(letters_since reads the dead-letters topic: there is no broker here)"""
