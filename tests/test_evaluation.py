@@ -59,6 +59,8 @@ def test_every_method_on_both_splits(tmp_path: Path) -> None:
             assert gain["low"] <= gain["gain"] <= gain["high"]
     tables = markdown(summary)
     assert "| gnn vs ease | " in tables and tables.count("| method |") == 3
+    best = report["protocol"]["gnn_best_epoch"]
+    assert f"GNN epochs: seed 0 2 (best {best}); seed 0 2 (best {best})." in tables  # not ended by the budget
     # a peer that could not run is said, not silently left out
     assert ("Not run: sansa" in tables) is (not baselines.sansa_installed())
     assert report["protocol"].get("peers_not_run") == (None if baselines.sansa_installed() else ["sansa"])

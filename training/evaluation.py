@@ -245,6 +245,12 @@ def markdown(summary: dict) -> str:
         for name, m in summary[part].items():
             cells = [f"{m[k]:.4f} ± {m[k + '_std']:.4f}" for k in ("hr@10", "ndcg@10", "recall@20", "mrr", "coverage")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    runs = [r["protocol"] for r in summary.get("runs", []) if "gnn_epochs_run" in r["protocol"]]
+    if runs:  # whether the time budget, not the epochs or patience, ended a seed's training
+        lines.append("\nGNN epochs: " + "; ".join(
+            f"seed {p['seed']} {p['gnn_epochs_run']} (best {p['gnn_best_epoch']}"
+            f"{', stopped by training.gnn_budget_s' if p.get('gnn_epochs_stopped_by_budget') else ''})"
+            for p in runs) + ".")
     for part, pairs in summary["comparisons"].items():
         lines += [f"\n{part}: relative gain over every seed's queries [95 % interval, seeds and queries "
                   f"resampled]; each seed's gain\n",
