@@ -106,6 +106,9 @@ def rows() -> list[tuple[str, str, str]]:
         r, rate = api["results"], api["rate"]
         keys = {name: f"{name}, cached, {rate}/s" for name in ("item bundles", "cart completion")}
         cells = [f"{name} p99 {r[key]['p99_ms']:.1f} ms at {rate:,} req/s" for name, key in keys.items() if key in r]
+        cells += [f"item bundles p99 {x['p99_ms']:.1f} ms beside {x['searches'] / api['seconds']:g} searches/s "
+                  f"(p50 {x['search_p50_ms']:.0f} ms) over a {api.get('search_catalog', 0):,}-item catalog"
+                  for x in r.values() if "searches" in x]
         out.append(("HTTP API lookups (cached responses)", "; ".join(cells), _source("api", api.get("machine"))))
     return out
 

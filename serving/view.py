@@ -15,6 +15,7 @@ probability ratio to the best; for decoder, co-purchase and similar-text lists
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -52,6 +53,61 @@ class Entry:
     orders: int | None = None  # placed orders holding the item, as the worker last published
 
 
+class TitleIndex:
+    """The catalog's lowercased titles, for substring search by people (the bundle explorer's ``GET /items``).
+
+    The titles are also kept joined in one string, one per line, so that a
+    word is found by one regular-expression scan in C (about 4 ms at 212k
+    items) rather than a Python test per title (30 ms). Titles are added
+    by the feed thread and the string catches up at the next search: new
+    titles are appended, a changed one rebuilds it. Items are never removed.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.lowered: list[str] = []
+        self.rows: dict[str, int] = {}
+        self._text = ""
+        self._starts = np.zeros(0, np.int64)  # where each covered title begins in _text
+        self._covered = 0
+        self._stale = False
+        self._lock = threading.Lock()  # searches run on several threads of the server's pool
+
+    def set(self, item_id: str, title: str) -> None:
+        row = self.rows.get(item_id)
+        if row is None:
+            self.ids.append(item_id)  # the id before its title: a reader covers at most len(lowered) rows
+            self.lowered.append(title.lower())
+            self.rows[item_id] = len(self.ids) - 1
+        else:
+            self.lowered[row] = title.lower()
+            self._stale = True
+
+    def _joined(self) -> tuple[str, np.ndarray]:
+        with self._lock:
+            if self._stale:  # cleared before the titles are read: a change from now on marks it again
+                self._stale, self._text, self._starts, self._covered = False, "", np.zeros(0, np.int64), 0
+            end = len(self.lowered)
+            if self._covered < end:
+                new = self.lowered[self._covered:end]
+                lengths = np.fromiter((len(t) + 1 for t in new), np.int64, len(new))  # (+1: the newline)
+                self._starts = np.concatenate([self._starts, len(self._text) + np.cumsum(lengths) - lengths])
+                self._text += "\n".join(new) + "\n"
+                self._covered = end
+            return self._text, self._starts
+
+    def search(self, words: list[str]) -> list[str]:
+        """Ids of the items whose title holds every one of ``words`` (lowercase, without whitespace)."""
+        if not words:
+            return []
+        text, starts = self._joined()
+        first = max(words, key=len)  # the scan finds the longest word's titles (a long word is rarer), ...
+        rest = [w for w in words if w != first]  # ... and those are tested for the others
+        found = np.fromiter((m.start() for m in re.finditer(re.escape(first), text)), np.int64)
+        rows = np.unique(np.searchsorted(starts, found, side="right") - 1).tolist()
+        return [self.ids[r] for r in rows if all(w in self.lowered[r] for w in rest)]
+
+
 def relevance(complements: tuple[Complement, ...] | list[Complement]) -> dict[str, float]:
     """Normalised relevance of each complement (see the module docstring)."""
     if not complements:
@@ -77,6 +133,7 @@ class BundleView:
     counters: dict[str, int] = field(default_factory=lambda: {"catalog": 0, "updates": 0, "user_events": 0,
                                                               "rejected": 0})
     word_items: Counter[str] = field(default_factory=Counter)  # title word → catalog items whose title holds it
+    titles: TitleIndex = field(default_factory=lambda: TitleIndex(), repr=False)  # what :meth:`search` scans
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _bump(self, item_id: str) -> None:
@@ -94,6 +151,7 @@ class BundleView:
             if old is not None:
                 self.word_items.subtract(title_words(old.title))
             self.word_items.update(title_words(info.title))
+            self.titles.set(info.item_id, info.title)
         self.items[info.item_id] = info
         self._bump(info.item_id)
 
@@ -160,6 +218,10 @@ class BundleView:
 
     def info(self, item_id: str) -> ItemInfo:
         return self.items.get(item_id) or ItemInfo(item_id, item_id)
+
+    def search(self, words: list[str]) -> list[str]:
+        """Catalog items whose title holds every one of ``words`` (lowercase substrings), in arrival order."""
+        return self.titles.search(words)
 
     def rarity(self, word: str) -> float:
         """The inverse document frequency of a title word over the catalog, ``log((n + 1) / (m + 1))`` for

@@ -175,6 +175,52 @@ def test_search_finds_items_by_id_and_title_words(client: TestClient) -> None:
     few = client.get("/items", params={"q": "t", "limit": 1}).json()
     assert len(few["items"]) == 1 and few["truncated"] is True
     assert client.get("/items", params={"q": ""}).status_code == 422
+    assert client.get("/items", params={"q": "  "}).json()["items"] == []
+
+
+def test_the_title_index_finds_what_a_test_of_every_title_finds() -> None:
+    """TitleIndex against a plain scan on the real catalog, with titles added and changed between searches
+    (the joined titles catch up by appending, and are rebuilt after a change)."""
+    from serving.view import TitleIndex
+    from tests.conftest import retail_events
+
+    titles = list({e.item_id: e.title for e in retail_events() if isinstance(e, ItemUpserted)}.items())
+    index, current = TitleIndex(), {}
+    queries = [["bag"], ["lunch", "bag"], ["heart", "t-light"], ["retrospot"], ["zzz"], ["a"], ["c+"], ["."]]
+
+    def check() -> None:
+        for words in queries:
+            assert index.search(words) == [k for k, t in current.items() if all(w in t.lower() for w in words)]
+
+    for part in (titles[:100], titles[100:len(titles) // 2], titles[len(titles) // 2:]):
+        for k, t in part:
+            index.set(k, t)
+            current[k] = t
+        check()
+    assert len(index.search(["bag"])) > 50 and index.search(["lunch", "bag"])
+    for k, t in titles[::7]:  # retitled: found by the new title only
+        index.set(k, f"zzz {t}")
+        current[k] = f"zzz {t}"
+    check()
+    assert index.search(["zzz"]) == [k for k, _ in titles[::7]]
+
+
+def test_search_follows_retitled_items_and_leaves_the_event_loop_free() -> None:
+    """The search scans lowercased titles kept beside the catalog: a retitled item is found by its new title
+    only. The route is a plain function, run in the threadpool: as a coroutine its scan (130 ms at 212k items)
+    held every lookup on the event loop."""
+    import inspect
+
+    view = BundleView()
+    catalog(view, "A", "Blue Mug")
+    catalog(view, "B", "Red mug")
+    catalog(view, "A", "Green Bowl")
+    assert view.search(["mug"]) == ["B"] and view.search(["green", "bowl"]) == ["A"] and view.search([]) == []
+    app = create_app(view)
+    client = TestClient(app)
+    assert [i["item_id"] for i in client.get("/items", params={"q": "BOWL gre"}).json()["items"]] == ["A"]
+    (route,) = [r for r in app.routes if getattr(r, "path", None) == "/items"]
+    assert not inspect.iscoroutinefunction(route.endpoint)
 
 
 def test_the_explorer_page_is_served_from_the_package(client: TestClient) -> None:
