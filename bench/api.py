@@ -87,6 +87,7 @@ def load_view(cache_size: int, copies: int = 0):  # noqa: ANN201
         for k in range(copies):
             for item_id, title in titles.items():
                 view.set_item(ItemInfo(f"{item_id}-{k}", f"{title} {k}"))
+    view.titles.catch_up()  # as `bundlegnn serve` does once its view has caught up
     gc.collect()
     gc.freeze()  # what `bundlegnn serve` does once its view has caught up
     return create_app(view, cache_size=cache_size)

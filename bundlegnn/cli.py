@@ -529,6 +529,7 @@ def serve(
                       else ""), err=True)
     t = settings.stream.topics
     def settle() -> None:  # the view's start-up bulk will live long: keep it out of GC scans (tail latency)
+        view.titles.catch_up()  # and the first search does not join every title
         gc.collect()
         gc.freeze()
 

@@ -378,9 +378,9 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
         ``async def`` each search at 212k items held every lookup for 130 ms)."""
         exact = [view.info(q)] if view.knows(q) else []
         ids = [i for i in view.search(q.lower().split()) if i != q]
-        found = heapq.nsmallest(limit, map(view.info, ids),  # items with a list first, then by title
-                                key=lambda i: (i.item_id not in view.entries, i.title, i.item_id))
-        hits = exact + found
+        items, entries = view.items, view.entries  # (every id found is in the catalog)
+        found = heapq.nsmallest(limit, ids, key=lambda i: (i not in entries, items[i].title, i))  # listed first
+        hits = exact + [view.info(i) for i in found]
         return SearchResponse(query=q, items=[_ref(i) for i in hits[:limit]], truncated=len(exact) + len(ids) > limit)
 
     page = _UI.read_text(encoding="utf-8")  # read once, not per request

@@ -83,6 +83,10 @@ class TitleIndex:
             self.lowered[row] = title.lower()
             self._stale = True
 
+    def catch_up(self) -> None:
+        """Join the titles added so far (the next search would)."""
+        self._joined()
+
     def _joined(self) -> tuple[str, np.ndarray]:
         with self._lock:
             if self._stale:  # cleared before the titles are read: a change from now on marks it again
@@ -145,14 +149,15 @@ class BundleView:
         self.counters["catalog"] += 1
 
     def set_item(self, info: ItemInfo) -> None:
-        """Add or replace a catalog item, keeping :attr:`word_items` (what :meth:`rarity` reads) in step."""
+        """Add or replace a catalog item, keeping :attr:`word_items` (what :meth:`rarity` reads) and
+        :attr:`titles` in step (the item is in :attr:`items` before a search can find it)."""
         old = self.items.get(info.item_id)
+        self.items[info.item_id] = info
         if old is None or old.title != info.title:
             if old is not None:
                 self.word_items.subtract(title_words(old.title))
             self.word_items.update(title_words(info.title))
             self.titles.set(info.item_id, info.title)
-        self.items[info.item_id] = info
         self._bump(info.item_id)
 
     def apply_update(self, update: BundleUpdate, received_at: float | None = None) -> None:
