@@ -177,8 +177,8 @@ def train(
     if from_topics:
         from streaming.topics import read_events
 
-        events, rejected = read_events(bootstrap, settings.stream.topics)
-        source: dict = {"topics": bootstrap, "events": len(events), "rejected": rejected}
+        events, rejected = read_events(bootstrap, settings.stream.topics, settings.paths.state_dir / "tmp")
+        source: dict = {"topics": bootstrap, "events": events.events, "rejected": rejected}
     else:
         events, report = _read(settings, data)
         source = {"dataset": report}

@@ -484,3 +484,12 @@ def test_a_scoring_process_that_does_not_stop_in_time_is_killed(caplog: pytest.L
         code = asyncio.run(ScorerLink(process, ours).stop("test", timeout=1.0))
     assert code == -9 and not process.is_alive() and time.monotonic() - began < 5
     assert "did not stop within 1 s; killing it" in caplog.text
+
+
+def test_kafka_python_checks_record_crcs_in_c() -> None:
+    """pyproject asks for kafka-python's crc32c extra: its pure-Python CRC-32C of every record batch took most
+    of the time of reading the event topics (Online Retail II full: 12.4 s, 5.6 s in C) and of replaying them."""
+    from kafka.record import util
+
+    assert util.crc32c_c is not None, "pip install 'kafka-python[crc32c]'"
+    assert util.calc_crc32c(memoryview(b"123456789")) == 0xE3069283  # the CRC-32C check value

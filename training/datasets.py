@@ -678,8 +678,8 @@ class EventSpool:
         self._chunk: list[Event | OrderFacts] = []
         self.size, self.events = chunk, 0
 
-    def add(self, event: Event) -> None:
-        """Append one event (only before :meth:`seal`)."""
+    def add(self, event: Event | OrderFacts) -> None:
+        """Append one event, an order as it is or as its facts (only before :meth:`seal`)."""
         if self._out is None:
             raise RuntimeError("the spool is sealed: events are added before it is read")
         self._chunk.append(event.facts() if isinstance(event, Order) else event)
