@@ -64,6 +64,29 @@ class Interaction(_Event):
     event_id: NonEmpty | None = Field(None, description="the producer's id of this interaction: sent twice inside "
                                       "the order window it counts once (without one, every copy counts)")
 
+    def facts(self) -> InteractionFacts:
+        """What the graph takes from this interaction."""
+        return InteractionFacts(self.user_id, self.item_id, self.kind, self.epoch, self.event_id)
+
+
+class InteractionFacts(NamedTuple):
+    """What the graph takes from an :class:`Interaction` (the graph store applies either), as plain values.
+
+    The retraining job holds every interaction on the topics while it sorts
+    them by time: a shop sends many views for each order, and a parsed
+    Interaction takes about 1.2 KB of memory, these a tenth of it.
+    """
+
+    user_id: str
+    item_id: str
+    kind: str  # "view", "cart" or "purchase"
+    epoch: float  # seconds since the Unix epoch
+    event_id: str | None
+
+    @property
+    def type(self) -> str:
+        return "interaction"
+
 
 class OrderLine(BaseModel):
     """One line of an order. Quantities are positive; a return is a cancelled order.

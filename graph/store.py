@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
-from graph.events import Interaction, ItemUpserted, Order, OrderFacts, OrderShare
+from graph.events import Interaction, InteractionFacts, ItemUpserted, Order, OrderFacts, OrderShare
 from graph.orders import CANCELLED, PLACED, OrderLog
 from graph.tallies import THREADS, EdgeTable, Rows, Tallies, Tally, on_threads
 
@@ -221,7 +221,7 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-GraphEvent = ItemUpserted | Interaction | Order | OrderFacts | OrderShare
+GraphEvent = ItemUpserted | Interaction | InteractionFacts | Order | OrderFacts | OrderShare
 """What :meth:`GraphStore.apply_many` takes: an event, an order as :class:`~graph.events.OrderFacts`, or an
 order's change for one partition's items (:class:`~graph.events.OrderShare`)."""
 
@@ -328,7 +328,7 @@ class GraphStore:
         keys, slots = self.orders.lookup(ids)
         self._found = dict(zip(ids, slots))
         key_of = dict(zip(ids, keys.tolist()))
-        iids = [e.event_id for e in events if isinstance(e, Interaction) and e.event_id]
+        iids = [e.event_id for e in events if isinstance(e, (Interaction, InteractionFacts)) and e.event_id]
         ikeys, islots = self.interaction_ids.lookup(iids)
         self._found_i = dict(zip(iids, islots))
         ikey_of = dict(zip(iids, ikeys.tolist()))
@@ -371,7 +371,7 @@ class GraphStore:
             result = self._share(event)
         elif isinstance(event, ItemUpserted):
             result = self._upsert(event)
-        elif isinstance(event, Interaction):
+        elif isinstance(event, (Interaction, InteractionFacts)):
             result = self._interact(event, stream)
         else:
             raise TypeError(f"not a graph event: {type(event).__name__}")
@@ -462,7 +462,7 @@ class GraphStore:
         self.catalog[row] = new
         return Applied(True, (e.item_id,))
 
-    def _interact(self, e: Interaction, stream: int = 0) -> Applied:
+    def _interact(self, e: Interaction | InteractionFacts, stream: int = 0) -> Applied:
         amount = self.config.interaction_weights.get(e.kind)
         if amount is None:
             raise ValueError(f"no interaction weight configured for kind {e.kind!r}")

@@ -7,10 +7,10 @@ validation are skipped and counted (the worker already dead-lettered them).
 
 A shop of 200k items has years of orders on those topics (42.7 M order lines
 in the 40-fold Online Retail II), so the events are not held as parsed
-objects: each order is kept as its facts, with the item and user ids shared
-between orders, while they are sorted by time, and then written to an
-:class:`~training.datasets.EventSpool` that training reads on each pass,
-as it reads a dataset file.
+objects: each order and interaction is kept as its facts, with the item and
+user ids shared between them, while they are sorted by time, and then
+written to an :class:`~training.datasets.EventSpool` that training reads on
+each pass, as it reads a dataset file.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
-from graph.events import Order, OrderFacts
+from graph.events import Interaction, InteractionFacts, Order, OrderFacts
 from streaming.codec import AnyEvent, Rejected, decode
 from streaming.settings import Topics
 from training.datasets import EventSpool
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 300.0) -> tuple[EventSpool, int]:
     """Every valid event on the event topics up to their end offsets as the call begins, in time order, in a
-    spool under ``spool_dir`` (orders as their facts), and the number of rejected messages.
+    spool under ``spool_dir`` (orders and interactions as their facts), and the number of rejected messages.
 
     ``stall``: seconds without a record before the read gives up (a broker that stopped answering); a read
     that goes on receiving records may take as long as the topics need. The end offsets are taken as Kafka
@@ -43,7 +43,7 @@ def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 
                              auto_offset_reset="earliest", fetch_max_bytes=64 << 20,
                              max_partition_fetch_bytes=16 << 20)
     rank = {name: n for n, name in enumerate(kinds)}
-    keyed: list[tuple[float, int, int, int, AnyEvent | OrderFacts]] = []
+    keyed: list[tuple[float, int, int, int, AnyEvent | OrderFacts | InteractionFacts]] = []
     ids: dict[str, str] = {}  # one string object per item and user id, however many orders name it
     rejected = 0
     try:
@@ -71,11 +71,15 @@ def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 
                     if isinstance(event, Rejected):
                         rejected += 1
                         continue
-                    kept: AnyEvent | OrderFacts = event
+                    kept: AnyEvent | OrderFacts | InteractionFacts = event
                     if isinstance(event, Order):
                         user = event.user_id and ids.setdefault(event.user_id, event.user_id)
                         items = tuple(ids.setdefault(i, i) for i in event.item_ids)
                         kept = OrderFacts(event.order_id, user, event.epoch, items, event.status)
+                    elif isinstance(event, Interaction):
+                        kept = InteractionFacts(ids.setdefault(event.user_id, event.user_id),
+                                                ids.setdefault(event.item_id, event.item_id), event.kind, event.epoch,
+                                                event.event_id)
                     keyed.append((event.epoch, rank[tp.topic], tp.partition, record.offset, kept))
             todo = {tp: end for tp, end in todo.items() if consumer.position(tp) < end}
     finally:

@@ -335,7 +335,7 @@ def test_the_retraining_read_of_the_topics_is_the_file_s_graph_in_a_spool(broker
     as the file's events in time order, in a spool whose orders are facts sharing one string per item id, and
     builds the file's graph; a malformed message is counted, a record sent after the read began is left for
     the next run. (One record per batch: tansu reports end offsets short after multi-record batches.)"""
-    from graph.events import OrderFacts
+    from graph.events import InteractionFacts, OrderFacts
     from graph.store import GraphConfig, GraphStore
     from streaming.broker import create_topics
     from streaming.topics import read_events
@@ -345,7 +345,11 @@ def test_the_retraining_read_of_the_topics_is_the_file_s_graph_in_a_spool(broker
     env = stream_env(broker, tmp_path / "state")
     topics = Topics(**{k: topic(env, k) for k in Topics.model_fields})
     create_topics(broker, topics.layout(2))
-    events = in_time_order(read_file(SAMPLE))
+    events = list(read_file(SAMPLE))
+    first = next(e for e in events if isinstance(e, Order))
+    events = in_time_order(events + [  # a view sent twice under one id counts once; carts without an id each count
+        Interaction(user_id="u9", item_id=first.item_ids[0], kind=kind, ts=first.ts, event_id=event_id)
+        for kind, event_id in [("view", "v1"), ("view", "v1"), ("cart", None), ("cart", None)]])
     with EventProducer(broker, topics, batch_size=1, linger_ms=0) as producer:
         for event in events:
             producer.send(event)
@@ -358,6 +362,8 @@ def test_the_retraining_read_of_the_topics_is_the_file_s_graph_in_a_spool(broker
     assert [e.epoch for e in got] == sorted(e.epoch for e in events)
     facts = [e for e in got if isinstance(e, OrderFacts)]
     assert len(facts) == sum(isinstance(e, Order) for e in events) and "after" not in {f.order_id for f in facts}
+    assert [(e.kind, e.event_id) for e in got if isinstance(e, InteractionFacts)] == [
+        ("view", "v1"), ("view", "v1"), ("cart", None), ("cart", None)]
     chunk = facts[:200]  # read back from one pickled chunk: an item's id is one object across its orders
     same = {}
     assert all(same.setdefault(i, i) is i for f in chunk for i in f.item_ids)
@@ -372,5 +378,7 @@ def test_the_retraining_read_of_the_topics_is_the_file_s_graph_in_a_spool(broker
     a.apply_all(events)
     b.apply_all(got)
     assert pairs(a) == pairs(b) and len(pairs(a)) > 10_000 and a.stats.as_dict() == b.stats.as_dict()
+    assert a.user_item_matrix(counts=True).sum() == b.user_item_matrix(counts=True).sum()
+    assert b.stats.duplicates == 1 and b.user_item_matrix(counts=True)[b.users.index["u9"]].sum() == 3
     spool.close()
     assert not spool.path.exists()

@@ -44,7 +44,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm import tqdm
 
-from graph.events import Event, Interaction, ItemUpserted, Order, OrderFacts, OrderLine, Rejected, parse_event
+from graph.events import (Event, Interaction, InteractionFacts, ItemUpserted, Order, OrderFacts, OrderLine, Rejected,
+                          parse_event)
 from graph.store import GraphStore
 
 if TYPE_CHECKING:
@@ -658,7 +659,8 @@ def read_events(cfg: DataConfig | str | os.PathLike[str], report: ImportReport |
 
 
 class EventSpool:
-    """Events written once to a local file, orders as their facts (:class:`~graph.events.OrderFacts`), and read
+    """Events written once to a local file, orders and interactions as their facts (:class:`~graph.events.OrderFacts`,
+    :class:`~graph.events.InteractionFacts`), and read
     back on every later pass (calling the spool gives a fresh iterator, as :data:`training.protocol.Events`
     asks).
 
@@ -675,14 +677,14 @@ class EventSpool:
         self.path = Path(name)
         self._remove = weakref.finalize(self, self.path.unlink, missing_ok=True)
         self._out: BinaryIO | None = os.fdopen(fd, "wb")
-        self._chunk: list[Event | OrderFacts] = []
+        self._chunk: list[Event | OrderFacts | InteractionFacts] = []
         self.size, self.events = chunk, 0
 
-    def add(self, event: Event | OrderFacts) -> None:
-        """Append one event, an order as it is or as its facts (only before :meth:`seal`)."""
+    def add(self, event: Event | OrderFacts | InteractionFacts) -> None:
+        """Append one event, an order or interaction as it is or as its facts (only before :meth:`seal`)."""
         if self._out is None:
             raise RuntimeError("the spool is sealed: events are added before it is read")
-        self._chunk.append(event.facts() if isinstance(event, Order) else event)
+        self._chunk.append(event.facts() if isinstance(event, (Order, Interaction)) else event)
         self.events += 1
         if len(self._chunk) == self.size:
             pickle.dump(self._chunk, self._out, protocol=pickle.HIGHEST_PROTOCOL)
@@ -697,7 +699,7 @@ class EventSpool:
             self._out, self._chunk = None, []
         return self
 
-    def __call__(self) -> Iterator[Event | OrderFacts]:
+    def __call__(self) -> Iterator[Event | OrderFacts | InteractionFacts]:
         if self._out is not None:
             raise RuntimeError("the spool is still being written: seal() it first")
         with self.path.open("rb") as fh:

@@ -26,10 +26,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from graph.events import Interaction, ItemUpserted, Order, OrderFacts
+from graph.events import Interaction, InteractionFacts, ItemUpserted, Order, OrderFacts
 from graph.store import GraphConfig, GraphStore
 
 Event = ItemUpserted | Interaction | Order
+Spooled = Event | OrderFacts | InteractionFacts  # an event as training reads it (a spool gives facts)
 
 
 @dataclass
@@ -84,12 +85,12 @@ def _training_store(config: GraphConfig) -> GraphStore:
     return GraphStore(config.model_copy(update={"order_window_days": None}))  # training reads every order
 
 
-def _without(event: Event | OrderFacts, held: frozenset[str]) -> Event | OrderFacts | None:
+def _without(event: Spooled, held: frozenset[str]) -> Spooled | None:
     """``event`` with the held-out items removed (None when nothing is left)."""
     if isinstance(event, OrderFacts):
         kept = tuple(i for i in event.item_ids if i not in held)
         return None if not kept else event if len(kept) == len(event.item_ids) else event._replace(item_ids=kept)
-    if isinstance(event, Interaction) and event.item_id in held:
+    if isinstance(event, (Interaction, InteractionFacts)) and event.item_id in held:
         return None
     return event
 
@@ -118,7 +119,7 @@ Events = Sequence[Event] | Callable[[], Iterable[Event]]
 """Events in time order: a list, or a function that reads them afresh (a file too large to hold)."""
 
 
-def _facts(events: Events) -> Iterator[Event | OrderFacts]:
+def _facts(events: Events) -> Iterator[Spooled]:
     for event in events() if callable(events) else events:
         yield event.facts() if isinstance(event, Order) else event
 
@@ -187,7 +188,7 @@ def time_split(
     placed_at = set(placed)
     val_orders: list[OrderFacts] = []
     test_orders: list[OrderFacts] = []
-    chunk: list[Event | OrderFacts] = []
+    chunk: list[Spooled] = []
     fit_upto = 0  # events [0, fit_upto) of the current chunk also go to the fit store
 
     def flush() -> None:
