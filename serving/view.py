@@ -57,10 +57,11 @@ class TitleIndex:
     """The catalog's lowercased titles, for substring search by people (the bundle explorer's ``GET /items``).
 
     The titles are also kept joined in one string, one per line, so that a
-    word is found by one regular-expression scan in C (about 4 ms at 212k
-    items) rather than a Python test per title (30 ms). Titles are added
-    by the feed thread and the string catches up at the next search: new
-    titles are appended, a changed one rebuilds it. Items are never removed.
+    word is found by one regular-expression scan in C: 2 to 12 ms at 212k
+    items, by how many titles hold it, where a Python test per title took
+    11 to 17 ms. Titles are added by the feed thread and the string catches
+    up at the next search: new titles are appended, a changed one rebuilds
+    it. Items are never removed.
     """
 
     def __init__(self) -> None:

@@ -44,7 +44,11 @@ def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 
                              max_partition_fetch_bytes=16 << 20)
     rank = {name: n for n, name in enumerate(kinds)}
     keyed: list[tuple[float, int, int, int, AnyEvent | OrderFacts | InteractionFacts]] = []
-    ids: dict[str, str] = {}  # one string object per item and user id, however many orders name it
+    ids: dict[str, str] = {}
+
+    def shared(name: str) -> str:  # one string per item and user id, however many events name it
+        return ids.setdefault(name, name)
+
     rejected = 0
     try:
         parts = [TopicPartition(t, p) for t in kinds for p in sorted(consumer.partitions_for_topic(t) or ())]
@@ -73,12 +77,10 @@ def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 
                         continue
                     kept: AnyEvent | OrderFacts | InteractionFacts = event
                     if isinstance(event, Order):
-                        user = event.user_id and ids.setdefault(event.user_id, event.user_id)
-                        items = tuple(ids.setdefault(i, i) for i in event.item_ids)
-                        kept = OrderFacts(event.order_id, user, event.epoch, items, event.status)
+                        kept = OrderFacts(event.order_id, event.user_id and shared(event.user_id), event.epoch,
+                                          tuple(map(shared, event.item_ids)), event.status)
                     elif isinstance(event, Interaction):
-                        kept = InteractionFacts(ids.setdefault(event.user_id, event.user_id),
-                                                ids.setdefault(event.item_id, event.item_id), event.kind, event.epoch,
+                        kept = InteractionFacts(shared(event.user_id), shared(event.item_id), event.kind, event.epoch,
                                                 event.event_id)
                     keyed.append((event.epoch, rank[tp.topic], tp.partition, record.offset, kept))
             todo = {tp: end for tp, end in todo.items() if consumer.position(tp) < end}
