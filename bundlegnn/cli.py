@@ -43,9 +43,15 @@ def _settings(config: Optional[Path]) -> Settings:
     return settings
 
 
+JSON_LINES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
+
+
 def _data(settings: Settings, data: Optional[Path]) -> "DataConfig":
-    """The configured dataset, ``--data`` replacing its path; exits 2 when it is missing."""
+    """The configured dataset, ``--data`` replacing its path (a file named as JSON lines is read as such, not
+    through the config's CSV mapping); exits 2 when it is missing."""
     cfg = settings.data if data is None else settings.data.model_copy(update={"path": data})
+    if data is not None and data.name.lower().endswith(JSON_LINES):
+        cfg = cfg.model_copy(update={"format": "jsonl"})
     for path in (cfg.path, cfg.catalog_path):
         if path is not None and not path.exists():
             typer.echo(f"dataset not found: {path}", err=True)
@@ -89,7 +95,8 @@ def _read(settings: Settings, data: Optional[Path]) -> tuple["Events", dict]:
     return events, report.summary()
 
 
-DataOpt = typer.Option(None, "--data", help="dataset file (default: data.path from the config)")
+DataOpt = typer.Option(None, "--data", help="dataset file (default: data.path from the config); *.jsonl(.gz) "
+                       "and *.ndjson(.gz) are read as JSON lines of events")
 DeadOpt = typer.Option(None, "--dead-letters", help="where rows and events that cannot be used are written, one "
                        "JSON object per line with the line number and reason (default: <state_dir>/"
                        "import-dead-letters.jsonl)")

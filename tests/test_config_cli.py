@@ -76,6 +76,24 @@ def test_build_graph_writes_a_snapshot(tmp_path: Path) -> None:
     assert len((tmp_path / "dead.jsonl").read_text().splitlines()) == 245  # the unmatched cancellations
 
 
+def test_a_json_lines_file_given_with_data_is_read_as_events_whatever_the_config_says(tmp_path: Path) -> None:
+    """`build-graph --data shop.jsonl.gz` under the default config (format csv, the Online Retail II mapping)
+    read the events through the CSV mapping and failed; a file named as JSON lines is read as events."""
+    import gzip
+
+    from streaming.codec import encode
+    from tests.conftest import retail_events
+
+    path = tmp_path / "shop.jsonl.gz"
+    events = retail_events()
+    path.write_bytes(gzip.compress(b"".join(encode(e) + b"\n" for e in events)))
+    result = CliRunner().invoke(app, ["build-graph", "--config", "configs/default.yaml", "--data", str(path),
+                                      "--out", str(tmp_path / "g"), "--dead-letters", str(tmp_path / "dead.jsonl")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["dataset"]["rows"] == len(events) and summary["graph"]["items"] == 2918
+
+
 def test_build_graph_missing_data_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["build-graph", "--data", str(tmp_path / "nope.csv")])
     assert result.exit_code == 2 and "dataset not found" in result.output
