@@ -96,6 +96,10 @@ def load_view(cache_size: int, copies: int = 0):  # noqa: ANN201
 def serve(port: int, cache_size: int, copies: int = 0) -> None:
     import uvicorn
 
+    from serving.settings import ServingConfig
+
+    sys.setswitchinterval(ServingConfig().switch_interval)  # as `bundlegnn serve` does
+
     uvicorn.run(load_view(cache_size, copies), host="127.0.0.1", port=port, log_level="warning", access_log=False,
                 loop="uvloop", http="httptools")
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -551,6 +552,7 @@ def serve(
 
     api = create_app(view, cfg.rules, health, cfg.cache_size, info, cfg.cache_bytes, cfg.body_limit,
                      view_behind=lambda: feed.behind, pair_model=pair_model)
+    sys.setswitchinterval(cfg.switch_interval)  # the event loop shares the interpreter with the feed thread
     age = api.state.metrics.update_age
     feed.on_update = lambda update, now: age.observe(now - update.source_ts) if update.source_ts else None
     feed.start()
