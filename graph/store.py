@@ -222,8 +222,9 @@ def tune_gc() -> None:
 
 
 GraphEvent = ItemUpserted | Interaction | InteractionFacts | Order | OrderFacts | OrderShare
-"""What :meth:`GraphStore.apply_many` takes: an event, an order as :class:`~graph.events.OrderFacts`, or an
-order's change for one partition's items (:class:`~graph.events.OrderShare`)."""
+"""What :meth:`GraphStore.apply_many` takes: an event, an order or interaction as its facts
+(:class:`~graph.events.OrderFacts`, :class:`~graph.events.InteractionFacts`), or an order's change for one
+partition's items (:class:`~graph.events.OrderShare`)."""
 
 ROUTED = -1
 """The stream of events that come from the repartition: applied to their partition's items whatever the store's."""
