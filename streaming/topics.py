@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from sys import intern
 from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
@@ -44,11 +45,6 @@ def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 
                              max_partition_fetch_bytes=16 << 20)
     rank = {name: n for n, name in enumerate(kinds)}
     keyed: list[tuple[float, int, int, int, AnyEvent | OrderFacts | InteractionFacts]] = []
-    ids: dict[str, str] = {}
-
-    def shared(name: str) -> str:  # one string per item and user id, however many events name it
-        return ids.setdefault(name, name)
-
     rejected = 0
     try:
         parts = [TopicPartition(t, p) for t in kinds for p in sorted(consumer.partitions_for_topic(t) or ())]
@@ -76,12 +72,13 @@ def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 
                         rejected += 1
                         continue
                     kept: AnyEvent | OrderFacts | InteractionFacts = event
-                    if isinstance(event, Order):
-                        kept = OrderFacts(event.order_id, event.user_id and shared(event.user_id), event.epoch,
-                                          tuple(map(shared, event.item_ids)), event.status)
+                    if isinstance(event, Order):  # its facts, with one string per item and user id (interned)
+                        facts = event.facts()
+                        kept = facts._replace(user_id=facts.user_id and intern(facts.user_id),
+                                              item_ids=tuple(map(intern, facts.item_ids)))
                     elif isinstance(event, Interaction):
-                        kept = InteractionFacts(shared(event.user_id), shared(event.item_id), event.kind, event.epoch,
-                                                event.event_id)
+                        facts_i = event.facts()
+                        kept = facts_i._replace(user_id=intern(facts_i.user_id), item_id=intern(facts_i.item_id))
                     keyed.append((event.epoch, rank[tp.topic], tp.partition, record.offset, kept))
             todo = {tp: end for tp, end in todo.items() if consumer.position(tp) < end}
     finally:
