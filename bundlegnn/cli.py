@@ -185,7 +185,8 @@ def train(
     if from_topics:
         from streaming.topics import read_events
 
-        events, rejected = read_events(bootstrap, settings.stream.topics, settings.paths.state_dir / "tmp")
+        events, rejected = read_events(bootstrap, settings.stream.topics, settings.paths.state_dir / "tmp",
+                                       security=settings.stream.security)
         source: dict = {"topics": bootstrap, "events": events.events, "rejected": rejected}
     else:
         events, report = _read(settings, data)
@@ -218,7 +219,8 @@ def train(
         from streaming.producer import publish_model
 
         try:
-            publish_model(bootstrap, settings.stream.topics.model_updates, str(path.resolve()), path.name)
+            publish_model(bootstrap, settings.stream.topics.model_updates, str(path.resolve()), path.name,
+                          security=settings.stream.security)
         except KafkaError as exc:
             log.error("model %s written but not announced on %s (%r): workers load it when they restart",
                       path.name, settings.stream.topics.model_updates, exc)
@@ -353,10 +355,20 @@ def _write_report(json_path: Path, report: dict, tables: str) -> None:
 
 
 def _bootstrap(settings: Settings) -> str:
-    """Kafka's address: the configured servers, or the running embedded broker's."""
-    servers = settings.stream.bootstrap_servers
+    """Kafka's address: the configured servers, or the running embedded broker's; ``stream.security``'s files
+    are read here, so a wrong one stops the command at start with its name."""
+    servers, security = settings.stream.bootstrap_servers, settings.stream.security
+    try:
+        security.ssl_context()
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
     if servers != "embedded":
         return servers
+    if security.protocol != "PLAINTEXT":
+        typer.echo(f"stream.security.protocol is {security.protocol} but the embedded broker serves PLAINTEXT: "
+                   "set stream.bootstrap_servers to your Kafka", err=True)
+        raise typer.Exit(2)
     addr = settings.paths.broker_address
     if not addr.exists():
         typer.echo(f"stream.bootstrap_servers is 'embedded' but no broker runs ({addr} missing): "
@@ -365,8 +377,12 @@ def _bootstrap(settings: Settings) -> str:
     return addr.read_text().strip()
 
 
-def _topics(settings: Settings) -> dict[str, int]:
-    return settings.stream.topics.layout(settings.stream.partitions)
+def _create_topics(settings: Settings, bootstrap: str) -> None:
+    from streaming.broker import create_topics
+
+    stream = settings.stream
+    create_topics(bootstrap, stream.topics.layout(stream.partitions), stream.replication_factor, stream.security,
+                  stream.topics.configs())
 
 
 @app.command()
@@ -377,7 +393,6 @@ def replay(
     dead_letters: Optional[Path] = DeadOpt,
 ) -> None:
     """Send a dataset to Kafka as events, read as a stream (catalog keyed by item, orders by order id)."""
-    from streaming.broker import create_topics
     from streaming.producer import EventProducer, replay as send_all
     from training.datasets import BadRow, ImportReport
 
@@ -386,7 +401,7 @@ def replay(
     cfg = _data(settings, data)
     dead_path = dead_letters or settings.paths.import_dead_letters
     dead_path.parent.mkdir(parents=True, exist_ok=True)
-    create_topics(bootstrap, _topics(settings))
+    _create_topics(settings, bootstrap)
     report = ImportReport()
     source = _source(cfg, report)
     started = time.perf_counter()
@@ -398,7 +413,8 @@ def replay(
             else:
                 yield event
 
-    with open(dead_path, "w") as dead, EventProducer(bootstrap, settings.stream.topics) as producer:
+    producer = EventProducer(bootstrap, settings.stream.topics, settings.stream.security)
+    with open(dead_path, "w") as dead, producer:
         sent = send_all(events(dead), producer, rate, progress=False)
     typer.echo(json.dumps({"sent": sent, "seconds": round(time.perf_counter() - started, 2),
                            "dataset": report.summary(), "dead_letters": str(dead_path)}))
@@ -416,14 +432,13 @@ def worker(
     """Run the Faust stream worker and its scoring process (Ctrl-C stops both)."""
     from faust import Worker
 
-    from streaming.broker import create_topics
     from streaming.scorer import ScorerLink, ScorerSpec
     from streaming.worker import build_app
     from training.artifact import latest_artifact
 
     settings = _settings(config)
     bootstrap = _bootstrap(settings)
-    create_topics(bootstrap, _topics(settings))
+    _create_topics(settings, bootstrap)
     path = latest_artifact(settings.paths.model_store) if model == "latest" else None if model == "none" else Path(model)
     spec = ScorerSpec(settings.stream, settings.graph, settings.scoring, bootstrap,
                       settings.encoder if settings.stream.encode_text else None, settings.paths.text_cache,
@@ -461,7 +476,7 @@ def broker(
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        create_topics(embedded.bootstrap, _topics(settings))
+        create_topics(embedded.bootstrap, settings.stream.topics.layout(settings.stream.partitions))
         addr.write_text(embedded.bootstrap)
         typer.echo(f"embedded broker on {embedded.bootstrap} (address in {addr}); Ctrl-C stops it", err=True)
         embedded.process.wait()
@@ -508,13 +523,12 @@ def serve(
     from serving.api import create_app
     from serving.feed import FeedTopics, ViewFeed
     from serving.view import BundleView
-    from streaming.broker import create_topics
     from training.artifact import latest_artifact, load_artifact
 
     settings = _settings(config)
     cfg = settings.serving
     bootstrap = _bootstrap(settings)
-    create_topics(bootstrap, _topics(settings))
+    _create_topics(settings, bootstrap)
     view = BundleView(max_users=cfg.max_users)
     path = latest_artifact(settings.paths.model_store) if model == "latest" else None if model == "none" else Path(model)
     info, pair_model = None, None
@@ -543,7 +557,8 @@ def serve(
 
     feed = ViewFeed(view, bootstrap, FeedTopics(t.catalog, t.bundle_updates, t.orders, t.interactions),
                     on_ready=settle, fetch_max_wait=settings.stream.fetch_max_wait, stale_after=cfg.stale_after,
-                    signing_key=settings.stream.signing_secret())
+                    signing_key=settings.stream.signing_secret(),
+                    kafka_options=settings.stream.security.client_options())
 
     def health() -> tuple[bool, str | None]:
         if feed.error is not None:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -48,8 +49,10 @@ class ViewFeed:
     def __init__(self, view: BundleView, bootstrap: str, topics: FeedTopics,
                  on_update: Callable[[BundleUpdate, float], None] | None = None,
                  on_ready: Callable[[], None] | None = None, fetch_max_wait: float = 0.05,
-                 stale_after: float = 60.0, check_every: float = 5.0, signing_key: bytes | None = None) -> None:
+                 stale_after: float = 60.0, check_every: float = 5.0, signing_key: bytes | None = None,
+                 kafka_options: Mapping[str, Any] | None = None) -> None:
         self.view, self.bootstrap, self.topics = view, bootstrap, topics
+        self.kafka_options = dict(kafka_options or {})  # TLS and SASL (stream.security), from the composition root
         self.signing_key = signing_key  # set: bundle updates without the worker's signature are not served
         self.stale_after, self.check_every = stale_after, check_every
         now = time.time()
@@ -164,7 +167,7 @@ class ViewFeed:
         consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=None,
                                  enable_auto_commit=False, auto_offset_reset="earliest",
                                  fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
-                                 fetch_max_wait_ms=self.fetch_max_wait_ms)
+                                 fetch_max_wait_ms=self.fetch_max_wait_ms, **self.kafka_options)
         try:
             parts = []
             for topic in self._handlers:

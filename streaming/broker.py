@@ -18,8 +18,10 @@ from pathlib import Path
 from types import TracebackType
 
 from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from streaming.settings import PLAINTEXT, KafkaSecurity
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +51,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
+def wait_for_port(bootstrap: str, timeout: float = 30.0) -> None:
+    """Block until the first address of ``bootstrap`` accepts TCP connections."""
+    deadline = time.monotonic() + timeout
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"nothing listens on {host}:{port} after {timeout:.0f} s: {exc}") from None
+            time.sleep(0.1)
+
+
+def wait_for_broker(bootstrap: str, timeout: float = 30.0, security: KafkaSecurity = PLAINTEXT) -> None:
     """Block until a Kafka client can fetch metadata from ``bootstrap``.
 
     First until the first address accepts TCP connections, quietly: a Kafka client started before the broker
     listens logs ERROR and WARNING lines for every refused connection, on a start that then succeeds."""
     deadline = time.monotonic() + timeout
+    wait_for_port(bootstrap, timeout)
+    options = security.client_options()
     last: Exception | None = None
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
     while time.monotonic() < deadline:
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
-            break
-        except OSError as exc:
-            last = exc
-            time.sleep(0.1)
-    while time.monotonic() < deadline:
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000, **options)
             admin.list_topics()
             admin.close()
             return
@@ -79,12 +89,15 @@ def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
 class EmbeddedBroker:
     """A tansu broker process on 127.0.0.1 with memory storage; a context manager.
 
-    ``port=0`` picks a free port. Topics live as long as the process.
+    ``port=0`` picks a free port. Topics live as long as the process. ``advertised_port`` is the port the
+    broker tells clients to connect to, for a front such as a TLS terminator (tansu serves plaintext); then
+    :meth:`start` waits only until the broker listens, and the front's owner waits for the front.
     """
 
-    def __init__(self, port: int = 0, log_path: Path | None = None) -> None:
+    def __init__(self, port: int = 0, log_path: Path | None = None, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        self.advertised_port = advertised_port
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -93,7 +106,8 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 30.0) -> "EmbeddedBroker":
         url = f"tcp://127.0.0.1:{self.port}"
-        cmd = [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}" if self.advertised_port else url
+        cmd = [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                "--storage-engine", "memory://tansu/"]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         log.info("starting embedded broker on %s", self.bootstrap)
@@ -101,7 +115,10 @@ class EmbeddedBroker:
         if self.log_path:
             out.close()
         try:
-            wait_for_broker(self.bootstrap, timeout)
+            if self.advertised_port:
+                wait_for_port(self.bootstrap, timeout)
+            else:
+                wait_for_broker(self.bootstrap, timeout)
         except BrokerError:
             code = self.process.poll()
             self.stop()
@@ -130,17 +147,46 @@ class EmbeddedBroker:
         self.stop()
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], replication: int = 1) -> list[str]:
-    """Create the topics (name → partitions) that do not exist yet; return the new ones."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+def create_topics(bootstrap: str, topics: dict[str, int], replication: int = 1,
+                  security: KafkaSecurity = PLAINTEXT, configs: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Create the topics (name → partitions) that do not exist yet, with their ``configs`` (name → Kafka topic
+    configs); return the new ones. Topics that exist are left as they are, but a config of theirs that differs
+    from ``configs`` is logged as a warning: retention that deletes orders loses the retraining's history."""
+    configs = configs or {}
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000, **security.client_options())
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(name, partitions, replication) for name, partitions in topics.items() if name not in existing]
+        new = [NewTopic(name, partitions, replication, topic_configs=configs.get(name, {}))
+               for name, partitions in topics.items() if name not in existing]
         if new:
             try:
                 admin.create_topics(new)
             except TopicAlreadyExistsError:  # a concurrent creator won the race: the topic exists, as wanted
                 log.info("topics created concurrently: %s", [t.name for t in new])
+        kept = {name: configs[name] for name in topics if name in existing and configs.get(name)}
+        for drift in config_drift(admin, kept):
+            log.warning("%s", drift)
         return [t.name for t in new]
     finally:
         admin.close()
+
+
+def config_drift(admin: KafkaAdminClient, wanted: dict[str, dict[str, str]]) -> list[str]:
+    """Where existing topics' configs differ from ``wanted``, as the broker reports them (tansu reports none)."""
+    if not wanted:
+        return []
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name, configs=dict.fromkeys(keys))
+                 for name, keys in wanted.items()]
+    try:
+        found = admin.describe_configs(resources, config_filter="all").get("topic", {})
+    except KafkaError as exc:
+        return [f"could not read the configs of topics {sorted(wanted)} to check them ({exc!r})"]
+    drift = []
+    for name, keys in wanted.items():
+        for key, value in keys.items():
+            have = (found.get(name, {}).get(key) or {}).get("value")
+            if have is not None and have != value:
+                drift.append(f"topic {name} has {key}={have}, the system needs {value} (see Topics.configs; "
+                             f"kafka-configs.sh --alter --entity-type topics --entity-name {name} "
+                             f"--add-config {key}={value})")
+    return drift

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from graph.events import Interaction, ItemUpserted, Order
 from streaming.codec import encode
-from streaming.settings import Topics
+from streaming.settings import PLAINTEXT, KafkaSecurity, Topics
 
 Event = ItemUpserted | Interaction | Order
 
@@ -34,8 +34,10 @@ def route(event: Event, topics: Topics) -> tuple[str, bytes]:
 class EventProducer:
     """A kafka-python producer that knows the topics and keys of events."""
 
-    def __init__(self, bootstrap: str, topics: Topics, **kafka_options: object) -> None:
-        options = {"linger_ms": 5, "acks": "all", **kafka_options}  # acks=all: idempotent, nothing lost on a leader change
+    def __init__(self, bootstrap: str, topics: Topics, security: KafkaSecurity = PLAINTEXT,
+                 **kafka_options: object) -> None:
+        # acks=all: idempotent, nothing lost on a leader change
+        options = {"linger_ms": 5, "acks": "all", **security.client_options(), **kafka_options}
         self.topics = topics
         self.producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **options)
 
@@ -77,9 +79,10 @@ def replay(events: Iterable[Event], producer: EventProducer, rate: float = 0.0, 
     return sent
 
 
-def publish_model(bootstrap: str, topic: str, path: str, version: str, timeout: float = 30.0) -> None:
+def publish_model(bootstrap: str, topic: str, path: str, version: str, timeout: float = 30.0,
+                  security: KafkaSecurity = PLAINTEXT) -> None:
     """Announce a promoted artifact on ``model-updates``; every worker loads it (raises if Kafka does not ack)."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all")
+    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all", **security.client_options())
     try:
         producer.send(topic, key=version.encode(), value=json.dumps({"path": path, "version": version}).encode()
                       ).get(timeout=timeout)

@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
 
 from streaming.metrics import WorkerMetrics
+from streaming.settings import PLAINTEXT, KafkaSecurity
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,9 @@ class Publisher:
     """
 
     def __init__(self, bootstrap: str, metrics: WorkerMetrics, producer: Any = None,
-                 must_deliver: frozenset[str] = frozenset()) -> None:
+                 must_deliver: frozenset[str] = frozenset(), security: KafkaSecurity = PLAINTEXT) -> None:
         self.bootstrap = bootstrap
+        self.security = security
         self.metrics = metrics
         self.must_deliver = must_deliver  # topics whose records a checkpoint may not cover undelivered
         self.lost = 0  # records of those topics that failed
@@ -40,7 +42,8 @@ class Publisher:
         if self.producer is None:
             async with self.lock:
                 if self.producer is None:
-                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, max_batch_size=1 << 20)
+                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, max_batch_size=1 << 20,
+                                                **self.security.client_options())
                     await producer.start()
                     self.producer = producer
         try:

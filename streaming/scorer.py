@@ -118,7 +118,8 @@ class Scorer:
         else:
             log.warning("no model artifact: scoring from co-purchase statistics and text")
         self.names = spec.stream.topics
-        self.out = Publisher(spec.bootstrap, self.state.metrics, must_deliver=frozenset({self.names.repartition}))
+        self.out = Publisher(spec.bootstrap, self.state.metrics, must_deliver=frozenset({self.names.repartition}),
+                             security=spec.stream.security)
         self.queue: asyncio.Queue[tuple] = asyncio.Queue()  # commands read from the pipe, not yet applied
         self.backlog = 0  # events on the broker the Faust app had not forwarded yet, as of its last batch
         self.backlog_at = 0.0  # when that batch came (monotonic)
@@ -401,7 +402,8 @@ class Scorer:
         dead-letters ends its checkpoint saved): their records come again and are not dead-lettered twice.
         A first start notes the topic's ends."""
         topic = self.names.dead_letters
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.spec.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.spec.bootstrap, enable_auto_commit=False,
+                                    **self.spec.stream.security.client_options())
         await consumer.start()
         try:
             tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
@@ -568,7 +570,8 @@ class Scorer:
 
     async def model_updates(self, positioned: asyncio.Event) -> None:
         """Read ``model-updates`` from its end without a consumer group: every worker loads every model."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.spec.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.spec.bootstrap, enable_auto_commit=False,
+                                    **self.spec.stream.security.client_options())
         await consumer.start()
         try:
             partitions = await _partitions(consumer, self.names.model_updates)

@@ -24,13 +24,14 @@ from kafka import KafkaConsumer, TopicPartition
 
 from graph.events import Interaction, InteractionFacts, Order, OrderFacts
 from streaming.codec import AnyEvent, Rejected, decode
-from streaming.settings import Topics
+from streaming.settings import PLAINTEXT, KafkaSecurity, Topics
 from training.datasets import EventSpool
 
 log = logging.getLogger(__name__)
 
 
-def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 300.0) -> tuple[EventSpool, int]:
+def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 300.0,
+                security: KafkaSecurity = PLAINTEXT) -> tuple[EventSpool, int]:
     """Every valid event on the event topics up to their end offsets as the call begins, in time order, in a
     spool under ``spool_dir`` (orders and interactions as their facts), and the number of rejected messages.
 
@@ -42,7 +43,7 @@ def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 
     kinds = {topics.catalog: "item_upserted", topics.interactions: "interaction", topics.orders: "order"}
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", fetch_max_bytes=64 << 20,
-                             max_partition_fetch_bytes=16 << 20)
+                             max_partition_fetch_bytes=16 << 20, **security.client_options())
     rank = {name: n for n, name in enumerate(kinds)}
     keyed: list[tuple[float, int, int, int, AnyEvent | OrderFacts | InteractionFacts]] = []
     rejected = 0

@@ -40,9 +40,22 @@ from streaming import checkpoint, repartition, transport
 from graph.store import GraphEvent
 from streaming.codec import Rejected, decode, graph_input
 from streaming.scorer import Record, ScorerLink
-from streaming.settings import StreamConfig
+from streaming.settings import KafkaSecurity, StreamConfig
 
 log = logging.getLogger(__name__)
+
+
+def broker_credentials(security: KafkaSecurity) -> faust.types.CredentialsT | None:
+    """``stream.security`` as Faust's credentials, which Faust turns into the same aiokafka options for its
+    consumer, producer and topic admin as :meth:`~streaming.settings.KafkaSecurity.client_options` gives the
+    scoring process (None: plaintext)."""
+    context = security.ssl_context()
+    if security.uses_sasl:
+        assert security.sasl_password is not None  # checked by KafkaSecurity
+        return faust.SASLCredentials(username=security.sasl_username,
+                                     password=security.sasl_password.get_secret_value(),
+                                     ssl_context=context, mechanism=security.sasl_mechanism)
+    return faust.SSLCredentials(context) if context is not None else None
 
 
 def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir: Path = Path("var/faust"),
@@ -53,6 +66,7 @@ def build_app(stream: StreamConfig, scorer: ScorerLink, bootstrap: str, datadir:
     app = faust.App(
         stream.app_id,
         broker=[f"{transport.SCHEME}://{b}" for b in bootstrap.split(",")],
+        broker_credentials=broker_credentials(stream.security),
         store="memory://",
         datadir=str(datadir),
         topic_partitions=stream.partitions,

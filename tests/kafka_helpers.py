@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,6 +48,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class TLSFront:
+    """A TLS terminator in front of a plaintext broker (tansu serves no TLS), as a managed Kafka's listener is:
+    what a client sends over TLS to ``port`` goes on to ``target`` on 127.0.0.1. The server ``context`` decides
+    what clients must show (a certificate, for mutual TLS). The broker must advertise ``port``."""
+
+    def __init__(self, target: int, context: ssl.SSLContext) -> None:
+        self.target, self.context = target, context
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tls-front", daemon=True)
+        self.port = 0
+
+    def start(self) -> "TLSFront":
+        self.thread.start()
+        serving = asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=self.context)
+        self.server = asyncio.run_coroutine_threadsafe(serving, self.loop).result(10)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    async def _relay(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        try:
+            broker_in, broker_out = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            client_out.close()
+            return
+        await asyncio.gather(_pipe(client_in, broker_out), _pipe(broker_in, client_out), return_exceptions=True)
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(1 << 16):
+            sink.write(data)
+            await sink.drain()
+    finally:
+        sink.close()
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

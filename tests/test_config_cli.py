@@ -182,3 +182,57 @@ def test_reports_name_the_settings_the_environment_changed_but_no_paths_or_secre
     monkeypatch.setenv("BUNDLEGNN_STREAM__SASL_PASSWORD", "hunter2")
     monkeypatch.setenv("OTHER_SETTING", "1")
     assert _environment_overrides() == ["BUNDLEGNN_SCORING__TOP_K=10", "BUNDLEGNN_TRAINING__GNN_BUDGET_S=600"]
+
+
+def test_kafka_security_from_the_environment_reaches_both_client_libraries(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Managed Kafka takes SASL over TLS: the settings a deployment gives in its environment become the same
+    options for kafka-python and aiokafka, and the same credentials for the worker's Faust app; the password
+    shows nowhere. (The TLS connection itself: tests/test_end_to_end.py.)"""
+    import ssl
+
+    import trustme
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+    from streaming.worker import broker_credentials
+
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    for key, value in {"PROTOCOL": "SASL_SSL", "SASL_MECHANISM": "SCRAM-SHA-512", "SASL_USERNAME": "shop",
+                       "SASL_PASSWORD": "hunter2", "SSL_CAFILE": str(tmp_path / "ca.pem")}.items():
+        monkeypatch.setenv(f"BUNDLEGNN_STREAM__SECURITY__{key}", value)
+    settings = load_settings(ROOT / "configs" / "production.yaml")
+    options = settings.stream.security.client_options()
+    context = options.pop("ssl_context")
+    assert options == {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+                       "sasl_plain_username": "shop", "sasl_plain_password": "hunter2"}
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert len(context.get_ca_certs()) == 1  # the shop's CA only, not the system's
+    faust_options = dict(credentials_to_aiokafka_auth(broker_credentials(settings.stream.security)))
+    assert isinstance(faust_options.pop("ssl_context"), ssl.SSLContext) and faust_options == options
+    assert "hunter2" not in settings.model_dump_json() + repr(settings)
+
+    monkeypatch.setenv("BUNDLEGNN_STREAM__SECURITY__SSL_CAFILE", str(tmp_path / "missing.pem"))
+    with pytest.raises(ValueError, match="stream.security.ssl_cafile .*missing.pem"):
+        load_settings(ROOT / "configs" / "production.yaml").stream.security.client_options()
+    result = CliRunner().invoke(app, ["replay", "--config", "configs/production.yaml"])
+    assert result.exit_code == 2 and "stream.security.ssl_cafile" in result.output
+
+
+def test_kafka_security_that_cannot_connect_is_refused_with_its_keys(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from streaming.settings import KafkaSecurity
+
+    assert KafkaSecurity().client_options() == {"security_protocol": "PLAINTEXT"}
+    with pytest.raises(ValueError, match="SASL_SSL needs sasl_username and sasl_password"):
+        KafkaSecurity(protocol="SASL_SSL", sasl_username="shop")
+    with pytest.raises(ValueError, match="ssl_certfile and ssl_keyfile go together"):
+        KafkaSecurity(protocol="SSL", ssl_certfile=tmp_path / "client.pem")
+    with pytest.raises(ValueError, match="ssl_cafile set but protocol is PLAINTEXT"):
+        KafkaSecurity(ssl_cafile=tmp_path / "ca.pem")
+    with pytest.raises(ConfigError, match="stream.security.protocol"):
+        monkeypatch.setenv("BUNDLEGNN_STREAM__SECURITY__PROTOCOL", "TLS")
+        load_settings(None)
+    monkeypatch.setenv("BUNDLEGNN_STREAM__SECURITY__PROTOCOL", "SSL")  # the embedded broker serves plaintext
+    monkeypatch.setenv("BUNDLEGNN_PATHS__STATE_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["replay", "--config", "configs/default.yaml"])
+    assert result.exit_code == 2 and "embedded broker serves PLAINTEXT" in result.output

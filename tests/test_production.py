@@ -97,6 +97,49 @@ def test_event_topics_keep_everything_for_retraining() -> None:
                        "dead-letters": "retention.ms=2592000000", "model-updates": "retention.ms=-1"}
     topics = load_settings(PRODUCTION).stream.topics
     assert set(created) == set(topics.model_dump().values())
+    # the topics the commands create where no such service runs (Kubernetes, managed Kafka) are the same
+    assert {name: "".join(f"{k}={v}" for k, v in kv.items()) for name, kv in topics.configs().items()} == created
+
+
+def test_commands_create_topics_with_their_configs_and_warn_where_existing_ones_would_lose_history(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A broker's defaults keep records 7 days and compact nothing: created without configs, the order topics
+    would lose the retraining's history and the catalog its old items. (tansu, the embedded broker, keeps
+    and reports no topic configs, so this runs against a stand-in for the admin client.)"""
+    from streaming import broker
+
+    made: list = []
+
+    class Admin:
+        def __init__(self, **options: object) -> None:
+            pass
+
+        def list_topics(self) -> list[str]:
+            return ["orders", "catalog"]
+
+        def create_topics(self, topics: list) -> None:
+            made.extend(topics)
+
+        def describe_configs(self, resources: list, config_filter: str) -> dict:
+            assert config_filter == "all" and [r.name for r in resources] == ["catalog", "orders"]
+            return {"topic": {"orders": {"retention.ms": {"value": "604800000"}},
+                              "catalog": {"cleanup.policy": {"value": "compact"}}}}
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(broker, "KafkaAdminClient", Admin)
+    monkeypatch.setenv("BUNDLEGNN_STREAM__REPLICATION_FACTOR", "3")
+    stream = load_settings(PRODUCTION).stream
+    with caplog.at_level(logging.WARNING, logger="streaming.broker"):
+        broker.create_topics("k:9092", stream.topics.layout(stream.partitions), stream.replication_factor,
+                             stream.security, stream.topics.configs())
+    assert {t.name: (t.num_partitions, t.replication_factor, t.topic_configs) for t in made} == {
+        "interactions": (12, 3, {"retention.ms": "-1"}), "repartition": (12, 3, {"retention.ms": "604800000"}),
+        "bundle-updates": (12, 3, {"cleanup.policy": "compact"}), "dead-letters": (1, 3, {"retention.ms": "2592000000"}),
+        "model-updates": (1, 3, {"retention.ms": "-1"})}
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("topic orders has retention.ms=604800000, the system needs -1")
 
 
 def _compose_cli() -> list[str] | None:
