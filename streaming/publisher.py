@@ -22,6 +22,14 @@ class Publisher:
     a record Kafka refuses is logged and counted when its answer comes. A
     dead letter too big for a request goes out without its value: its
     headers say where the original is.
+
+    A record counts as delivered once every in-sync replica has it
+    (``acks="all"``): a checkpoint covers the orders a repartition record
+    carries to another task, so a record the leader acknowledged alone and
+    lost in a failover would lose those counts (with aiokafka's default,
+    ``acks=1``). Resends after a retry are harmless: a task skips a
+    repartition record it has applied (its source position), and the
+    newest bundle update of an item is the one served.
     """
 
     def __init__(self, bootstrap: str, metrics: WorkerMetrics, producer: Any = None,
@@ -42,8 +50,8 @@ class Publisher:
         if self.producer is None:
             async with self.lock:
                 if self.producer is None:
-                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, max_batch_size=1 << 20,
-                                                **self.security.client_options())
+                    producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
+                                                max_batch_size=1 << 20, **self.security.client_options())
                     await producer.start()
                     self.producer = producer
         try:

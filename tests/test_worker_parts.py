@@ -71,6 +71,27 @@ def test_a_refused_record_is_logged_and_counted(caplog: pytest.LogCaptureFixture
     assert "key b'B'" in caplog.text and "no answer" in caplog.text and "b'A'" not in caplog.text
 
 
+def test_the_worker_s_records_count_as_delivered_once_every_in_sync_replica_has_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint relies on delivered repartition records: aiokafka's default (acks=1, the leader alone) can
+    lose one in a failover after the checkpoint that counted on it."""
+    import streaming.publisher
+
+    made: list[dict] = []
+
+    class Producer(FakeProducer):
+        def __init__(self, **options: object) -> None:
+            super().__init__()
+            made.append(options)
+
+        async def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(streaming.publisher, "AIOKafkaProducer", Producer)
+    asyncio.run(Publisher("k:9092", WorkerMetrics()).send("repartition", b"k", b"v"))
+    assert len(made) == 1 and made[0]["acks"] == "all" and made[0]["security_protocol"] == "PLAINTEXT"
+
+
 def test_a_dead_letter_too_big_for_a_request_goes_out_without_its_value() -> None:
     async def run() -> FakeProducer:
         producer = FakeProducer(max_value=100)
