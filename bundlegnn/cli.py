@@ -385,6 +385,23 @@ def _create_topics(settings: Settings, bootstrap: str) -> None:
                   stream.topics.configs())
 
 
+def _check_partitions(settings: Settings, bootstrap: str) -> None:
+    """A worker's task ``p`` is partition ``p`` of every input topic and the share of the graph whose items
+    Kafka's partitioner puts there, so every input topic needs ``stream.partitions`` partitions: refuse to start
+    otherwise (topics made earlier under another count would send repartition records nowhere)."""
+    from streaming.broker import topic_partitions
+
+    wanted, inputs = settings.stream.partitions, list(settings.stream.topics.inputs())
+    found = topic_partitions(bootstrap, inputs, settings.stream.security)
+    wrong = {name: n for name, n in found.items() if n != wanted}
+    if wrong:
+        counts = sorted(set(found.values()))
+        fix = (f"set stream.partitions to {counts[0]}" if len(counts) == 1 else "recreate them with one count")
+        typer.echo(f"stream.partitions is {wanted} but topics have other partition counts: {wrong}; every input "
+                   f"topic ({', '.join(inputs)}) needs the same count, which stream.partitions names: {fix}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def replay(
     config: Optional[Path] = ConfigOpt,
@@ -439,6 +456,7 @@ def worker(
     settings = _settings(config)
     bootstrap = _bootstrap(settings)
     _create_topics(settings, bootstrap)
+    _check_partitions(settings, bootstrap)
     path = latest_artifact(settings.paths.model_store) if model == "latest" else None if model == "none" else Path(model)
     spec = ScorerSpec(settings.stream, settings.graph, settings.scoring, bootstrap,
                       settings.encoder if settings.stream.encode_text else None, settings.paths.text_cache,

@@ -187,6 +187,31 @@ def test_state_after_restart_equals_state_before(broker: str, worker_env: dict, 
     assert {k: a.catalog[r] for k, r in a.items.index.items()} == {k: b.catalog[r] for k, r in b.items.index.items()}
 
 
+def test_a_worker_refuses_topics_whose_partitions_are_not_its_tasks(broker: str, worker_env: dict,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Topics made earlier under another ``stream.partitions`` (the default 4, then production's 12): the worker
+    used to start, then its scoring process died on a repartition record for a partition that does not exist
+    ("AssertionError: Unrecognized partition"), every agent crashing after it. Now it says why at start."""
+    import subprocess
+    import sys
+
+    from streaming.broker import create_topics
+
+    names = {name: topic(worker_env, name) for name in ("catalog", "interactions", "orders", "repartition")}
+    create_topics(broker, {t: 2 for t in names.values()})
+    env = {**worker_env, "BUNDLEGNN_STREAM__PARTITIONS": "3"}
+    done = subprocess.run([sys.executable, "-m", "bundlegnn.cli", "worker", "--model", "none"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "stream.partitions is 3 but topics have other partition counts" in done.stderr
+    assert "set stream.partitions to 2" in done.stderr and names["orders"] in done.stderr
+    # tansu keeps and reports no topic configs: checking them warns of nothing (and does not drop the link)
+    configs = Topics(**{name: topic(worker_env, name) for name in Topics.model_fields}).configs()
+    with caplog.at_level("WARNING"):
+        create_topics(broker, {t: 2 for t in names.values()}, configs=configs)
+    assert not caplog.records
+
+
 def test_the_worker_stops_when_its_scoring_process_dies(broker: str, worker_env: dict, tmp_path: Path) -> None:
     """Events the Faust side recorded would otherwise be acknowledged with no list ever published for them."""
     worker = WorkerProcess(worker_env, tmp_path / "worker.log", "--model", "none").start()
