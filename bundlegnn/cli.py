@@ -514,17 +514,14 @@ def _listen(host: str, port: int) -> "socket.socket":
     while uvicorn is still starting waits in the backlog instead of being
     refused (the end-to-end test was refused on a loaded machine).
     """
-    import socket
+    from bundlegnn.net import bound_socket
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
-        sock.listen(2048)  # uvicorn's default backlog
+        sock = bound_socket(host, port)
     except OSError as exc:
-        sock.close()
         typer.echo(f"cannot listen on {host}:{port}: {exc}", err=True)
         raise typer.Exit(2) from exc
+    sock.listen(2048)  # uvicorn's default backlog
     return sock
 
 

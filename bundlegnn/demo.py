@@ -13,7 +13,6 @@ import collections
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from bundlegnn.config import Settings
+from bundlegnn.net import bound_socket
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,13 +64,11 @@ class Child:
 
 
 def _port_taken(host: str, port: int) -> bool:
-    """Whether ``serve`` would fail to listen on ``host:port`` (it binds as this does)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
+    """Whether ``serve`` would fail to listen on ``host:port``."""
+    try:
+        bound_socket(host, port).close()
+    except OSError:
+        return True
     return False
 
 
