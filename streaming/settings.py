@@ -183,6 +183,20 @@ class StreamConfig(BaseModel):
         """The signing key's bytes (None: bundle updates are not signed)."""
         return self.signing_key.get_secret_value().encode() if self.signing_key is not None else None
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, value: str) -> str:
+        """``host:port`` entries, spaces around commas allowed (an environment variable often has them): every
+        client gets the same list, without them."""
+        if value.strip() == "embedded":
+            return "embedded"
+        servers = [s.strip() for s in value.split(",")]
+        for server in servers:
+            host, _, port = server.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port (servers are host:port[,host:port], or 'embedded')")
+        return ",".join(servers)
+
     @field_validator("signing_key")
     @classmethod
     def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:

@@ -236,3 +236,13 @@ def test_kafka_security_that_cannot_connect_is_refused_with_its_keys(tmp_path: P
     monkeypatch.setenv("BUNDLEGNN_PATHS__STATE_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["replay", "--config", "configs/default.yaml"])
     assert result.exit_code == 2 and "embedded broker serves PLAINTEXT" in result.output
+
+
+def test_kafka_servers_are_host_port_and_spaces_after_commas_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every client gets the same list: Faust turned ' k2:9092' into a broker URL with a space in it."""
+    monkeypatch.setenv("BUNDLEGNN_STREAM__BOOTSTRAP_SERVERS", " k1:9092, k2:9092 ")
+    assert load_settings(None).stream.bootstrap_servers == "k1:9092,k2:9092"
+    for wrong in ("k1:9092,", "k1", "k1:kafka", "k1:0"):
+        monkeypatch.setenv("BUNDLEGNN_STREAM__BOOTSTRAP_SERVERS", wrong)
+        with pytest.raises(ConfigError, match="stream.bootstrap_servers: .* is not host:port"):
+            load_settings(None)
