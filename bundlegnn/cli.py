@@ -581,7 +581,7 @@ def serve(
         return feed.ready.is_set(), "view feed stopped" if not feed.alive else feed.stale()
 
     api = create_app(view, cfg.rules, health, cfg.cache_size, info, cfg.cache_bytes, cfg.body_limit,
-                     view_behind=lambda: feed.behind, pair_model=pair_model)
+                     view_behind=lambda: feed.behind, pair_model=pair_model, cors_origins=cfg.cors_origins)
     sys.setswitchinterval(cfg.switch_interval)  # the event loop shares the interpreter with the feed thread
     age = api.state.metrics.update_age
     feed.on_update = lambda update, now: age.observe(now - update.source_ts) if update.source_ts else None

@@ -19,6 +19,7 @@ from typing import Annotated
 
 from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
@@ -240,10 +241,12 @@ def _json_safe(value: object) -> object:
 def create_app(view: BundleView, rules: BundleRules | None = None, health: Callable[[], tuple[bool, str | None]] |
                None = None, cache_size: int = 100_000, model: ModelInfo | None = None,
                cache_bytes: int = 64 << 20, body_limit: int = 64 << 10,
-               view_behind: Callable[[], int | None] | None = None, pair_model: PairModel | None = None) -> FastAPI:
+               view_behind: Callable[[], int | None] | None = None, pair_model: PairModel | None = None,
+               cors_origins: list[str] | None = None) -> FastAPI:
     """The API over ``view``; ``health`` says (ready, error) for /healthz (default: always ready);
     ``view_behind``: how many messages the view's feed is behind its topics (/healthz and /metrics);
-    ``pair_model``: the builder's fitted pair score (:mod:`serving.bundle_fit`; None: rank by relevance).
+    ``pair_model``: the builder's fitted pair score (:mod:`serving.bundle_fit`; None: rank by relevance);
+    ``cors_origins``: origins whose pages may call it from the browser (CORS; none by default).
 
     Built responses are cached up to ``cache_size`` entries and ``cache_bytes`` bytes (oldest out first), so
     memory stays bounded whatever the requests; request bodies over ``body_limit`` bytes get 413.
@@ -262,6 +265,9 @@ def create_app(view: BundleView, rules: BundleRules | None = None, health: Calla
 
     app.add_middleware(_BodyLimit, limit=body_limit)
     app.add_middleware(_Timing, histogram=metrics.latency)
+    if cors_origins:  # outermost: a browser's preflight is answered before anything else looks at it
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type"], max_age=600)
     cached_bytes = [0]
     app.state.cache, app.state.cached_bytes = cache, cached_bytes  # for /metrics and tests
 

@@ -14,6 +14,9 @@ class ServingConfig(BaseModel):
 
     host: str = Field("127.0.0.1", description="address the API listens on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port (printed at start)")
+    cors_origins: list[str] = Field(default_factory=list, description="origins (scheme://host[:port]) whose pages "
+                                    "may call the API from the browser, such as the shop's storefront; '*': any; "
+                                    "empty: none (the shop's servers call it)")
     rules: BundleRules = Field(default_factory=BundleRules)
     cache_size: int = Field(100_000, ge=0, description="built responses kept (revalidated on every hit)")
     cache_bytes: int = Field(64 << 20, ge=0, description="and at most this many bytes of them (oldest out first)")

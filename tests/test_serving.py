@@ -277,6 +277,24 @@ def test_bad_input_gets_4xx_with_a_json_body(client: TestClient) -> None:
     assert r.status_code == 404 and "none of the cart's items is known" in r.json()["detail"]
 
 
+def test_a_storefront_on_a_listed_origin_may_call_the_api_from_the_browser(view: BundleView) -> None:
+    """A shop's product pages fetch bundles from the browser: the listed origin gets CORS headers (preflight
+    and lookups, cached ones too); another origin, and every origin by default, gets none."""
+    shop, other = "https://shop.example", "https://elsewhere.example"
+    client = TestClient(create_app(view, BundleRules(), cors_origins=[shop]))
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    r = client.options("/bundles/complete", headers={"Origin": shop, **preflight})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == shop
+    assert "POST" in r.headers["access-control-allow-methods"]
+    for _ in range(2):  # built, then from the response cache
+        r = client.get("/items/A/bundles", headers={"Origin": shop})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == shop
+    assert client.options("/bundles/complete", headers={"Origin": other, **preflight}).status_code == 400
+    assert "access-control-allow-origin" not in client.get("/items/A/bundles", headers={"Origin": other}).headers
+    plain = TestClient(create_app(view, BundleRules()))
+    assert "access-control-allow-origin" not in plain.get("/items/A/bundles", headers={"Origin": shop}).headers
+
+
 def test_hostile_clients_get_4xx_and_memory_stays_bounded(view: BundleView) -> None:
     """Non-finite numbers are 422 (JSON has no NaN: the error body must still serialise), bodies over the
     limit are 413 before they are parsed, and the response cache stays inside its byte budget."""
