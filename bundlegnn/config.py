@@ -21,7 +21,7 @@ from streaming.settings import StreamConfig
 from training.complements import ScorerConfig
 from training.encoder import EncoderConfig
 from training.promote import PromotionConfig
-from training.datasets import DataConfig
+from training.data_config import DataConfig
 from training.train import TrainConfig
 
 

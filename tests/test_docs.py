@@ -10,7 +10,7 @@ import sys
 import yaml
 
 from tests.kafka_helpers import ROOT
-from training.datasets import CsvMapping
+from training.data_config import CsvMapping
 
 sys.path.insert(0, str(ROOT / "bench"))
 
