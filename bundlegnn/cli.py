@@ -174,7 +174,7 @@ def train(
     from graph.snapshot import save as save_snapshot
     from serving.bundle_fit import fit_candidate
     from training import job
-    from training.artifact import latest_artifact, load_artifact
+    from training.artifact import latest_artifact, load_artifact, prune_artifacts
     from training.promote import judge
 
     settings = _settings(config)
@@ -213,6 +213,10 @@ def train(
                                   indent=2))
             raise typer.Exit(3)
     path, summary = job.save(cand, store, settings.training, encoder, settings.paths.model_store, snapshot_id, extra)
+    pruned = prune_artifacts(settings.paths.model_store, settings.paths.keep_models)
+    if pruned:
+        log.info("removed %d older model versions (paths.keep_models=%d): %s", len(pruned),
+                 settings.paths.keep_models, ", ".join(p.name for p in pruned))
     if publish:
         from kafka.errors import KafkaError
 
@@ -226,7 +230,8 @@ def train(
                       path.name, settings.stream.topics.model_updates, exc)
             raise typer.Exit(1) from exc
         log.info("published %s on %s", path.name, settings.stream.topics.model_updates)
-    summary = {"artifact": str(path), "promoted": True if promote else None, "published": publish, **summary,
+    summary = {"artifact": str(path), "promoted": True if promote else None, "published": publish,
+               "removed_versions": [p.name for p in pruned], **summary,
                "pair_model": _pair_digest(summary.get("pair_model")),
                "total_seconds": round(time.perf_counter() - started, 1)}
     typer.echo(json.dumps({k: v for k, v in summary.items() if k not in ("graph", "training")}, indent=2))

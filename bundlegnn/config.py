@@ -34,6 +34,9 @@ class PathsConfig(BaseModel):
                             "broker and API addresses, dead-letter files")
     model_store: Path = Field(Path("var/models"), description="where `train` writes model versions and workers "
                               "and the API load them (shared in production)")
+    keep_models: int = Field(5, ge=1, description="model versions `train` keeps in the model store, the newest "
+                             "(older ones are removed after a new one is written; a version takes about 4 KB an "
+                             "item): the live one and a few to roll back to")
 
     @property
     def snapshot(self) -> Path:

@@ -95,11 +95,25 @@ def save_artifact(store_dir: str | os.PathLike[str], version: str, model: Bundle
     return final
 
 
-def latest_artifact(store_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest model directory under ``store_dir`` (versions sort by time), or None."""
+def artifacts(store_dir: str | os.PathLike[str]) -> list[Path]:
+    """The model directories under ``store_dir``, oldest first (versions sort by time)."""
     store = Path(store_dir)
-    found = sorted(p for p in store.glob("*") if (p / "manifest.json").exists()) if store.is_dir() else []
+    return sorted(p for p in store.glob("*") if (p / "manifest.json").exists()) if store.is_dir() else []
+
+
+def latest_artifact(store_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest model directory under ``store_dir``, or None."""
+    found = artifacts(store_dir)
     return found[-1] if found else None
+
+
+def prune_artifacts(store_dir: str | os.PathLike[str], keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` (at least one) model directories; return those removed. A process that
+    loaded one of them keeps its copy in memory; the newest, which workers and API replicas load, stays."""
+    old = artifacts(store_dir)[:-max(1, keep)]
+    for path in old:
+        shutil.rmtree(path)
+    return old
 
 
 def load_artifact(path: str | os.PathLike[str]) -> Artifact:
