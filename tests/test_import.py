@@ -371,3 +371,31 @@ def test_an_event_spool_reads_back_the_same_graph_on_every_pass_and_removes_its_
     del other
     gc.collect()
     assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_a_spool_left_by_a_killed_job_is_removed_by_the_next_one_and_a_living_one_is_not(tmp_path: Path) -> None:
+    """A retraining killed for memory leaves its spool (0.4 GB at 200k items): the next job's spool removes the
+    files no living job holds, whatever their age says, and leaves a living job's."""
+    import os
+    import subprocess
+    import sys
+
+    from training.datasets import EventSpool
+
+    killed = subprocess.run([sys.executable, "-c", "import os, signal, sys; from pathlib import Path; "
+                             "from training.datasets import EventSpool; s = EventSpool(Path(sys.argv[1])); "
+                             "s.add(None); s.seal(); os.kill(os.getpid(), signal.SIGKILL)", str(tmp_path)],
+                            cwd=Path(__file__).resolve().parents[1])
+    assert killed.returncode == -9
+    (left,) = tmp_path.glob("events-*.spool")
+    living = EventSpool(tmp_path)
+    young = tmp_path / "events-young.spool"  # a job's that has not locked it yet
+    young.write_bytes(b"")
+    hour_ago = time.time() - 3600
+    for path in (left, living.path):
+        os.utime(path, (hour_ago, hour_ago))
+    new = EventSpool(tmp_path)
+    assert sorted(tmp_path.iterdir()) == sorted([living.path, new.path, young])
+    living.close()
+    new.close()
+    assert list(tmp_path.iterdir()) == [young]
