@@ -45,6 +45,25 @@ def test_encoder_offline_on_real_titles(encoder, monkeypatch: pytest.MonkeyPatch
     assert again.encode([], progress=False).shape == (0, 384)
 
 
+def test_the_text_cache_is_shared_by_processes_and_takes_in_an_npz_cache_from_before(tmp_path: Path) -> None:
+    """A worker and a retraining share one cache file; a cache written by an earlier version (one .npz rewritten
+    at every encode) is read in once and removed."""
+    from training.encoder import TextCache
+
+    rng = np.random.default_rng(0)
+    old = {f"k{i}": rng.standard_normal(384).astype(np.float32) for i in range(1200)}  # over one SELECT's 500
+    np.savez(tmp_path / "enc.npz", keys=np.array(list(old)), vectors=np.stack(list(old.values())))
+    worker, job = TextCache(tmp_path / "enc.sqlite"), TextCache(tmp_path / "enc.sqlite")
+    assert not (tmp_path / "enc.npz").exists() and len(worker) == len(job) == 1200
+    got = job.get([*old, "missing"])
+    assert set(got) == set(old) and all(np.array_equal(got[k], v) for k, v in old.items())
+    worker.put({"new": np.ones(384, np.float32)})
+    assert np.array_equal(job.get(["new"])["new"], np.ones(384, np.float32)) and len(job) == 1201
+    memory = TextCache(None)  # an encoder without a cache directory
+    memory.put({"a": np.zeros(384, np.float32)})
+    assert list(memory.get(["a", "b"])) == ["a"]
+
+
 def test_encoder_refuses_a_directory_without_a_model(tmp_path: Path) -> None:
     from training.encoder import TextEncoder
 

@@ -8,6 +8,8 @@ A ``transformers`` AutoTokenizer/AutoModel loaded from a local directory
 Embeddings are cached on disk keyed by (model id, SHA-1 of the text), so a
 retrain only encodes new or changed items, and one whose texts are all cached
 never loads the model (the id comes from the directory's files, not the weights).
+The cache is a SQLite table (:class:`TextCache`): an encode inserts what it
+encoded, where the ``.npz`` file it replaces was rewritten whole every time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import functools
 import hashlib
 import json
 import os
+import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,60 @@ def default_model_dir() -> Path:
 
 def _text_key(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+class TextCache:
+    """Text embeddings by key (the SHA-1 of the text), in one SQLite file per encoder, or in memory.
+
+    Saving costs what was encoded. The stream worker encodes the text of items
+    as they arrive, and the ``.npz`` file this replaces was rewritten whole each
+    time: at 200k texts 339 MB of writes and 0.5–1.9 s per new item, with the
+    whole cache in memory. Here a new item's lookup and insert take 0.4 ms,
+    and 200k vectors are written in 1.8 s and read in 0.7 s (a scratch
+    measurement on this machine). Several processes (a worker, a
+    retraining) may share the file: SQLite serialises their writes (WAL
+    journal; a writer waits up to 60 s for another). A ``.npz`` cache from
+    before is read into the table once and removed.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        # the worker encodes in a thread of its pool: one connection, used under the lock
+        self.db = sqlite3.connect(str(path) if path else ":memory:", timeout=60, check_same_thread=False)
+        self.lock = threading.Lock()
+        with self.lock:
+            # 16 KB pages hold ten 1.5 KB vectors each: 339 MB at 200k texts, as the npz file took (4 KB: 422 MB)
+            self.db.execute("PRAGMA page_size=16384")  # (takes effect in a new file only)
+            if path is not None:
+                self.db.execute("PRAGMA journal_mode=WAL")
+            with self.db:
+                self.db.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+        old = path.with_suffix(".npz") if path is not None else None
+        if old is not None and old.exists():
+            with np.load(old, allow_pickle=False) as z:
+                self.put(dict(zip(z["keys"].tolist(), z["vectors"])))
+            old.unlink()
+
+    def get(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """The cached vectors of ``keys`` (those not cached are left out)."""
+        found: dict[str, np.ndarray] = {}
+        with self.lock:
+            for start in range(0, len(keys), 500):  # SQLite binds at most 999 parameters a statement
+                chunk = keys[start:start + 500]
+                query = f"SELECT key, vec FROM vectors WHERE key IN ({','.join('?' * len(chunk))})"
+                found.update((key, np.frombuffer(vec, np.float32)) for key, vec in self.db.execute(query, chunk))
+        return found
+
+    def put(self, vectors: dict[str, np.ndarray]) -> None:
+        """Store ``vectors`` (one transaction)."""
+        rows = [(key, np.ascontiguousarray(vec, np.float32).tobytes()) for key, vec in vectors.items()]
+        with self.lock, self.db:
+            self.db.executemany("INSERT OR REPLACE INTO vectors VALUES (?, ?)", rows)
+
+    def __len__(self) -> int:
+        with self.lock:
+            return self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
 
 
 class TextEncoder:
@@ -57,8 +115,8 @@ class TextEncoder:
         for weights in sorted(self.model_dir.glob("*.safetensors")) + sorted(self.model_dir.glob("*.bin")):
             digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
         self.model_id = f"{self.model_dir.name}-{digest.hexdigest()[:12]}-{max_length}"
-        self.cache_path = Path(cache_dir) / f"{self.model_id}.npz" if cache_dir else None
-        self._cache: dict[str, np.ndarray] = self._load_cache()
+        self.cache_path = Path(cache_dir) / f"{self.model_id}.sqlite" if cache_dir else None
+        self.cache = TextCache(self.cache_path)
 
     @functools.cached_property
     def _model(self) -> tuple:
@@ -67,21 +125,6 @@ class TextEncoder:
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         return tokenizer, AutoModel.from_pretrained(self.model_dir, local_files_only=True).to(self.device).eval()
-
-    def _load_cache(self) -> dict[str, np.ndarray]:
-        if self.cache_path is None or not self.cache_path.exists():
-            return {}
-        z = np.load(self.cache_path, allow_pickle=False)
-        return dict(zip(z["keys"].tolist(), z["vectors"]))
-
-    def _save_cache(self) -> None:
-        if self.cache_path is None:
-            return
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_path.with_name(self.cache_path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, keys=np.array(list(self._cache)), vectors=np.stack(list(self._cache.values())))
-        os.replace(tmp, self.cache_path)
 
     @torch.no_grad()
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
@@ -96,19 +139,22 @@ class TextEncoder:
     def encode(self, texts: list[str], progress: bool = True) -> np.ndarray:
         """Embeddings of ``texts`` as a ``(len(texts), dim)`` float32 array."""
         keys = [_text_key(t) for t in texts]
-        todo = sorted({k: t for k, t in zip(keys, texts) if k not in self._cache}.items(), key=lambda kv: len(kv[1]))
+        found = self.cache.get(list(dict.fromkeys(keys)))
+        todo = sorted({k: t for k, t in zip(keys, texts) if k not in found}.items(), key=lambda kv: len(kv[1]))
         if todo:
+            new: dict[str, np.ndarray] = {}
             bar = tqdm(total=len(todo), desc="encode text", unit=" texts", disable=None if progress else True)
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                for (key, _), vec in zip(chunk, self._encode_batch([t for _, t in chunk])):
-                    self._cache[key] = vec
+                new.update(zip((key for key, _ in chunk), self._encode_batch([t for _, t in chunk])))
                 bar.update(len(chunk))
             bar.close()
-            self._save_cache()
-        if not keys:
-            return np.zeros((0, self.dim), np.float32)
-        return np.stack([self._cache[k] for k in keys]).astype(np.float32)
+            self.cache.put(new)
+            found.update(new)
+        out = np.zeros((len(keys), self.dim), np.float32)
+        for row, key in enumerate(keys):
+            out[row] = found[key]
+        return out
 
 
 class EncoderConfig(BaseModel):
