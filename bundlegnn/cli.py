@@ -76,8 +76,8 @@ def _source(cfg: "DataConfig", report: "ImportReport", progress: bool = True,
 def _read(settings: Settings, data: Optional[Path]) -> tuple["Events", dict]:
     """The dataset's events in time order, for training, and the reader's report. The file is parsed once,
     into an :class:`~training.datasets.EventSpool` under the state dir that every later pass reads back; a
-    file out of time order (e.g. two exports appended) is sorted in memory instead."""
-    from training.datasets import BadRow, EventSpool, ImportReport, in_time_order
+    file out of time order (e.g. two exports appended) is sorted on disk into a second spool."""
+    from training.datasets import BadRow, EventSpool, ImportReport
 
     cfg = _data(settings, data)
     report = ImportReport()
@@ -90,10 +90,8 @@ def _read(settings: Settings, data: Optional[Path]) -> tuple["Events", dict]:
     spool.seal()
     if ordered:
         return spool, report.summary()
-    logging.getLogger("bundlegnn").info("%s is not in time order: sorting it in memory", cfg.path)
-    events = in_time_order(spool())
-    spool.close()
-    return events, report.summary()
+    logging.getLogger("bundlegnn").info("%s is not in time order: sorting its events", cfg.path)
+    return spool.in_time_order(), report.summary()
 
 
 DataOpt = typer.Option(None, "--data", help="dataset file (default: data.path from the config); *.jsonl(.gz) "

@@ -24,6 +24,8 @@ reason, and the import goes on.
 from __future__ import annotations
 
 import fcntl
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -212,6 +214,37 @@ class EventSpool:
             self._out.close()
             self._out = None
         self._remove()
+
+    def in_time_order(self, run: int = 250_000) -> "EventSpool":
+        """The same events sorted by time (stably, as :func:`in_time_order` sorts them) in a new sealed spool;
+        this one is closed. An external merge sort: runs of ``run`` events are sorted in memory and spooled,
+        then merged, so memory holds one run (about 150 MB) while sorting and nothing after, not every event
+        for as long as training reads them. A shop's export is seldom in
+        time order to the event: Online Retail II's two sheets overlap by 8 days, and a time-sorted export
+        gives an order's event after the catalog upserts of the rows that follow its last one. Holding them
+        all to sort took 35 MB for Online Retail II full's 60k events (tracemalloc), so about 1.4 GB for its
+        40-fold scale-up."""
+        directory, runs = self.path.parent, []
+        events = self()
+        try:
+            while chunk := list(itertools.islice(events, run)):
+                chunk.sort(key=_epoch)
+                spooled = EventSpool(directory, chunk=5_000)  # the merge holds one pickled chunk of each run
+                for event in chunk:
+                    spooled.add(event)
+                runs.append(spooled.seal())
+            merged = EventSpool(directory, self.size)
+            for event in heapq.merge(*(r() for r in runs), key=_epoch):  # ties: the earlier run's first
+                merged.add(event)
+            return merged.seal()
+        finally:
+            for spooled in runs:
+                spooled.close()
+            self.close()
+
+
+def _epoch(event: Event | OrderFacts | InteractionFacts) -> float:
+    return event.epoch
 
 
 def _remove_spool(path: Path, lock: int) -> None:
