@@ -374,7 +374,7 @@ def test_an_event_spool_reads_back_the_same_graph_on_every_pass_and_removes_its_
 
 
 def test_a_spool_left_by_a_killed_job_is_removed_by_the_next_one_and_a_living_one_is_not(tmp_path: Path) -> None:
-    """A retraining killed for memory leaves its spool (0.4 GB at 200k items): the next job's spool removes the
+    """A retraining killed for memory leaves its spool (about 0.5 GB at 200k items): the next job's spool removes the
     files no living job holds, whatever their age says, and leaves a living job's."""
     import os
     import subprocess

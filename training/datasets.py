@@ -159,7 +159,7 @@ class EventSpool:
     about 0.5 µs. The file lives in ``directory`` (the state dir, not a RAM-backed /tmp) and is removed by
     :meth:`close` or when the spool is garbage-collected.
 
-    A job killed meanwhile (an out-of-memory kill, ``kill -9``) leaves its file behind: 0.4 GB for a 200k-item
+    A job killed meanwhile (an out-of-memory kill, ``kill -9``) leaves its file behind: about 0.5 GB for a 200k-item
     shop's history. Each spool holds a lock on its file while it lives (``flock``, released by the kernel
     when its process dies), and a new spool removes the files in ``directory`` that nobody holds.
     """
