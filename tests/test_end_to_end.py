@@ -56,7 +56,8 @@ def mutual_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 
 def security_env(security: KafkaSecurity) -> dict[str, str]:
     """``stream.security`` as the environment variables a deployment sets."""
-    return {f"BUNDLEGNN_STREAM__SECURITY__{k.upper()}": str(v) for k, v in security.model_dump(exclude_unset=True).items()}
+    given = security.model_dump(exclude_unset=True)
+    return {f"BUNDLEGNN_STREAM__SECURITY__{key.upper()}": str(value) for key, value in given.items()}
 
 
 def most_co_purchased() -> tuple[str, str, int]:
