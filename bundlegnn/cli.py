@@ -440,6 +440,23 @@ def replay(
                            "dataset": report.summary(), "dead_letters": str(dead_path)}))
 
 
+@app.command()
+def redrive(
+    config: Optional[Path] = ConfigOpt,
+    reason: Optional[str] = typer.Option(None, help="send only the letters whose reason holds this text"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="count what would be sent; send and commit nothing"),
+) -> None:
+    """Send the dead letters that now parse back to their event topic, once each: after an upgrade or a
+    setting that accepts what was refused (the worker judges them again)."""
+    from streaming.redrive import redrive as send_again
+
+    settings = _settings(config)
+    bootstrap = _bootstrap(settings)
+    stream = settings.stream
+    done = send_again(bootstrap, stream.topics, f"{stream.app_id}-redrive", stream.security, reason, dry_run)
+    typer.echo(json.dumps({**done.summary(), "dry_run": dry_run}))
+
+
 ModelOpt = typer.Option("latest", "--model", help="artifact directory, 'latest' (newest in the model store) or 'none'")
 
 

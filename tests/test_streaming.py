@@ -143,6 +143,52 @@ def test_malformed_event_goes_to_dead_letters_and_the_next_one_is_processed(brok
         worker.stop()
 
 
+def test_dead_letters_that_a_new_setting_accepts_are_redriven_once(broker: str, worker_env: dict,
+                                                                     tmp_path: Path) -> None:
+    """An order dated three days ahead is refused under graph.max_future_days 1; once the worker runs with 5,
+    `redrive` sends it back to `orders` and the worker applies it. Letters that still do not parse stay, a dry
+    run sends nothing, and a second run sends nothing again."""
+    import subprocess
+    import sys
+    from datetime import datetime, timedelta, timezone
+
+    def redrive(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "bundlegnn.cli", "redrive", *args], env=worker_env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    ahead = Order(order_id="f1", user_id="u1", ts=datetime.now(timezone.utc) + timedelta(days=3),
+                  items=[OrderLine(item_id="A"), OrderLine(item_id="C")])
+    worker = WorkerProcess(worker_env, tmp_path / "worker.log", "--model", "none").start()
+    updates = Reader(broker, topic(worker_env, "bundle_updates"))
+    dead = Reader(broker, topic(worker_env, "dead_letters"))
+    try:
+        with producer_for(worker_env, broker) as producer:
+            producer.send(order("p1", "A", "B"))
+            producer.send(ahead)
+            producer.send_raw(topic(worker_env, "orders"), b"{not json", key=b"x")
+            producer.flush()
+        updates.wait_for(update_of("A", lambda u: orders_with(u) == {"B": 1}))
+        refused = dead.wait_for(lambda r: b'"f1"' in r.value)
+        assert "in the future" in dict(refused.headers)["reason"].decode()
+        dead.wait_for(lambda r: r.value == b"{not json")
+        looked = redrive("--dry-run")
+        assert looked["sent"] == {topic(worker_env, "orders"): 1} and looked["read"] == 2
+        assert list(looked["still_refused"]) == ["not JSON"] and looked["dry_run"]
+        worker.stop()
+        worker = WorkerProcess({**worker_env, "BUNDLEGNN_GRAPH__MAX_FUTURE_DAYS": "5"}, tmp_path / "worker2.log",
+                               "--model", "none").start()
+        assert redrive()["sent"] == {topic(worker_env, "orders"): 1}  # the dry run sent nothing
+        updates.wait_for(update_of("A", lambda u: orders_with(u) == {"B": 1, "C": 1}))
+        again = redrive()
+        assert again["sent"] == {} and again["read"] == 0
+    finally:
+        updates.close()
+        dead.close()
+        worker.stop()
+
+
 def test_state_after_restart_equals_state_before(broker: str, worker_env: dict, tmp_path: Path) -> None:
     """The restarted worker starts from the checkpoint the first one wrote when it stopped, and reads nothing
     again: its consumer seeks to the checkpoint's offsets."""
