@@ -14,8 +14,8 @@ count again. ``reason``: send only letters whose reason holds this text (the oth
 looked at). ``dry_run``: send and commit nothing, only count.
 
 Guarantees: a run that fails before its commit sends its letters again on the next run (at least once). On tansu,
-end offsets come short after multi-record batches, so a run also reads on until the topic has been quiet for a
-second; Apache Kafka's are exact.
+end offsets come short after multi-record batches, so a run reads on for a second after it reaches them (what
+comes later waits for the next run); Apache Kafka's are exact.
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ def redrive(bootstrap: str, topics: Topics, group: str, security: KafkaSecurity,
         parts = [TopicPartition(topics.dead_letters, p) for p in sorted(found)]
         consumer.assign(parts)
         ends = consumer.end_offsets(parts)
-        heard = time.monotonic()
-        while any(consumer.position(tp) < ends[tp] for tp in parts) or time.monotonic() - heard < quiet:
+        reached: float | None = None  # when the run had read up to the end offsets: it reads on for ``quiet``
+        while reached is None or time.monotonic() - reached < quiet:
             polled = consumer.poll(timeout_ms=200)
-            if polled:
-                heard = time.monotonic()
+            if reached is None and all(consumer.position(tp) >= ends[tp] for tp in parts):
+                reached = time.monotonic()
             for records in polled.values():
                 for record in records:
                     done.read += 1
