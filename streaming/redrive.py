@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
 from graph.events import Rejected
 from streaming.codec import decode
@@ -82,7 +83,9 @@ def redrive(bootstrap: str, topics: Topics, group: str, security: KafkaSecurity,
     return done
 
 
-def _one(record, kinds: dict[str, str], reason: str | None, done: Redriven, producer: KafkaProducer | None) -> None:
+def _one(record: ConsumerRecord, kinds: dict[str, str], reason: str | None, done: Redriven,
+         producer: KafkaProducer | None) -> None:
+    """Count one letter, and send it back if it now parses (and ``producer`` is given)."""
     headers = {k: v.decode(errors="replace") for k, v in record.headers or []}
     source, why = headers.get("topic", ""), headers.get("reason", "")
     if source not in kinds:
