@@ -68,9 +68,12 @@ class TextCache:
                 self.db.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
         old = path.with_suffix(".npz") if path is not None else None
         if old is not None and old.exists():
-            with np.load(old, allow_pickle=False) as z:
-                self.put(dict(zip(z["keys"].tolist(), z["vectors"])))
-            old.unlink()
+            try:
+                with np.load(old, allow_pickle=False) as z:
+                    self.put(dict(zip(z["keys"].tolist(), z["vectors"])))
+            except FileNotFoundError:  # another process starting beside this one took it in
+                return
+            old.unlink(missing_ok=True)
 
     def get(self, keys: list[str]) -> dict[str, np.ndarray]:
         """The cached vectors of ``keys`` (those not cached are left out)."""
