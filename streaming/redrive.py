@@ -50,7 +50,7 @@ def redrive(bootstrap: str, topics: Topics, group: str, security: KafkaSecurity,
             dry_run: bool = False, quiet: float = 1.0) -> Redriven:
     """Send the letters read since the group's last run that now parse back to their event topic (see the
     module's docstring)."""
-    kinds = {topics.catalog: "item_upserted", topics.interactions: "interaction", topics.orders: "order"}
+    kinds = topics.event_kinds()
     options = security.client_options()
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=group, enable_auto_commit=False,
                              auto_offset_reset="earliest", **options)

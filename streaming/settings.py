@@ -25,6 +25,10 @@ class Topics(BaseModel):
                               "and source position in headers")
     model_updates: str = Field("model-updates", description="announcements of promoted models")
 
+    def event_kinds(self) -> dict[str, str]:
+        """The event topics and the ``type`` of the events each carries (what their messages are parsed as)."""
+        return {self.catalog: "item_upserted", self.interactions: "interaction", self.orders: "order"}
+
     def inputs(self) -> tuple[str, str, str, str]:
         """The worker's input topics: one task per partition number across them."""
         return self.catalog, self.interactions, self.orders, self.repartition

@@ -40,7 +40,7 @@ def read_events(bootstrap: str, topics: Topics, spool_dir: Path, stall: float = 
     reports them: tansu, the embedded broker, reports them short after multi-record batches, so there the
     read can stop a few records early (0.4 % of Online Retail II full's events); Apache Kafka's are exact.
     """
-    kinds = {topics.catalog: "item_upserted", topics.interactions: "interaction", topics.orders: "order"}
+    kinds = topics.event_kinds()
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", fetch_max_bytes=64 << 20,
                              max_partition_fetch_bytes=16 << 20, **security.client_options())

@@ -34,6 +34,7 @@ import tempfile
 import time
 import weakref
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Iterator, TextIO
 
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     import multiprocessing
 
 log = logging.getLogger(__name__)
+
+Spooled = Event | OrderFacts | InteractionFacts  # an event as training reads it (a spool gives facts)
+_epoch = attrgetter("epoch")  # what events are sorted by
 
 # the configs and reports are defined in training.data_config and the readers in training.readers; this module
 # is where an import starts, so it names them too
@@ -175,10 +179,10 @@ class EventSpool:
         self._remove = weakref.finalize(self, _remove_spool, self.path, self._lock)
         self._out: BinaryIO | None = os.fdopen(fd, "wb")
         remove_stale_spools(directory, self.STALE_AFTER)
-        self._chunk: list[Event | OrderFacts | InteractionFacts] = []
+        self._chunk: list[Spooled] = []
         self.size, self.events = chunk, 0
 
-    def add(self, event: Event | OrderFacts | InteractionFacts) -> None:
+    def add(self, event: Spooled) -> None:
         """Append one event, an order or interaction as it is or as its facts (only before :meth:`seal`)."""
         if self._out is None:
             raise RuntimeError("the spool is sealed: events are added before it is read")
@@ -197,7 +201,7 @@ class EventSpool:
             self._out, self._chunk = None, []
         return self
 
-    def __call__(self) -> Iterator[Event | OrderFacts | InteractionFacts]:
+    def __call__(self) -> Iterator[Spooled]:
         if self._out is not None:
             raise RuntimeError("the spool is still being written: seal() it first")
         with self.path.open("rb") as fh:
@@ -243,10 +247,6 @@ class EventSpool:
             self.close()
 
 
-def _epoch(event: Event | OrderFacts | InteractionFacts) -> float:
-    return event.epoch
-
-
 def _remove_spool(path: Path, lock: int) -> None:
     path.unlink(missing_ok=True)
     os.close(lock)
@@ -258,7 +258,8 @@ def remove_stale_spools(directory: Path, older_than: float = EventSpool.STALE_AF
     removed = []
     for path in directory.glob("events-*.spool"):
         try:
-            if time.time() - path.stat().st_mtime < older_than:
+            seen = path.stat()
+            if time.time() - seen.st_mtime < older_than:
                 continue
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # its job closed it meanwhile
@@ -269,16 +270,15 @@ def remove_stale_spools(directory: Path, older_than: float = EventSpool.STALE_AF
             continue
         finally:
             os.close(fd)
-        size = path.stat().st_size
         path.unlink(missing_ok=True)
         removed.append(path)
-        log.info("removed %s (%.2f GB), left by a job that stopped before it closed it", path, size / 1e9)
+        log.info("removed %s (%.2f GB), left by a job that stopped before it closed it", path, seen.st_size / 1e9)
     return removed
 
 
 def in_time_order(events: Iterator[Event] | list[Event]) -> list[Event]:
     """Events sorted by time; equal times keep their order (an item's upsert stays before its order)."""
-    return sorted(events, key=lambda e: e.epoch)
+    return sorted(events, key=_epoch)
 
 
 @dataclass

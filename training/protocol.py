@@ -28,9 +28,9 @@ import torch
 
 from graph.events import Interaction, InteractionFacts, ItemUpserted, Order, OrderFacts
 from graph.store import GraphConfig, GraphStore
+from training.datasets import Spooled
 
 Event = ItemUpserted | Interaction | Order
-Spooled = Event | OrderFacts | InteractionFacts  # an event as training reads it (a spool gives facts)
 
 
 @dataclass
